@@ -1,0 +1,8 @@
+"""reslab: small transformer language models whose residual connection is a swappable, measured part."""
+
+from reslab.errors import ReslabError
+from reslab.models import build_model, list_models, make_config
+from reslab.residual import get_scheme, list_schemes
+
+__version__ = "0.1.0"
+__all__ = ["ReslabError", "__version__", "build_model", "get_scheme", "list_models", "list_schemes", "make_config"]

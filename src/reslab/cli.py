@@ -1,0 +1,84 @@
+"""The `reslab` command line. Each subcommand is a small function; user errors end as one line with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from reslab.errors import ReslabError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the problem and `--help`), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> ArgumentParser:
+    from reslab import __version__
+
+    parser = ArgumentParser(prog="reslab", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"reslab {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    info = commands.add_parser("info", help="build a model and print its structure and parameter count")
+    from reslab.cli_args import add_model_arguments
+
+    add_model_arguments(info)
+    info.set_defaults(handler=cmd_info)
+
+    listing = commands.add_parser("list", help="list models, residual schemes and reproductions")
+    listing.set_defaults(handler=cmd_list)
+
+    reproduce = commands.add_parser("reproduce", help="re-run an experiment behind a published claim")
+    reproductions = reproduce.add_subparsers(dest="name", required=True, parser_class=ArgumentParser)
+    from reslab.reproduce import REPRODUCTIONS, get_reproduction
+
+    for name in REPRODUCTIONS:
+        module = get_reproduction(name)
+        sub = reproductions.add_parser(name, help=module.CLAIM)
+        module.add_arguments(sub)
+        sub.set_defaults(handler=module.run)
+    return parser
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from reslab.cli_args import model_from_args
+
+    model = model_from_args(args)
+    print(model)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from reslab.models import MODELS
+    from reslab.reproduce import REPRODUCTIONS
+    from reslab.residual import SCHEMES, get_scheme
+
+    print("models:       " + ", ".join(MODELS))
+    print("schemes:")
+    for name in SCHEMES:
+        scheme = get_scheme(name)
+        print(f"  {name:<12} {scheme.formula:<48} {scheme.paper}")
+    print("reproduce:    " + ", ".join(REPRODUCTIONS))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except ReslabError as error:
+        print(f"reslab: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reslab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Model flags shared by `train`, `audit`, `bench`, `info`: one flag per config field, applied only when given."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from reslab.errors import ReslabError
+from reslab.models import MODELS, get_model_class
+
+# flag -> (config field, type, help). Only flags the user gives become overrides, so each model keeps its defaults.
+MODEL_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--layers": ("layers", int, "number of transformer blocks"),
+    "--width": ("width", int, "model (residual stream) width"),
+    "--heads": ("heads", int, "attention heads"),
+    "--kv-heads": ("kv_heads", int, "key/value heads for grouped-query attention (llama)"),
+    "--head-dim": ("head_dim", int, "per-head dimension (llama; default width/heads)"),
+    "--ffn-hidden": ("ffn_hidden", int, "SwiGLU hidden size (llama)"),
+    "--context": ("context", int, "context length in tokens"),
+    "--vocab-size": ("vocab_size", int, "vocabulary size (set from the tokenizer when training)"),
+    "--dropout": ("dropout", float, "dropout probability"),
+    "--rope-theta": ("rope_theta", float, "RoPE base (llama)"),
+}
+BOOL_FLAGS: dict[str, tuple[str, str]] = {
+    "bias": ("bias", "biases in linear layers and norms (tiny, gpt)"),
+    "tie-embeddings": ("tie_embeddings", "share the token embedding with the LM head (gpt, llama)"),
+    "qk-norm": ("qk_norm", "per-head RMSNorm of queries and keys, as in Qwen3 (llama)"),
+}
+# Residual scheme hyper-parameters: flag -> option name in the scheme's `option_defaults`.
+SCHEME_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--layerscale-init": ("layerscale_init", float, "LayerScale init (default: CaiT's rule by depth)"),
+    "--rezero-init": ("rezero_init", float, "ReZero's initial alpha (default 0)"),
+}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "tiny") -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=default_model, help=f"one of {', '.join(MODELS)} (default {default_model})")
+    group.add_argument("--residual", help="residual scheme (see `reslab list`); default: the model's own")
+    for flag, (_, kind, text) in MODEL_FLAGS.items():
+        group.add_argument(flag, type=kind, help=text)
+    for flag, (_, text) in BOOL_FLAGS.items():
+        group.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None, help=text)
+    for flag, (_, kind, text) in SCHEME_FLAGS.items():
+        group.add_argument(flag, type=kind, help=text)
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config overrides the user asked for, checked against the chosen model's config fields."""
+    config_class = get_model_class(args.model).config_class
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    given: dict[str, tuple[str, Any]] = {}
+    for flag, (name, *_) in MODEL_FLAGS.items():
+        given[name] = (flag, getattr(args, flag[2:].replace("-", "_")))
+    for flag, (name, _) in BOOL_FLAGS.items():
+        given[name] = (f"--{flag}", getattr(args, flag.replace("-", "_")))
+    given["residual"] = ("--residual", args.residual)
+    overrides: dict[str, Any] = {}
+    for name, (flag, value) in given.items():
+        if value is None:
+            continue
+        if name not in fields:
+            raise ReslabError(f"{flag} does not apply to model {args.model!r}")
+        overrides[name] = value
+    options = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, *_) in SCHEME_FLAGS.items()}
+    options = {k: v for k, v in options.items() if v is not None}
+    if options:
+        if "residual_options" not in fields:
+            raise ReslabError(f"residual scheme options do not apply to model {args.model!r}")
+        overrides["residual_options"] = options
+    return overrides
+
+
+def model_from_args(args: argparse.Namespace, **extra):
+    from reslab.models import build_model
+
+    return build_model(args.model, **{**model_overrides(args), **extra})

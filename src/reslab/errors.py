@@ -1,0 +1,19 @@
+"""The one exception type a user can cause. The CLI prints it as a single line and exits with code 2."""
+
+
+class ReslabError(ValueError):
+    """Bad input from the user: the message names the problem and the fix."""
+
+
+def check_positive(**sizes: int | float) -> None:
+    """Raise ReslabError for the first size that is not > 0."""
+    for name, value in sizes.items():
+        if value is None:
+            continue
+        if value <= 0:
+            raise ReslabError(f"{name} must be positive, got {value}")
+
+
+def unknown(kind: str, name: str, choices) -> ReslabError:
+    """The error for a name that is not in a registry, listing what is."""
+    return ReslabError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(choices))}")

@@ -1,0 +1,144 @@
+"""What every reslab language model shares: its typed config, weight init and generation.
+
+The architectures themselves live one per file (`tiny.py`, `gpt.py`, `llama.py`) so each forward reads top-down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from reslab.errors import ReslabError, check_positive
+from reslab.residual import get_scheme
+
+
+@dataclass
+class ModelConfig:
+    """Base for every model config: validation and (de)serialisation to plain JSON-able dicts."""
+
+    def validate(self) -> None:
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(values) - names)
+        if bad:
+            raise ReslabError(f"{cls.__name__} has no field {bad[0]!r}; its fields: {', '.join(sorted(names))}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+
+@dataclass
+class TransformerConfig(ModelConfig):
+    """Fields every transformer in reslab understands. Shapes come from here, never from constants in code."""
+
+    vocab_size: int = 65
+    context: int = 64
+    width: int = 64
+    layers: int = 1
+    heads: int = 2
+    dropout: float = 0.0
+    residual: str = "pre"
+    residual_options: dict[str, Any] = field(default_factory=dict)
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        check_positive(vocab_size=self.vocab_size, context=self.context, width=self.width, layers=self.layers,
+                       heads=self.heads)
+        if self.width % self.heads:
+            raise ReslabError(f"width {self.width} is not divisible by heads {self.heads}; "
+                              f"choose heads among {divisors(self.width)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ReslabError(f"dropout must be in [0, 1), got {self.dropout}")
+        get_scheme(self.residual).resolve_options(self.residual_options)
+
+
+def divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)
+
+
+class LanguageModel(nn.Module):
+    """Base of the transformer LMs: `forward(idx) -> logits`; subclasses build `blocks` and the rest."""
+
+    config_class: ClassVar[type[TransformerConfig]]
+    blocks: nn.ModuleList
+
+    def init_weights(self, scaled_residual_init: bool) -> None:
+        """Normal(0, init_std) for every matrix and embedding, zero biases (GPT-2 / nanoGPT).
+
+        With `scaled_residual_init`, the projections that write into the stream get std / sqrt(2L) (GPT-2 paper,
+        section 2.3), so the stream's variance does not grow with depth. Then each residual site may impose its own
+        branch init (DeepNet).
+        """
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for site, sublayer in block.sites():
+                if scaled_residual_init:
+                    nn.init.normal_(sublayer.output_projection.weight, 0.0, std / math.sqrt(2 * len(self.blocks)))
+                site.init_branch(sublayer)
+
+    def num_parameters(self, exclude_positions: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_positions and hasattr(self, "pos_emb"):
+            total -= self.pos_emb.weight.numel()
+        return total
+
+    def residual_sites(self):
+        """(block index, sublayer index, site) for every place a sublayer meets the stream."""
+        for layer, block in enumerate(self.blocks):
+            for index, (site, _) in enumerate(block.sites()):
+                yield layer, index, site
+
+    def check_length(self, seq_len: int) -> None:
+        if seq_len > self.config.context:
+            raise ValueError(f"sequence of {seq_len} tokens is longer than the model's context {self.config.context}")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Autoregressive sampling from `idx` (batch, seq), cropping to the context window."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.config.context:])[:, -1, :].float()
+            if temperature <= 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+                next_id = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat([idx, next_id], dim=1)
+        return idx
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Keep the top-k logits and the smallest set whose probability reaches top_p; the rest become -inf."""
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits

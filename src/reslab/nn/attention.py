@@ -1,0 +1,68 @@
+"""Causal multi-head attention with optional grouped-query heads, RoPE and per-head QK RMSNorm.
+
+One class covers GPT-2 (MHA, learned positions outside), Llama/MiniMind (GQA + RoPE) and Qwen3 (+ QK-norm).
+Attention itself is `F.scaled_dot_product_attention` with a causal mask: no Python loop over tokens.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from reslab.nn.norms import RMSNorm
+from reslab.nn.rope import RotaryEmbedding
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        kv_heads: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        rope_theta: float | None = None,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.heads = heads
+        self.kv_heads = kv_heads or heads
+        self.head_dim = head_dim or width // heads
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        # q, k and v in one matmul: one large GEMM is faster than three small ones on CPU.
+        self.qkv = nn.Linear(width, q_size + 2 * kv_size, bias=bias)
+        self.out = nn.Linear(q_size, width, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.rope = RotaryEmbedding(self.head_dim, rope_theta) if rope_theta else None
+        self.dropout = dropout
+        self.out_dropout = nn.Dropout(dropout)
+        self.split_sizes = (q_size, kv_size, kv_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
+        q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # Qwen3: normalise each head's q and k before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.kv_heads != self.heads,
+        )
+        y = y.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
+        return self.out_dropout(self.out(y))
+
+    @property
+    def output_projection(self) -> nn.Linear:
+        """The matrix that writes into the residual stream (GPT-2 scales its init by 1/sqrt(2L))."""
+        return self.out
+
+    def branch_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The branch's weight matrices by role (views into the fused qkv), for schemes that set their own init."""
+        q, k, v = self.qkv.weight.split(self.split_sizes, dim=0)
+        return [("q", q), ("k", k), ("v", v), ("out", self.out.weight)]

@@ -1,0 +1,62 @@
+"""Position-wise feed-forward layers: ReLU (the original Transformer), GELU MLP (GPT-2), SwiGLU (Llama)."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _TwoLayerFFN(nn.Module):
+    """width -> hidden -> activation -> width, with dropout on the output."""
+
+    def __init__(self, width: int, hidden: int, activation: nn.Module, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.up = nn.Linear(width, hidden, bias=bias)
+        self.act = activation
+        self.down = nn.Linear(hidden, width, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(self.act(self.up(x))))
+
+    @property
+    def output_projection(self) -> nn.Linear:
+        return self.down
+
+    def branch_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return [("ffn", self.up.weight), ("ffn", self.down.weight)]
+
+
+class ReluFFN(_TwoLayerFFN):
+    """Vaswani et al. 2017: max(0, x W1 + b1) W2 + b2."""
+
+    def __init__(self, width: int, hidden: int, bias: bool = True, dropout: float = 0.0):
+        super().__init__(width, hidden, nn.ReLU(), bias, dropout)
+
+
+class GeluMLP(_TwoLayerFFN):
+    """GPT-2's MLP: GELU with the tanh approximation ("gelu_new")."""
+
+    def __init__(self, width: int, hidden: int, bias: bool = True, dropout: float = 0.0):
+        super().__init__(width, hidden, nn.GELU(approximate="tanh"), bias, dropout)
+
+
+class SwiGLU(nn.Module):
+    """Shazeer 2020 (arXiv 2002.05202): down(silu(gate(x)) * up(x)); gate and up fused in one matmul."""
+
+    def __init__(self, width: int, hidden: int, bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.hidden = hidden
+        self.gate_up = nn.Linear(width, 2 * hidden, bias=bias)
+        self.down = nn.Linear(hidden, width, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.dropout(self.down(F.silu(gate) * up))
+
+    @property
+    def output_projection(self) -> nn.Linear:
+        return self.down
+
+    def branch_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return [("ffn", self.gate_up.weight), ("ffn", self.down.weight)]

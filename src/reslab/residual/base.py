@@ -1,0 +1,118 @@
+"""The one place where a sublayer meets the residual stream.
+
+Every transformer block in reslab calls `stream = site(stream, sublayer)` once per sublayer and never adds a
+sublayer's output to the stream itself. A residual *scheme* is a subclass of `ResidualSite`: it owns the norms
+and learned coefficients of its formula, states the formula and the paper, and may set its branch's init.
+Probes (update ratio, stream RMS, drift) attach here through `observe`.
+
+Multi-stream schemes (hyper-connections, ...) also provide a `StreamAdapter`, which the model calls once after
+the embedding (`widen`) and once before the final norm (`reduce`); for one stream both are the identity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+import torch.nn as nn
+
+from reslab.errors import ReslabError
+
+NormFactory = Callable[[int], nn.Module]  # width -> a norm of the model's kind
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Where a site sits and what it needs to build itself."""
+
+    layer: int  # block index, from 0
+    index: int  # sublayer index within the block: 0 attention, 1 FFN
+    num_layers: int  # L, the number of blocks
+    width: int
+    make_norm: NormFactory
+    options: Mapping[str, Any] = field(default_factory=dict)
+    sublayers_per_block: int = 2
+
+    @property
+    def depth_index(self) -> int:
+        """Position of this sublayer in the whole network, from 0."""
+        return self.layer * self.sublayers_per_block + self.index
+
+
+class Probe(Protocol):
+    def record(self, site: ResidualSite, x: torch.Tensor, fx: torch.Tensor, out: torch.Tensor) -> None: ...
+
+
+class StreamAdapter(nn.Module):
+    """Turns the embedding into the residual stream and back. One stream: both directions are the identity."""
+
+    def widen(self, x: torch.Tensor):
+        return x
+
+    def reduce(self, stream) -> torch.Tensor:
+        return stream
+
+
+class ResidualSite(nn.Module):
+    """Base class of every residual scheme. Subclasses set the class attributes and write `forward`."""
+
+    name: ClassVar[str]
+    formula: ClassVar[str]
+    paper: ClassVar[str]
+    final_norm: ClassVar[bool] = True  # does the model normalise the stream before its head?
+    has_skip: ClassVar[bool] = True  # False only for schemes without an identity path (`none`)
+    option_defaults: ClassVar[dict[str, Any]] = {}  # the scheme's hyper-parameters and their defaults
+
+    def __init__(self, spec: SiteSpec):
+        super().__init__()
+        self.spec = spec
+        self.options = self.resolve_options(spec.options)
+        self.probe: Probe | None = None
+
+    @classmethod
+    def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = set(given) - set(cls.option_defaults)
+        if unknown:
+            valid = ", ".join(sorted(cls.option_defaults)) or "none"
+            raise ReslabError(f"residual scheme {cls.name!r} has no option {sorted(unknown)[0]!r}; its options: {valid}")
+        return {**cls.option_defaults, **given}
+
+    @classmethod
+    def stream_adapter(cls, width: int, num_layers: int, options: Mapping[str, Any]) -> StreamAdapter:
+        return StreamAdapter()
+
+    def forward(self, stream: torch.Tensor, sublayer: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def observe(self, x: torch.Tensor, fx: torch.Tensor, out: torch.Tensor) -> None:
+        """Hand the stream in, the sublayer's update and the stream out to an attached probe (if any)."""
+        if self.probe is not None:
+            self.probe.record(self, x, fx, out)
+
+    def init_branch(self, sublayer: nn.Module) -> None:
+        """Called once after the model's own init: schemes that prescribe a branch init (DeepNet) set it here."""
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {self.formula}"
+
+
+def layerscale_default_init(num_layers: int) -> float:
+    """CaiT's rule for the LayerScale init by depth: 0.1 up to 18 blocks, 1e-5 at 24, 1e-6 deeper."""
+    if num_layers <= 18:
+        return 0.1
+    return 1e-5 if num_layers <= 24 else 1e-6
+
+
+def deepnorm_constants(num_layers: int) -> tuple[float, float]:
+    """DeepNet (decoder-only): alpha = (2L)^(1/4) scales the skip; beta = (8L)^(-1/4) is the branch init gain."""
+    return (2 * num_layers) ** 0.25, (8 * num_layers) ** -0.25
+
+
+def xavier_normal_(weight: torch.Tensor, gain: float) -> None:
+    """Xavier-normal init in place; works on row-slice views of fused matrices, unlike a Linear's reset."""
+    fan_out, fan_in = weight.shape
+    with torch.no_grad():
+        weight.normal_(0.0, gain * math.sqrt(2.0 / (fan_in + fan_out)))

@@ -1,0 +1,16 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_TINYSHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture
+def tinyshakespeare() -> Path:
+    if not SHARED_TINYSHAKESPEARE.exists():
+        pytest.skip("../shared/data/tinyshakespeare.txt is not present")
+    return SHARED_TINYSHAKESPEARE
