@@ -8,6 +8,11 @@ from collections.abc import Sequence
 
 from reslab.errors import ReslabError
 
+# Modules that add subcommands: each has `register(commands)`, which adds its parsers with `set_defaults(handler=...)`.
+# A new subcommand is one module plus one line here.
+COMMAND_MODULES: list[str] = [
+]
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the problem and `--help`), exit code 2."""
@@ -41,6 +46,11 @@ def build_parser() -> ArgumentParser:
         sub = reproductions.add_parser(name, help=module.CLAIM)
         module.add_arguments(sub)
         sub.set_defaults(handler=module.run)
+
+    from importlib import import_module
+
+    for name in COMMAND_MODULES:
+        import_module(name).register(commands)
     return parser
 
 
