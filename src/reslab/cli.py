@@ -11,6 +11,7 @@ from reslab.errors import ReslabError
 # Modules that add subcommands: each has `register(commands)`, which adds its parsers with `set_defaults(handler=...)`.
 # A new subcommand is one module plus one line here.
 COMMAND_MODULES: list[str] = [
+    "reslab.train.commands",
 ]
 
 

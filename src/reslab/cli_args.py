@@ -18,7 +18,6 @@ MODEL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--head-dim": ("head_dim", int, "per-head dimension (llama; default width/heads)"),
     "--ffn-hidden": ("ffn_hidden", int, "SwiGLU hidden size (llama)"),
     "--context": ("context", int, "context length in tokens"),
-    "--vocab-size": ("vocab_size", int, "vocabulary size (set from the tokenizer when training)"),
     "--dropout": ("dropout", float, "dropout probability"),
     "--rope-theta": ("rope_theta", float, "RoPE base (llama)"),
 }
@@ -36,7 +35,8 @@ SCHEME_FLAGS: dict[str, tuple[str, Any, str]] = {
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "tiny") -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=default_model, help=f"one of {', '.join(MODELS)} (default {default_model})")
+    group.add_argument("--model", help=f"one of {', '.join(MODELS)} (default {default_model})")
+    parser.set_defaults(default_model=default_model)
     group.add_argument("--residual", help="residual scheme (see `reslab list`); default: the model's own")
     for flag, (_, kind, text) in MODEL_FLAGS.items():
         group.add_argument(flag, type=kind, help=text)
@@ -46,9 +46,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "t
         group.add_argument(flag, type=kind, help=text)
 
 
-def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The config overrides the user asked for, checked against the chosen model's config fields."""
-    config_class = get_model_class(args.model).config_class
+def model_name(args: argparse.Namespace) -> str:
+    return args.model or args.default_model
+
+
+def model_overrides(args: argparse.Namespace, model: str | None = None) -> dict[str, Any]:
+    """The config overrides the user asked for, checked against the fields of `model` (default: --model's)."""
+    model = model or model_name(args)
+    config_class = get_model_class(model).config_class
     fields = {f.name for f in dataclasses.fields(config_class)}
     given: dict[str, tuple[str, Any]] = {}
     for flag, (name, *_) in MODEL_FLAGS.items():
@@ -61,13 +66,13 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if value is None:
             continue
         if name not in fields:
-            raise ReslabError(f"{flag} does not apply to model {args.model!r}")
+            raise ReslabError(f"{flag} does not apply to model {model!r}")
         overrides[name] = value
     options = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, *_) in SCHEME_FLAGS.items()}
     options = {k: v for k, v in options.items() if v is not None}
     if options:
         if "residual_options" not in fields:
-            raise ReslabError(f"residual scheme options do not apply to model {args.model!r}")
+            raise ReslabError(f"residual scheme options do not apply to model {model!r}")
         overrides["residual_options"] = options
     return overrides
 
@@ -75,4 +80,4 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def model_from_args(args: argparse.Namespace, **extra):
     from reslab.models import build_model
 
-    return build_model(args.model, **{**model_overrides(args), **extra})
+    return build_model(model_name(args), **{**model_overrides(args), **extra})

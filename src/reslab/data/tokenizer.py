@@ -1,0 +1,230 @@
+"""Tokenizers: characters, or byte-level BPE trained locally with HF `tokenizers`.
+
+Both save to one plain-JSON file, `tokenizer.json`, inside a run folder, with a `kind` field so
+`load_tokenizer` can restore either one exactly (same ids, same decode). Never pickle: a run folder is data
+that may come from someone else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from reslab.data._io import atomic_write
+from reslab.errors import ReslabError, check_positive, unknown
+
+FILENAME = "tokenizer.json"
+FILE_FORMAT = 1
+DEFAULT_BPE_VOCAB = 512
+BYTE_ALPHABET = 256  # byte-level BPE starts from one token per byte
+PIECE_CHARS = 2000  # BPE encodes a corpus in pieces of about this size
+_SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")  # a newline between two printable ASCII characters
+
+
+class Tokenizer:
+    """Text <-> token ids. Subclasses set `kind` and implement the four methods below."""
+
+    kind: ClassVar[str] = ""
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """The ids as a 1-D int64 array: the fast path for a whole corpus (no Python list of a million ints)."""
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids` (a list, or a 1-D tensor or array, which are converted)."""
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON body saved under `kind` and `format`."""
+        raise NotImplementedError
+
+    def save(self, directory: Path) -> None:
+        """Write `directory/tokenizer.json` (atomically, so a crash cannot leave a truncated tokenizer)."""
+        record = {"kind": self.kind, "format": FILE_FORMAT, **self.to_json()}
+        atomic_write(Path(directory) / FILENAME, json.dumps(record, indent=1).encode("utf-8"))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+class CharTokenizer(Tokenizer):
+    """One token per character; the vocabulary is the sorted set of the training text's characters."""
+
+    kind = "char"
+
+    def __init__(self, chars: str):
+        if not chars:
+            raise ReslabError("cannot build a char tokenizer from empty text; pass a corpus with text in it")
+        if len(set(chars)) != len(chars) or list(chars) != sorted(chars):
+            raise ReslabError("a char tokenizer's vocabulary must be sorted, distinct characters; rebuild it")
+        self.chars = chars
+        # Sorted codepoints make encoding a binary search over the vocabulary for all characters at once.
+        self._codes = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
+
+    @classmethod
+    def train(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = np.searchsorted(self._codes, codes)
+        found = self._codes[np.minimum(ids, len(self._codes) - 1)] == codes
+        if not found.all():
+            self._unknown(text, int(np.argmin(found)))
+        return ids.astype(np.int64)
+
+    def _unknown(self, text: str, position: int) -> None:
+        char = text[position]
+        raise ReslabError(
+            f"character {char!r} (U+{ord(char):04X}, at offset {position}) is not in the char tokenizer's "
+            f"{self.vocab_size}-character vocabulary; remove it from the text or rebuild the tokenizer on text "
+            "that has it"
+        )
+
+    def decode(self, ids: list[int]) -> str:
+        ids = _checked_ids(ids, self.vocab_size)
+        return "".join(map(self.chars.__getitem__, ids))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"chars": list(self.chars)}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> CharTokenizer:
+        return cls("".join(record["chars"]))
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (GPT-2 style): any text encodes, and decode(encode(text)) == text exactly."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer):
+        self._hf = hf_tokenizer
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int) -> BPETokenizer:
+        """Learn merges from `text` alone, on this machine: the same text and size give the same tokenizer."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        check_positive(vocab_size=vocab_size)
+        if vocab_size < BYTE_ALPHABET:
+            raise ReslabError(
+                f"--vocab-size {vocab_size} is too small for byte-level BPE; use at least {BYTE_ALPHABET}"
+            )
+        if not text:
+            raise ReslabError("cannot train a BPE tokenizer on empty text; pass a corpus with text in it")
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=[],
+            show_progress=False,
+        )
+        hf.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        return cls(hf)
+
+    @property
+    def vocab_size(self) -> int:
+        """The learned size: at most the requested --vocab-size, less when the text has too few merges to make."""
+        return self._hf.get_vocab_size()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Encode in pieces cut where the result cannot change, so HF encodes them in parallel.
+
+        HF is several times slower on one 1 MB string than on the same text in a few thousand pieces. The
+        pieces give exactly the ids of the whole, because each cut is a newline between two printable ASCII
+        characters: byte-level pre-tokenization always ends a token at such a newline (a lone whitespace
+        token) and starts a new one after it, and BPE never merges across pre-tokens.
+        """
+        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)  # fast: no offsets computed
+        pieces = encode(_pieces(text))
+        return np.concatenate([np.asarray(piece.ids, dtype=np.int64) for piece in pieces])
+
+    def decode(self, ids: list[int]) -> str:
+        return self._hf.decode(_checked_ids(ids, self.vocab_size))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"hf_tokenizer": json.loads(self._hf.to_str())}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(json.dumps(record["hf_tokenizer"])))
+
+
+def _pieces(text: str) -> list[str]:
+    """`text` cut into pieces of about PIECE_CHARS characters, at newlines where BPE ids cannot change."""
+    cuts = [0]
+    while (cut := _SAFE_CUT.search(text, cuts[-1] + PIECE_CHARS)) is not None:
+        cuts.append(cut.start())
+    cuts.append(len(text))
+    return [text[start:end] for start, end in zip(cuts, cuts[1:])]
+
+
+TOKENIZERS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "bpe": BPETokenizer}
+
+
+def _checked_ids(ids, vocab_size: int) -> list[int]:
+    """`ids` as a list of ints, refusing ids from another tokenizer: they would decode to silent garbage."""
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    if ids and not (0 <= min(ids) and max(ids) < vocab_size):
+        bad = next(i for i in ids if not 0 <= i < vocab_size)
+        raise ReslabError(
+            f"token id {bad} is outside the tokenizer's vocabulary of {vocab_size}; "
+            "use the tokenizer saved with the model"
+        )
+    return ids
+
+
+def build_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Tokenizer:
+    """Train a tokenizer of `kind` ("char" or "bpe") on `text`.
+
+    vocab_size is the BPE target (default DEFAULT_BPE_VOCAB); a char tokenizer's size is set by the text, so
+    it ignores vocab_size.
+    """
+    if kind == "char":
+        return CharTokenizer.train(text)
+    if kind == "bpe":
+        return BPETokenizer.train(text, DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size)
+    raise unknown("tokenizer", kind, TOKENIZERS)
+
+
+def load_tokenizer(directory: Path) -> Tokenizer:
+    """Restore the tokenizer that `Tokenizer.save(directory)` wrote."""
+    path = Path(directory) / FILENAME
+    if not path.is_file():
+        raise ReslabError(f"no {FILENAME} in {directory}; pass the run folder the model was trained in")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        kind = record["kind"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ReslabError(f"{path} is not a reslab tokenizer file ({err}); retrain to write a new one") from err
+    if kind not in TOKENIZERS:
+        raise unknown("tokenizer kind in " + str(path) + ":", kind, TOKENIZERS)
+    if record.get("format") != FILE_FORMAT:
+        raise ReslabError(f"{path} has format {record.get('format')!r}, this reslab reads {FILE_FORMAT}; retrain")
+    try:
+        return TOKENIZERS[kind].from_json(record)
+    except ReslabError:
+        raise
+    except Exception as err:  # HF tokenizers reports a bad JSON body as a bare Exception
+        raise ReslabError(f"{path} is damaged ({err}); retrain to write a new one") from err

@@ -1,0 +1,134 @@
+"""`reslab train` and `reslab sample`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from reslab.cli_args import add_model_arguments, model_name, model_overrides
+from reslab.errors import ReslabError
+
+# flag -> (TrainConfig field, type, help). Defaults are None so we know which flags were given (for --resume).
+TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--data": ("data", str, "corpus: shakespeare (default, offline), tinyshakespeare (download), or a UTF-8 file"),
+    "--tokenizer": ("tokenizer", str, "char (default) or bpe"),
+    "--vocab-size": ("vocab_size", int, "BPE vocabulary size"),
+    "--steps": ("steps", int, "optimizer steps (default 2000)"),
+    "--stop-at": ("stop_at", int, "checkpoint and stop after this step; --resume continues (schedule unchanged)"),
+    "--batch": ("batch", int, "sequences per step (default 32)"),
+    "--lr": ("lr", float, "peak learning rate (default 1e-3)"),
+    "--min-lr": ("min_lr", float, "final learning rate of the cosine decay (default lr/10)"),
+    "--warmup": ("warmup", int, "linear warmup steps (default 100)"),
+    "--weight-decay": ("weight_decay", float, "AdamW weight decay on matrices (default 0.1)"),
+    "--beta1": ("beta1", float, "AdamW beta1 (default 0.9)"),
+    "--beta2": ("beta2", float, "AdamW beta2 (default 0.99)"),
+    "--grad-clip": ("grad_clip", float, "clip the gradient norm to this (default 1.0; 0 = off)"),
+    "--seed": ("seed", int, "seed for init, batches and dropout (default 1337)"),
+    "--device": ("device", str, "auto (default: cuda if present), cpu, cuda, cuda:N"),
+    "--eval-interval": ("eval_interval", int, "steps between validation estimates (default 250)"),
+    "--eval-batches": ("eval_batches", int, "batches per validation estimate (default 20)"),
+    "--log-interval": ("log_interval", int, "steps between metrics records and diagnostics (default 50)"),
+    "--checkpoint-interval": ("checkpoint_interval", int, "steps between checkpoints (default 500)"),
+}
+
+
+def register(commands) -> None:
+    train = commands.add_parser("train", help="train a model; writes a run directory")
+    add_model_arguments(train)
+    group = train.add_argument_group("training")
+    for flag, (_, kind, text) in TRAIN_FLAGS.items():
+        group.add_argument(flag, type=kind, help=text)
+    group.add_argument("--out", type=Path, help="run directory (default runs/MODEL-RESIDUAL)")
+    group.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    group.add_argument("--no-diagnostics", action="store_true", help="skip gradient norms and stream probes")
+    group.add_argument("--print-grad-norms", action="store_true", help="print every parameter's gradient norm")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--json", action="store_true", help="print summary.json to stdout at the end")
+    train.set_defaults(handler=cmd_train)
+
+    sample = commands.add_parser("sample", help="generate text from a trained run")
+    sample.add_argument("run_dir", type=Path)
+    sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    sample.add_argument("--tokens", type=int, default=200, help="tokens to generate (default 200)")
+    sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    sample.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    sample.add_argument("--top-p", type=float, help="nucleus sampling: smallest set with this probability")
+    sample.add_argument("--seed", type=int, default=1337)
+    sample.add_argument("--samples", type=int, default=1, help="independent samples (default 1)")
+    sample.add_argument("--device", default="auto")
+    sample.set_defaults(handler=cmd_sample)
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, *_) in TRAIN_FLAGS.items()}
+    values = {k: v for k, v in values.items() if v is not None}
+    if args.no_diagnostics:
+        values["diagnostics"] = False
+    if args.print_grad_norms:
+        values["print_grad_norms"] = True
+    if args.no_progress:
+        values["progress"] = False
+    return values
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from reslab.train.loop import prepare, train
+
+    config = train_overrides(args)
+    resume = args.resume is not None
+    if resume:
+        if args.out is not None and args.out != args.resume:
+            raise ReslabError("--resume RUN_DIR continues that directory; drop --out")
+        if args.overwrite:
+            raise ReslabError("--resume and --overwrite contradict each other; choose one")
+        from reslab.train.checkpoint import read_run_config
+
+        saved_model = read_run_config(args.resume)["model"]
+        if args.model is not None:
+            config["model"] = args.model  # compared with the run's model in prepare()
+        overrides = model_overrides(args, saved_model)
+        run_dir = args.resume
+    else:
+        config["model"] = model_name(args)
+        overrides = model_overrides(args)
+        run_dir = args.out or Path("runs") / f"{config['model']}-{overrides.get('residual', 'default')}"
+    setup = prepare(config, overrides, run_dir, resume=resume, overwrite=args.overwrite, command=sys.argv[1:])
+    summary = train(setup)
+    if "stopped_at" in summary:
+        print(f"stopped at step {summary['stopped_at']}; continue with: reslab train --resume {run_dir}")
+        return 0
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"run: {run_dir}  val loss {summary.get('final_val_loss', float('nan')):.4f} "
+              f"(best {summary.get('best_val_loss', float('nan')):.4f})  "
+              f"{summary.get('tokens_per_second', 0):,.0f} tok/s  {summary.get('parameters', 0):,} parameters")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from reslab.data import load_tokenizer
+    from reslab.train.checkpoint import load_run_model
+    from reslab.train.loop import resolve_device
+
+    if args.tokens <= 0:
+        raise ReslabError(f"--tokens must be positive, got {args.tokens}")
+    device = resolve_device(args.device)
+    model, _ = load_run_model(args.run_dir, device)
+    tokenizer = load_tokenizer(args.run_dir)
+    prompt = tokenizer.encode(args.prompt) or [0]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([prompt] * args.samples, dtype=torch.long, device=device)
+    out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         generator=generator)
+    for row in out.tolist():
+        print(tokenizer.decode(row))
+        if args.samples > 1:
+            print("-" * 40)
+    return 0

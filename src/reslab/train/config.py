@@ -1,0 +1,69 @@
+"""The typed training config. Together with the model config it is everything needed to rebuild a run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from reslab.errors import ReslabError, check_positive
+
+# Fields that may change when a run is resumed; every other field must match the run's config.json.
+RESUMABLE_FIELDS = frozenset(
+    {"steps", "stop_at", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device", "print_grad_norms",
+     "progress"}
+)
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"
+    data: str = "shakespeare"  # "shakespeare", "tinyshakespeare" or a path to a UTF-8 text file
+    tokenizer: str = "char"  # "char" or "bpe"
+    vocab_size: int | None = None  # BPE vocabulary size (char: from the corpus)
+    steps: int = 2000
+    stop_at: int | None = None  # checkpoint and exit after this step (the schedule still runs to `steps`)
+    batch: int = 32
+    lr: float = 1e-3
+    min_lr: float | None = None  # cosine floor; default lr / 10 (nanoGPT)
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda if present, else cpu
+    eval_interval: int = 250
+    eval_batches: int = 20
+    log_interval: int = 50
+    checkpoint_interval: int = 500
+    diagnostics: bool = True
+    print_grad_norms: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        check_positive(steps=self.steps, stop_at=self.stop_at, batch=self.batch, lr=self.lr, eval_interval=self.eval_interval,
+                       eval_batches=self.eval_batches, log_interval=self.log_interval,
+                       checkpoint_interval=self.checkpoint_interval, vocab_size=self.vocab_size)
+        if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ReslabError("warmup, weight decay and grad clip must be >= 0")
+        if self.tokenizer not in ("char", "bpe"):
+            raise ReslabError(f"unknown tokenizer {self.tokenizer!r}; choose one of: bpe, char")
+        if self.tokenizer == "bpe" and self.vocab_size is None:
+            raise ReslabError("--tokenizer bpe needs --vocab-size N (e.g. 512)")
+        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
+            raise ReslabError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+
+    @property
+    def floor_lr(self) -> float:
+        return self.min_lr if self.min_lr is not None else self.lr / 10
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        config = cls(**{k: v for k, v in values.items() if k in names})
+        config.validate()
+        return config

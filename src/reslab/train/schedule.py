@@ -1,0 +1,32 @@
+"""Learning-rate schedule and optimizer construction."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to `min_lr` at `steps` (nanoGPT's schedule)."""
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    if step >= steps:
+        return min_lr
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or scalar gates), fused where supported."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused AdamW runs one kernel for all parameters (CUDA and, since torch 2.4, CPU); foreach is the fallback.
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=device.type != "cpu" or None)
