@@ -30,3 +30,24 @@ def cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+def make_corpus(path: Path, chars: int = 30_000, seed: int = 0) -> Path:
+    """A small, learnable text: speaker lines and repeated words, like a miniature play."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["the", "king", "queen", "and", "of", "my", "lord", "good", "night", "thou", "art", "to", "be", "love"]
+    speakers = ["ROMEO", "JULIET", "NURSE"]
+    parts, size = [], 0
+    while size < chars:
+        line = f"{rng.choice(speakers)}:\n" + " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + ".\n\n"
+        parts.append(line)
+        size += len(line)
+    path.write_text("".join(parts)[:chars])
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return make_corpus(tmp_path / "corpus.txt")
