@@ -12,6 +12,7 @@ from reslab.errors import ReslabError
 # A new subcommand is one module plus one line here.
 COMMAND_MODULES: list[str] = [
     "reslab.train.commands",
+    "reslab.ablate.commands",
 ]
 
 

@@ -33,13 +33,19 @@ SCHEME_FLAGS: dict[str, tuple[str, Any, str]] = {
 }
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "tiny") -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "tiny",
+                        lists: tuple[str, ...] = ()) -> None:
+    """Add the model flags. Flags named in `lists` (e.g. "--residual", "--layers") take comma lists as strings."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", help=f"one of {', '.join(MODELS)} (default {default_model})")
     parser.set_defaults(default_model=default_model)
-    group.add_argument("--residual", help="residual scheme (see `reslab list`); default: the model's own")
+    group.add_argument("--residual", help="residual scheme (see `reslab list`); default: the model's own"
+                       + (" (comma list)" if "--residual" in lists else ""))
     for flag, (_, kind, text) in MODEL_FLAGS.items():
-        group.add_argument(flag, type=kind, help=text)
+        if flag in lists:
+            group.add_argument(flag, help=f"{text} (comma list)")
+        else:
+            group.add_argument(flag, type=kind, help=text)
     for flag, (_, text) in BOOL_FLAGS.items():
         group.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None, help=text)
     for flag, (_, kind, text) in SCHEME_FLAGS.items():

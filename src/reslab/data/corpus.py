@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from reslab.data import shakespeare
-from reslab.data._io import atomic_write
+from reslab.io import atomic_write
 from reslab.errors import ReslabError
 
 DEFAULT_SOURCE = "shakespeare"

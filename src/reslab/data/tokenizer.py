@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from reslab.data._io import atomic_write
+from reslab.io import atomic_write
 from reslab.errors import ReslabError, check_positive, unknown
 
 FILENAME = "tokenizer.json"

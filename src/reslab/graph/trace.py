@@ -372,7 +372,8 @@ def trace_model(model: nn.Module, example_inputs: Any) -> Trace:
     else:
         args, kwargs = tuple(example_inputs), {}
     tracer = Tracer(model)
-    for name, tensor in named_tensors({**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}, ""):
+    positional = {("input" if len(args) == 1 else f"input{i}"): a for i, a in enumerate(args)}
+    for name, tensor in named_tensors({**positional, **kwargs}, ""):
         if tensor not in tracer.ids:
             tracer.leaf(tensor, "input", name)
     handles = []

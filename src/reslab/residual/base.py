@@ -92,6 +92,11 @@ class ResidualSite(nn.Module):
         if self.probe is not None:
             self.probe.record(self, x, fx, out)
 
+    @classmethod
+    def scheme_metrics(cls, sites: list[ResidualSite]) -> dict[str, float]:
+        """Scheme-wide diagnostics on a log step (after the probed forward), e.g. HC's Amax gain; logged as is."""
+        return {}
+
     def init_branch(self, sublayer: nn.Module) -> None:
         """Called once after the model's own init: schemes that prescribe a branch init (DeepNet) set it here."""
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from reslab.cli_args import add_model_arguments, model_name, model_overrides
+from reslab.data.corpus import NAMED_SOURCES
 from reslab.errors import ReslabError
 
 # flag -> (TrainConfig field, type, help). Defaults are None so we know which flags were given (for --resume).
@@ -35,16 +36,22 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
 }
 
 
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The data/optimizer/schedule flags shared by `train` and `ablate`."""
+    group = parser.add_argument_group("training")
+    for flag, (_, kind, text) in TRAIN_FLAGS.items():
+        group.add_argument(flag, type=kind, help=text)
+    group.add_argument("--no-diagnostics", action="store_true", help="skip gradient norms and stream probes")
+    return group
+
+
 def register(commands) -> None:
     train = commands.add_parser("train", help="train a model; writes a run directory")
     add_model_arguments(train)
-    group = train.add_argument_group("training")
-    for flag, (_, kind, text) in TRAIN_FLAGS.items():
-        group.add_argument(flag, type=kind, help=text)
+    group = add_train_arguments(train)
     group.add_argument("--out", type=Path, help="run directory (default runs/MODEL-RESIDUAL)")
     group.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
     group.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    group.add_argument("--no-diagnostics", action="store_true", help="skip gradient norms and stream probes")
     group.add_argument("--print-grad-norms", action="store_true", help="print every parameter's gradient norm")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     group.add_argument("--json", action="store_true", help="print summary.json to stdout at the end")
@@ -66,11 +73,13 @@ def register(commands) -> None:
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     values = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, *_) in TRAIN_FLAGS.items()}
     values = {k: v for k, v in values.items() if v is not None}
+    if "data" in values and values["data"] not in NAMED_SOURCES:
+        values["data"] = str(Path(values["data"]).expanduser().resolve())  # resumable from any directory
     if args.no_diagnostics:
         values["diagnostics"] = False
-    if args.print_grad_norms:
+    if getattr(args, "print_grad_norms", False):
         values["print_grad_norms"] = True
-    if args.no_progress:
+    if getattr(args, "no_progress", False):
         values["progress"] = False
     return values
 

@@ -287,6 +287,8 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
                 if norms is not None:
                     record.update(norms.to_metrics())
                     record.update(probe.to_metrics())
+                    sites = [site for _, _, site in model.residual_sites()]
+                    record.update(type(sites[0]).scheme_metrics(sites))
                     if config.print_grad_norms:
                         reporter.grad_norms(step_done, norms.per_parameter, norms.total)
                 if step_done % config.eval_interval == 0 or step_done == config.steps:

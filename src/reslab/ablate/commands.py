@@ -1,0 +1,84 @@
+"""`reslab ablate`: the main job. Residual schemes x depths x seeds, a summary table, plots and an HTML report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from reslab.cli_args import add_model_arguments, model_name, model_overrides
+from reslab.errors import ReslabError
+
+DEFAULT_RESIDUALS = "pre,post,none"
+DEFAULT_LAYERS = "4"
+DEFAULT_SEEDS = "0,1"
+DEFAULT_STEPS = 1000
+
+
+def register(commands) -> None:
+    from reslab.train.commands import add_train_arguments
+
+    ablate = commands.add_parser("ablate", help="train a grid of residual schemes x depths x seeds and compare them")
+    add_model_arguments(ablate, lists=("--residual", "--layers"))
+    group = add_train_arguments(ablate)
+    group.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma list of seeds (default {DEFAULT_SEEDS})")
+    group.add_argument("--jobs", default="auto", help="grid points trained in parallel processes (default auto: "
+                       "one per core, each with cores/jobs threads)")
+    group.add_argument("--out", type=Path, default=Path("runs/ablation"), help="ablation directory "
+                       "(default runs/ablation); re-running into it skips finished points and resumes stopped ones")
+    group.add_argument("--no-report", action="store_true", help="skip plots and report.html")
+    ablate.set_defaults(handler=cmd_ablate)
+
+
+def comma_list(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ReslabError(f"{flag} takes a comma list of {kind.__name__} values, got {text!r}") from None
+    if not values:
+        raise ReslabError(f"{flag} is empty; give a comma list")
+    if len(set(values)) != len(values):
+        raise ReslabError(f"{flag} repeats a value: {text!r}")
+    return values
+
+
+def default_jobs(points: int) -> int:
+    return max(1, min(points, os.cpu_count() or 1))
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from reslab.ablate.grid import run_ablation
+    from reslab.ablate.summary import summary_table
+    from reslab.train.commands import train_overrides
+
+    residuals = comma_list(args.residual or DEFAULT_RESIDUALS, str, "--residual")
+    layers = comma_list(args.layers or DEFAULT_LAYERS, int, "--layers")
+    seeds = comma_list(args.seeds, int, "--seeds")
+    model = model_name(args)
+    overrides = model_overrides(argparse.Namespace(**{**vars(args), "residual": None, "layers": None}))
+    train = train_overrides(args)
+    train.setdefault("steps", DEFAULT_STEPS)
+    if args.jobs == "auto":
+        jobs = default_jobs(len(residuals) * len(layers) * len(seeds))
+    else:
+        jobs = comma_list(args.jobs, int, "--jobs")[0]
+        if jobs <= 0:
+            raise ReslabError(f"--jobs must be positive, got {jobs}")
+    console = Console(stderr=True, highlight=False)
+    result = run_ablation(args.out, model, residuals, layers, seeds, overrides, train, jobs=jobs,
+                          command=["reslab", *sys.argv[1:]], console=console)
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=160)  # a file or pipe: do not wrap the table at 80 columns
+    out.print(summary_table(result))
+    if not args.no_report:
+        try:
+            from reslab.report import write_report
+        except ImportError:
+            return 0
+        path = write_report(args.out)
+        console.print(f"report: {path}")
+    return 0

@@ -1,0 +1,8 @@
+"""Architecture truth: the residual connections, dead modules and diagram of any PyTorch model, read from the
+traced computation of one forward pass (`reslab audit`, `reslab diagram`)."""
+
+from reslab.graph.audit import Audit, audit
+from reslab.graph.residuals import KINDS, Residual
+from reslab.graph.trace import Trace, TraceError, trace_model
+
+__all__ = ["KINDS", "Audit", "Residual", "Trace", "TraceError", "audit", "trace_model"]

@@ -1,0 +1,256 @@
+"""`audit(model, example_inputs)`: where a model's residual connections really are, read from one traced pass.
+
+The audit reports each residual (`residuals.py` defines them), the *dead* modules (they run, but no model output
+depends on them: the TinyTransformer article's `x = norm(x)` edit makes attention and FFN dead), the modules that
+did *not run* in this pass (an unselected expert, a branch not taken: that may depend on the input), and a
+summary per *block*. A block is an element of a module list (`layers.3`, `h.0`, `encoder.block.1`) that holds
+parameters, at the outermost such level; its *sublayers* are its children that hold a weight matrix (attention,
+MLP), as opposed to norms and scales.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from reslab.graph.residuals import KINDS, Residual, find_residuals
+from reslab.graph.trace import Trace, trace_model
+
+
+@dataclass
+class BlockSummary:
+    path: str
+    sublayers: list[str]
+    residuals: list[int]  # indices into Audit.residuals
+    ran: bool
+
+
+@dataclass
+class Audit:
+    target: str
+    model: str  # the model's class name
+    residuals: list[Residual]
+    dead: list[str]
+    not_run: list[str]
+    modules: dict[str, int]  # module path -> residuals inside it, for modules holding a parameterised submodule
+    blocks: list[BlockSummary]
+    trace: Trace = field(repr=False)
+
+    # --- machine-readable ----------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, int]:
+        ran = [b for b in self.blocks if b.ran]
+        with_residuals = sum(1 for b in ran if b.residuals)
+        return {"residual_count": len(self.residuals), "blocks_with_residuals": with_residuals,
+                "blocks_without": len(ran) - with_residuals}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "model": self.model,
+            "residuals": [r.to_dict() for r in self.residuals],
+            "dead": list(self.dead),
+            "not_run": list(self.not_run),
+            "modules": {path: {"residuals_inside": count} for path, count in self.modules.items()},
+            "blocks": [b.path for b in self.blocks],
+            "summary": self.summary(),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    # --- human-readable ------------------------------------------------------------------------------------------
+    def lines(self) -> list[str]:
+        out = [f"{self.target}: {self.model}, {len(self.blocks)} blocks, traced on {self.trace.device}"]
+        in_blocks = set()
+        for block in self.blocks:
+            out.append(self._block_line(block))
+            in_blocks.update(block.residuals)
+        outside = [i for i in range(len(self.residuals)) if i not in in_blocks]
+        if outside:
+            described = ", ".join(self._residual_text(self.residuals[i], None) for i in outside)
+            out.append(f"outside blocks: {_count(len(outside), 'residual')} — {described}")
+        kinds = Counter(r.kind for r in self.residuals)
+        by_kind = ", ".join(f"{kinds[k]} {k}" for k in KINDS if kinds[k])
+        summary = self.summary()
+        ran = summary["blocks_with_residuals"] + summary["blocks_without"]
+        out.append(f"total: {_count(len(self.residuals), 'residual')}" + (f" ({by_kind})" if by_kind else "") +
+                   f" in {summary['blocks_with_residuals']} of {ran} blocks")
+        out.append("dead: " + (", ".join(self.dead) + " — they run, but no model output depends on them"
+                               if self.dead else "none"))
+        out.append("not run: " + (", ".join(self.not_run) + " — not called in this pass (may depend on the input)"
+                                  if self.not_run else "none"))
+        return out
+
+    def format(self) -> str:
+        return "\n".join(self.lines())
+
+    __str__ = format
+
+    def _block_line(self, block: BlockSummary) -> str:
+        if not block.ran:
+            return f"{block.path}: did not run"
+        parts = [self._residual_text(self.residuals[i], block) for i in block.residuals]
+        head = f"{block.path}: {_count(len(block.residuals), 'residual')}"
+        if parts:
+            head += " — " + ", ".join(parts)
+        clauses = []
+        for sub in block.sublayers:
+            name = _relative(sub, block.path)
+            if _under(sub, self.dead):
+                clauses.append(f"{name} is dead")
+            elif _under(sub, self.not_run):
+                clauses.append(f"{name} did not run")
+            else:
+                inside = sum(1 for i in block.residuals if _inside(self.residuals[i].owner, sub))
+                clauses.append(f"{'none' if not inside else inside} inside {name}")
+        return head + ("; " + ", ".join(clauses) if clauses else "")
+
+    def _residual_text(self, residual: Residual, block: BlockSummary | None) -> str:
+        """"around attn (+norm)", the largest wrapped module first; where the add sits when that is news
+        (inside a sublayer, or outside any block); the kind unless it is identity."""
+        sizes = self.trace.modules
+        path = block.path if block else None
+        wraps = sorted(residual.wraps, key=lambda p: -sizes[p].subtree_params if p in sizes else 0)
+        text = "around " + _relative(wraps[0], path) if wraps else "around nothing learned"
+        if len(wraps) > 1:
+            text += " (" + ", ".join("+" + _relative(w, path) for w in wraps[1:]) + ")"
+        if block is None or _under(residual.owner, block.sublayers):
+            text += f" in {_relative(residual.owner, path)}"
+        if residual.kind != "identity":
+            text += f" [{residual.kind}]"
+        return text
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<li>{html.escape(line)}</li>" for line in self.lines())
+        return f"<div class='reslab-audit'><ul style='font-family:monospace'>{rows}</ul></div>"
+
+    def diagram(self, **options):
+        """The diagram of the same trace (see `reslab.graph.diagram.Diagram`)."""
+        from reslab.graph.diagram import Diagram
+
+        return Diagram.from_audit(self, **options)
+
+
+def audit(model: nn.Module, example_inputs: Any, target: str | None = None) -> Audit:
+    """Trace `model` on `example_inputs` once and report its residual structure."""
+    return audit_trace(trace_model(model, example_inputs), target or type(model).__name__)
+
+
+def audit_trace(trace: Trace, target: str) -> Audit:
+    residuals = find_residuals(trace)
+    dead, not_run = _unused(trace)
+    blocks = _blocks(trace, residuals)
+    holders = [p for p, info in trace.modules.items() if any(trace.modules[c].subtree_params for c in info.children)]
+    modules = {p: sum(1 for r in residuals if _inside(r.owner, p)) for p in holders}
+    return Audit(target, trace.model_cls, residuals, dead, not_run, modules, blocks, trace)
+
+
+def _unused(trace: Trace) -> tuple[list[str], list[str]]:
+    """(dead, not run) module paths, each reported at the outermost level where it holds for every parameterised
+    module inside. A module's learned ops are the ops in its own forward that read a parameter; it is dead when it
+    ran and none of them reaches an output."""
+    live = trace.live()
+    ran = {call.path for call in trace.calls}
+    reached: dict[str, bool] = {}
+    for node in trace.nodes:
+        if node.uses_params and node.call >= 0:
+            path = trace.calls[node.call].path
+            reached[path] = reached.get(path, False) or live[node.id]
+    read = {node.name.rpartition(".")[0] for node in trace.nodes if node.op == "param"}
+    state: dict[str, str] = {}
+    for path, info in trace.modules.items():
+        if info.own_params:
+            if path in reached:
+                state[path] = "live" if reached[path] else "dead"
+            elif path in ran or path in read:
+                state[path] = "live"  # ran, or its parameters were read elsewhere: nothing to report
+            else:
+                state[path] = "not_run"
+
+    def states(path: str) -> set[str]:
+        found = {state[path]} if path in state else set()
+        for child in trace.modules[path].children:
+            found |= states(child)
+        return found
+
+    memo: dict[str, set[str]] = {}
+
+    def collect(path: str, wanted: str, out: list[str]) -> None:
+        if path not in memo:
+            memo[path] = states(path)
+        if memo[path] == {wanted}:
+            out.append(path)
+            return
+        for child in trace.modules[path].children:
+            collect(child, wanted, out)
+
+    dead: list[str] = []
+    not_run: list[str] = []
+    collect("", "dead", dead)
+    collect("", "not_run", not_run)
+    return dead, not_run
+
+
+def _blocks(trace: Trace, residuals: list[Residual]) -> list[BlockSummary]:
+    modules = trace.modules
+    paths: list[str] = []
+
+    def visit(path: str) -> None:
+        info = modules[path]
+        if info.in_container and not info.container and info.subtree_params:
+            paths.append(path)
+            return
+        for child in info.children:
+            visit(child)
+
+    visit("")
+    ran = {call.path for call in trace.calls}
+    blocks = []
+    for path in paths:
+        mine = [i for i, r in enumerate(residuals) if _home(r, paths) == path]
+        blocks.append(BlockSummary(path, _sublayers(trace, path), mine, path in ran))
+    return blocks
+
+
+def _home(residual: Residual, blocks: list[str]) -> str | None:
+    """The block a residual belongs to: the one holding its add, else the one holding what it wraps."""
+    for path in [residual.owner, *residual.wraps]:
+        for block in blocks:
+            if _inside(path, block):
+                return block
+    return None
+
+
+def _sublayers(trace: Trace, block: str) -> list[str]:
+    """A block's children that hold a weight matrix (looking through module lists, as in T5's `layer.0`)."""
+    found = []
+    for child in trace.modules[block].children:
+        info = trace.modules[child]
+        if info.container:
+            found += [c for c in info.children if trace.modules[c].matrix]
+        elif info.matrix:
+            found.append(child)
+    return found
+
+
+def _inside(path: str, ancestor: str) -> bool:
+    return ancestor == "" or path == ancestor or path.startswith(ancestor + ".")
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(_inside(path, root) for root in roots)
+
+
+def _relative(path: str, block: str | None) -> str:
+    if block and path.startswith(block + "."):
+        return path[len(block) + 1:]
+    return path or "(model)"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -1,0 +1,265 @@
+"""Find the residual connections in a trace, from the dataflow alone.
+
+Definition (issue 5). A *residual connection* is an elementwise add (`+`, `+=`, `torch.add`, `add_`, `lerp`) in
+which one operand, the *skip*, is a stream value `x` passed at most through value-preserving ops (views, casts,
+dropout, scaling by a scalar or per-channel factor, the stream mixes of multi-stream schemes), and the other
+operand, the *branch*, was computed from that same `x` through learned computation (an op that combines data
+with a parameter). So a bias add, `token + position` embeddings, a mask add or RoPE's `q*cos + rot(q)*sin` are
+not residuals: in none of them does one side flow into the other through a parameter.
+
+Kinds, checked in this order (the first that applies wins):
+
+- `multi-stream`: the skip passes through a mix of parallel streams (hyper-connections' `A_r^T H`).
+- `projection`: the skip itself goes through a learned linear map (ResNet's 1x1 conv + BN downsampling).
+- `normalized`: everything that reads the sum is a normalisation inside the same module (post-LN, DeepNorm),
+  so the un-normalised stream never travels on.
+- `gated`: the skip or the branch is multiplied by a data-dependent gate (highway networks, `lerp` with a
+  computed weight).
+- `scaled`: the skip or the branch is multiplied by a fixed or learned scalar or per-channel factor (ReZero,
+  LayerScale, `torch.add(..., alpha=)`, `lerp` with a constant weight).
+- `identity`: `x + F(x)` as it stands (pre-LN, GPT-2, Llama).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from reslab.graph import ops
+from reslab.graph.trace import Node, Trace
+
+KINDS = ("identity", "scaled", "gated", "normalized", "multi-stream", "projection")
+_PROJECTION_STEPS = 3  # conv + BN, or pool + conv + BN
+_WALK_LIMIT = 256  # nodes a skip walk may visit before it gives up
+
+
+@dataclass(frozen=True)
+class Residual:
+    owner: str  # the innermost module whose forward performs the add ("" for the model itself)
+    skip_from: str  # where x entered, as a module boundary: "PATH:in", "PATH:out", or "PATH:OP" inside PATH
+    wraps: tuple[str, ...]  # the learned modules on the branch, outermost first, in execution order
+    kind: str
+    add: int = field(default=-1, compare=False)  # the add's node id in the trace
+    skip: int = field(default=-1, compare=False)  # x's node id
+
+    def to_dict(self) -> dict:
+        return {"owner": self.owner, "skip_from": self.skip_from, "wraps": list(self.wraps), "kind": self.kind}
+
+
+def find_residuals(trace: Trace) -> list[Residual]:
+    """Every residual connection in the traced pass, in execution order."""
+    found = []
+    for node in trace.nodes:
+        if node.op in ops.ADD_OPS and node.data and len(node.operands) >= 2:
+            residual = _match(trace, node)
+            if residual is not None:
+                found.append(residual)
+    return found
+
+
+def _match(trace: Trace, add: Node) -> Residual | None:
+    a, b = add.operands[:2]
+    pairs = [(a, b)] if add.op == "lerp" else [(a, b), (b, a)]  # lerp(start, end, w): start is the skip
+    for skip_side, branch_side in pairs:
+        if skip_side < 0 or branch_side < 0:
+            continue
+        for root, flags in _skip_roots(trace, skip_side):
+            branch = _branch(trace, root, branch_side)
+            if branch is None or not _learned(trace, branch, add):
+                continue
+            if "projection" in flags and not _nonlinear(trace, branch):
+                continue  # two linear maps of x added together (LoRA) are one linear map, not a skip
+            return _describe(trace, add, root, branch_side, branch, flags)
+    return None
+
+
+def _skip_roots(trace: Trace, start: int):
+    """Candidate stream values x for a skip operand, nearest first, with what the skip path does to them."""
+    nodes = trace.nodes
+    queue = deque([(start, frozenset(), 0)])
+    seen = set()
+    while queue and len(seen) < _WALK_LIMIT:
+        node_id, flags, projections = queue.popleft()
+        if node_id < 0 or (node_id, flags) in seen:
+            continue
+        seen.add((node_id, flags))
+        node = nodes[node_id]
+        if node.data:
+            yield node_id, flags
+        if node.role == "view":
+            queue.append((node.through, flags, projections))
+        elif node.role == "scale":
+            queue.append((node.through, flags | {"scaled"}, projections))
+        elif node.role == "mix":
+            queue.append((node.through, flags | {"mixed"}, projections))
+        elif node.role == "gate":
+            queue.extend((operand, flags | {"gated"}, projections) for operand in node.operands)
+        elif _projection_step(node) and projections < _PROJECTION_STEPS:
+            data_inputs = [i for i in node.inputs if nodes[i].data]
+            if len(data_inputs) == 1:
+                queue.append((data_inputs[0], flags | {"projection"}, projections + 1))
+
+
+def _projection_step(node: Node) -> bool:
+    if node.op.startswith(("avg_pool", "adaptive_avg_pool")):
+        return True
+    return node.uses_params and node.op in ("linear", "conv1d", "conv2d", "conv3d", "batch_norm")
+
+
+def _branch(trace: Trace, root: int, target: int) -> set[int] | None:
+    """The nodes on some path from `root` to `target` (target included), or None if target does not read root.
+
+    Node ids are a topological order, so only ids between the two need to be looked at."""
+    if target <= root:
+        return None
+    nodes = trace.nodes
+    region, stack, reaches = set(), [target], False
+    while stack:
+        node_id = stack.pop()
+        if node_id in region:
+            continue
+        region.add(node_id)
+        for source in nodes[node_id].inputs:
+            if source == root:
+                reaches = True
+            elif source > root and source not in region:
+                stack.append(source)
+    if not reaches:
+        return None
+    on = set()
+    for node_id in sorted(region):
+        if any(source == root or source in on for source in nodes[node_id].inputs):
+            on.add(node_id)
+    return on
+
+
+def _learned(trace: Trace, branch: set[int], add: Node) -> bool:
+    """Does the branch hold learned computation? A scaling coefficient in the add's own forward (`alpha * F(x)`)
+    does not count: `x + alpha * x` is a rescaled x, not a residual."""
+    nodes = trace.nodes
+    for node_id in branch:
+        node = nodes[node_id]
+        if node.uses_params and (node.role != "scale" or not trace.within(add.call, node.call)):
+            return True
+    return False
+
+
+def _nonlinear(trace: Trace, branch: set[int]) -> bool:
+    nodes = trace.nodes
+    return any(nodes[i].role not in ("view", "scale") and nodes[i].op not in ops.LINEAR_OPS for i in branch)
+
+
+def _describe(trace: Trace, add: Node, root: int, branch_side: int, branch: set[int], flags) -> Residual:
+    nodes, calls = trace.nodes, trace.calls
+    starts = [u for u in trace.users()[root] if u in branch or u == add.id]
+    lca = _common_call(trace, [nodes[u].call for u in starts] + [add.call])
+    return Residual(
+        owner=calls[add.call].path if add.call >= 0 else "",
+        skip_from=_boundary(trace, root, lca),
+        wraps=_wraps(trace, branch, add, lca),
+        kind=_kind(trace, add, branch_side, flags),
+        add=add.id,
+        skip=root,
+    )
+
+
+def _common_call(trace: Trace, call_ids: list[int]) -> int:
+    chains = [trace.chain(c) for c in call_ids if c >= 0]
+    if not chains:
+        return -1
+    common = -1
+    for level in zip(*chains):
+        if len(set(level)) != 1:
+            break
+        common = level[0]
+    return common
+
+
+def _boundary(trace: Trace, root: int, lca: int) -> str:
+    """Name the point where the skip leaves the stream: the input of the module call that holds both the skip
+    and its branch, else the output of the outermost call inside it that produced x, else the op that made x."""
+    if lca < 0:
+        return ":in"
+    call = trace.calls[lca]
+    if root in call.inputs:
+        return f"{call.path}:in"
+    producers = [c for c in trace.calls if root in c.outputs and c.id != lca and trace.within(c.id, lca)]
+    if producers:
+        return f"{min(producers, key=lambda c: c.depth).path}:out"
+    return f"{call.path}:{trace.nodes[root].op}"
+
+
+def _wraps(trace: Trace, branch: set[int], add: Node, lca: int) -> tuple[str, ...]:
+    """The learned modules on the branch, each named at the highest level that does not also hold the add:
+    for Llama's `x + self_attn(input_layernorm(x))` that is (input_layernorm, self_attn)."""
+    nodes, calls = trace.nodes, trace.calls
+    holds_add = set(trace.chain(add.call))
+    names: list[str] = []
+    for node_id in sorted(branch):
+        node = nodes[node_id]
+        if not node.uses_params or node.call < 0:
+            continue
+        chain = trace.chain(node.call)
+        below = chain[chain.index(lca) + 1:] if lca in chain else chain
+        pick = next((c for c in below if c not in holds_add), None)
+        if pick is None:
+            if node.role == "scale":
+                continue  # the coefficient of a scaled residual, in the add's own forward
+            pick = node.call
+        if calls[pick].path not in names:
+            names.append(calls[pick].path)
+    return tuple(names)
+
+
+def _kind(trace: Trace, add: Node, branch_side: int, flags) -> str:
+    flags = set(flags)
+    flags |= _branch_tail(trace, branch_side)
+    if add.scaled:
+        flags.add("scaled")
+    if add.op == "lerp":
+        weight = add.operands[2] if len(add.operands) > 2 else -1
+        flags.add("gated" if weight >= 0 and trace.nodes[weight].data else "scaled")
+    if "mixed" in flags:
+        return "multi-stream"
+    if "projection" in flags:
+        return "projection"
+    if _normalized(trace, add):
+        return "normalized"
+    if "gated" in flags:
+        return "gated"
+    return "scaled" if "scaled" in flags else "identity"
+
+
+def _branch_tail(trace: Trace, node_id: int) -> set[str]:
+    """What happens to the branch's output on its way into the add: scaling, mixing, gating."""
+    flags: set[str] = set()
+    nodes = trace.nodes
+    while node_id >= 0:
+        node = nodes[node_id]
+        if node.role == "scale" and not trace.in_norm(node):
+            flags.add("scaled")
+        elif node.role == "mix":
+            flags.add("mixed")
+        elif node.role == "gate":
+            flags.add("gated")
+            break
+        elif node.role != "view":
+            break
+        node_id = node.through
+    return flags
+
+
+def _normalized(trace: Trace, add: Node) -> bool:
+    """Post-LN: the sum is read only by a normalisation that runs inside the add's module (through views)."""
+    nodes, users = trace.nodes, trace.users()
+    frontier, seen_norm = [add.id], False
+    while frontier:
+        for user_id in users[frontier.pop()]:
+            user = nodes[user_id]
+            if trace.in_norm(user) and trace.within(user.call, add.call):
+                seen_norm = True
+            elif user.role == "view":
+                frontier.append(user_id)
+            else:
+                return False
+    return seen_norm
