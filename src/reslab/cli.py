@@ -13,6 +13,8 @@ from reslab.errors import ReslabError
 COMMAND_MODULES: list[str] = [
     "reslab.train.commands",
     "reslab.ablate.commands",
+    "reslab.report.commands",
+    "reslab.graph.commands",
 ]
 
 

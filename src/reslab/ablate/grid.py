@@ -21,6 +21,7 @@ from reslab.errors import ReslabError
 from reslab.io import read_json, write_json
 
 ABLATION = "ablation.json"
+DIVERGED = "diverged.json"  # written in a run directory whose loss became NaN/inf
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ def point_status(run_dir: Path, steps: int) -> str:
     summary = run_dir / "summary.json"
     if summary.exists() and read_json(summary).get("steps") == steps:
         return "done"
+    if (run_dir / DIVERGED).exists() and read_json(run_dir / DIVERGED).get("steps") == steps:
+        return "diverged"
     if (run_dir / "checkpoint.safetensors").exists() and (run_dir / "config.json").exists():
         return "partial"
     return "new"
@@ -57,20 +60,27 @@ def _run_point(point: GridPoint, model: str, model_overrides: dict[str, Any], tr
     """Train one grid point (in a worker process, or inline when jobs == 1)."""
     import torch
 
-    from reslab.train.loop import prepare, train
+    from reslab.train.loop import NonFiniteLoss, prepare, train
 
     torch.set_num_threads(threads)
     run_path = Path(run_dir)
     status = point_status(run_path, train_overrides["steps"])
     if status == "done":
         return read_json(run_path / "summary.json")
+    if status == "diverged":
+        return {"diverged": read_json(run_path / DIVERGED)["message"]}
     config = {**train_overrides, "model": model, "seed": point.seed, "progress": False}
     overrides = {**model_overrides, "residual": point.residual, "layers": point.layers}
     if status == "partial":
-        setup = prepare({"progress": False, "steps": config["steps"]}, {}, run_path, resume=True)
+        runtime = {"progress": False, "steps": config["steps"], "stop_at": config.get("stop_at")}
+        setup = prepare({k: v for k, v in runtime.items() if v is not None}, {}, run_path, resume=True)
     else:
         setup = prepare(config, overrides, run_path, overwrite=run_path.exists())
-    return train(setup)
+    try:
+        return train(setup)
+    except NonFiniteLoss as error:  # a diverged run is a result of the experiment, not a crash of the grid
+        write_json(run_path / DIVERGED, {"message": str(error), "steps": train_overrides["steps"]})
+        return {"diverged": str(error)}
 
 
 def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[int], seeds: list[int],
@@ -94,7 +104,7 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
     started = time.time()
     write_json(out_dir / ABLATION, {**record, "started": started, "finished": None})
 
-    todo = [p for p in points if point_status(out_dir / "runs" / p.name, train_config.steps) != "done"]
+    todo = [p for p in points if point_status(out_dir / "runs" / p.name, train_config.steps) not in ("done", "diverged")]
     _say(console, f"ablation {out_dir}: {len(points)} grid points, {len(points) - len(todo)} already done, "
                   f"{len(todo)} to train with {jobs} job(s) x {threads_per_job(jobs)} thread(s)")
     args = lambda p: (p, model, model_overrides, train_overrides, str(out_dir / "runs" / p.name),  # noqa: E731
@@ -127,7 +137,7 @@ def _check_ablation_dir(out_dir: Path, record: dict[str, Any]) -> None:
             raise ReslabError(f"{out_dir} holds an ablation with {key} {saved.get(key)}, not {record[key]}; "
                               "choose another --out to run a different experiment")
     differing = [k for k, v in record["train"].items()
-                 if k not in ("progress", "print_grad_norms", "device", "seed") and saved["train"].get(k) != v]
+                 if k not in ("progress", "print_grad_norms", "device", "seed", "stop_at") and saved["train"].get(k) != v]
     if differing:
         key = differing[0]
         raise ReslabError(f"{out_dir} was run with {key}={saved['train'].get(key)}, not {record['train'][key]}; "
@@ -135,6 +145,9 @@ def _check_ablation_dir(out_dir: Path, record: dict[str, Any]) -> None:
 
 
 def _report_point(console, point: GridPoint, summary: dict[str, Any]) -> None:
+    if "diverged" in summary:
+        _say(console, f"  {point.name:<24} diverged: {summary['diverged']}")
+        return
     val = summary.get("final_val_loss")
     _say(console, f"  {point.name:<24} val {val:.4f}  {summary.get('tokens_per_second', 0):,.0f} tok/s"
          if val is not None else f"  {point.name}: no result")

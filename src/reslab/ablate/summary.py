@@ -34,16 +34,22 @@ def summarize(out_dir: Path) -> dict[str, Any]:
     """Read every finished run under out_dir/runs and write summary.json and summary.csv; rows best-first."""
     out_dir = Path(out_dir)
     ablation = read_json(out_dir / "ablation.json")
+    steps = ablation["train"]["steps"]
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for run in sorted((out_dir / "runs").glob("*/summary.json")):
-        summary = read_json(run)
-        config = read_json(run.parent / "config.json")
+    diverged: dict[tuple[str, int], int] = {}
+    for run in sorted(p for p in (out_dir / "runs").glob("*") if (p / "config.json").exists()):
+        config = read_json(run / "config.json")
         key = (config["model_config"]["residual"], config["model_config"]["layers"])
-        if summary.get("steps") == ablation["train"]["steps"]:
-            groups.setdefault(key, []).append({**_point_metrics(summary), "seed": config["train"]["seed"]})
+        if (run / "summary.json").exists() and read_json(run / "summary.json").get("steps") == steps:
+            metrics = _point_metrics(read_json(run / "summary.json"))
+            groups.setdefault(key, []).append({**metrics, "seed": config["train"]["seed"]})
+        elif (run / "diverged.json").exists():
+            diverged[key] = diverged.get(key, 0) + 1
+            groups.setdefault(key, [])
     rows = []
     for (residual, layers), points in groups.items():
-        row: dict[str, Any] = {"residual": residual, "layers": layers, "seeds": len(points)}
+        row: dict[str, Any] = {"residual": residual, "layers": layers, "seeds": len(points),
+                               "diverged": diverged.get((residual, layers), 0)}
         for metric in METRICS:
             for stat, value in _stats([p[metric] for p in points]).items():
                 row[f"{metric}_{stat}"] = value
@@ -52,7 +58,7 @@ def summarize(out_dir: Path) -> dict[str, Any]:
     result = {"model": ablation["model"], "steps": ablation["train"]["steps"], "rows": rows}
     write_json(out_dir / "summary.json", result)
     buffer = io.StringIO()
-    columns = ["residual", "layers", "seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "min", "max")]
+    columns = ["residual", "layers", "seeds", "diverged"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "min", "max")]
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     for row in rows:
@@ -78,7 +84,8 @@ def summary_table(result: dict[str, Any]):
         spread = "" if row["seeds"] < 2 or row["final_val_loss_std"] is None else f" +- {row['final_val_loss_std']:.4f}"
         span = ("-" if row["final_val_loss_min"] is None
                 else f"[{row['final_val_loss_min']:.4f}, {row['final_val_loss_max']:.4f}]")
-        table.add_row(row["residual"], str(row["layers"]), str(row["seeds"]), cell(row, "final_val_loss", 4) + spread,
+        seeds = str(row["seeds"]) + (f" ({row['diverged']} diverged)" if row.get("diverged") else "")
+        table.add_row(row["residual"], str(row["layers"]), seeds, cell(row, "final_val_loss", 4) + spread,
                       span, cell(row, "best_val_loss", 4), cell(row, "first_layer_grad_share", 3),
                       cell(row, "final_stream_rms", 2), cell(row, "mean_drift", 3),
                       cell(row, "tokens_per_second", 0))

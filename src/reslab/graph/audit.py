@@ -65,7 +65,8 @@ class Audit:
 
     # --- human-readable ------------------------------------------------------------------------------------------
     def lines(self) -> list[str]:
-        out = [f"{self.target}: {self.model}, {len(self.blocks)} blocks, traced on {self.trace.device}"]
+        device = "the meta device (no weights)" if self.trace.device == "meta" else self.trace.device
+        out = [f"{self.target}: {self.model}, {_count(len(self.blocks), 'block')}, traced on {device}"]
         in_blocks = set()
         for block in self.blocks:
             out.append(self._block_line(block))

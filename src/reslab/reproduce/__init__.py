@@ -6,6 +6,9 @@ from reslab.errors import unknown
 
 REPRODUCTIONS: dict[str, str] = {
     "deep-mlp-gradients": "reslab.reproduce.deep_mlp",
+    "tiny-residual": "reslab.reproduce.tiny_residual",
+    "depth": "reslab.reproduce.depth",
+    "post-vs-pre": "reslab.reproduce.post_vs_pre",
 }
 
 

@@ -8,6 +8,7 @@ from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter
 SCHEMES: dict[str, str] = {
     "none": "reslab.residual.none:NoResidual",
     "post": "reslab.residual.post:PostLN",
+    "post-none": "reslab.residual.post_none:PostNoResidual",
     "pre": "reslab.residual.pre:PreLN",
     "sandwich": "reslab.residual.sandwich:SandwichLN",
     "rezero": "reslab.residual.rezero:ReZero",

@@ -70,11 +70,16 @@ def register(commands) -> None:
     sample.set_defaults(handler=cmd_sample)
 
 
+def normalise_data(data: str) -> str:
+    """A corpus name as is; a path made absolute, so the run can be resumed from any directory."""
+    return data if data in NAMED_SOURCES else str(Path(data).expanduser().resolve())
+
+
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     values = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, *_) in TRAIN_FLAGS.items()}
     values = {k: v for k, v in values.items() if v is not None}
-    if "data" in values and values["data"] not in NAMED_SOURCES:
-        values["data"] = str(Path(values["data"]).expanduser().resolve())  # resumable from any directory
+    if "data" in values:
+        values["data"] = normalise_data(values["data"])
     if args.no_diagnostics:
         values["diagnostics"] = False
     if getattr(args, "print_grad_norms", False):

@@ -217,13 +217,15 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
         reporter.note(f"resuming {run_dir} at step {state['step']}")
     else:
         _init_run_dir(setup)
+    parameters = sum(p.numel() for p in model.parameters())
     if state["step"] >= config.steps:
         reporter.note(f"{run_dir} already finished {state['step']} steps; pass --steps N (N > {state['step']}) to continue")
-        return read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).exists() else {}
+        if not (run_dir / SUMMARY).exists():  # killed between the last checkpoint and the summary
+            write_json(run_dir / SUMMARY, _summary(setup, state, parameters, run_dir))
+        return read_json(run_dir / SUMMARY)
 
     writer = _tensorboard_writer(run_dir)
     metrics_file = open(run_dir / METRICS, "a")
-    parameters = sum(p.numel() for p in model.parameters())
     tokens_per_step = config.batch * context
     last_val = None
     last_checkpoint = state["step"]

@@ -1,0 +1,112 @@
+"""The `reslab audit` and `reslab diagram` subcommands (registered through `reslab.cli.COMMAND_MODULES`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from reslab.errors import ReslabError
+
+TARGET_HELP = ("a model name (with model flags), a run directory, hf:MODEL_TYPE (with --set KEY=VALUE), or "
+               "FILE.py:CALLABLE / package.module:CALLABLE returning (model, example_inputs)")
+
+
+def register(commands) -> None:
+    audit = commands.add_parser("audit", help="where a model's residual connections really are, from its traced "
+                                              "computation")
+    _add_target_arguments(audit)
+    audit.add_argument("--json", action="store_true", help="print the audit as JSON")
+    audit.add_argument("--expect", metavar="FILE", help="compare with a saved audit; exit 1 and show the "
+                                                        "differences when the residual structure differs")
+    audit.add_argument("--write-expect", metavar="FILE", help="save this audit as the expected one")
+    audit.set_defaults(handler=cmd_audit)
+
+    diagram = commands.add_parser("diagram", help="draw a model from its traced computation (.svg, .mmd, .dot)")
+    _add_target_arguments(diagram)
+    diagram.add_argument("-o", "--output", required=True, metavar="FILE",
+                         help="output file; its suffix picks the format: .svg, .mmd (Mermaid) or .dot")
+    diagram.add_argument("--depth", type=int, default=1,
+                         help="open module calls nested less than N deep (default 1: the model's children); "
+                              "blocks and modules that hold a residual are always open")
+    diagram.add_argument("--unroll", action="store_true", help="draw every block instead of folding equal ones")
+    diagram.add_argument("--engine", choices=("builtin", "dot"), default="builtin",
+                         help="who draws the SVG: reslab itself (default) or Graphviz's dot, if installed")
+    diagram.set_defaults(handler=cmd_diagram)
+
+
+def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    from reslab.cli_args import add_model_arguments
+
+    parser.add_argument("target", metavar="TARGET", help=TARGET_HELP)
+    add_model_arguments(parser)
+    for action in parser._actions:  # the TARGET names the model: hide the shared --model flag
+        if action.dest == "model":
+            action.help, action.default = argparse.SUPPRESS, None
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", dest="sets",
+                        help="set a config field (repeatable); values parse as JSON numbers, booleans or strings")
+    parser.add_argument("--device", default="meta", choices=("meta", "cpu"),
+                        help="where to build built-in, run-directory and hf: models (default meta: no weights "
+                             "allocated; use cpu for models whose forward reads tensor values)")
+
+
+def load(args: argparse.Namespace):
+    """The audit of the TARGET the arguments name."""
+    from reslab.graph import audit
+    from reslab.graph.targets import kind_of, load_target, parse_sets
+    from reslab.graph.trace import TraceError
+
+    kind = kind_of(args.target)
+    if args.model is not None and args.model != args.target:
+        raise ReslabError(f"the TARGET names the model; drop --model {args.model}")
+    overrides = _model_flags(args, kind)
+    overrides.update(parse_sets(args.sets))
+    target = load_target(args.target, overrides, args.device)
+    try:
+        return audit(target.model, target.inputs, target.label)
+    except TraceError as error:
+        hint = "; its forward reads tensor values: try --device cpu" if args.device == "meta" and kind != \
+            "callable" else ""
+        raise ReslabError(f"tracing {target.label} failed: {error}{hint}") from None
+
+
+def _model_flags(args: argparse.Namespace, kind: str) -> dict:
+    from reslab.cli_args import BOOL_FLAGS, MODEL_FLAGS, SCHEME_FLAGS, model_overrides
+
+    if kind == "builtin":
+        return model_overrides(args, model=args.target)
+    flags = [*MODEL_FLAGS, *SCHEME_FLAGS, *(f"--{flag}" for flag in BOOL_FLAGS), "--residual"]
+    given = [flag for flag in flags if getattr(args, flag[2:].replace("-", "_"), None) is not None]
+    if given:
+        raise ReslabError(f"{given[0]} applies to built-in models only; for {args.target} use --set KEY=VALUE")
+    return {}
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from reslab.graph.expect import differences, load_expected, write_expected
+
+    result = load(args)
+    print(result.to_json() if args.json else result.format())
+    if args.write_expect:
+        path = write_expected(result.to_dict(), args.write_expect)
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+    if args.expect:
+        lines = differences(load_expected(args.expect), result.to_dict())
+        stream = sys.stderr if args.json else sys.stdout
+        if lines:
+            print(f"residual structure differs from {args.expect}:", file=stream)
+            print("\n".join(lines), file=stream)
+            return 1
+        print(f"matches {args.expect}", file=stream)
+    return 0
+
+
+def cmd_diagram(args: argparse.Namespace) -> int:
+    from reslab.graph.diagram import Diagram
+
+    started = time.perf_counter()
+    result = load(args)
+    path = Diagram.from_audit(result, depth=args.depth, unroll=args.unroll).save(args.output, engine=args.engine)
+    print(f"wrote {path} ({len(result.residuals)} residuals, {len(result.dead)} dead; "
+          f"{time.perf_counter() - started:.1f}s)")
+    return 0

@@ -1,0 +1,78 @@
+"""`reslab diagram`: the architecture drawn from the traced computation, as SVG (drawn by reslab), Mermaid or DOT.
+
+Because the diagram is built from the same trace as the audit, it shows a skip edge exactly where the code adds a
+stream to a function of itself, and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from reslab.errors import ReslabError
+from reslab.graph.audit import Audit, audit
+from reslab.graph.diagram.dot import graphviz_svg, render_dot
+from reslab.graph.diagram.mermaid import render_mermaid
+from reslab.graph.diagram.svg import render_svg
+from reslab.graph.diagram.view import View, build_view
+from reslab.graph.residuals import KINDS
+
+FORMATS = {".svg": "svg", ".mmd": "mermaid", ".dot": "dot"}
+
+
+class Diagram:
+    """A drawable view of one traced model. In Jupyter it shows itself as SVG."""
+
+    def __init__(self, view: View, subtitle: str = ""):
+        self.view = view
+        self.subtitle = subtitle
+
+    @classmethod
+    def from_audit(cls, result: Audit, depth: int = 1, unroll: bool = False) -> Diagram:
+        if depth < 0:
+            raise ReslabError(f"--depth must be 0 or more, got {depth}")
+        kinds = Counter(r.kind for r in result.residuals)
+        by_kind = ", ".join(f"{kinds[k]} {k}" for k in KINDS if kinds[k])
+        subtitle = (f"{result.model} · {len(result.residuals)} residuals" + (f" ({by_kind})" if by_kind else "") +
+                    f" · {len(result.blocks)} blocks · dead: {', '.join(result.dead) or 'none'}")
+        return cls(build_view(result, depth=depth, unroll=unroll), subtitle)
+
+    def svg(self) -> str:
+        return render_svg(self.view, self.subtitle)
+
+    def mermaid(self) -> str:
+        return render_mermaid(self.view)
+
+    def dot(self) -> str:
+        return render_dot(self.view)
+
+    def save(self, path: str | Path, engine: str = "builtin") -> Path:
+        """Write the diagram in the format its suffix names (.svg, .mmd, .dot)."""
+        path = Path(path)
+        kind = FORMATS.get(path.suffix.lower())
+        if kind is None:
+            raise ReslabError(f"cannot tell the diagram format from {path.name!r}; name the file .svg, .mmd or .dot")
+        if engine not in ("builtin", "dot"):
+            raise ReslabError(f"unknown engine {engine!r}; choose builtin or dot")
+        if kind == "svg":
+            text = graphviz_svg(self.dot()) if engine == "dot" else self.svg()
+        else:
+            text = self.mermaid() if kind == "mermaid" else self.dot()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def _repr_svg_(self) -> str:
+        return self.svg()
+
+
+def diagram(model: nn.Module, example_inputs: Any, depth: int = 1, unroll: bool = False,
+            target: str | None = None) -> Diagram:
+    """Trace `model` on `example_inputs` and draw it."""
+    return Diagram.from_audit(audit(model, example_inputs, target), depth=depth, unroll=unroll)
+
+
+__all__ = ["Diagram", "FORMATS", "diagram"]

@@ -1,0 +1,275 @@
+"""A self-contained SVG renderer for a `View`: no Graphviz, no JavaScript.
+
+Layout, chosen so that the residual structure is what the eye sees first:
+
+- one item per row, in execution order (so every edge points down);
+- the *main path* (the longest path from an input to an output) is one straight column;
+- edges between main-path items that are not next to each other (the skips of residual connections above all)
+  run in lanes to the right of that column and enter the add node from the side;
+- everything off the main path (position embeddings, dead sublayers, a second input) sits in a column on the
+  left, joined to the main column through lanes between the two;
+- each block is framed; a folded run of equal blocks has one frame marked "x N";
+- dead modules (they run, but no output depends on them) are grey and dashed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from html import escape
+
+from reslab.graph.diagram.view import Edge, Item, View
+
+CHAR = 7.2  # width of one character of the 12px monospace font
+SMALL = 6.0  # width of one character of the 10px font
+ROW_GAP = 22
+LANE = 14
+MARGIN = 20
+RADIUS = 12
+SPLIT = 5  # vertical offset between an edge leaving a node's side and one arriving there
+FRAME_TITLE = 26
+LEGEND = "orange: skip edges of residual connections · grey dashed: dead (runs, but no output depends on it)"
+FONT = "ui-monospace, SFMono-Regular, Menlo, Consolas, monospace"
+
+
+@dataclass
+class Box:
+    item: Item
+    row: int
+    main: bool
+    width: float
+    height: float
+    x: float = 0.0  # centre
+    y: float = 0.0  # centre
+
+    @property
+    def left(self) -> float:
+        return self.x - self.width / 2
+
+    @property
+    def right(self) -> float:
+        return self.x + self.width / 2
+
+    @property
+    def top(self) -> float:
+        return self.y - self.height / 2
+
+    @property
+    def bottom(self) -> float:
+        return self.y + self.height / 2
+
+
+def _size(item: Item) -> tuple[float, float]:
+    if item.kind == "residual":
+        return 2 * RADIUS, 2 * RADIUS
+    if item.kind == "op":
+        return len(item.label) * CHAR + 18, 24
+    if item.kind in ("input", "output"):
+        return (len(item.label) + len(item.detail) + 3) * CHAR + 24, 28
+    detail = item.detail + (" · dead" if item.dead else "")
+    return max(len(item.label) * CHAR, len(detail) * SMALL * 1.1) + 28, 40
+
+
+def main_path(view: View) -> list[str]:
+    """The longest path (in items) that ends at an output, or anywhere when nothing reaches an output."""
+    order = {item.id: i for i, item in enumerate(view.items)}
+    preds: dict[str, list[str]] = {item.id: [] for item in view.items}
+    for edge in view.edges:
+        if order[edge.src] < order[edge.dst]:
+            preds[edge.dst].append(edge.src)
+    best: dict[str, tuple[int, str | None]] = {}
+    for item in view.items:
+        choices = [(best[p][0] + 1, -order[p], p) for p in preds[item.id]]
+        best[item.id] = (max(choices)[0], max(choices)[2]) if choices else (1, None)
+    ends = [item.id for item in view.items if item.kind == "output"] or [item.id for item in view.items]
+    if not ends:
+        return []
+    current: str | None = max(ends, key=lambda i: (best[i][0], -order[i]))
+    path = []
+    while current is not None:
+        path.append(current)
+        current = best[current][1]
+    return path[::-1]
+
+
+class _Lanes:
+    """Vertical lanes for edges, given out first-fit so that no two edges share a lane over overlapping rows."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def take(self, start: float, end: float) -> int:
+        for index, last in enumerate(self.ends):
+            if last < start:
+                self.ends[index] = end
+                return index
+        self.ends.append(end)
+        return len(self.ends) - 1
+
+
+def render_svg(view: View, subtitle: str = "") -> str:
+    items = view.items
+    on_main = set(main_path(view))
+    boxes = {item.id: Box(item, row, item.id in on_main, *_size(item)) for row, item in enumerate(items)}
+    main_width = max([b.width for b in boxes.values() if b.main] + [120.0])
+    if any(item.kind == "residual" for item in items):
+        longest_kind = max(len(item.detail) for item in items if item.kind == "residual")
+        main_width = max(main_width, 2 * (RADIUS + 10 + longest_kind * SMALL))
+    side_width = max([b.width for b in boxes.values() if not b.main] + [0.0])
+
+    # Rows, top to bottom, with room for frame titles.
+    first_of_group = {}
+    last_of_group = {}
+    for item in items:
+        if item.group is not None:
+            first_of_group.setdefault(item.group, item.id)
+            last_of_group[item.group] = item.id
+    y = MARGIN + (44 if subtitle else 30)
+    for item in items:
+        box = boxes[item.id]
+        if item.id in first_of_group.values():
+            y += FRAME_TITLE
+        box.y = y + box.height / 2
+        y += box.height + ROW_GAP
+        if item.id in last_of_group.values():
+            y += 8
+
+    # Routes: which edges go straight, which take a lane.
+    main_seq = [item.id for item in items if boxes[item.id].main]
+    side_seq = [item.id for item in items if not boxes[item.id].main]
+    next_main = {a: b for a, b in zip(main_seq, main_seq[1:])}
+    next_side = {a: b for a, b in zip(side_seq, side_seq[1:])}
+    right, middle = _Lanes(), _Lanes()
+    routes: list[tuple[Edge, str, int]] = []  # (edge, how, lane)
+    for edge in sorted(view.edges, key=lambda e: (boxes[e.src].y, boxes[e.dst].y)):
+        src, dst = boxes[edge.src], boxes[edge.dst]
+        if src.main and dst.main:
+            if next_main.get(edge.src) == edge.dst:
+                routes.append((edge, "down", 0))
+            else:  # leave below the centre and arrive above it, so consecutive skips can share a lane
+                routes.append((edge, "right", right.take(src.y + SPLIT, dst.y - SPLIT)))
+        elif not src.main and not dst.main and next_side.get(edge.src) == edge.dst:
+            routes.append((edge, "side-down", 0))
+        else:
+            routes.append((edge, "middle", middle.take(min(src.y, dst.y), max(src.y, dst.y))))
+
+    # Columns, left to right: side column, middle lanes, main column, right lanes.
+    side_x = MARGIN + 12 + side_width / 2
+    main_left = MARGIN + 12 + (side_width + 18 + len(middle.ends) * LANE + 12 if side_width else 0)
+    main_x = main_left + main_width / 2
+    for box in boxes.values():
+        box.x = main_x if box.main else side_x
+    right_x0 = main_x + main_width / 2 + 18
+    middle_x0 = side_x + side_width / 2 + 18
+    width = right_x0 + len(right.ends) * LANE + MARGIN + 12
+    width = max(width, MARGIN * 2 + (len(view.title) + 2) * CHAR * 1.15,
+                MARGIN * 2 + max(len(subtitle), len(LEGEND)) * SMALL * 1.1)
+    height = y + 30
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+        f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="{FONT}" font-size="12">',
+        "<defs><marker id='arrow' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' markerHeight='7' "
+        "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#555'/></marker>"
+        "<marker id='arrow-skip' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' markerHeight='7' "
+        "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#d9822b'/></marker></defs>",
+        "<style>.box{fill:#eaf1fb;stroke:#4a6fa5;stroke-width:1.2}.io{fill:#f4f4f4;stroke:#777}"
+        ".op{fill:#fff;stroke:#888}.add{fill:#fff4e5;stroke:#d9822b;stroke-width:1.6}"
+        ".dead{fill:#efefef;stroke:#aaa;stroke-dasharray:4 3}.deadtext{fill:#999}"
+        ".frame{fill:#fafafa;stroke:#b5b5b5;stroke-dasharray:6 3}.edge{fill:none;stroke:#555;stroke-width:1.2}"
+        ".skip{fill:none;stroke:#d9822b;stroke-width:1.6}.deadedge{fill:none;stroke:#bbb;stroke-dasharray:4 3}"
+        ".shape{fill:#777;font-size:10px}.cls{fill:#555;font-size:10px}.kind{fill:#b0601a;font-size:10px}"
+        ".title{font-weight:bold;stroke:#fafafa;stroke-width:5px;paint-order:stroke}"
+        "</style>",
+        f'<rect width="100%" height="100%" fill="#fff"/>',
+        f'<text x="{MARGIN}" y="{MARGIN + 12}" font-size="14" font-weight="bold">{escape(view.title)}</text>',
+    ]
+    if subtitle:
+        out.append(f'<text x="{MARGIN}" y="{MARGIN + 30}" class="cls">{escape(subtitle)}</text>')
+
+    # Frames first, so boxes and edges draw over them.
+    titles: list[str] = []
+    frame_right: list[float] = []
+    for index, group in enumerate(view.groups):
+        if index not in first_of_group:
+            continue
+        top = boxes[first_of_group[index]].top - FRAME_TITLE + 4
+        bottom = boxes[last_of_group[index]].bottom + 10
+        members = [b for b in boxes.values() if b.item.group == index]
+        inner = [lane for edge, how, lane in routes if how == "right" and boxes[edge.src].item.group == index
+                 and boxes[edge.dst].item.group == index]
+        left = min(b.left for b in members) - 12
+        badge = f"× {group.repeat}" if group.repeat > 1 else ""
+        right_edge = max(max(b.right for b in members) + 12, right_x0 + (max(inner) + 1) * LANE if inner else 0,
+                         left + (len(group.title) + len(badge) + 4) * CHAR + 16)
+        frame_right.append(right_edge)
+        out.append(f'<rect class="frame" x="{left:.1f}" y="{top:.1f}" width="{right_edge - left:.1f}" '
+                   f'height="{bottom - top:.1f}" rx="8"/>')
+        titles.append(f'<text class="title" x="{left + 8:.1f}" y="{top + 15:.1f}">{escape(group.title)}</text>')
+        if badge:
+            titles.append(f'<text class="title" x="{right_edge - 8:.1f}" y="{top + 15:.1f}" text-anchor="end" '
+                          f'fill="#4a6fa5">{badge}</text>')
+
+    for edge, how, lane in routes:
+        out.append(_edge(edge, how, lane, boxes, right_x0, middle_x0))
+    out += titles  # over the edges, on a halo, so a line through a frame title does not cross its letters
+    for box in boxes.values():
+        out.append(_node(box))
+    out.append(f'<text x="{MARGIN}" y="{height - 12:.0f}" class="cls">{escape(LEGEND)}</text>')
+    out.append("</svg>")
+    width = max([width] + [edge + MARGIN for edge in frame_right])
+    out[0] = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+              f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="{FONT}" font-size="12">')
+    return "\n".join(out) + "\n"
+
+
+def _edge(edge: Edge, how: str, lane: int, boxes: dict[str, Box], right_x0: float, middle_x0: float) -> str:
+    src, dst = boxes[edge.src], boxes[edge.dst]
+    css = "skip" if edge.skip else "deadedge" if edge.dead else "edge"
+    marker = "arrow-skip" if edge.skip else "arrow"
+    label = ""
+    if how == "down":
+        points = [(src.x, src.bottom), (dst.x, dst.top)]
+        if edge.label:
+            label = (f'<text class="shape" x="{src.x + 6:.1f}" y="{src.bottom + 12:.1f}">'
+                     f'{escape(edge.label)}</text>')
+    elif how == "side-down":
+        points = [(src.x, src.bottom), (dst.x, dst.top)]
+    elif how == "right":
+        x = right_x0 + lane * LANE
+        points = [(src.right, src.y + SPLIT), (x, src.y + SPLIT), (x, dst.y - SPLIT), (dst.right, dst.y - SPLIT)]
+    else:
+        x = middle_x0 + lane * LANE
+        start = (src.right, src.y) if not src.main else (src.left, src.y)
+        end = (dst.left, dst.y) if dst.main else (dst.right, dst.y)
+        points = [start, (x, src.y), (x, dst.y), end]
+    d = "M" + " L".join(f"{x:.1f},{y:.1f}" for x, y in points)
+    title = f"<title>skip ({escape(edge.skip)})</title>" if edge.skip else ""
+    return f'<path class="{css}" d="{d}" marker-end="url(#{marker})">{title}</path>{label}'
+
+
+def _node(box: Box) -> str:
+    item = box.item
+    dead = " dead" if item.dead else ""
+    text_class = ' class="deadtext"' if item.dead else ""
+    if item.kind == "residual":
+        return (f'<g><title>residual connection ({escape(item.detail)})</title>'
+                f'<circle class="add{dead}" cx="{box.x:.1f}" cy="{box.y:.1f}" r="{RADIUS}"/>'
+                f'<text x="{box.x:.1f}" y="{box.y + 5:.1f}" text-anchor="middle" font-size="16" '
+                f'font-weight="bold" fill="#b0601a">+</text>'
+                f'<text class="kind" x="{box.x - RADIUS - 3:.1f}" y="{box.y + RADIUS + 6:.1f}" text-anchor="end">'
+                f'{escape(item.detail)}</text></g>')
+    if item.kind == "op":
+        return (f'<g><rect class="op{dead}" x="{box.left:.1f}" y="{box.top:.1f}" width="{box.width:.1f}" '
+                f'height="{box.height:.1f}" rx="12"/><text x="{box.x:.1f}" y="{box.y + 4:.1f}" '
+                f'text-anchor="middle"{text_class}>{escape(item.label)}</text></g>')
+    if item.kind in ("input", "output"):
+        return (f'<g><rect class="io" x="{box.left:.1f}" y="{box.top:.1f}" width="{box.width:.1f}" '
+                f'height="{box.height:.1f}" rx="14"/><text x="{box.x:.1f}" y="{box.y + 4:.1f}" '
+                f'text-anchor="middle">{escape(item.label)} <tspan class="shape">{escape(item.detail)}</tspan>'
+                f'</text></g>')
+    detail = item.detail + (" · dead" if item.dead else "")
+    return (f'<g><title>{escape(item.path or "(model)")}</title><rect class="box{dead}" x="{box.left:.1f}" '
+            f'y="{box.top:.1f}" width="{box.width:.1f}" height="{box.height:.1f}" rx="5"/>'
+            f'<text x="{box.x:.1f}" y="{box.y - 2:.1f}" text-anchor="middle" font-weight="bold"{text_class}>'
+            f'{escape(item.label)}</text><text class="cls" x="{box.x:.1f}" y="{box.y + 12:.1f}" '
+            f'text-anchor="middle">{escape(detail)}</text></g>')

@@ -1,0 +1,90 @@
+"""Golden files: save an audit's residual structure, and say readably how a later audit differs from it.
+
+The structure compared is what a refactor must not change by accident: the residuals (owner, skip_from, wraps,
+kind), the dead modules and the modules that did not run. Counts, targets and the per-module table follow from
+those and are not compared.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from reslab.errors import ReslabError
+
+STRUCTURE = ("residuals", "dead", "not_run")
+
+
+def load_expected(expected: Any) -> dict[str, Any]:
+    """A golden file path, an audit dict (or any part of one), or a list of residual dicts."""
+    if isinstance(expected, (str, Path)):
+        path = Path(expected)
+        try:
+            expected = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ReslabError(f"no expected-audit file {path}; write one with --write-expect") from None
+        except ValueError as error:
+            raise ReslabError(f"{path} is not valid JSON: {error}") from None
+    if isinstance(expected, Mapping):
+        return dict(expected)
+    if isinstance(expected, Sequence):
+        return {"residuals": list(expected)}
+    raise ReslabError(f"expected residuals as a file, a dict or a list, got {type(expected).__name__}")
+
+
+def write_expected(audit_dict: Mapping[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(audit_dict), indent=2) + "\n")
+    return path
+
+
+def differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    """Readable lines, one per difference, in the sections `expected` has; empty when they agree."""
+    lines: list[str] = []
+    if "residuals" in expected:
+        lines += _residual_differences(expected["residuals"], actual["residuals"])
+    for key in STRUCTURE[1:]:
+        if key in expected:
+            want, got = set(expected[key]), set(actual[key])
+            lines += [f"{key}: - {path} (expected, not found)" for path in sorted(want - got)]
+            lines += [f"{key}: + {path} (found, not expected)" for path in sorted(got - want)]
+    unknown = sorted(set(expected) - set(STRUCTURE) - {"target", "model", "modules", "blocks", "summary"})
+    if unknown:
+        raise ReslabError(f"expected audit has unknown section {unknown[0]!r}; sections: {', '.join(STRUCTURE)}")
+    return lines
+
+
+def describe(residual: Mapping[str, Any]) -> str:
+    wraps = ", ".join(residual.get("wraps", [])) or "nothing"
+    return (f"{residual.get('owner') or '(model)'}: {residual.get('kind')} around {wraps} "
+            f"(skip from {residual.get('skip_from')})")
+
+
+def _residual_differences(expected: list[Mapping], actual: list[Mapping]) -> list[str]:
+    def key(r: Mapping) -> tuple[str, str]:
+        return r.get("owner", ""), r.get("skip_from", "")
+
+    lines = []
+    if len(expected) != len(actual):
+        lines.append(f"residuals: {len(expected)} expected, {len(actual)} found")
+    remaining = list(actual)
+    for want in expected:
+        match = next((got for got in remaining if key(got) == key(want)), None)
+        if match is None:
+            lines.append(f"  - {describe(want)}")
+            continue
+        remaining.remove(match)
+        changes = [f"{field} {want.get(field)} -> {match.get(field)}" for field in ("kind", "wraps")
+                   if field in want and list_or(want[field]) != list_or(match.get(field))]
+        if changes:
+            lines.append(f"  ~ {want.get('owner') or '(model)'} (skip from {want.get('skip_from')}): "
+                         + "; ".join(changes))
+    lines += [f"  + {describe(got)}" for got in remaining]
+    return lines
+
+
+def list_or(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,210 @@
+"""What `reslab audit TARGET` and `reslab diagram TARGET` can look at, turned into (model, example inputs).
+
+TARGET is one of
+- a built-in model name (`gpt`, `llama`, ...), configured by the model flags of `reslab train`;
+- a run directory: its `config.json` names the model and its config;
+- `hf:MODEL_TYPE`: a Hugging Face transformers model built from `AutoConfig.for_model(MODEL_TYPE, ...)` with
+  small defaults (2 layers, width 64) that `--set key=value` overrides;
+- `FILE.py:CALLABLE` or `package.module:CALLABLE`: a function returning `(model, example_inputs)`.
+
+Built-in, run-directory and hf: models are built on the meta device by default: no weight is allocated, so the
+size of the configuration does not matter. Models whose forward reads tensor values need `device="cpu"`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from reslab.errors import ReslabError
+
+TOKENS = 8  # length of the example token sequence
+DEVICES = ("meta", "cpu")
+
+# Small configurations per transformers model type, in each config's own field names; `--set` overrides them.
+HF_SMALL: dict[str, dict[str, Any]] = {
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64, "vocab_size": 128},
+    "llama": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 128, "vocab_size": 128, "max_position_embeddings": 64},
+    "qwen3": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 16, "intermediate_size": 128, "vocab_size": 128, "max_position_embeddings": 64},
+    "mistral": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "intermediate_size": 128, "vocab_size": 128, "max_position_embeddings": 64},
+    "bert": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+             "vocab_size": 128, "max_position_embeddings": 64},
+    "t5": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,
+           "vocab_size": 128},
+    "vit": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+            "image_size": 32, "patch_size": 8},
+}
+HF_GENERIC = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+              "vocab_size": 128}
+
+
+@dataclass
+class Target:
+    label: str  # how the target is named in reports
+    model: nn.Module
+    inputs: Any  # a tuple of positional arguments or a dict of keyword arguments
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values: JSON (4, 1e-5, true, null, [1, 2]), Python's True/False/None, else the string itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    values = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ReslabError(f"--set takes KEY=VALUE, got {item!r}")
+        values[key.strip()] = parse_value(value.strip())
+    return values
+
+
+def kind_of(spec: str) -> str:
+    """"builtin", "run", "hf" or "callable"; a ReslabError naming the accepted forms otherwise."""
+    from reslab.models import MODELS
+
+    if spec.startswith("hf:"):
+        return "hf"
+    if Path(spec).is_dir():
+        return "run"
+    if ":" in spec:
+        return "callable"
+    if spec in MODELS:
+        return "builtin"
+    raise ReslabError(f"unknown target {spec!r}; give a model name ({', '.join(MODELS)}), a run directory, "
+                      "hf:MODEL_TYPE, or FILE.py:CALLABLE")
+
+
+def load_target(spec: str, overrides: dict[str, Any] | None = None, device: str = "meta") -> Target:
+    """Build the model TARGET names, with config `overrides` (model flags or `--set`), and its example inputs."""
+    if device not in DEVICES:
+        raise ReslabError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
+    overrides = overrides or {}
+    kind = kind_of(spec)
+    label = spec + (" (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")" if overrides else "")
+    if kind == "builtin":
+        return Target(label, *_builtin(spec, overrides, device))
+    if kind == "run":
+        return Target(label, *_run_dir(Path(spec), overrides, device))
+    if kind == "hf":
+        return Target(label, *_huggingface(spec[3:], overrides, device))
+    if overrides:
+        raise ReslabError(f"{spec} builds its own model; --set and model flags do not apply to it")
+    return Target(spec, *_callable(spec))
+
+
+def _builtin(name: str, overrides: dict[str, Any], device: str) -> tuple[nn.Module, tuple]:
+    from reslab.models import build_model
+
+    with torch.device(device):
+        model = build_model(name, **overrides)
+    model.eval()
+    return model, example_inputs(model, device)
+
+
+def example_inputs(model: nn.Module, device: str) -> tuple:
+    """A batch of one for a reslab model: 8 tokens (or the context, if shorter), or one input vector."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "layer_sizes"):
+        return (torch.zeros(1, config.layer_sizes[0], device=device),)
+    if hasattr(config, "vocab_size"):
+        return (torch.zeros(1, min(TOKENS, getattr(config, "context", TOKENS)), dtype=torch.long, device=device),)
+    raise ReslabError(f"cannot make example inputs for {type(model).__name__}; audit it as FILE.py:CALLABLE")
+
+
+def run_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
+    """(model name, config fields) of a run directory, read from its config.json."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ReslabError(f"{run_dir} has no config.json; a run directory holds the config.json of its run")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as error:
+        raise ReslabError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict) or "model" not in config:
+        raise ReslabError(f"{path} names no model; expected {{\"model\": NAME, \"model_config\": {{...}}}}")
+    return config["model"], dict(config.get("model_config") or {})
+
+
+def _run_dir(run_dir: Path, overrides: dict[str, Any], device: str) -> tuple[nn.Module, tuple]:
+    name, config = run_config(run_dir)
+    return _builtin(name, {**config, **overrides}, device)
+
+
+def _huggingface(model_type: str, overrides: dict[str, Any], device: str) -> tuple[nn.Module, dict]:
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoModel
+    except ImportError:
+        raise ReslabError("hf: targets need transformers; pip install 'reslab[hf]'") from None
+    values = {**HF_SMALL.get(model_type, HF_GENERIC), **overrides}
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # small vocabularies make configs warn about their token ids
+    try:
+        try:
+            config = AutoConfig.for_model(model_type, **values)
+        except ValueError:
+            raise ReslabError(f"unknown transformers model type {model_type!r}; e.g. "
+                              f"{', '.join(HF_SMALL)} (any key of transformers' CONFIG_MAPPING)") from None
+        with torch.device(device):
+            model = AutoModel.from_config(config)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    model.eval()
+    return model, _hf_inputs(model, config, device)
+
+
+def _hf_inputs(model: nn.Module, config, device: str) -> dict[str, torch.Tensor]:
+    main = getattr(model, "main_input_name", "input_ids")
+    if main == "input_ids":
+        inputs = {"input_ids": torch.zeros(1, TOKENS, dtype=torch.long, device=device)}
+        if getattr(config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = torch.zeros(1, TOKENS, dtype=torch.long, device=device)
+        return inputs
+    if main == "pixel_values":
+        size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+        return {"pixel_values": torch.zeros(1, config.num_channels, *size, device=device)}
+    raise ReslabError(f"cannot make example inputs {main!r} for {type(model).__name__}; audit it as FILE.py:CALLABLE")
+
+
+def _callable(spec: str) -> tuple[nn.Module, Any]:
+    source, _, name = spec.rpartition(":")
+    if source.endswith(".py"):
+        path = Path(source)
+        if not path.is_file():
+            raise ReslabError(f"no file {source}")
+        module_spec = importlib.util.spec_from_file_location(f"reslab_target_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module  # dataclasses and pickling look the module up by name
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(source)
+        except ImportError as error:
+            raise ReslabError(f"cannot import {source!r}: {error}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ReslabError(f"{source} has no callable {name!r}")
+    result = function()
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
+        raise ReslabError(f"{spec} must return (model, example_inputs), got {type(result).__name__}")
+    model, inputs = result
+    if not isinstance(inputs, (tuple, list, dict, torch.Tensor)):
+        raise ReslabError(f"{spec}: example_inputs must be a tuple of arguments or a dict of keyword arguments")
+    return model, inputs
+

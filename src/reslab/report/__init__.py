@@ -1,0 +1,42 @@
+"""The ablation report: plots under DIR/plots/ and one self-contained DIR/report.html.
+
+    from reslab.report import write_report
+    path = write_report("runs/ablation")   # also: reslab report runs/ablation
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPORT = "report.html"
+
+
+def write_report(ablation_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the plots and write report.html (or `out`) for an ablation directory; returns the report's path.
+
+    A missing or invalid directory raises ReslabError with one line saying what is wrong.
+    """
+    from reslab.io import atomic_write
+    from reslab.report.html import render
+    from reslab.report.load import load_ablation
+    from reslab.report.plots import make_plots
+
+    ablation = load_ablation(Path(ablation_dir))
+    plots = make_plots(ablation)
+    for plot in plots:
+        _readable(plot.path)
+    path = Path(out) if out is not None else ablation.path / REPORT
+    atomic_write(path, render(ablation, plots).encode("utf-8"))
+    _readable(path)
+    return path
+
+
+def _readable(path: Path) -> None:
+    """atomic_write's temp files are private (0600); a report is meant to be opened and shared."""
+    try:
+        path.chmod(0o644)
+    except OSError:
+        pass
+
+
+__all__ = ["REPORT", "write_report"]

@@ -1,0 +1,433 @@
+"""report.html: one self-contained page per ablation (PNG plots inlined as data URIs, inline CSS, no scripts,
+no external fonts or requests), readable offline and safe to mail around.
+
+Sections: the result in words, the summary table (best first, spread over seeds), the plots, how to read them,
+the schemes (formula, paper, the class docstring), every run, and the exact command and config.
+Every piece of text from the ablation directory goes through html.escape.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import inspect
+import json
+import math
+import re
+import shlex
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from reslab.report.load import Ablation, Run
+from reslab.report.plots import Plot, scheme_colours
+
+DASH = "\u2013"
+
+
+def esc(value: Any) -> str:
+    return escape(str(value), quote=True)
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return f'<span class="na" title="not recorded">{DASH}</span>'
+    if digits == 0:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _code(text: str) -> str:
+    """Escape, then render `backticked` spans as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", esc(text))
+
+
+def _when(timestamp: Any) -> str:
+    if not isinstance(timestamp, (int, float)):
+        return DASH
+    return _dt.datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return DASH
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{seconds:.1f} s"
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _swatch(scheme: str, colours: dict[str, str]) -> str:
+    return f'<span class="swatch" style="background:{esc(colours.get(scheme, "#000000"))}"></span>'
+
+
+# --- the schemes ---------------------------------------------------------------------------------------------
+
+def scheme_info(name: str) -> dict[str, Any]:
+    """Formula, paper, docstring paragraphs and flags of a registered scheme; `known` False if not registered."""
+    from reslab.errors import ReslabError
+    from reslab.residual import get_scheme
+
+    try:
+        cls = get_scheme(name)
+    except (ReslabError, ImportError, AttributeError):
+        return {"known": False, "name": name}
+    doc = inspect.getdoc(cls) or ""
+    paragraphs = [" ".join(line.strip() for line in block.splitlines()) for block in re.split(r"\n\s*\n", doc)]
+    return {"known": True, "name": name, "formula": getattr(cls, "formula", ""), "paper": getattr(cls, "paper", ""),
+            "paragraphs": [p for p in paragraphs if p], "has_skip": getattr(cls, "has_skip", True),
+            "final_norm": getattr(cls, "final_norm", True), "options": dict(getattr(cls, "option_defaults", {}) or {})}
+
+
+def _schemes_section(ablation: Ablation, colours: dict[str, str]) -> str:
+    cards = []
+    for name in ablation.schemes:
+        info = scheme_info(name)
+        if not info["known"]:
+            cards.append(f'<div class="scheme">{_swatch(name, colours)}<h3>{esc(name)}</h3>'
+                         "<p class=\"note\">This scheme is not registered in this version of reslab; its formula "
+                         "and paper are unknown here.</p></div>")
+            continue
+        facts = [f"identity path: {'yes' if info['has_skip'] else 'no'}",
+                 f"final norm before the head: {'yes' if info['final_norm'] else 'no'}"]
+        if info["options"]:
+            facts.append("options: " + ", ".join(f"{k}={v}" for k, v in info["options"].items()))
+        body = "".join(f"<p>{_code(p)}</p>" for p in info["paragraphs"])
+        cards.append(
+            f'<div class="scheme"><h3>{_swatch(name, colours)}{esc(name)}</h3>'
+            f'<p class="formula"><code>{esc(info["formula"])}</code></p>'
+            f'<p class="paper">{esc(info["paper"])}</p>{body}'
+            f'<p class="facts">{esc(" · ".join(facts))}</p></div>')
+    return "\n".join(cards)
+
+
+# --- the result and the summary table ------------------------------------------------------------------------
+
+def _rows(ablation: Ablation) -> list[dict[str, Any]]:
+    rows = [r for r in ablation.summary.get("rows", []) if isinstance(r, dict)]
+    return sorted(rows, key=lambda r: (not _finite(r.get("final_val_loss_mean")), r.get("final_val_loss_mean") or 0.0))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _best_by_depth(rows: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    best: dict[Any, dict[str, Any]] = {}
+    for row in rows:
+        if _finite(row.get("final_val_loss_mean")):
+            best.setdefault(row.get("layers"), row)  # rows are sorted best-first
+    return best
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    values = [a.get("final_val_loss_min"), a.get("final_val_loss_max"), b.get("final_val_loss_min"),
+              b.get("final_val_loss_max")]
+    if not all(_finite(v) for v in values):
+        return True
+    return values[0] <= values[3] and values[2] <= values[1]
+
+
+def _result_section(ablation: Ablation, rows: list[dict[str, Any]], colours: dict[str, str]) -> str:
+    if not rows:
+        return '<p class="note">No grid point has finished yet, so there is no result to state. The runs below ' \
+               "show how far each one got.</p>"
+    best = _best_by_depth(rows)
+    items = []
+    for depth in sorted({r.get("layers") for r in rows}, key=lambda d: (not isinstance(d, int), d)):
+        group = [r for r in rows if r.get("layers") == depth]
+        top = best.get(depth)
+        parts = []
+        if top is None:
+            parts.append("no scheme finished without diverging")
+        else:
+            spread = (f" ± {top['final_val_loss_std']:.3f}" if top.get("seeds", 0) > 1
+                      and _finite(top.get("final_val_loss_std")) else "")
+            parts.append(f"{_swatch(top['residual'], colours)}<b>{esc(top['residual'])}</b> is best with final "
+                         f"validation loss {top['final_val_loss_mean']:.3f}{spread} "
+                         f"({_plural(top.get('seeds', 0), 'seed')})")
+        for row in group:
+            if row is top:
+                continue
+            name = f"{_swatch(row['residual'], colours)}<b>{esc(row['residual'])}</b>"
+            if not _finite(row.get("final_val_loss_mean")):
+                why = f"all {_plural(row.get('diverged', 0), 'run')} diverged" if row.get("diverged") else "no result"
+                parts.append(f"{name}: {why}")
+                continue
+            gap = row["final_val_loss_mean"] - top["final_val_loss_mean"]
+            if min(row.get("seeds", 0), top.get("seeds", 0)) < 2:
+                noise = "one seed, so no spread to compare with"
+            elif _overlap(row, top):
+                noise = "within the seed-to-seed range"
+            else:
+                noise = "the seed ranges do not overlap"
+            diverged = f"; {_plural(row['diverged'], 'run')} diverged" if row.get("diverged") else ""
+            parts.append(f"{name} {gap:+.3f} ({noise}{diverged})")
+        items.append(f"<li><b>{esc(_plural(depth, 'block') if isinstance(depth, int) else depth)}:</b> "
+                     + "; ".join(parts) + ".</li>")
+    return "<ul class=\"result\">" + "\n".join(items) + "</ul>"
+
+
+def _summary_table(rows: list[dict[str, Any]], colours: dict[str, str]) -> str:
+    if not rows:
+        return '<p class="note">summary.json has no rows yet.</p>'
+    best = _best_by_depth(rows)
+    head = ("<tr><th>#</th><th class=\"left\">scheme</th><th>depth</th><th>seeds</th><th>final val loss<br>"
+            "mean ± std</th><th>final val loss<br>[min, max]</th><th>Δ vs best<br>of its depth</th>"
+            "<th>best<br>val loss</th><th>grad share<br>L0 / L<sub>last</sub></th><th>stream RMS<br>last block</th>"
+            "<th>mean<br>drift</th><th>tokens / s</th></tr>")
+    body = []
+    for rank, row in enumerate(rows, 1):
+        mean, std = row.get("final_val_loss_mean"), row.get("final_val_loss_std")
+        seeds = row.get("seeds", 0)
+        final = _num(mean) + (f' <span class="pm">± {std:.4f}</span>' if seeds > 1 and _finite(std) else "")
+        span = (f"[{_num(row.get('final_val_loss_min'))}, {_num(row.get('final_val_loss_max'))}]"
+                if _finite(row.get("final_val_loss_min")) else _num(None))
+        top = best.get(row.get("layers"))
+        if top is row:
+            versus = '<span class="best">best</span>'
+        elif top is None or not _finite(mean):
+            versus = _num(None)
+        else:
+            overlap = seeds > 1 and top.get("seeds", 0) > 1 and _overlap(row, top)
+            versus = f"{mean - top['final_val_loss_mean']:+.4f}" + (
+                ' <span class="pm" title="the min-max ranges over seeds overlap">(overlaps)</span>' if overlap else "")
+        seeds_text = esc(seeds) + (f' <span class="warn">+{esc(row["diverged"])} diverged</span>'
+                                   if row.get("diverged") else "")
+        classes = ' class="top"' if top is row else ""
+        body.append(
+            f"<tr{classes}><td>{rank}</td><td class=\"left\">{_swatch(row.get('residual', ''), colours)}"
+            f"{esc(row.get('residual', '?'))}</td><td>{esc(row.get('layers', '?'))}</td><td>{seeds_text}</td>"
+            f"<td>{final}</td><td>{span}</td><td>{versus}</td><td>{_num(row.get('best_val_loss_mean'))}</td>"
+            f"<td>{_num(row.get('first_layer_grad_share_mean'), 3)}</td>"
+            f"<td>{_num(row.get('final_stream_rms_mean'), 3)}</td><td>{_num(row.get('mean_drift_mean'), 3)}</td>"
+            f"<td>{_num(row.get('tokens_per_second_mean'), 0)}</td></tr>")
+    return f'<div class="scroll"><table class="summary">{head}\n' + "\n".join(body) + "</table></div>"
+
+
+# --- runs, command, config -----------------------------------------------------------------------------------
+
+def _runs_table(ablation: Ablation, colours: dict[str, str]) -> str:
+    if not ablation.runs:
+        return '<p class="note">No run directories under runs/ yet.</p>'
+    steps = ablation.steps
+    body = []
+    for run in sorted(ablation.runs, key=lambda r: (r.layers, ablation.schemes.index(r.residual)
+                                                    if r.residual in ablation.schemes else 99, r.seed)):
+        summary = run.summary or {}
+        status = esc(run.status)
+        if run.status == "diverged":
+            status = f'<span class="warn" title="{esc(run.message)}">diverged</span>'
+        elif run.status == "incomplete":
+            status = f"stopped at step {esc(run.last_step)}" + (f" of {esc(steps)}" if steps else "")
+        last_val = run.last_with("val_loss")
+        body.append(
+            f"<tr><td class=\"left\"><code>{esc(run.name)}</code></td><td class=\"left\">"
+            f"{_swatch(run.residual, colours)}{esc(run.residual)}</td><td>{esc(run.layers)}</td><td>{esc(run.seed)}</td>"
+            f"<td class=\"left\">{status}</td><td>{esc(run.last_step)}</td>"
+            f"<td>{_num(summary.get('final_val_loss', last_val.get('val_loss') if last_val else None))}</td>"
+            f"<td>{_num(summary.get('best_val_loss'))}</td><td>{_num(summary.get('parameters'), 0)}</td>"
+            f"<td>{_num(summary.get('train_seconds'), 1)}</td><td>{_num(summary.get('tokens_per_second'), 0)}</td></tr>")
+    diverged = [r for r in ablation.runs if r.status == "diverged" and r.message]
+    notes = "".join(f"<li><code>{esc(r.name)}</code>: {esc(r.message)}</li>" for r in diverged)
+    return ('<div class="scroll"><table><tr><th class="left">run directory</th><th class="left">scheme</th>'
+            "<th>depth</th><th>seed</th><th class=\"left\">status</th><th>last step</th><th>final val loss</th>"
+            "<th>best val loss</th><th>parameters</th><th>train s</th><th>tokens / s</th></tr>\n"
+            + "\n".join(body) + "</table></div>" + (f"<ul class=\"small\">{notes}</ul>" if notes else ""))
+
+
+def _config_section(ablation: Ablation) -> str:
+    meta = ablation.meta
+    command = meta.get("command")
+    if isinstance(command, list) and command:
+        command_text = shlex.join(str(part) for part in command)
+    else:
+        command_text = "(not recorded)"
+    rows = [("model", meta.get("model")),
+            ("model overrides", json.dumps(meta.get("model_overrides") or {})),
+            ("grid: residual", ", ".join(map(str, (meta.get("grid") or {}).get("residual") or []))),
+            ("grid: layers", ", ".join(map(str, (meta.get("grid") or {}).get("layers") or []))),
+            ("grid: seeds", ", ".join(map(str, (meta.get("grid") or {}).get("seeds") or [])))]
+    data = next((run.config.get("data") for run in ablation.runs if isinstance(run.config.get("data"), dict)), None)
+    if data:
+        rows.append(("data", f"{data.get('description', data.get('source', '?'))}: {data.get('tokens', '?'):,} tokens "
+                             f"({data.get('train_tokens', '?'):,} train, {data.get('val_tokens', '?'):,} validation), "
+                             f"sha256 {str(data.get('sha256', ''))[:16]}"
+                     if isinstance(data.get("tokens"), int) and isinstance(data.get("train_tokens"), int)
+                     and isinstance(data.get("val_tokens"), int) else json.dumps(data)))
+    model_config = next((run.config.get("model_config") for run in ablation.runs
+                         if isinstance(run.config.get("model_config"), dict)), None)
+    if model_config:
+        shown = {k: v for k, v in model_config.items() if k not in ("residual", "layers")}
+        rows.append(("model config (besides the grid)", json.dumps(shown)))
+    rows += [("started", _when(meta.get("started"))),
+             ("finished", _when(meta.get("finished")) if meta.get("finished") else
+              "not finished (interrupted, or still running)"),
+             ("wall time", _duration(meta.get("wall_seconds")))]
+    train = meta.get("train") or {}
+    train_rows = "".join(f"<tr><td class=\"left\"><code>{esc(k)}</code></td><td class=\"left\"><code>"
+                         f"{esc(json.dumps(v))}</code></td></tr>" for k, v in train.items())
+    meta_rows = "".join(f"<tr><th class=\"left\">{esc(k)}</th><td class=\"left\">{esc(v)}</td></tr>" for k, v in rows)
+    return (f"<h3>Command</h3><pre class=\"command\">{esc(command_text)}</pre>"
+            f"<p class=\"small\">Re-running the same command into the same directory skips finished grid points and "
+            f"resumes stopped ones. Rebuild this page with <code>reslab report {esc(shlex.quote(str(ablation.path)))}"
+            f"</code>.</p><h3>Experiment</h3><table class=\"kv\">{meta_rows}</table>"
+            f"<h3>Training config</h3><p class=\"small\">The same for every grid point, except <code>seed</code>, "
+            f"which each run takes from the grid.</p><table class=\"kv\">{train_rows}</table>"
+            f"<details><summary>ablation.json as written</summary><pre>{esc(json.dumps(meta, indent=2))}</pre>"
+            "</details>")
+
+
+# --- the page --------------------------------------------------------------------------------------------------
+
+HOW_TO_READ = """
+<dl>
+<dt>Validation loss</dt><dd>Cross-entropy on held-out text in nats per token; lower is better. The same validation
+batches are used at every evaluation, so curves are comparable step to step. A model that guesses uniformly scores
+ln(vocabulary size){uniform}. Each line is the mean over seeds; the band spans the lowest to the highest seed.
+The table's <i>± std</i> is the sample standard deviation over seeds; with two or three seeds treat it as a rough
+guide, and a gap smaller than the seed-to-seed range as noise.</dd>
+<dt>Gradient norm per block</dt><dd>The L2 norm of all gradients inside one transformer block, before clipping.
+With a residual path the gradient reaches block 0 (next to the embedding) through the identity; without one it must
+pass through every sublayer's Jacobian and can shrink block by block: lines fanning out on the log scale are
+vanishing (or exploding) gradients.</dd>
+<dt>First-layer gradient share (grad share L0 / L<sub>last</sub>)</dt><dd>Gradient norm of block 0 divided by that of
+the last block. About 1 means the bottom of the network gets as much training signal as the top; far below 1
+means the signal dies on its way down; above 1 means the bottom gets more.</dd>
+<dt>Stream RMS</dt><dd>The root-mean-square of the residual stream after each block (before the final norm).
+Post-LN normalises after every sublayer, so its stream stays near 1; pre-LN adds each block's output to the stream,
+which usually grows with depth. A stream that grows without bound makes later blocks' contributions relatively
+small.</dd>
+<dt>Drift</dt><dd>The cosine similarity between a block's input stream and its output stream, averaged over
+positions. 1 means the block left the direction of the stream unchanged (it adds a small correction, as residual
+blocks do); 0 means the output is unrelated to the input (the block replaces the stream, as happens without a skip).
+The table's <i>mean drift</i> averages over blocks and all logged steps.</dd>
+<dt>Update ratio</dt><dd>||F(x)|| / ||x|| for each sublayer (attention, FFN): how much a sublayer writes relative to
+the stream it reads. Small ratios with drift near 1 are the residual regime; ratios near or above 1 mean the
+sublayer dominates the stream.</dd>
+</dl>
+"""
+
+CSS = """
+:root { --ink: #1d2330; --muted: #5b6475; --line: #dfe3ea; --soft: #f5f7fa; --accent: #1f5fbf; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--ink); background: #ffffff;
+  font: 15px/1.55 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "Liberation Sans", sans-serif; }
+main { max-width: 1220px; margin: 0 auto; padding: 28px 32px 60px; }
+header { border-bottom: 3px solid var(--ink); padding-bottom: 12px; margin-bottom: 8px; }
+h1 { font-size: 28px; margin: 0 0 4px; letter-spacing: -0.01em; }
+h2 { font-size: 21px; margin: 38px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+h3 { font-size: 16px; margin: 22px 0 6px; }
+p { margin: 6px 0 10px; }
+.sub { color: var(--muted); margin: 0; }
+nav { margin: 10px 0 0; font-size: 14px; }
+nav a { color: var(--accent); text-decoration: none; margin-right: 16px; }
+code, pre { font-family: ui-monospace, "SFMono-Regular", "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 0.92em; }
+pre { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: 10px 12px;
+  overflow-x: auto; white-space: pre-wrap; word-break: break-word; }
+pre.command { font-size: 14px; }
+table { border-collapse: collapse; font-size: 14px; margin: 8px 0; }
+th, td { padding: 5px 9px; border-bottom: 1px solid var(--line); text-align: right; vertical-align: top; }
+th { background: var(--soft); font-weight: 600; white-space: nowrap; line-height: 1.25; vertical-align: bottom; }
+td { font-variant-numeric: tabular-nums; white-space: nowrap; }
+.left { text-align: left; }
+tr.top td { background: #eef5ff; }
+table.kv td, table.kv th { white-space: normal; }
+table.kv th { width: 240px; }
+.scroll { overflow-x: auto; }
+.swatch { display: inline-block; width: 11px; height: 11px; border-radius: 2px; margin-right: 6px;
+  vertical-align: baseline; }
+.pm { color: var(--muted); }
+.na { color: #9aa1ad; }
+.best { color: #1a7f37; font-weight: 600; }
+.warn { color: #b42318; font-weight: 600; }
+.note { color: var(--muted); font-style: italic; }
+.small { font-size: 13.5px; color: var(--muted); }
+ul.result { padding-left: 20px; }
+ul.result li { margin: 4px 0; }
+figure { margin: 18px 0 26px; }
+figure img { display: block; max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
+figcaption { font-size: 14px; color: var(--muted); margin-top: 6px; max-width: 1000px; }
+.schemes { display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); gap: 14px; }
+.scheme { border: 1px solid var(--line); border-radius: 8px; padding: 4px 16px 8px; background: #fcfdfe; }
+.scheme h3 { margin-top: 12px; }
+.scheme .formula { font-size: 16px; }
+.scheme .paper { color: var(--muted); font-size: 14px; }
+.scheme .facts { color: var(--muted); font-size: 13px; border-top: 1px dashed var(--line); padding-top: 6px; }
+dl dt { font-weight: 600; margin-top: 10px; }
+dl dd { margin: 2px 0 8px 0; }
+details summary { cursor: pointer; color: var(--accent); margin: 8px 0; }
+footer { margin-top: 40px; color: var(--muted); font-size: 13px; border-top: 1px solid var(--line); padding-top: 10px; }
+"""
+
+
+def _figure_html(plot: Plot) -> str:
+    data = base64.b64encode(plot.path.read_bytes()).decode("ascii")
+    return (f'<figure id="plot-{esc(plot.path.stem)}"><img src="data:image/png;base64,{data}" alt="{esc(plot.title)}">'
+            f"<figcaption><b>{esc(plot.title)}.</b> {esc(plot.caption)}</figcaption></figure>")
+
+
+def render(ablation: Ablation, plots: list[Plot]) -> str:
+    """The whole report as one HTML string."""
+    from reslab import __version__
+
+    colours = scheme_colours(ablation.schemes)
+    rows = _rows(ablation)
+    meta = ablation.meta
+    model = str(meta.get("model") or ablation.summary.get("model") or "?")
+    grid = (f"{_plural(len(ablation.schemes), 'scheme')} × {_plural(len(ablation.depths), 'depth')} × "
+            f"{_plural(len(ablation.seeds), 'seed')}")
+    title = f"Residual ablation: {model}, {', '.join(ablation.schemes) or 'no schemes'}"
+    statuses = {s: sum(1 for r in ablation.runs if r.status == s) for s in ("finished", "diverged", "incomplete", "new")}
+    run_line = ", ".join(f"{n} {s}" for s, n in statuses.items() if n) or "no runs"
+    steps = ablation.steps
+    uniform = (f" = {math.log(ablation.vocab_size):.2f} here (vocabulary {ablation.vocab_size})"
+               if ablation.vocab_size else "")
+    missing = [name for name, label in (("loss.png", "loss"), ("grads.png", "gradient"), ("profile.png", "stream"))
+               if name not in {p.name for p in plots}]
+    missing_note = (f'<p class="note">Not plotted, because no run recorded the data: {esc(", ".join(missing))} '
+                    "(runs trained with <code>--no-diagnostics</code> log no gradient or stream probes).</p>"
+                    if missing else "")
+    generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        '<link rel="icon" href="data:,">',
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>",
+        f"<header><h1>{esc(title)}</h1>",
+        f'<p class="sub">{esc(grid)} · {esc(steps if steps is not None else "?")} training steps per run · '
+        f"{esc(run_line)} · <code>{esc(ablation.path)}</code></p>",
+        '<nav><a href="#result">Result</a><a href="#summary">Summary table</a><a href="#plots">Plots</a>'
+        '<a href="#how-to-read">How to read this</a><a href="#schemes">Schemes</a><a href="#runs">Runs</a>'
+        '<a href="#config">Command and config</a></nav></header>',
+        '<h2 id="result">Result</h2>',
+        _result_section(ablation, rows, colours),
+        '<h2 id="summary">Summary table</h2>',
+        f'<p class="small">Per scheme and depth, the mean over seeds of each run\'s numbers at the end of training, '
+        f"best final validation loss first (the best of each depth is shaded). ± is the standard deviation over "
+        f"seeds; the range is the lowest and highest seed. Grad share, stream RMS and drift are defined under "
+        f'<a href="#how-to-read">How to read this</a>.</p>',
+        _summary_table(rows, colours),
+        '<h2 id="plots">Plots</h2>',
+        "".join(_figure_html(plot) for plot in plots) or '<p class="note">No metrics were logged, so there is '
+                                                           "nothing to plot.</p>",
+        missing_note if plots else "",
+        '<h2 id="how-to-read">How to read this</h2>',
+        HOW_TO_READ.replace("{uniform}", esc(uniform)),
+        '<h2 id="schemes">Schemes</h2>',
+        '<p class="small"><code>x</code> is the residual stream entering a sublayer, <code>F</code> the sublayer '
+        "(attention or FFN), <code>LN</code> the block's norm, <code>L</code> the number of blocks.</p>",
+        f'<div class="schemes">{_schemes_section(ablation, colours)}</div>',
+        f'<h2 id="runs">Runs</h2><details{" open" if len(ablation.runs) <= 12 else ""}><summary>'
+        f"{len(ablation.runs)} run director{'y' if len(ablation.runs) == 1 else 'ies'} "
+        f"under <code>runs/</code> ({esc(run_line)})</summary>{_runs_table(ablation, colours)}</details>",
+        '<h2 id="config">Command and config</h2>',
+        _config_section(ablation),
+        f"<footer>Written by reslab {esc(__version__)} on {esc(generated)}. This file is self-contained: the plots "
+        "are embedded, and it loads nothing from the network.</footer>",
+        "</main></body></html>",
+    ]
+    return "\n".join(parts) + "\n"

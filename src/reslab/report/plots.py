@@ -1,0 +1,391 @@
+"""The ablation's plots, as PNG files under DIR/plots/ (matplotlib, Agg; no pyplot, so no global state).
+
+    loss.png      validation (and training) loss vs step per scheme: mean over seeds, min-max band; panel per depth
+    grads.png     gradient norm of each block vs step: one panel per scheme and depth, colour = block
+    profile.png   stream RMS, drift and update ratio per block at the end of training, a line per scheme
+    amax.png      HC/mHC Amax gain vs step (only when some run logged `amax_gain_*`)
+
+Every scheme has one colour in every plot (`scheme_colour`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reslab.report.load import Ablation, Run
+
+PLOTS_DIR = "plots"
+PLOT_NAMES = ("loss.png", "grads.png", "profile.png", "amax.png")
+
+# Fixed colours for the registered schemes, so a scheme looks the same in every report; the control is grey.
+SCHEME_COLOURS = {
+    "pre": "#1f77b4",
+    "post": "#ff7f0e",
+    "none": "#5f5f5f",
+    "sandwich": "#2ca02c",
+    "rezero": "#9467bd",
+    "layerscale": "#17becf",
+    "deepnorm": "#d62728",
+    "add": "#e377c2",
+    "article-edit": "#bcbd22",
+    "post-none": "#8c564b",
+    "hc": "#393b79",
+    "mhc": "#637939",
+}
+_SPARE_COLOURS = ("#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#8c6d31", "#636363",
+                  "#ad494a", "#a55194", "#6baed6", "#fd8d3c")
+
+STYLE = {
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#dddddd",
+    "grid.linewidth": 0.6,
+    "legend.frameon": False,
+    "legend.fontsize": 9,
+    "figure.facecolor": "white",
+    "savefig.facecolor": "white",
+}
+DPI = 110
+
+
+@dataclass
+class Plot:
+    name: str  # file name under plots/
+    path: Path
+    title: str
+    caption: str
+
+
+def scheme_colours(schemes: Sequence[str]) -> dict[str, str]:
+    """A colour per scheme: the fixed one for known schemes, spare colours in order for the others."""
+    colours, spare = {}, [c for c in _SPARE_COLOURS]
+    for name in schemes:
+        colours[name] = SCHEME_COLOURS.get(name) or (spare.pop(0) if spare else "#000000")
+    return colours
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def aggregate(runs: Sequence[Run], get: Callable[[dict[str, Any]], Any]) -> tuple[list[int], list[float], list[float],
+                                                                                     list[float]]:
+    """Per step over the seeds: (steps, mean, min, max) of get(record); steps where no seed has a value are left out."""
+    by_step: dict[int, list[float]] = {}
+    for run in runs:
+        for record in run.records:
+            value = get(record)
+            if _finite(value):
+                by_step.setdefault(record["step"], []).append(float(value))
+    steps = sorted(by_step)
+    return (steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], [min(by_step[s]) for s in steps],
+            [max(by_step[s]) for s in steps])
+
+
+def _index(values: Any, *path: int) -> Any:
+    try:
+        for i in path:
+            values = values[i]
+        return values
+    except (IndexError, KeyError, TypeError):
+        return None
+
+
+def _block_profile(runs: Sequence[Run], key: str, sub: int | None = None) -> tuple[list[int], list[float], list[float],
+                                                                                     list[float]]:
+    """Per block over seeds, at each run's last record with `key`: (blocks, mean, min, max).
+
+    Finished runs are used when the group has any; otherwise the last logged step of the others."""
+    finished = [r for r in runs if r.status == "finished"]
+    values: dict[int, list[float]] = {}
+    for run in finished or runs:
+        record = run.last_with(key)
+        if record is None or not isinstance(record[key], list):
+            continue
+        for block, item in enumerate(record[key]):
+            value = _index(item, sub) if sub is not None else item
+            if _finite(value):
+                values.setdefault(block, []).append(float(value))
+    blocks = sorted(values)
+    return (blocks, [sum(values[b]) / len(values[b]) for b in blocks], [min(values[b]) for b in blocks],
+            [max(values[b]) for b in blocks])
+
+
+def _no_data(ax, text: str = "not recorded") -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#888888", fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+
+
+def _save(figure, path: Path) -> None:
+    from reslab.io import atomic_write
+
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))
+
+
+def _figure(ncols: int, nrows: int, panel: tuple[float, float], **kwargs):
+    from matplotlib.figure import Figure
+
+    width = min(panel[0] * ncols, 17.0)
+    figure = Figure(figsize=(width + 0.6, panel[1] * nrows + 1.0), layout="constrained")
+    axes = figure.subplots(nrows, ncols, squeeze=False, **kwargs)
+    return figure, axes
+
+
+def _scheme_legend(figure, ablation: Ablation, colours: dict[str, str], extra: Sequence = ()) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colours[s], lw=2.5, label=s) for s in ablation.schemes] + list(extra)
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8), fontsize=10)
+
+
+def _seed_note(ablation: Ablation) -> str:
+    seeds = len(ablation.seeds)
+    return "one seed" if seeds == 1 else f"line: mean over {seeds} seeds, band: min to max"
+
+
+def plot_loss(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
+    """Validation loss (top row) and training loss (bottom row) vs step, one column per depth."""
+    from matplotlib.lines import Line2D
+
+    depths = ablation.depths
+    rows = [("val_loss", "validation loss"), ("loss", "training loss (log-window mean)")]
+    has = {key: any(run.series(key)[0] for run in ablation.runs) for key, _ in rows}
+    rows = [row for row in rows if has[row[0]]]
+    if not rows or not depths:
+        return False
+    figure, axes = _figure(len(depths), len(rows), (4.6, 3.3), sharex="col", sharey="row")
+    cap = math.log(ablation.vocab_size) * 1.25 if ablation.vocab_size else None
+    any_diverged = False
+    for row, (key, label) in enumerate(rows):
+        top = -math.inf
+        for col, depth in enumerate(depths):
+            ax = axes[row][col]
+            drawn = False
+            for scheme in ablation.schemes:
+                runs = ablation.runs_for(scheme, depth)
+                steps, mean, lo, hi = aggregate(runs, lambda r: r.get(key))
+                if not steps:
+                    continue
+                drawn = True
+                colour = colours[scheme]
+                ax.plot(steps, mean, color=colour, lw=2, marker="o" if len(steps) <= 12 else None, ms=3.5)
+                if len(runs) > 1:
+                    ax.fill_between(steps, lo, hi, color=colour, alpha=0.18, lw=0)
+                top = max(top, max(hi))
+                for run in runs:
+                    if run.status == "diverged":
+                        run_steps, values = run.series(key)
+                        if run_steps:
+                            any_diverged = True
+                            ax.plot(run_steps[-1], values[-1], marker="X", ms=10, color=colour, mec="black", mew=0.8)
+            if not drawn:
+                _no_data(ax)
+                continue
+            if row == 0:
+                ax.set_title(f"{depth} block{'s' if depth != 1 else ''}")
+            if row == len(rows) - 1:
+                ax.set_xlabel("training step")
+            if col == 0:
+                ax.set_ylabel(f"{label}\n(nats / token)")
+        if cap is not None and top > cap:  # a diverging run must not flatten everyone else's curve
+            axes[row][0].set_ylim(top=cap)
+    extra = [Line2D([], [], ls="none", marker="X", ms=9, color="white", mec="black", label="diverged here")] \
+        if any_diverged else []
+    _scheme_legend(figure, ablation, colours, extra)
+    figure.suptitle(f"Loss vs step ({_seed_note(ablation)})", fontsize=12, fontweight="bold")
+    _save(figure, path)
+    return True
+
+
+def plot_grads(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
+    """Gradient norm of each block vs step: a panel per (depth, scheme), blocks coloured bottom (dark) to top."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm
+    from matplotlib import colormaps
+
+    if not any(run.series("grad_norm_total")[0] or run.last_with("block_grad_norms") for run in ablation.runs):
+        return False
+    schemes, depths = ablation.schemes, ablation.depths
+    ncols = min(len(schemes), 4)
+    rows_per_depth = math.ceil(len(schemes) / ncols)
+    figure, axes = _figure(ncols, rows_per_depth * len(depths), (4.0, 2.9), sharey=True)
+    cmap = colormaps["viridis"]
+    for d, depth in enumerate(depths):
+        group = []
+        norm = BoundaryNorm([b - 0.5 for b in range(depth + 1)], cmap.N)
+        for i, scheme in enumerate(schemes):
+            ax = axes[d * rows_per_depth + i // ncols][i % ncols]
+            group.append(ax)
+            runs = ablation.runs_for(scheme, depth)
+            drawn = False
+            for block in range(depth):
+                steps, mean, _, _ = aggregate(runs, lambda r, b=block: _index(r.get("block_grad_norms"), b))
+                points = [(s, m) for s, m in zip(steps, mean) if m > 0]
+                if points:
+                    drawn = True
+                    ax.plot(*zip(*points), color=cmap(norm(block)), lw=1.6)
+            title = ax.set_title(f"{scheme}  ·  {depth} block{'s' if depth != 1 else ''}", color=colours[scheme])
+            title.set_fontweight("bold")
+            if not drawn:
+                _no_data(ax)
+                continue
+            ax.set_yscale("log")
+            if i // ncols == rows_per_depth - 1 or i + ncols >= len(schemes):
+                ax.set_xlabel("training step")
+            if i % ncols == 0:
+                ax.set_ylabel("gradient L2 norm")
+        for j in range(len(schemes), rows_per_depth * ncols):  # unused panels in the depth's last row
+            axes[d * rows_per_depth + j // ncols][j % ncols].set_visible(False)
+        bar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=group, shrink=0.9, pad=0.01,
+                              ticks=range(depth) if depth <= 16 else None)
+        bar.set_label("block (0 = next to the embedding)")
+    figure.suptitle(f"Gradient norm per block vs step (mean over {len(ablation.seeds)} "
+                    f"seed{'s' if len(ablation.seeds) != 1 else ''}, before clipping)", fontsize=12, fontweight="bold")
+    _save(figure, path)
+    return True
+
+
+def plot_profile(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
+    """Per block at the end of training: stream RMS, drift, update ratio; a line per scheme, a row per depth."""
+    from matplotlib.lines import Line2D
+
+    if not any(run.last_with("stream_rms") or run.last_with("drift") for run in ablation.runs):
+        return False
+    panels = [("stream_rms", "RMS", "stream RMS after the block", True),
+              ("drift", "cosine similarity", "drift: cos(block input, output)", False),
+              ("update_ratio", "ratio", "update ratio ||F(x)|| / ||x||", True)]
+    depths = ablation.depths
+    figure, axes = _figure(len(panels), len(depths), (4.6, 3.1))
+    for row, depth in enumerate(depths):
+        for col, (key, unit, label, log) in enumerate(panels):
+            ax = axes[row][col]
+            drawn = False
+            for scheme in ablation.schemes:
+                runs = ablation.runs_for(scheme, depth)
+                parts = [(0, "-"), (1, "--")] if key == "update_ratio" else [(None, "-")]
+                for sub, style in parts:
+                    blocks, mean, lo, hi = _block_profile(runs, key, sub)
+                    if log:
+                        keep = [i for i, m in enumerate(mean) if m > 0]
+                        blocks, mean = [blocks[i] for i in keep], [mean[i] for i in keep]
+                        lo, hi = [max(lo[i], 1e-12) for i in keep], [hi[i] for i in keep]
+                    if not blocks:
+                        continue
+                    drawn = True
+                    ax.plot(blocks, mean, color=colours[scheme], lw=2, ls=style, marker="o", ms=4)
+                    if len(runs) > 1:
+                        ax.fill_between(blocks, lo, hi, color=colours[scheme], alpha=0.15, lw=0)
+            ax.set_title(f"{label}  ·  {depth} block{'s' if depth != 1 else ''}", fontsize=10)
+            if not drawn:
+                _no_data(ax)
+                continue
+            if log:
+                ax.set_yscale("log")
+            ax.set_ylabel(unit)
+            if key == "drift":
+                ax.axhline(1.0, color="#999999", lw=0.8, ls=":")
+                ax.axhline(0.0, color="#999999", lw=0.8, ls=":")
+            ax.set_xticks(range(depth) if depth <= 16 else range(0, depth, max(1, depth // 8)))
+            ax.set_xlim(-0.3, depth - 0.7)
+            if row == len(depths) - 1:
+                ax.set_xlabel("block (0 = next to the embedding)")
+    extra = [Line2D([], [], color="#444444", lw=2, ls="-", label="attention (update ratio)"),
+             Line2D([], [], color="#444444", lw=2, ls="--", label="FFN (update ratio)")]
+    _scheme_legend(figure, ablation, colours, extra)
+    figure.suptitle(f"The residual stream per block at the end of training ({_seed_note(ablation)})",
+                    fontsize=12, fontweight="bold")
+    _save(figure, path)
+    return True
+
+
+def amax_keys(ablation: Ablation) -> list[str]:
+    keys: dict[str, None] = {}
+    for run in ablation.runs:
+        for record in run.records:
+            for key, value in record.items():
+                if key.startswith("amax_gain") and _finite(value):
+                    keys.setdefault(key, None)
+    return sorted(keys)
+
+
+def plot_amax(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
+    """HC/mHC: Amax gain of the composite residual mixing vs step; a panel per key and depth."""
+    keys = amax_keys(ablation)
+    if not keys:
+        return False
+    depths = ablation.depths
+    figure, axes = _figure(len(keys), len(depths), (4.6, 3.1), sharex=True)
+    for row, depth in enumerate(depths):
+        for col, key in enumerate(keys):
+            ax = axes[row][col]
+            drawn = False
+            for scheme in ablation.schemes:
+                runs = ablation.runs_for(scheme, depth)
+                steps, mean, lo, hi = aggregate(runs, lambda r, k=key: r.get(k))
+                points = [(s, m, a, b) for s, m, a, b in zip(steps, mean, lo, hi) if m > 0 and a > 0]
+                if not points:
+                    continue
+                drawn = True
+                steps, mean, lo, hi = (list(v) for v in zip(*points))
+                ax.plot(steps, mean, color=colours[scheme], lw=2)
+                if len(runs) > 1:
+                    ax.fill_between(steps, lo, hi, color=colours[scheme], alpha=0.18, lw=0)
+            ax.set_title(f"{key}  ·  {depth} block{'s' if depth != 1 else ''}", fontsize=10)
+            if not drawn:
+                _no_data(ax)
+                continue
+            ax.set_yscale("log")
+            ax.axhline(1.0, color="#999999", lw=0.8, ls=":")
+            if row == len(depths) - 1:
+                ax.set_xlabel("training step")
+    _scheme_legend(figure, ablation, colours)
+    figure.suptitle(f"Amax gain of the composite residual mixing ({_seed_note(ablation)})", fontsize=12,
+                    fontweight="bold")
+    _save(figure, path)
+    return True
+
+
+def make_plots(ablation: Ablation) -> list[Plot]:
+    """Write every plot the data allows under DIR/plots/; returns those written (stale ones are removed)."""
+    import matplotlib
+
+    directory = ablation.path / PLOTS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    colours = scheme_colours(ablation.schemes)
+    seeds = _seed_note(ablation)
+    specs = [
+        ("loss.png", plot_loss, "Loss vs step",
+         f"Validation loss (top; the same held-out batches at every evaluation) and training loss (bottom; mean over "
+         f"each log window) per scheme, one column per depth ({seeds}). Lower is better."),
+        ("grads.png", plot_grads, "Gradient norm per block vs step",
+         "L2 norm of all gradients inside each block, before clipping, on log steps; colour runs from block 0 "
+         "(dark, next to the embedding) to the last block (yellow, next to the head). Shared log y-axis: "
+         "lines far apart mean some blocks get much less training signal than others."),
+        ("profile.png", plot_profile, "The residual stream per block at the end of training",
+         f"At the last logged step of each run ({seeds}): the RMS of the stream after each block, the drift "
+         "(cosine similarity between what enters and what leaves a block: 1 = unchanged, 0 = replaced) and the "
+         "update ratio ||F(x)|| / ||x|| of the attention (solid) and FFN (dashed) sublayers."),
+        ("amax.png", plot_amax, "Amax gain (hyper-connections)",
+         "HC / mHC only: the largest absolute row sum (forward) or column sum (backward) of the product of the "
+         "residual mixing matrices over depth. Near 1 is stable; large values amplify signals and gradients."),
+    ]
+    written = []
+    with matplotlib.rc_context(STYLE):
+        for name, function, title, caption in specs:
+            path = directory / name
+            if function(ablation, path, colours):
+                written.append(Plot(name, path, title, caption))
+            else:
+                path.unlink(missing_ok=True)
+    return written
