@@ -21,9 +21,9 @@ def run(args: argparse.Namespace) -> int:
     train = {"steps": 1000, "batch": 32, "lr": 1e-3, "eval_interval": 250, "log_interval": 50,
              "checkpoint_interval": 500}
     if args.quick:
-        depths = [1, 6]
-        model = {"width": 32, "heads": 2, "context": 32}
-        train = {"steps": 200, "batch": 16, "lr": 3e-3, "warmup": 20, "eval_interval": 100, "eval_batches": 10,
+        depths = [1, 4]
+        model = {"width": 16, "heads": 2, "context": 16}
+        train = {"steps": 120, "batch": 8, "lr": 3e-3, "warmup": 20, "eval_interval": 100, "eval_batches": 10,
                  "log_interval": 50, "checkpoint_interval": 200}
     rows = run_grid("depth", args, "tiny", ["none", "pre"], depths, [0], model, train)
     plain = {d: loss(rows, "none", d) for d in depths}

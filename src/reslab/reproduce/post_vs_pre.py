@@ -25,8 +25,9 @@ def run(args: argparse.Namespace) -> int:
     train = {"steps": 1000, "batch": 32, "lr": 1e-3, "warmup": 0, "eval_interval": 250, "log_interval": 50,
              "checkpoint_interval": 500}
     if args.quick:
-        model = {"width": 32, "heads": 2, "context": 32}
-        train = {"steps": 150, "batch": 16, "lr": 3e-3, "warmup": 0, "eval_interval": 75, "eval_batches": 10,
+        depth = 6
+        model = {"width": 16, "heads": 2, "context": 16}
+        train = {"steps": 100, "batch": 8, "lr": 3e-3, "warmup": 0, "eval_interval": 75, "eval_batches": 10,
                  "log_interval": 25, "checkpoint_interval": 150}
     rows = run_grid("post-vs-pre", args, "tiny", SCHEMES, [depth], [0], model, train)
     post, pre, deepnorm = (loss(rows, s, depth) for s in SCHEMES)

@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
              "checkpoint_interval": 2000}
     if args.quick:
         model = {"width": 32, "heads": 2, "context": 32}
-        train = {"steps": 300, "batch": 16, "lr": 3e-3, "warmup": 20, "eval_interval": 100, "eval_batches": 10,
-                 "log_interval": 50, "checkpoint_interval": 300}
+        train = {"steps": 200, "batch": 16, "lr": 3e-3, "warmup": 20, "eval_interval": 100, "eval_batches": 10,
+                 "log_interval": 50, "checkpoint_interval": 200}
     rows = run_grid("tiny-residual", args, "tiny", SCHEMES, [1], [0], model, train)
     with_skip, edit, no_skip = (loss(rows, s, 1) for s in SCHEMES)
     numbers = {"residual": with_skip, "article_edit": edit, "no_residual": no_skip}
