@@ -83,7 +83,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = ["reslab", *argv]  # the command as given, recorded in run and ablation directories
     try:
         return int(args.handler(args) or 0)
     except ReslabError as error:

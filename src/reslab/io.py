@@ -21,6 +21,7 @@ def atomic_write(path: Path, data: bytes | Callable[[Path], None]) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         if callable(data):
             os.close(fd)
             data(tmp)
@@ -38,6 +39,12 @@ def atomic_write(path: Path, data: bytes | Callable[[Path], None]) -> None:
             os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

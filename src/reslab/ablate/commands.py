@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from reslab.cli_args import add_model_arguments, model_name, model_overrides
@@ -69,7 +68,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             raise ReslabError(f"--jobs must be positive, got {jobs}")
     console = Console(stderr=True, highlight=False)
     result = run_ablation(args.out, model, residuals, layers, seeds, overrides, train, jobs=jobs,
-                          command=["reslab", *sys.argv[1:]], console=console)
+                          command=args.argv, console=console)
     out = Console()
     if not out.is_terminal:
         out = Console(width=160)  # a file or pipe: do not wrap the table at 80 columns

@@ -97,8 +97,9 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
     for point in points:
         make_config(model, **{**model_overrides, "residual": point.residual, "layers": point.layers})
     train_config = TrainConfig.from_dict({**train_overrides, "model": model})
+    train_record = {k: v for k, v in train_config.to_dict().items() if k != "seed"}  # seeds are in the grid
     record = {"command": command or [], "model": model, "grid": {"residual": residuals, "layers": layers,
-              "seeds": seeds}, "model_overrides": model_overrides, "train": train_config.to_dict()}
+              "seeds": seeds}, "model_overrides": model_overrides, "train": train_record}
     _check_ablation_dir(out_dir, record)
     train_overrides = {**train_overrides, "steps": train_config.steps}
     started = time.time()

@@ -71,7 +71,7 @@ def summary_table(result: dict[str, Any]):
     """A rich Table of the summary, best scheme first, spread shown as +- std and [min, max]."""
     from rich.table import Table
 
-    table = Table(title=f"{result['model']}, {result['steps']} steps: mean over seeds, +- std, [min, max]")
+    table = Table(title=f"{result['model']}, {result['steps']} steps: mean over seeds, +- std, \\[min, max]")
     for column in ("scheme", "depth", "seeds", "final val loss", "range", "best val", "grad share L0/Llast",
                    "stream RMS", "mean drift", "tok/s"):
         table.add_column(column, justify="left" if column == "scheme" else "right")

@@ -4,8 +4,9 @@ The audit reports each residual (`residuals.py` defines them), the *dead* module
 depends on them: the TinyTransformer article's `x = norm(x)` edit makes attention and FFN dead), the modules that
 did *not run* in this pass (an unselected expert, a branch not taken: that may depend on the input), and a
 summary per *block*. A block is an element of a module list (`layers.3`, `h.0`, `encoder.block.1`) that holds
-parameters, at the outermost such level; its *sublayers* are its children that hold a weight matrix (attention,
-MLP), as opposed to norms and scales.
+parameters, at the outermost level where the elements run one after another, each reading what the one before
+wrote (so the experts of a mixture are not blocks); its *sublayers* are its children that hold a weight matrix
+(attention, MLP), as opposed to norms and scales.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from reslab.graph.paths import inside, relative
 from reslab.graph.residuals import KINDS, Residual, find_residuals
 from reslab.graph.trace import Trace, trace_model
 
@@ -27,7 +29,6 @@ class BlockSummary:
     path: str
     sublayers: list[str]
     residuals: list[int]  # indices into Audit.residuals
-    ran: bool
 
 
 @dataclass
@@ -43,10 +44,9 @@ class Audit:
 
     # --- machine-readable ----------------------------------------------------------------------------------------
     def summary(self) -> dict[str, int]:
-        ran = [b for b in self.blocks if b.ran]
-        with_residuals = sum(1 for b in ran if b.residuals)
+        with_residuals = sum(1 for b in self.blocks if b.residuals)
         return {"residual_count": len(self.residuals), "blocks_with_residuals": with_residuals,
-                "blocks_without": len(ran) - with_residuals}
+                "blocks_without": len(self.blocks) - with_residuals}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,10 +77,8 @@ class Audit:
             out.append(f"outside blocks: {_count(len(outside), 'residual')} — {described}")
         kinds = Counter(r.kind for r in self.residuals)
         by_kind = ", ".join(f"{kinds[k]} {k}" for k in KINDS if kinds[k])
-        summary = self.summary()
-        ran = summary["blocks_with_residuals"] + summary["blocks_without"]
         out.append(f"total: {_count(len(self.residuals), 'residual')}" + (f" ({by_kind})" if by_kind else "") +
-                   f" in {summary['blocks_with_residuals']} of {ran} blocks")
+                   f" in {self.summary()['blocks_with_residuals']} of {len(self.blocks)} blocks")
         out.append("dead: " + (", ".join(self.dead) + " — they run, but no model output depends on them"
                                if self.dead else "none"))
         out.append("not run: " + (", ".join(self.not_run) + " — not called in this pass (may depend on the input)"
@@ -93,22 +91,20 @@ class Audit:
     __str__ = format
 
     def _block_line(self, block: BlockSummary) -> str:
-        if not block.ran:
-            return f"{block.path}: did not run"
         parts = [self._residual_text(self.residuals[i], block) for i in block.residuals]
         head = f"{block.path}: {_count(len(block.residuals), 'residual')}"
         if parts:
             head += " — " + ", ".join(parts)
         clauses = []
         for sub in block.sublayers:
-            name = _relative(sub, block.path)
+            name = relative(sub, block.path)
             if _under(sub, self.dead):
                 clauses.append(f"{name} is dead")
             elif _under(sub, self.not_run):
                 clauses.append(f"{name} did not run")
-            else:
-                inside = sum(1 for i in block.residuals if _inside(self.residuals[i].owner, sub))
-                clauses.append(f"{'none' if not inside else inside} inside {name}")
+            elif self.trace.modules[sub].children:  # a bare layer (a Linear) cannot hold a residual
+                count = sum(1 for i in block.residuals if inside(self.residuals[i].owner, sub))
+                clauses.append(f"{count or 'none'} inside {name}")
         return head + ("; " + ", ".join(clauses) if clauses else "")
 
     def _residual_text(self, residual: Residual, block: BlockSummary | None) -> str:
@@ -117,11 +113,11 @@ class Audit:
         sizes = self.trace.modules
         path = block.path if block else None
         wraps = sorted(residual.wraps, key=lambda p: -sizes[p].subtree_params if p in sizes else 0)
-        text = "around " + _relative(wraps[0], path) if wraps else "around nothing learned"
+        text = "around " + relative(wraps[0], path) if wraps else "around nothing learned"
         if len(wraps) > 1:
-            text += " (" + ", ".join("+" + _relative(w, path) for w in wraps[1:]) + ")"
+            text += " (" + ", ".join("+" + relative(w, path) for w in wraps[1:]) + ")"
         if block is None or _under(residual.owner, block.sublayers):
-            text += f" in {_relative(residual.owner, path)}"
+            text += f" in {relative(residual.owner, path)}"
         if residual.kind != "identity":
             text += f" [{residual.kind}]"
         return text
@@ -147,7 +143,7 @@ def audit_trace(trace: Trace, target: str) -> Audit:
     dead, not_run = _unused(trace)
     blocks = _blocks(trace, residuals)
     holders = [p for p, info in trace.modules.items() if any(trace.modules[c].subtree_params for c in info.children)]
-    modules = {p: sum(1 for r in residuals if _inside(r.owner, p)) for p in holders}
+    modules = {p: sum(1 for r in residuals if inside(r.owner, p)) for p in holders}
     return Audit(target, trace.model_cls, residuals, dead, not_run, modules, blocks, trace)
 
 
@@ -173,18 +169,18 @@ def _unused(trace: Trace) -> tuple[list[str], list[str]]:
             else:
                 state[path] = "not_run"
 
-    def states(path: str) -> set[str]:
-        found = {state[path]} if path in state else set()
-        for child in trace.modules[path].children:
-            found |= states(child)
-        return found
+    subtree: dict[str, set[str]] = {}  # path -> the states of the parameterised modules in its subtree
 
-    memo: dict[str, set[str]] = {}
+    def states(path: str) -> set[str]:
+        if path not in subtree:
+            found = {state[path]} if path in state else set()
+            for child in trace.modules[path].children:
+                found |= states(child)
+            subtree[path] = found
+        return subtree[path]
 
     def collect(path: str, wanted: str, out: list[str]) -> None:
-        if path not in memo:
-            memo[path] = states(path)
-        if memo[path] == {wanted}:
+        if states(path) == {wanted}:
             out.append(path)
             return
         for child in trace.modules[path].children:
@@ -199,30 +195,60 @@ def _unused(trace: Trace) -> tuple[list[str], list[str]]:
 
 def _blocks(trace: Trace, residuals: list[Residual]) -> list[BlockSummary]:
     modules = trace.modules
+    calls_of: dict[str, list[int]] = {}
+    for call in trace.calls:
+        calls_of.setdefault(call.path, []).append(call.id)
     paths: list[str] = []
 
     def visit(path: str) -> None:
         info = modules[path]
-        if info.in_container and not info.container and info.subtree_params:
-            paths.append(path)
+        elements = [c for c in info.children if modules[c].subtree_params and not modules[c].container]
+        if elements and all(modules[c].in_sequence for c in elements) and _chained(trace, elements, calls_of):
+            paths.extend(elements)
             return
         for child in info.children:
             visit(child)
 
     visit("")
-    ran = {call.path for call in trace.calls}
     blocks = []
     for path in paths:
         mine = [i for i, r in enumerate(residuals) if _home(r, paths) == path]
-        blocks.append(BlockSummary(path, _sublayers(trace, path), mine, path in ran))
+        blocks.append(BlockSummary(path, _sublayers(trace, path), mine))
     return blocks
+
+
+def _chained(trace: Trace, elements: list[str], calls_of: dict[str, list[int]]) -> bool:
+    """Blocks run one after the other, each reading what the one before wrote; experts of a mixture, which read
+    the same input or did not all run, are not blocks."""
+    if any(path not in calls_of for path in elements):
+        return False
+    for before, after in zip(elements, elements[1:], strict=False):
+        outputs = set(trace.calls[calls_of[before][-1]].outputs)
+        if not outputs or not _depends(trace, trace.calls[calls_of[after][0]].inputs, outputs):
+            return False
+    return True
+
+
+def _depends(trace: Trace, starts, targets: set[int]) -> bool:
+    """Does any node in `starts` read (directly or not) a node in `targets`?"""
+    floor = min(targets)
+    stack, seen = list(starts), set()
+    while stack:
+        node_id = stack.pop()
+        if node_id in targets:
+            return True
+        if node_id in seen or node_id < floor:
+            continue
+        seen.add(node_id)
+        stack.extend(trace.nodes[node_id].inputs)
+    return False
 
 
 def _home(residual: Residual, blocks: list[str]) -> str | None:
     """The block a residual belongs to: the one holding its add, else the one holding what it wraps."""
     for path in [residual.owner, *residual.wraps]:
         for block in blocks:
-            if _inside(path, block):
+            if inside(path, block):
                 return block
     return None
 
@@ -239,18 +265,8 @@ def _sublayers(trace: Trace, block: str) -> list[str]:
     return found
 
 
-def _inside(path: str, ancestor: str) -> bool:
-    return ancestor == "" or path == ancestor or path.startswith(ancestor + ".")
-
-
 def _under(path: str, roots: list[str]) -> bool:
-    return any(_inside(path, root) for root in roots)
-
-
-def _relative(path: str, block: str | None) -> str:
-    if block and path.startswith(block + "."):
-        return path[len(block) + 1:]
-    return path or "(model)"
+    return any(inside(path, root) for root in roots)
 
 
 def _count(n: int, noun: str) -> str:

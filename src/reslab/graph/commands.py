@@ -65,8 +65,9 @@ def load(args: argparse.Namespace):
     try:
         return audit(target.model, target.inputs, target.label)
     except TraceError as error:
-        hint = "; its forward reads tensor values: try --device cpu" if args.device == "meta" and kind != \
-            "callable" else ""
+        hint = ""
+        if args.device == "meta" and kind != "callable":
+            hint = " (on the meta device a forward cannot read tensor values; if it does, use --device cpu)"
         raise ReslabError(f"tracing {target.label} failed: {error}{hint}") from None
 
 

@@ -37,10 +37,13 @@ SHAPE_ONLY_OPS = frozenset({
 # Results that are not tensor dataflow (shapes, dtypes, python scalars): never recorded.
 IGNORED_OPS = frozenset({
     "shape", "dtype", "device", "size", "dim", "ndim", "numel", "is_floating_point", "is_complex", "element_size",
-    "stride", "storage_offset", "is_contiguous", "layout", "requires_grad", "is_leaf", "grad_fn", "item", "tolist",
-    "bool", "len", "repr", "format", "hash", "data_ptr", "untyped_storage", "get_device", "is_meta", "is_cuda",
-    "is_cpu", "names", "nbytes", "itemsize", "grad", "_base", "_version", "is_sparse", "is_quantized",
+    "stride", "storage_offset", "is_contiguous", "layout", "requires_grad", "is_leaf", "grad_fn", "len", "repr",
+    "format", "hash", "data_ptr", "untyped_storage", "get_device", "is_meta", "is_cuda", "is_cpu", "names",
+    "nbytes", "itemsize", "grad", "_base", "_version", "is_sparse", "is_quantized",
 })
+# Python reading a tensor's value (`if t:`, `int(t)`, `t.item()`): the value decides what runs next, so whatever
+# it was computed from is used, even when no output depends on it through tensors (an MoE router).
+CONTROL_READS = frozenset({"bool", "int", "float", "index", "item", "tolist", "complex"})
 
 _DUNDER = {
     "add": "add", "radd": "add", "iadd": "add", "mul": "mul", "rmul": "mul", "imul": "mul", "truediv": "div",

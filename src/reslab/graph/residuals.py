@@ -36,7 +36,8 @@ _WALK_LIMIT = 256  # nodes a skip walk may visit before it gives up
 @dataclass(frozen=True)
 class Residual:
     owner: str  # the innermost module whose forward performs the add ("" for the model itself)
-    skip_from: str  # where x entered, as a module boundary: "PATH:in", "PATH:out", or "PATH:OP" inside PATH
+    skip_from: str  # where x leaves the stream: "PATH:in", "PATH:out", or "PATH:OP" (made by op OP in PATH's forward);
+    # the model itself is named "(model)" here
     wraps: tuple[str, ...]  # the learned modules on the branch, outermost first, in execution order
     kind: str
     add: int = field(default=-1, compare=False)  # the add's node id in the trace
@@ -168,7 +169,7 @@ def _common_call(trace: Trace, call_ids: list[int]) -> int:
     if not chains:
         return -1
     common = -1
-    for level in zip(*chains):
+    for level in zip(*chains, strict=False):
         if len(set(level)) != 1:
             break
         common = level[0]
@@ -179,14 +180,14 @@ def _boundary(trace: Trace, root: int, lca: int) -> str:
     """Name the point where the skip leaves the stream: the input of the module call that holds both the skip
     and its branch, else the output of the outermost call inside it that produced x, else the op that made x."""
     if lca < 0:
-        return ":in"
+        return "(model):in"
     call = trace.calls[lca]
     if root in call.inputs:
-        return f"{call.path}:in"
+        return f"{call.path or '(model)'}:in"
     producers = [c for c in trace.calls if root in c.outputs and c.id != lca and trace.within(c.id, lca)]
     if producers:
         return f"{min(producers, key=lambda c: c.depth).path}:out"
-    return f"{call.path}:{trace.nodes[root].op}"
+    return f"{call.path or '(model)'}:{trace.nodes[root].op}"
 
 
 def _wraps(trace: Trace, branch: set[int], add: Node, lca: int) -> tuple[str, ...]:
@@ -195,6 +196,7 @@ def _wraps(trace: Trace, branch: set[int], add: Node, lca: int) -> tuple[str, ..
     nodes, calls = trace.nodes, trace.calls
     holds_add = set(trace.chain(add.call))
     names: list[str] = []
+    own: list[str] = []  # learned ops in the forward that performs the add (a stream read, a coefficient)
     for node_id in sorted(branch):
         node = nodes[node_id]
         if not node.uses_params or node.call < 0:
@@ -202,13 +204,11 @@ def _wraps(trace: Trace, branch: set[int], add: Node, lca: int) -> tuple[str, ..
         chain = trace.chain(node.call)
         below = chain[chain.index(lca) + 1:] if lca in chain else chain
         pick = next((c for c in below if c not in holds_add), None)
-        if pick is None:
-            if node.role == "scale":
-                continue  # the coefficient of a scaled residual, in the add's own forward
-            pick = node.call
-        if calls[pick].path not in names:
+        if pick is not None and calls[pick].path not in names:
             names.append(calls[pick].path)
-    return tuple(names)
+        elif pick is None and node.role != "scale" and calls[node.call].path not in own:
+            own.append(calls[node.call].path)
+    return tuple(names or own)  # own ops name the wrap only when nothing else does: x + F.linear(x, self.w)
 
 
 def _kind(trace: Trace, add: Node, branch_side: int, flags) -> str:

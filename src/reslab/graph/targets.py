@@ -150,19 +150,22 @@ def _huggingface(model_type: str, overrides: dict[str, Any], device: str) -> tup
     try:
         import transformers
         from transformers import AutoConfig, AutoModel
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     except ImportError:
         raise ReslabError("hf: targets need transformers; pip install 'reslab[hf]'") from None
+    if model_type not in CONFIG_MAPPING:
+        raise ReslabError(f"unknown transformers model type {model_type!r}; e.g. {', '.join(HF_SMALL)} "
+                          "(any key of transformers' CONFIG_MAPPING)")
     values = {**HF_SMALL.get(model_type, HF_GENERIC), **overrides}
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # small vocabularies make configs warn about their token ids
     try:
-        try:
-            config = AutoConfig.for_model(model_type, **values)
-        except ValueError:
-            raise ReslabError(f"unknown transformers model type {model_type!r}; e.g. "
-                              f"{', '.join(HF_SMALL)} (any key of transformers' CONFIG_MAPPING)") from None
+        config = AutoConfig.for_model(model_type, **values)
         with torch.device(device):
             model = AutoModel.from_config(config)
+    except Exception as error:  # transformers validates configs with several exception types
+        reason = str(error).strip().splitlines()[-1].strip() if str(error).strip() else type(error).__name__
+        raise ReslabError(f"cannot build hf:{model_type} from its config: {reason}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     model.eval()

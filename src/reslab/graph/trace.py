@@ -71,8 +71,8 @@ class ModuleInfo:
     subtree_params: int
     matrix: bool  # has a parameter with two or more dimensions somewhere in its subtree (a "sublayer", not a norm)
     children: tuple[str, ...]
-    container: bool  # ModuleList / ModuleDict / Sequential: a list of parts rather than a computation
-    in_container: bool  # a direct element of such a list (a candidate block)
+    container: bool  # ModuleList / ModuleDict: holds parts, is never called itself
+    in_sequence: bool  # a direct element of a ModuleList, ModuleDict or Sequential (a candidate block)
     norm: bool  # a normalisation layer (its class name says Norm)
 
 
@@ -86,6 +86,7 @@ class Trace:
     outputs: list[tuple[str, int]]  # (name in the returned structure, node id) for every returned tensor
     modules: dict[str, ModuleInfo]
     device: str
+    control: list[int] = field(default_factory=list)  # nodes whose value Python read (see ops.CONTROL_READS)
     _users: list[list[int]] | None = field(default=None, repr=False)
     _live: list[bool] | None = field(default=None, repr=False)
 
@@ -100,10 +101,10 @@ class Trace:
         return self._users
 
     def live(self) -> list[bool]:
-        """For each node, whether its value reaches a model output."""
+        """For each node, whether its value reaches a model output or decides, through Python, what runs."""
         if self._live is None:
             live = [False] * len(self.nodes)
-            stack = [node_id for _, node_id in self.outputs]
+            stack = [node_id for _, node_id in self.outputs] + list(self.control)
             while stack:
                 node_id = stack.pop()
                 if not live[node_id]:
@@ -193,10 +194,10 @@ class Tracer:
     """Builds a `Trace` while the model runs; `trace_model` is the way to use it."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
         self.nodes: list[Node] = []
         self.calls: list[Call] = []
         self.stack: list[int] = []
+        self.control: list[int] = []
         self.ids = WeakIdKeyDictionary()  # tensor -> node id
         self.failed_path: str | None = None
         self.paths: dict[int, str] = {}
@@ -225,6 +226,10 @@ class Tracer:
     def record(self, func, args, kwargs, out) -> None:
         name, inplace = ops.op_name(func)
         if name in ops.IGNORED_OPS:
+            return
+        if name in ops.CONTROL_READS and not isinstance(out, torch.Tensor):
+            if args and isinstance(args[0], torch.Tensor):
+                self.control.append(self.node_of(args[0]))
             return
         if name == "setitem":  # x[index] = value: a new value of x, read from the old one and from value
             outs = [args[0]]
@@ -272,9 +277,8 @@ class Tracer:
                 return "view", self.ids.get(first, -1), (), False
             return "op", -1, (), False
         if name in ("add", "lerp", "mul", "div"):
-            values = list(args[:3]) if name == "lerp" else [args[0], args[1] if len(args) > 1 else kwargs.get("other")]
-            if name == "lerp" and len(values) < 3:
-                values.append(kwargs.get("weight"))
+            names = ("input", "end", "weight") if name == "lerp" else ("input", "other")
+            values = [args[i] if i < len(args) else kwargs.get(key) for i, key in enumerate(names)]
             operands = tuple(self.ids.get(v, -1) if isinstance(v, torch.Tensor) else -1 for v in values)
             if name == "add":
                 return "op", -1, operands, kwargs.get("alpha", 1) != 1
@@ -342,11 +346,11 @@ class Tracer:
 
 
 def describe_modules(model: nn.Module) -> dict[str, ModuleInfo]:
-    containers = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+    sequences = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
     infos: dict[str, ModuleInfo] = {}
     parent_of: dict[str, nn.Module] = {}
     for path, module in model.named_modules(remove_duplicate=True):
-        for name, child in module.named_children():
+        for name, _ in module.named_children():
             parent_of.setdefault(f"{path}.{name}" if path else name, module)
     for path, module in model.named_modules(remove_duplicate=True):
         own = sum(p.numel() for p in module.parameters(recurse=False))
@@ -355,9 +359,8 @@ def describe_modules(model: nn.Module) -> dict[str, ModuleInfo]:
         infos[path] = ModuleInfo(
             path=path, cls=type(module).__name__, own_params=own, subtree_params=sum(p.numel() for p in params),
             matrix=any(p.dim() >= 2 for p in params), children=children,
-            container=isinstance(module, (nn.ModuleList, nn.ModuleDict)) or
-            (isinstance(module, nn.Sequential) and path != ""),
-            in_container=isinstance(parent_of.get(path), containers), norm="Norm" in type(module).__name__,
+            container=isinstance(module, (nn.ModuleList, nn.ModuleDict)),
+            in_sequence=isinstance(parent_of.get(path), sequences), norm="Norm" in type(module).__name__,
         )
     return infos
 
@@ -390,4 +393,5 @@ def trace_model(model: nn.Module, example_inputs: Any) -> Trace:
             handle.remove()
     outputs = [(name or "output", tracer.node_of(t)) for name, t in named_tensors(output, "")]
     device = next((str(p.device) for p in model.parameters()), "cpu")
-    return Trace(type(model).__name__, tracer.nodes, tracer.calls, outputs, describe_modules(model), device)
+    return Trace(type(model).__name__, tracer.nodes, tracer.calls, outputs, describe_modules(model), device,
+                 tracer.control)

@@ -24,6 +24,17 @@ class GradientNorms:
             return None
         return self.per_block[0] / self.per_block[-1]
 
+    @classmethod
+    def from_values(cls, names: list[str], values: list[float], total: float) -> GradientNorms:
+        """From per-parameter norms (however computed, e.g. over shards) and their total."""
+        per_parameter = dict(zip(names, values))
+        blocks: dict[int, float] = {}
+        for name, value in per_parameter.items():
+            match = _BLOCK.search(name)
+            if match:
+                blocks[int(match.group(1))] = blocks.get(int(match.group(1)), 0.0) + value * value
+        return cls(per_parameter, total, [blocks[i] ** 0.5 for i in sorted(blocks)])
+
     def to_metrics(self) -> dict:
         return {"grad_norm_total": self.total, "grad_norms": self.per_parameter, "block_grad_norms": self.per_block,
                 "first_layer_grad_share": self.first_layer_share}
@@ -43,12 +54,4 @@ def gradient_norms(model: nn.Module, clip: float = 0.0) -> GradientNorms:
     total = torch.linalg.vector_norm(norms)
     if clip > 0:
         torch._foreach_mul_(grads, torch.clamp(clip / (total + 1e-6), max=1.0).to(grads[0].dtype))
-    values = norms.tolist()
-    per_parameter = {name: value for (name, _), value in zip(named, values)}
-    blocks: dict[int, float] = {}
-    for name, value in per_parameter.items():
-        match = _BLOCK.search(name)
-        if match:
-            blocks[int(match.group(1))] = blocks.get(int(match.group(1)), 0.0) + value * value
-    per_block = [blocks[i] ** 0.5 for i in sorted(blocks)]
-    return GradientNorms(per_parameter, total.item(), per_block)
+    return GradientNorms.from_values([name for name, _ in named], norms.tolist(), total.item())

@@ -16,10 +16,9 @@ import math
 import re
 import shlex
 from html import escape
-from pathlib import Path
 from typing import Any
 
-from reslab.report.load import Ablation, Run
+from reslab.report.load import Ablation
 from reslab.report.plots import Plot, scheme_colours
 
 DASH = "\u2013"
@@ -105,8 +104,14 @@ def _schemes_section(ablation: Ablation, colours: dict[str, str]) -> str:
 
 # --- the result and the summary table ------------------------------------------------------------------------
 
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 def _rows(ablation: Ablation) -> list[dict[str, Any]]:
-    rows = [r for r in ablation.summary.get("rows", []) if isinstance(r, dict)]
+    """summary.json's rows, best first, with counts made safe to compare and format."""
+    rows = [{**r, "seeds": _count(r.get("seeds")), "diverged": _count(r.get("diverged"))}
+            for r in ablation.summary.get("rows", []) if isinstance(r, dict)]
     return sorted(rows, key=lambda r: (not _finite(r.get("final_val_loss_mean")), r.get("final_val_loss_mean") or 0.0))
 
 
@@ -153,7 +158,9 @@ def _result_section(ablation: Ablation, rows: list[dict[str, Any]], colours: dic
                 continue
             name = f"{_swatch(row['residual'], colours)}<b>{esc(row['residual'])}</b>"
             if not _finite(row.get("final_val_loss_mean")):
-                why = f"all {_plural(row.get('diverged', 0), 'run')} diverged" if row.get("diverged") else "no result"
+                count = row.get("diverged", 0)
+                why = ("no result" if not count else "its run diverged" if count == 1
+                       else f"all {count} runs diverged")
                 parts.append(f"{name}: {why}")
                 continue
             gap = row["final_val_loss_mean"] - top["final_val_loss_mean"]
@@ -184,7 +191,7 @@ def _summary_table(rows: list[dict[str, Any]], colours: dict[str, str]) -> str:
         seeds = row.get("seeds", 0)
         final = _num(mean) + (f' <span class="pm">± {std:.4f}</span>' if seeds > 1 and _finite(std) else "")
         span = (f"[{_num(row.get('final_val_loss_min'))}, {_num(row.get('final_val_loss_max'))}]"
-                if _finite(row.get("final_val_loss_min")) else _num(None))
+                if seeds > 1 and _finite(row.get("final_val_loss_min")) else _num(None))
         top = best.get(row.get("layers"))
         if top is row:
             versus = '<span class="best">best</span>'
@@ -267,15 +274,15 @@ def _config_section(ablation: Ablation) -> str:
               "not finished (interrupted, or still running)"),
              ("wall time", _duration(meta.get("wall_seconds")))]
     train = meta.get("train") or {}
-    train_rows = "".join(f"<tr><td class=\"left\"><code>{esc(k)}</code></td><td class=\"left\"><code>"
-                         f"{esc(json.dumps(v))}</code></td></tr>" for k, v in train.items())
+    train_rows = "".join(f"<div><code class=\"key\">{esc(k)}</code> <code>{esc(json.dumps(v))}</code></div>"
+                         for k, v in train.items())
     meta_rows = "".join(f"<tr><th class=\"left\">{esc(k)}</th><td class=\"left\">{esc(v)}</td></tr>" for k, v in rows)
     return (f"<h3>Command</h3><pre class=\"command\">{esc(command_text)}</pre>"
             f"<p class=\"small\">Re-running the same command into the same directory skips finished grid points and "
             f"resumes stopped ones. Rebuild this page with <code>reslab report {esc(shlex.quote(str(ablation.path)))}"
             f"</code>.</p><h3>Experiment</h3><table class=\"kv\">{meta_rows}</table>"
             f"<h3>Training config</h3><p class=\"small\">The same for every grid point, except <code>seed</code>, "
-            f"which each run takes from the grid.</p><table class=\"kv\">{train_rows}</table>"
+            f"which each run takes from the grid.</p><div class=\"cfg\">{train_rows}</div>"
             f"<details><summary>ablation.json as written</summary><pre>{esc(json.dumps(meta, indent=2))}</pre>"
             "</details>")
 
@@ -358,6 +365,9 @@ figcaption { font-size: 14px; color: var(--muted); margin-top: 6px; max-width: 1
 .scheme .facts { color: var(--muted); font-size: 13px; border-top: 1px dashed var(--line); padding-top: 6px; }
 dl dt { font-weight: 600; margin-top: 10px; }
 dl dd { margin: 2px 0 8px 0; }
+.cfg { columns: 3 300px; column-gap: 28px; font-size: 14px; margin: 8px 0 14px; }
+.cfg div { break-inside: avoid; padding: 3px 0; border-bottom: 1px solid var(--line); }
+.cfg .key { display: inline-block; min-width: 150px; color: var(--muted); }
 details summary { cursor: pointer; color: var(--accent); margin: 8px 0; }
 footer { margin-top: 40px; color: var(--muted); font-size: 13px; border-top: 1px solid var(--line); padding-top: 10px; }
 """

@@ -120,10 +120,29 @@ def _block_profile(runs: Sequence[Run], key: str, sub: int | None = None) -> tup
             [max(values[b]) for b in blocks])
 
 
+def _log_y(ax) -> None:
+    """A log y-axis where the data span a decade or more, else linear (a log axis over 1.0-1.1 shows one label).
+
+    No minor ticks (they cost half the layout time); under 1.5 decades, ticks at 1, 2, 5 x 10^k."""
+    from matplotlib.ticker import AutoLocator, FormatStrFormatter, LogLocator, NullLocator, ScalarFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(NullLocator())
+    low, high = ax.get_ylim()
+    decades = math.log10(high / low) if low > 0 else math.inf
+    if decades < 1.0:
+        ax.set_yscale("linear")
+        ax.yaxis.set_major_locator(AutoLocator())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+    elif decades < 1.5:
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+
+
 def _no_data(ax, text: str = "not recorded") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#888888", fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    # tick_params, not set_yticks([]): the latter would also empty every axis that shares this one's y-axis
+    ax.tick_params(left=False, labelleft=False, bottom=False, labelbottom=False)
     ax.grid(False)
 
 
@@ -136,16 +155,18 @@ def _save(figure, path: Path) -> None:
 def _figure(ncols: int, nrows: int, panel: tuple[float, float], **kwargs):
     from matplotlib.figure import Figure
 
-    width = min(panel[0] * ncols, 17.0)
+    width = max(min(panel[0] * ncols, 17.0), 7.0)  # one panel alone still reads as a figure
     figure = Figure(figsize=(width + 0.6, panel[1] * nrows + 1.0), layout="constrained")
     axes = figure.subplots(nrows, ncols, squeeze=False, **kwargs)
     return figure, axes
 
 
-def _scheme_legend(figure, ablation: Ablation, colours: dict[str, str], extra: Sequence = ()) -> None:
+def _scheme_legend(figure, ablation: Ablation, colours: dict[str, str], extra: Sequence = (),
+                   schemes: Sequence[str] | None = None) -> None:
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colours[s], lw=2.5, label=s) for s in ablation.schemes] + list(extra)
+    shown = ablation.schemes if schemes is None else schemes
+    handles = [Line2D([], [], color=colours[s], lw=2.5, label=s) for s in shown] + list(extra)
     figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8), fontsize=10)
 
 
@@ -221,6 +242,7 @@ def plot_grads(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
     rows_per_depth = math.ceil(len(schemes) / ncols)
     figure, axes = _figure(ncols, rows_per_depth * len(depths), (4.0, 2.9), sharey=True)
     cmap = colormaps["viridis"]
+    drawn_axes = []
     for d, depth in enumerate(depths):
         group = []
         norm = BoundaryNorm([b - 0.5 for b in range(depth + 1)], cmap.N)
@@ -240,13 +262,16 @@ def plot_grads(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
             if not drawn:
                 _no_data(ax)
                 continue
-            ax.set_yscale("log")
+            drawn_axes.append(ax)
+            _log_y(ax)
             if i // ncols == rows_per_depth - 1 or i + ncols >= len(schemes):
                 ax.set_xlabel("training step")
             if i % ncols == 0:
                 ax.set_ylabel("gradient L2 norm")
         for j in range(len(schemes), rows_per_depth * ncols):  # unused panels in the depth's last row
             axes[d * rows_per_depth + j // ncols][j % ncols].set_visible(False)
+        for ax in drawn_axes:  # again, now that the shared y-range holds every panel's data
+            _log_y(ax)
         bar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=group, shrink=0.9, pad=0.01,
                               ticks=range(depth) if depth <= 16 else None)
         bar.set_label("block (0 = next to the embedding)")
@@ -291,7 +316,7 @@ def plot_profile(ablation: Ablation, path: Path, colours: dict[str, str]) -> boo
                 _no_data(ax)
                 continue
             if log:
-                ax.set_yscale("log")
+                _log_y(ax)
             ax.set_ylabel(unit)
             if key == "drift":
                 ax.axhline(1.0, color="#999999", lw=0.8, ls=":")
@@ -309,6 +334,9 @@ def plot_profile(ablation: Ablation, path: Path, colours: dict[str, str]) -> boo
     return True
 
 
+AMAX_LABELS = {"amax_gain_forward": "forward: largest row sum", "amax_gain_backward": "backward: largest column sum"}
+
+
 def amax_keys(ablation: Ablation) -> list[str]:
     keys: dict[str, None] = {}
     for run in ablation.runs:
@@ -316,7 +344,7 @@ def amax_keys(ablation: Ablation) -> list[str]:
             for key, value in record.items():
                 if key.startswith("amax_gain") and _finite(value):
                     keys.setdefault(key, None)
-    return sorted(keys)
+    return sorted(keys, key=lambda k: (k not in AMAX_LABELS, list(AMAX_LABELS).index(k) if k in AMAX_LABELS else 0, k))
 
 
 def plot_amax(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
@@ -324,6 +352,8 @@ def plot_amax(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
     keys = amax_keys(ablation)
     if not keys:
         return False
+    with_data = [s for s in ablation.schemes
+                 if any(k in r for run in ablation.runs if run.residual == s for r in run.records for k in keys)]
     depths = ablation.depths
     figure, axes = _figure(len(keys), len(depths), (4.6, 3.1), sharex=True)
     for row, depth in enumerate(depths):
@@ -341,15 +371,18 @@ def plot_amax(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
                 ax.plot(steps, mean, color=colours[scheme], lw=2)
                 if len(runs) > 1:
                     ax.fill_between(steps, lo, hi, color=colours[scheme], alpha=0.18, lw=0)
-            ax.set_title(f"{key}  ·  {depth} block{'s' if depth != 1 else ''}", fontsize=10)
+            label = AMAX_LABELS.get(key, key)
+            ax.set_title(f"{label}  ·  {depth} block{'s' if depth != 1 else ''}", fontsize=10)
             if not drawn:
                 _no_data(ax)
                 continue
-            ax.set_yscale("log")
             ax.axhline(1.0, color="#999999", lw=0.8, ls=":")
+            _log_y(ax)
+            if col == 0:
+                ax.set_ylabel("Amax gain")
             if row == len(depths) - 1:
                 ax.set_xlabel("training step")
-    _scheme_legend(figure, ablation, colours)
+    _scheme_legend(figure, ablation, colours, schemes=with_data)
     figure.suptitle(f"Amax gain of the composite residual mixing ({_seed_note(ablation)})", fontsize=12,
                     fontweight="bold")
     _save(figure, path)
@@ -370,8 +403,9 @@ def make_plots(ablation: Ablation) -> list[Plot]:
          f"each log window) per scheme, one column per depth ({seeds}). Lower is better."),
         ("grads.png", plot_grads, "Gradient norm per block vs step",
          "L2 norm of all gradients inside each block, before clipping, on log steps; colour runs from block 0 "
-         "(dark, next to the embedding) to the last block (yellow, next to the head). Shared log y-axis: "
-         "lines far apart mean some blocks get much less training signal than others."),
+         "(dark, next to the embedding) to the last block (yellow, next to the head). One y-axis for all panels, "
+         "logarithmic when the norms span a decade or more: lines far apart mean some blocks get much less "
+         "training signal than others."),
         ("profile.png", plot_profile, "The residual stream per block at the end of training",
          f"At the last logged step of each run ({seeds}): the RMS of the stream after each block, the drift "
          "(cosine similarity between what enters and what leaves a block: 1 = unchanged, 0 = replaced) and the "

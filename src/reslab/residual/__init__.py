@@ -16,6 +16,8 @@ SCHEMES: dict[str, str] = {
     "deepnorm": "reslab.residual.deepnorm:DeepNorm",
     "add": "reslab.residual.add:PlainAdd",
     "article-edit": "reslab.residual.article_edit:ArticleEdit",
+    "hc": "reslab.residual.hc:HyperConnections",
+    "mhc": "reslab.residual.mhc:ManifoldHyperConnections",
 }
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,8 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--vocab-size": ("vocab_size", int, "BPE vocabulary size"),
     "--steps": ("steps", int, "optimizer steps (default 2000)"),
     "--stop-at": ("stop_at", int, "checkpoint and stop after this step; --resume continues (schedule unchanged)"),
-    "--batch": ("batch", int, "sequences per step (default 32)"),
+    "--batch": ("batch", int, "sequences per step, over all processes of a torchrun job (default 32)"),
+    "--grad-accum": ("grad_accum", int, "split each step's batch into this many micro-batches (default 1)"),
     "--lr": ("lr", float, "peak learning rate (default 1e-3)"),
     "--min-lr": ("min_lr", float, "final learning rate of the cosine decay (default lr/10)"),
     "--warmup": ("warmup", int, "linear warmup steps (default 100)"),
@@ -27,6 +27,9 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--beta1": ("beta1", float, "AdamW beta1 (default 0.9)"),
     "--beta2": ("beta2", float, "AdamW beta2 (default 0.99)"),
     "--grad-clip": ("grad_clip", float, "clip the gradient norm to this (default 1.0; 0 = off)"),
+    "--optimizer": ("optimizer", str, "adamw (default) or muon (Muon for hidden matrices, AdamW for the rest)"),
+    "--muon-lr": ("muon_lr", float, "Muon learning rate (default 0.02)"),
+    "--dtype": ("dtype", str, "fp32 (default) or bf16 autocast (AVX512-BF16/AMX CPUs, CUDA)"),
     "--seed": ("seed", int, "seed for init, batches and dropout (default 1337)"),
     "--device": ("device", str, "auto (default: cuda if present), cpu, cuda, cuda:N"),
     "--eval-interval": ("eval_interval", int, "steps between validation estimates (default 250)"),
@@ -42,6 +45,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     for flag, (_, kind, text) in TRAIN_FLAGS.items():
         group.add_argument(flag, type=kind, help=text)
     group.add_argument("--no-diagnostics", action="store_true", help="skip gradient norms and stream probes")
+    group.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     return group
 
 
@@ -55,6 +59,9 @@ def register(commands) -> None:
     group.add_argument("--print-grad-norms", action="store_true", help="print every parameter's gradient norm")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     group.add_argument("--json", action="store_true", help="print summary.json to stdout at the end")
+    group.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 (default DDP)")
+    group.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                       help="under torchrun: fail the job when a rank is silent this long (default 600)")
     train.set_defaults(handler=cmd_train)
 
     sample = commands.add_parser("sample", help="generate text from a trained run")
@@ -82,10 +89,16 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         values["data"] = normalise_data(values["data"])
     if args.no_diagnostics:
         values["diagnostics"] = False
+    if args.compile:
+        values["compile"] = True
     if getattr(args, "print_grad_norms", False):
         values["print_grad_norms"] = True
     if getattr(args, "no_progress", False):
         values["progress"] = False
+    if getattr(args, "fsdp", False):
+        values["fsdp"] = True
+    if getattr(args, "dist_timeout", None) is not None:
+        values["dist_timeout"] = args.dist_timeout
     return values
 
 
@@ -110,8 +123,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         config["model"] = model_name(args)
         overrides = model_overrides(args)
         run_dir = args.out or Path("runs") / f"{config['model']}-{overrides.get('residual', 'default')}"
-    setup = prepare(config, overrides, run_dir, resume=resume, overwrite=args.overwrite, command=sys.argv[1:])
-    summary = train(setup)
+    setup = prepare(config, overrides, run_dir, resume=resume, overwrite=args.overwrite, command=args.argv)
+    from reslab.train import distributed
+
+    with distributed.job(run_dir):  # under torchrun: clear errors when a rank fails, group closed at the end
+        summary = train(setup)
+    if not distributed.is_main():
+        return 0  # rank 0 prints
     if "stopped_at" in summary:
         print(f"stopped at step {summary['stopped_at']}; continue with: reslab train --resume {run_dir}")
         return 0

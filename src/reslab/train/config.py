@@ -10,8 +10,8 @@ from reslab.errors import ReslabError, check_positive
 
 # Fields that may change when a run is resumed; every other field must match the run's config.json.
 RESUMABLE_FIELDS = frozenset(
-    {"steps", "stop_at", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device", "print_grad_norms",
-     "progress"}
+    {"steps", "stop_at", "compile", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device", "print_grad_norms",
+     "progress", "grad_accum", "fsdp", "dist_timeout"}  # the last three leave the global batch, hence the run, as is
 )
 
 
@@ -23,7 +23,8 @@ class TrainConfig:
     vocab_size: int | None = None  # BPE vocabulary size (char: from the corpus)
     steps: int = 2000
     stop_at: int | None = None  # checkpoint and exit after this step (the schedule still runs to `steps`)
-    batch: int = 32
+    batch: int = 32  # the global batch: per-rank batch x world size x grad_accum
+    grad_accum: int = 1  # micro-batches per step (gradients summed); same loss curve, less activation memory
     lr: float = 1e-3
     min_lr: float | None = None  # cosine floor; default lr / 10 (nanoGPT)
     warmup: int = 100
@@ -31,6 +32,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
+    optimizer: str = "adamw"  # "adamw" or "muon" (Muon for hidden matrices, AdamW for the rest)
+    muon_lr: float = 0.02
+    dtype: str = "fp32"  # "fp32" or "bf16" (autocast; fp32 master weights)
+    compile: bool = False  # torch.compile the model (falls back to eager where unavailable)
     seed: int = 1337
     device: str = "auto"  # auto: cuda if present, else cpu
     eval_interval: int = 250
@@ -40,13 +45,23 @@ class TrainConfig:
     diagnostics: bool = True
     print_grad_norms: bool = False
     progress: bool = True
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state with FSDP2 (else DDP)
+    dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before the job fails
 
     def validate(self) -> None:
         check_positive(steps=self.steps, stop_at=self.stop_at, batch=self.batch, lr=self.lr, eval_interval=self.eval_interval,
                        eval_batches=self.eval_batches, log_interval=self.log_interval,
-                       checkpoint_interval=self.checkpoint_interval, vocab_size=self.vocab_size)
+                       checkpoint_interval=self.checkpoint_interval, vocab_size=self.vocab_size,
+                       grad_accum=self.grad_accum, dist_timeout=self.dist_timeout)
+        if self.batch % self.grad_accum:
+            raise ReslabError(f"--batch {self.batch} is not divisible by --grad-accum {self.grad_accum}; "
+                              "micro-batches must be equal")
         if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ReslabError("warmup, weight decay and grad clip must be >= 0")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ReslabError(f"unknown optimizer {self.optimizer!r}; choose one of: adamw, muon")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ReslabError(f"unknown dtype {self.dtype!r}; choose one of: bf16, fp32")
         if self.tokenizer not in ("char", "bpe"):
             raise ReslabError(f"unknown tokenizer {self.tokenizer!r}; choose one of: bpe, char")
         if self.tokenizer == "bpe" and self.vocab_size is None:

@@ -8,10 +8,10 @@ JSON object per logged step), checkpoint.safetensors + state.json, and summary.j
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -21,18 +21,18 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from reslab import __version__
 from reslab.data import BatchSampler, Tokenizer, build_tokenizer, encode_corpus, load_text, load_tokenizer, split_tokens
 from reslab.errors import ReslabError
 from reslab.io import read_json, write_json
 from reslab.models import build_model, make_config
-from reslab.probe import StreamProbe, gradient_norms
-from reslab.train.checkpoint import CHECKPOINT, CONFIG, load_model_tensors, read_checkpoint, restore_optimizer, save_checkpoint
+from reslab.train.checkpoint import CHECKPOINT, CONFIG, read_checkpoint
 from reslab.train.config import RESUMABLE_FIELDS, TrainConfig
+from reslab.train.distributed import check_launch, connect
 from reslab.train.progress import Reporter
-from reslab.train.schedule import build_adamw, lr_at
+from reslab.train.schedule import build_optimizer, lr_at
+from reslab.train.step import TrainStep
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -70,6 +70,7 @@ def prepare(config_overrides: dict[str, Any], model_overrides: dict[str, Any], r
     if resume:
         saved = _read_saved_config(run_dir)
         config = _merge_for_resume(saved, config_overrides, model_overrides)
+        check_launch(config)  # batch vs world size, --fsdp outside torchrun
         model_name, model_config = saved["model"], dict(saved["model_config"])
         text, description = load_text(config.data)
         if hashlib.sha256(text.encode()).hexdigest() != saved["data"]["sha256"]:
@@ -79,6 +80,7 @@ def prepare(config_overrides: dict[str, Any], model_overrides: dict[str, Any], r
     else:
         _check_output_dir(run_dir, overwrite)
         config = TrainConfig.from_dict(config_overrides)
+        check_launch(config)
         model_name = config.model
         make_config(model_name, **model_overrides)  # fail on a bad model flag before the data is read
         text, description = load_text(config.data)
@@ -154,18 +156,21 @@ def _init_run_dir(setup: RunSetup) -> None:
 
 
 @torch.no_grad()
-def estimate_loss(model: nn.Module, tokens: torch.Tensor, batch: int, context: int, batches: int, seed: int,
+def estimate_loss(step: TrainStep, tokens: torch.Tensor, batch: int, context: int, batches: int, seed: int,
                   device: torch.device) -> float:
-    """Mean loss over `batches` batches drawn from a fixed seed: the same batches at every evaluation."""
-    was_training = model.training
-    model.eval()
+    """Mean loss over `batches` batches drawn from a fixed seed: the same batches at every evaluation.
+
+    Uses the training step's forward (compiled, autocast) in eval mode, so it measures the model being trained.
+    """
+    was_training = step.model.training
+    step.model.eval()
     sampler = BatchSampler(tokens, batch, context, torch.Generator().manual_seed(seed), device)
     total = torch.zeros((), device=device)
     for _ in range(batches):
         x, y = sampler.sample()
-        total += F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-    model.train(was_training)
-    return total.item() / batches
+        total += step.loss(step.world.rows(x), step.world.rows(y))  # each rank its share; the mean over ranks below
+    step.model.train(was_training)
+    return step.world.mean(total).item() / batches
 
 
 def _rng_state(batch_generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -197,11 +202,15 @@ class NonFiniteLoss(ReslabError):
 def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run (or continue) the training described by `setup`; returns the summary written to summary.json."""
     config, run_dir = setup.config, setup.run_dir
-    device = resolve_device(config.device)
-    reporter = reporter or Reporter(enabled=config.progress)
+    world = connect(config, resolve_device(config.device))  # one process, or this rank of a torchrun job
+    device = world.device
+    reporter = reporter or Reporter(enabled=config.progress and world.is_main)
     torch.manual_seed(config.seed)
     model = build_model(setup.model_name, **setup.model_config).to(device)
-    optimizer = build_adamw(model, config.lr, config.weight_decay, (config.beta1, config.beta2), device)
+    parallel = world.parallelize(model)  # DDP wrapper, FSDP2-sharded model, or the model itself (one process)
+    optimizer = build_optimizer(config, model, device)
+    train_step = TrainStep(parallel, optimizer, config.grad_clip, device, config.dtype, config.compile,
+                           micro_batches=config.grad_accum, console=reporter.console, world=world)
     batch_generator = torch.Generator().manual_seed(config.seed)
     context = setup.model_config["context"]
     sampler = BatchSampler(setup.train_tokens, config.batch, context, batch_generator, device)
@@ -209,23 +218,26 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
     state: dict[str, Any] = {"step": 0, "best_val_loss": None, "train_seconds": 0.0, "tokens_seen": 0}
     if setup.resume:
         tensors, meta = read_checkpoint(run_dir / CHECKPOINT)
-        load_model_tensors(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        restore_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith("optimizer.")}, meta["optimizer"])
+        world.load_model(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        world.load_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith("optimizer.")}, meta["optimizer"])
         _restore_rng({k: v for k, v in tensors.items() if k.startswith("rng.")}, batch_generator, device)
         state.update(meta["state"])
-        _truncate_metrics(run_dir / METRICS, state["step"])
+        if world.is_main:  # only rank 0 writes the run directory
+            _truncate_metrics(run_dir / METRICS, state["step"])
         reporter.note(f"resuming {run_dir} at step {state['step']}")
-    else:
+    elif world.is_main:
         _init_run_dir(setup)
     parameters = sum(p.numel() for p in model.parameters())
     if state["step"] >= config.steps:
         reporter.note(f"{run_dir} already finished {state['step']} steps; pass --steps N (N > {state['step']}) to continue")
+        if not world.is_main:
+            return {"steps": state["step"]}  # rank 0 returns the summary
         if not (run_dir / SUMMARY).exists():  # killed between the last checkpoint and the summary
             write_json(run_dir / SUMMARY, _summary(setup, state, parameters, run_dir))
         return read_json(run_dir / SUMMARY)
 
-    writer = _tensorboard_writer(run_dir)
-    metrics_file = open(run_dir / METRICS, "a")
+    writer = _tensorboard_writer(run_dir) if world.is_main else None
+    metrics_file = open(run_dir / METRICS if world.is_main else os.devnull, "a")
     tokens_per_step = config.batch * context
     last_val = None
     last_checkpoint = state["step"]
@@ -246,7 +258,7 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
         nonlocal last_checkpoint
         # the open log window too, so a resumed run logs the same mean loss as an uninterrupted one
         window = {"window_loss_sum": loss_sum.item(), "window_steps": steps_in_window}
-        save_checkpoint(run_dir, model, optimizer, rng, {**state, **window, "step": step_done})
+        world.save_checkpoint(run_dir, model, optimizer, rng, {**state, **window, "step": step_done})
         last_checkpoint = step_done
 
     end = min(config.steps, config.stop_at or config.steps)
@@ -255,23 +267,13 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
             rng_before_step = _rng_state(batch_generator, device)
             lr = lr_at(step, config.lr, config.floor_lr, config.warmup, config.steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             step_done = step + 1
             log_now = step_done % config.log_interval == 0 or step_done == config.steps
-            probe = StreamProbe() if (log_now and config.diagnostics) else None
             x, y = sampler.sample()
-            with probe.attached(model) if probe else contextlib.nullcontext():
-                logits = model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            loss.backward()
-            norms = None
-            if probe is not None:
-                norms = gradient_norms(model, clip=config.grad_clip)  # norms before clipping, then clips
-            elif config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
+            result = train_step(x, y, diagnostics=log_now and config.diagnostics)
+            norms, probe = result.norms, result.probe
+            loss_sum += result.loss
             steps_in_window += 1
             step = step_done
 
@@ -288,7 +290,7 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
                                           "train_seconds": state["train_seconds"]}
                 if norms is not None:
                     record.update(norms.to_metrics())
-                    record.update(probe.to_metrics())
+                    record.update(probe.to_metrics(reduce=world.sum))  # sums over ranks: the global batch's stream
                     sites = [site for _, _, site in model.residual_sites()]
                     record.update(type(sites[0]).scheme_metrics(sites))
                     if config.print_grad_norms:
@@ -311,9 +313,9 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
                     state["tokens_seen"] += steps_in_window * tokens_per_step
                     loss_sum.zero_()
                     steps_in_window = 0
-                last_val = estimate_loss(model, setup.val_tokens, config.batch, context, config.eval_batches,
+                last_val = estimate_loss(train_step, setup.val_tokens, config.batch, context, config.eval_batches,
                                          config.seed + 1, device)
-                train_eval = estimate_loss(model, setup.train_tokens, config.batch, context, config.eval_batches,
+                train_eval = estimate_loss(train_step, setup.train_tokens, config.batch, context, config.eval_batches,
                                            config.seed + 2, device)
                 if state["best_val_loss"] is None or last_val < state["best_val_loss"]:
                     state["best_val_loss"] = last_val
@@ -346,6 +348,8 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
     state["step"] = step
     if step < config.steps:
         return {"stopped_at": step}
+    if not world.is_main:
+        return {"steps": step}  # rank 0 writes and returns the summary
     summary = _summary(setup, state, parameters, run_dir)
     write_json(run_dir / SUMMARY, summary)
     return summary

@@ -30,3 +30,13 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[f
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=device.type != "cpu" or None)
+
+
+def build_optimizer(config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (default) or Muon for hidden matrices + AdamW for the rest (`--optimizer muon`)."""
+    betas = (config.beta1, config.beta2)
+    if config.optimizer == "muon":
+        from reslab.train.muon import MuonAdamW
+
+        return MuonAdamW(model, config.lr, config.muon_lr, config.weight_decay, betas)
+    return build_adamw(model, config.lr, config.weight_decay, betas, device)

@@ -36,8 +36,10 @@ class Diagram:
             raise ReslabError(f"--depth must be 0 or more, got {depth}")
         kinds = Counter(r.kind for r in result.residuals)
         by_kind = ", ".join(f"{kinds[k]} {k}" for k in KINDS if kinds[k])
-        subtitle = (f"{result.model} · {len(result.residuals)} residuals" + (f" ({by_kind})" if by_kind else "") +
-                    f" · {len(result.blocks)} blocks · dead: {', '.join(result.dead) or 'none'}")
+        residuals, blocks = len(result.residuals), len(result.blocks)
+        subtitle = (f"{result.model} · {residuals} residual{'' if residuals == 1 else 's'}" +
+                    (f" ({by_kind})" if by_kind else "") + f" · {blocks} block{'' if blocks == 1 else 's'}" +
+                    f" · dead: {', '.join(result.dead) or 'none'}")
         return cls(build_view(result, depth=depth, unroll=unroll), subtitle)
 
     def svg(self) -> str:

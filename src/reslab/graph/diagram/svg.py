@@ -34,7 +34,6 @@ FONT = "ui-monospace, SFMono-Regular, Menlo, Consolas, monospace"
 @dataclass
 class Box:
     item: Item
-    row: int
     main: bool
     width: float
     height: float
@@ -106,124 +105,149 @@ class _Lanes:
         return len(self.ends) - 1
 
 
-def render_svg(view: View, subtitle: str = "") -> str:
-    items = view.items
-    on_main = set(main_path(view))
-    boxes = {item.id: Box(item, row, item.id in on_main, *_size(item)) for row, item in enumerate(items)}
-    main_width = max([b.width for b in boxes.values() if b.main] + [120.0])
-    if any(item.kind == "residual" for item in items):
-        longest_kind = max(len(item.detail) for item in items if item.kind == "residual")
-        main_width = max(main_width, 2 * (RADIUS + 10 + longest_kind * SMALL))
-    side_width = max([b.width for b in boxes.values() if not b.main] + [0.0])
+STYLE = (
+    "<defs><marker id='arrow' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' markerHeight='7' "
+    "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#555'/></marker>"
+    "<marker id='arrow-skip' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' markerHeight='7' "
+    "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#d9822b'/></marker></defs>\n"
+    "<style>.box{fill:#eaf1fb;stroke:#4a6fa5;stroke-width:1.2}.io{fill:#f4f4f4;stroke:#777}"
+    ".op{fill:#fff;stroke:#888}.add{fill:#fff4e5;stroke:#d9822b;stroke-width:1.6}"
+    ".dead{fill:#efefef;stroke:#aaa;stroke-dasharray:4 3}.deadtext{fill:#999}"
+    ".frame{fill:#fafafa;stroke:#b5b5b5;stroke-dasharray:6 3}.edge{fill:none;stroke:#555;stroke-width:1.2}"
+    ".skip{fill:none;stroke:#d9822b;stroke-width:1.6}.deadedge{fill:none;stroke:#bbb;stroke-dasharray:4 3}"
+    ".shape{fill:#777;font-size:10px}.cls{fill:#555;font-size:10px}.kind{fill:#b0601a;font-size:10px}"
+    ".title{font-weight:bold;stroke:#fafafa;stroke-width:5px;paint-order:stroke}</style>"
+)
 
-    # Rows, top to bottom, with room for frame titles.
-    first_of_group = {}
-    last_of_group = {}
-    for item in items:
-        if item.group is not None:
-            first_of_group.setdefault(item.group, item.id)
-            last_of_group[item.group] = item.id
-    y = MARGIN + (44 if subtitle else 30)
-    for item in items:
+
+@dataclass
+class Route:
+    edge: Edge
+    how: str  # "down" (main column), "side-down" (side column), "right" or "middle" (in a lane)
+    lane: int = 0
+
+
+@dataclass
+class Layout:
+    boxes: dict[str, Box]
+    routes: list[Route]
+    main_x: float
+    right_x0: float  # first lane right of the main column
+    middle_x0: float  # first lane between the side and main columns
+    height: float
+
+
+def layout(view: View, subtitle: str) -> Layout:
+    on_main = set(main_path(view))
+    boxes = {item.id: Box(item, item.id in on_main, *_size(item)) for item in view.items}
+    height = _place_rows(view, boxes, top=MARGIN + (44 if subtitle else 30))
+    routes, right_lanes, middle_lanes = _route(view, boxes)
+
+    main_width = max([b.width for b in boxes.values() if b.main] + [120.0])
+    kinds = [len(item.detail) for item in view.items if item.kind == "residual"]
+    if kinds:  # room for the kind label beside each add node
+        main_width = max(main_width, 2 * (RADIUS + 10 + max(kinds) * SMALL))
+    side_width = max([b.width for b in boxes.values() if not b.main] + [0.0])
+    side_x = MARGIN + 12 + side_width / 2
+    main_left = MARGIN + 12 + (side_width + 18 + middle_lanes * LANE + 12 if side_width else 0)
+    titles_width = max([(len(g.title) + 1) * CHAR for g in view.groups] + [0])
+    main_left = max(main_left, MARGIN + 16 + titles_width - main_width / 2)  # frame titles end left of the column
+    main_x = main_left + main_width / 2
+    for box in boxes.values():
+        box.x = main_x if box.main else side_x
+    return Layout(boxes, routes, main_x, main_x + main_width / 2 + 18, side_x + side_width / 2 + 18, height)
+
+
+def _place_rows(view: View, boxes: dict[str, Box], top: float) -> float:
+    """One row per item, top to bottom, with room for frame titles; returns the height used."""
+    firsts = {members[0].id for members in _members(view).values()}
+    lasts = {members[-1].id for members in _members(view).values()}
+    y = top
+    for item in view.items:
         box = boxes[item.id]
-        if item.id in first_of_group.values():
+        if item.id in firsts:
             y += FRAME_TITLE
         box.y = y + box.height / 2
-        y += box.height + ROW_GAP
-        if item.id in last_of_group.values():
-            y += 8
+        y += box.height + ROW_GAP + (8 if item.id in lasts else 0)
+    return y + 30
 
-    # Routes: which edges go straight, which take a lane.
-    main_seq = [item.id for item in items if boxes[item.id].main]
-    side_seq = [item.id for item in items if not boxes[item.id].main]
-    next_main = {a: b for a, b in zip(main_seq, main_seq[1:])}
-    next_side = {a: b for a, b in zip(side_seq, side_seq[1:])}
+
+def _route(view: View, boxes: dict[str, Box]) -> tuple[list[Route], int, int]:
+    """Straight where an edge joins neighbours in a column, else a lane; returns (routes, right lanes, middle)."""
+    main_seq = [item.id for item in view.items if boxes[item.id].main]
+    side_seq = [item.id for item in view.items if not boxes[item.id].main]
+    next_main = dict(zip(main_seq, main_seq[1:], strict=False))
+    next_side = dict(zip(side_seq, side_seq[1:], strict=False))
     right, middle = _Lanes(), _Lanes()
-    routes: list[tuple[Edge, str, int]] = []  # (edge, how, lane)
+    routes = []
     for edge in sorted(view.edges, key=lambda e: (boxes[e.src].y, boxes[e.dst].y)):
         src, dst = boxes[edge.src], boxes[edge.dst]
         if src.main and dst.main:
             if next_main.get(edge.src) == edge.dst:
-                routes.append((edge, "down", 0))
+                routes.append(Route(edge, "down"))
             else:  # leave below the centre and arrive above it, so consecutive skips can share a lane
-                routes.append((edge, "right", right.take(src.y + SPLIT, dst.y - SPLIT)))
+                routes.append(Route(edge, "right", right.take(src.y + SPLIT, dst.y - SPLIT)))
         elif not src.main and not dst.main and next_side.get(edge.src) == edge.dst:
-            routes.append((edge, "side-down", 0))
+            routes.append(Route(edge, "side-down"))
         else:
-            routes.append((edge, "middle", middle.take(min(src.y, dst.y), max(src.y, dst.y))))
+            routes.append(Route(edge, "middle", middle.take(min(src.y, dst.y), max(src.y, dst.y))))
+    return routes, len(right.ends), len(middle.ends)
 
-    # Columns, left to right: side column, middle lanes, main column, right lanes.
-    side_x = MARGIN + 12 + side_width / 2
-    main_left = MARGIN + 12 + (side_width + 18 + len(middle.ends) * LANE + 12 if side_width else 0)
-    main_x = main_left + main_width / 2
-    for box in boxes.values():
-        box.x = main_x if box.main else side_x
-    right_x0 = main_x + main_width / 2 + 18
-    middle_x0 = side_x + side_width / 2 + 18
-    width = right_x0 + len(right.ends) * LANE + MARGIN + 12
-    width = max(width, MARGIN * 2 + (len(view.title) + 2) * CHAR * 1.15,
-                MARGIN * 2 + max(len(subtitle), len(LEGEND)) * SMALL * 1.1)
-    height = y + 30
 
+def _members(view: View) -> dict[int, list[Item]]:
+    members: dict[int, list[Item]] = {}
+    for item in view.items:
+        if item.group is not None:
+            members.setdefault(item.group, []).append(item)
+    return members
+
+
+def render_svg(view: View, subtitle: str = "") -> str:
+    plan = layout(view, subtitle)
+    boxes = plan.boxes
+    frames, titles, frame_right = [], [], []
+    for index, members in _members(view).items():  # frames first, so edges and boxes draw over them
+        group, placed = view.groups[index], [boxes[item.id] for item in members]
+        top, bottom = placed[0].top - FRAME_TITLE + 4, placed[-1].bottom + 10
+        inner = [r.lane for r in plan.routes if r.how == "right" and boxes[r.edge.src].item.group == index
+                 and boxes[r.edge.dst].item.group == index]
+        left = min(min(b.left for b in placed) - 12, plan.main_x - 16 - (len(group.title) + 1) * CHAR)
+        badge = f"× {group.repeat}" if group.repeat > 1 else ""
+        right = max(max(b.right for b in placed) + 12, plan.right_x0 + (max(inner) + 1) * LANE if inner else 0,
+                    left + (len(group.title) + len(badge) + 4) * CHAR + 16)
+        frame_right.append(right)
+        frames.append(f'<rect class="frame" x="{left:.1f}" y="{top:.1f}" width="{right - left:.1f}" '
+                      f'height="{bottom - top:.1f}" rx="8"/>')
+        # titles go over the edges, on a halo, so a line through a frame title does not cross its letters
+        titles.append(f'<text class="title" x="{left + 8:.1f}" y="{top + 15:.1f}">{escape(group.title)}</text>')
+        if badge:
+            titles.append(f'<text class="title" x="{right - 8:.1f}" y="{top + 15:.1f}" text-anchor="end" '
+                          f'fill="#4a6fa5">{badge}</text>')
+    lanes = max([r.lane + 1 for r in plan.routes if r.how == "right"] + [0])
+    width = max([plan.right_x0 + lanes * LANE + MARGIN + 12, MARGIN * 2 + (len(view.title) + 2) * CHAR * 1.15,
+                 MARGIN * 2 + max(len(subtitle), len(LEGEND)) * SMALL * 1.1] + [r + MARGIN for r in frame_right])
+    height = plan.height
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
         f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="{FONT}" font-size="12">',
-        "<defs><marker id='arrow' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' markerHeight='7' "
-        "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#555'/></marker>"
-        "<marker id='arrow-skip' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' markerHeight='7' "
-        "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#d9822b'/></marker></defs>",
-        "<style>.box{fill:#eaf1fb;stroke:#4a6fa5;stroke-width:1.2}.io{fill:#f4f4f4;stroke:#777}"
-        ".op{fill:#fff;stroke:#888}.add{fill:#fff4e5;stroke:#d9822b;stroke-width:1.6}"
-        ".dead{fill:#efefef;stroke:#aaa;stroke-dasharray:4 3}.deadtext{fill:#999}"
-        ".frame{fill:#fafafa;stroke:#b5b5b5;stroke-dasharray:6 3}.edge{fill:none;stroke:#555;stroke-width:1.2}"
-        ".skip{fill:none;stroke:#d9822b;stroke-width:1.6}.deadedge{fill:none;stroke:#bbb;stroke-dasharray:4 3}"
-        ".shape{fill:#777;font-size:10px}.cls{fill:#555;font-size:10px}.kind{fill:#b0601a;font-size:10px}"
-        ".title{font-weight:bold;stroke:#fafafa;stroke-width:5px;paint-order:stroke}"
-        "</style>",
-        f'<rect width="100%" height="100%" fill="#fff"/>',
+        STYLE,
+        '<rect width="100%" height="100%" fill="#fff"/>',
         f'<text x="{MARGIN}" y="{MARGIN + 12}" font-size="14" font-weight="bold">{escape(view.title)}</text>',
     ]
     if subtitle:
         out.append(f'<text x="{MARGIN}" y="{MARGIN + 30}" class="cls">{escape(subtitle)}</text>')
-
-    # Frames first, so boxes and edges draw over them.
-    titles: list[str] = []
-    frame_right: list[float] = []
-    for index, group in enumerate(view.groups):
-        if index not in first_of_group:
-            continue
-        top = boxes[first_of_group[index]].top - FRAME_TITLE + 4
-        bottom = boxes[last_of_group[index]].bottom + 10
-        members = [b for b in boxes.values() if b.item.group == index]
-        inner = [lane for edge, how, lane in routes if how == "right" and boxes[edge.src].item.group == index
-                 and boxes[edge.dst].item.group == index]
-        left = min(b.left for b in members) - 12
-        badge = f"× {group.repeat}" if group.repeat > 1 else ""
-        right_edge = max(max(b.right for b in members) + 12, right_x0 + (max(inner) + 1) * LANE if inner else 0,
-                         left + (len(group.title) + len(badge) + 4) * CHAR + 16)
-        frame_right.append(right_edge)
-        out.append(f'<rect class="frame" x="{left:.1f}" y="{top:.1f}" width="{right_edge - left:.1f}" '
-                   f'height="{bottom - top:.1f}" rx="8"/>')
-        titles.append(f'<text class="title" x="{left + 8:.1f}" y="{top + 15:.1f}">{escape(group.title)}</text>')
-        if badge:
-            titles.append(f'<text class="title" x="{right_edge - 8:.1f}" y="{top + 15:.1f}" text-anchor="end" '
-                          f'fill="#4a6fa5">{badge}</text>')
-
-    for edge, how, lane in routes:
-        out.append(_edge(edge, how, lane, boxes, right_x0, middle_x0))
-    out += titles  # over the edges, on a halo, so a line through a frame title does not cross its letters
-    for box in boxes.values():
-        out.append(_node(box))
+    out += frames
+    out += [_edge(route, plan) for route in plan.routes]
+    out += titles
+    out += [_node(box) for box in boxes.values()]
     out.append(f'<text x="{MARGIN}" y="{height - 12:.0f}" class="cls">{escape(LEGEND)}</text>')
     out.append("</svg>")
-    width = max([width] + [edge + MARGIN for edge in frame_right])
-    out[0] = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-              f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="{FONT}" font-size="12">')
     return "\n".join(out) + "\n"
 
 
-def _edge(edge: Edge, how: str, lane: int, boxes: dict[str, Box], right_x0: float, middle_x0: float) -> str:
-    src, dst = boxes[edge.src], boxes[edge.dst]
+def _edge(route: Route, plan: Layout) -> str:
+    edge, how = route.edge, route.how
+    src, dst = plan.boxes[edge.src], plan.boxes[edge.dst]
     css = "skip" if edge.skip else "deadedge" if edge.dead else "edge"
     marker = "arrow-skip" if edge.skip else "arrow"
     label = ""
@@ -235,10 +259,10 @@ def _edge(edge: Edge, how: str, lane: int, boxes: dict[str, Box], right_x0: floa
     elif how == "side-down":
         points = [(src.x, src.bottom), (dst.x, dst.top)]
     elif how == "right":
-        x = right_x0 + lane * LANE
+        x = plan.right_x0 + route.lane * LANE
         points = [(src.right, src.y + SPLIT), (x, src.y + SPLIT), (x, dst.y - SPLIT), (dst.right, dst.y - SPLIT)]
     else:
-        x = middle_x0 + lane * LANE
+        x = plan.middle_x0 + route.lane * LANE
         start = (src.right, src.y) if not src.main else (src.left, src.y)
         end = (dst.left, dst.y) if dst.main else (dst.right, dst.y)
         points = [start, (x, src.y), (x, dst.y), end]

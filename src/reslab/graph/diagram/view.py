@@ -16,9 +16,10 @@ marked "x N" unless `unroll` is asked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from reslab.graph.audit import Audit
+from reslab.graph.paths import inside, relative
 from reslab.graph.trace import Trace
 
 
@@ -69,9 +70,7 @@ def shape_text(shape: tuple[int, ...] | None) -> str:
 
 
 def build_view(audit: Audit, depth: int = 1, unroll: bool = False) -> View:
-    trace = audit.trace
-    builder = _Builder(audit, trace, depth)
-    view = builder.build()
+    view = _Builder(audit, audit.trace, depth).build()
     return view if unroll else fold(view)
 
 
@@ -82,9 +81,10 @@ class _Builder:
         self.live = trace.live()
         self.items: dict[str, Item] = {}
         self.unit: list[str | None] = [None] * len(trace.nodes)
-        self.block_calls = {}
+        block_paths = {b.path for b in audit.blocks}
+        self.block_calls: dict[str, int] = {}  # block path -> its first call
         for call in trace.calls:
-            if any(b.path == call.path for b in audit.blocks):
+            if call.path in block_paths:
                 self.block_calls.setdefault(call.path, call.id)
         self.open = self._open_calls()
 
@@ -97,7 +97,7 @@ class _Builder:
             if call.depth < self.depth or call.id in self.block_calls.values():
                 open_calls.add(call.id)
             parent = trace.calls[call.parent] if call.parent >= 0 else None
-            if parent is not None and parent.path and not _inside(call.path, parent.path):
+            if parent is not None and parent.path and not inside(call.path, parent.path):
                 open_calls.add(parent.id)  # a call that runs a module it does not own: show what it runs
         return open_calls
 
@@ -144,7 +144,7 @@ class _Builder:
         for call_id, mode in drawn.items():
             if mode == "box":
                 call = self.trace.calls[call_id]
-                dead = any(_inside(call.path, d) for d in self.audit.dead)
+                dead = any(inside(call.path, d) for d in self.audit.dead)
                 self._add(f"c{call_id}", "module", call.path or "(model)", call.cls, members[call_id][0], dead,
                           call.path)
         edges = self._edges()
@@ -211,7 +211,7 @@ class _Builder:
                 if node_call is not None and trace.within(node_call, call_id):
                     item.group = index
                     if item.kind == "module":
-                        item.label = _relative(item.path, block.path)
+                        item.label = relative(item.path, block.path)
         return groups
 
     def _item_call(self, item: Item) -> int | None:
@@ -245,19 +245,12 @@ def fold(view: View) -> View:
             group = Group(f"{group.paths[0]} … {last} · {group.title.split(' · ')[-1]}", run - g,
                           [view.groups[k].paths[0] for k in range(g, run)])
             for k in range(g + 1, run):
-                for mine, first in zip(members.get(k, []), members.get(g, [])):
+                for mine, first in zip(members[k], members[g], strict=True):
                     alias[mine.id] = first.id
         keep_groups.append(group)
         g = run
-    items = []
-    for item in view.items:
-        if item.id in alias:
-            continue
-        if item.group is not None:
-            if item.group not in renumber:
-                continue
-            item.group = renumber[item.group]
-        items.append(item)
+    items = [replace(item, group=None if item.group is None else renumber[item.group])
+             for item in view.items if item.id not in alias]
     order = {item.id: item.order for item in items}
     group_of = {item.id: item.group for item in items}
     edges: dict[tuple[str, str], Edge] = {}
@@ -276,17 +269,9 @@ def fold(view: View) -> View:
 
 def _signature(view: View, items: list[Item]) -> tuple:
     index = {item.id: i for i, item in enumerate(items)}
-    inside = sorted((index[e.src], index[e.dst], e.skip) for e in view.edges if e.src in index and e.dst in index)
-    return tuple((i.kind, i.label, i.detail, i.dead) for i in items), tuple(inside)
+    internal = sorted((index[e.src], index[e.dst], e.skip) for e in view.edges if e.src in index and e.dst in index)
+    return tuple((i.kind, i.label, i.detail, i.dead) for i in items), tuple(internal)
 
 
 def _same_list(a: str, b: str) -> bool:
     return a.rpartition(".")[0] == b.rpartition(".")[0]
-
-
-def _inside(path: str, ancestor: str) -> bool:
-    return ancestor == "" or path == ancestor or path.startswith(ancestor + ".")
-
-
-def _relative(path: str, block: str) -> str:
-    return path[len(block) + 1:] if path.startswith(block + ".") else path

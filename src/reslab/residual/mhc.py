@@ -1,0 +1,83 @@
+import torch
+import torch.nn as nn
+
+from reslab.residual.base import SiteSpec
+from reslab.residual.multistream import MultiStreamSite
+
+PROJ_INIT_STD = 0.02  # the dynamic projections phi start small and random, so the gates get a gradient at once
+
+
+class SinkhornKnopp(nn.Module):
+    """Projects logits onto the doubly-stochastic matrices: `M0 = exp(logits)`, then rows and columns are
+    normalised in turn, `iterations` times. Entries end >= 0 and rows and columns sum to 1, so the spectral norm
+    is at most 1 and products of such matrices stay doubly stochastic.
+
+    Computed in log space (subtracting the log-sum-exp of each row, then of each column), so large logits cannot
+    overflow `exp`. The last step normalises the columns, which therefore sum to 1 exactly; the rows to within
+    the remaining Sinkhorn error.
+    """
+
+    def __init__(self, iterations: int = 20):
+        super().__init__()
+        self.iterations = iterations
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        log_matrix = logits
+        for _ in range(self.iterations):
+            log_matrix = log_matrix - log_matrix.logsumexp(dim=-1, keepdim=True)  # rows sum to 1
+            log_matrix = log_matrix - log_matrix.logsumexp(dim=-2, keepdim=True)  # columns sum to 1
+        return log_matrix.exp()
+
+    def extra_repr(self) -> str:
+        return f"iterations={self.iterations}"
+
+
+class ManifoldHyperConnections(MultiStreamSite):
+    """mHC: hyper-connections whose stream mix is constrained to the doubly-stochastic matrices.
+
+        x_(l+1) = H_res x_l + H_post^T F(LN(H_pre x_l))          x_l: n streams x C channels
+
+    The connection weights are computed per token from the flattened, RMS-normalised streams x' = RMSNorm(vec(x_l)):
+    `H~_pre = a_pre (x' phi_pre) + b_pre`, `H~_post = a_post (x' phi_post) + b_post`,
+    `H~_res = a_res mat(x' phi_res) + b_res`, with gates a = 0.01 at init, and then projected:
+    `H_pre = sigmoid(H~_pre)`, `H_post = 2 sigmoid(H~_post)`, `H_res = SinkhornKnopp(H~_res)` (20 iterations).
+    Init of the static parts (not fixed by the paper; chosen here): HC's static init read as logits,
+    b_pre = e_(k mod n), b_res = I, and b_post = 0 so that H_post = 1 = HC's B. At init the streams stay equal
+    copies of pre-LN's stream (any doubly-stochastic mix keeps equal streams equal).
+    DeepSeek-AI 2025, mHC: Manifold-Constrained Hyper-Connections (arXiv 2512.24880).
+
+    Here `read` is H_pre, `stream_mix` is H_res and `write` is H_post.
+    """
+
+    name = "mhc"
+    formula = "x = H_res x + H_post^T F(LN(H_pre x)),  H_res doubly stochastic"
+    paper = "DeepSeek-AI 2025, mHC: Manifold-Constrained Hyper-Connections (arXiv 2512.24880)"
+    option_defaults = {**MultiStreamSite.option_defaults, "sinkhorn_iters": 20}
+
+    def __init__(self, spec: SiteSpec):
+        super().__init__(spec)
+        n = self.streams
+        self.rms_eps = 1e-6
+        # phi_pre | phi_post | phi_res in one matrix: (n C) x (n + n + n^2)
+        self.dynamic_proj = nn.Parameter(torch.randn(n * spec.width, 2 * n + n * n) * PROJ_INIT_STD)
+        self.gates = nn.Parameter(torch.full((3,), 0.01))  # a_pre, a_post, a_res
+        self.read_bias = nn.Parameter(torch.eye(n)[spec.depth_index % n].clone())  # b_pre
+        self.write_bias = nn.Parameter(torch.zeros(n))  # b_post
+        self.mix_bias = nn.Parameter(torch.eye(n).flatten())  # b_res, flat: a bias, not decayed by AdamW
+        self.sinkhorn = SinkhornKnopp(self.options["sinkhorn_iters"])
+
+    def connection_weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = self.streams
+        flat = streams.flatten(-2)  # vec(x_l): (..., n C)
+        # RMSNorm(vec(x)) phi == (vec(x) phi) / rms(vec(x)): normalising after the matmul (as the paper's kernels
+        # do) saves a pass over the wide stream
+        inv_rms = torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + self.rms_eps)
+        projected = (flat @ self.dynamic_proj) * inv_rms
+        pre, post, res = projected.split([n, n, n * n], dim=-1)
+        read = torch.sigmoid(self.gates[0] * pre + self.read_bias)
+        write = 2 * torch.sigmoid(self.gates[1] * post + self.write_bias)
+        stream_mix = self.sinkhorn(self.gates[2] * res.unflatten(-1, (n, n)) + self.mix_bias.view(n, n))
+        return read, stream_mix, write
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sinkhorn_iters={self.sinkhorn.iterations}"

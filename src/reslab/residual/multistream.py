@@ -1,0 +1,146 @@
+"""What hyper-connections (`hc`) and mHC (`mhc`) share: n parallel residual streams and one update rule.
+
+The residual stream is widened to `n` streams `H` (shape `(batch, seq, n, width)`, streams next to channels).
+At every sublayer a site computes three connection weights and updates the streams:
+
+    h  = read @ H                      read the sublayer's input: a weighted sum of the streams
+    H' = stream_mix @ H + write (x) F(LN(h))   mix the streams, and write the sublayer's output into each
+
+`read` (n), `stream_mix` (n x n) and `write` (n) are static parameters or computed per token; a scheme only says
+how (`connection_weights`). The mix and the write are ordinary tensor ops (`matmul`, then `+`), so a tracer sees
+the skip pass through a stream mix and the branch join it with an add.
+
+The model calls `ParallelStreams.widen` once after the embedding (n copies) and `reduce` once before the final norm
+(the sum over streams, as in the HC paper).
+
+Diagnostic (mHC paper, arXiv 2512.24880): the *Amax gain* of the composite mix `stream_mix_L ... stream_mix_1`,
+its largest absolute row sum (how much the forward signal can grow) and column sum (the backward gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from reslab.errors import ReslabError
+from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter
+
+STREAM_AXIS = -2  # streams sit next to the channels: (batch, seq, n, width)
+
+
+class ParallelStreams(StreamAdapter):
+    """n copies of the embedding in; their sum out."""
+
+    def __init__(self, streams: int):
+        super().__init__()
+        self.streams = streams
+
+    def widen(self, x: torch.Tensor) -> torch.Tensor:
+        # a real copy, not a stride-0 view: batched matmuls on stride-0 operands fall off BLAS's fast path
+        return x.unsqueeze(STREAM_AXIS).expand(*x.shape[:-1], self.streams, x.shape[-1]).contiguous()
+
+    def reduce(self, streams: torch.Tensor) -> torch.Tensor:
+        return read_streams(streams.new_ones(self.streams), streams)  # the sum over streams
+
+    def extra_repr(self) -> str:
+        return f"streams={self.streams}"
+
+
+class MultiStreamSite(ResidualSite):
+    """Base of the multi-stream schemes: the update rule, the probe's view and the Amax gain diagnostic."""
+
+    option_defaults = {"streams": 4}
+
+    def __init__(self, spec: SiteSpec):
+        super().__init__(spec)
+        self.streams = self.options["streams"]
+        self.norm = spec.make_norm(spec.width)  # the sublayer's own pre-norm, applied to what it reads
+        self.last_stream_mix: torch.Tensor | None = None  # kept from a probed forward for `scheme_metrics`
+
+    @classmethod
+    def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        options = super().resolve_options(given)
+        streams = options["streams"]
+        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
+            raise ReslabError(f"residual scheme {cls.name!r}: streams must be a positive integer, got {streams!r}")
+        return options
+
+    @classmethod
+    def stream_adapter(cls, width: int, num_layers: int, options: Mapping[str, Any]) -> StreamAdapter:
+        return ParallelStreams(cls.resolve_options(options)["streams"])
+
+    def connection_weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(read (..., n), stream_mix (..., n, n), write (..., n)): static, or per token (leading batch, seq)."""
+        raise NotImplementedError
+
+    def forward(self, streams: torch.Tensor, sublayer: nn.Module) -> torch.Tensor:
+        read, stream_mix, write = self.connection_weights(streams)
+        h = read_streams(read, streams)  # the sublayer's input: a weighted sum of the streams
+        fx = sublayer(self.norm(h))
+        out = mix_streams(stream_mix, streams) + write_streams(write, fx)
+        if self.probe is not None:
+            self.last_stream_mix = stream_mix.detach()
+            # the probe measures one stream: the mean of the n, which at init is exactly pre-LN's stream
+            self.observe(streams.mean(STREAM_AXIS), fx, out.mean(STREAM_AXIS))
+        return out
+
+    @classmethod
+    def scheme_metrics(cls, sites: list[ResidualSite]) -> dict[str, float]:
+        """Amax gain of the composite stream mix of the last probed forward (max over tokens)."""
+        mixes = [site.last_stream_mix for site in sites]
+        if not mixes or any(mix is None for mix in mixes):
+            return {}
+        forward, backward = amax_gain(mixes)
+        return {"amax_gain_forward": forward, "amax_gain_backward": backward}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, streams={self.streams}"
+
+
+@torch.no_grad()
+def composite_mix(stream_mixes: list[torch.Tensor]) -> torch.Tensor:
+    """`stream_mix_L @ ... @ stream_mix_1`: how the streams entering the first site reach the last site's output
+    along the skip paths alone. Static (n, n) and per-token (batch, seq, n, n) matrices broadcast together."""
+    composite = stream_mixes[0].double()
+    for mix in stream_mixes[1:]:
+        composite = mix.double() @ composite
+    return composite
+
+
+def amax_gain(stream_mixes: list[torch.Tensor]) -> tuple[float, float]:
+    """(largest absolute row sum, largest absolute column sum) of the composite mix, maximised over tokens.
+
+    The row sum bounds how much the forward signal can grow through the skips, the column sum the gradient
+    (mHC paper, arXiv 2512.24880: HC reaches about 3000 at 27B, mHC stays at or below about 1.6)."""
+    composite = composite_mix(stream_mixes).abs()
+    return composite.sum(-1).amax().item(), composite.sum(-2).amax().item()
+
+
+# The three stream operations. Each is one batched matmul over tokens with contiguous operands, static weights
+# copied once per token (a few bytes each): no Python loop over streams, and no stride-0 or transposed view of the
+# wide stream, which would push CPU BLAS off its fast path (a broadcast `(n, n) @ (B, T, n, D)` copies the stream).
+# Their gradients come out contiguous too, which keeps the next site's backward on the fast path.
+
+def per_token(weights: torch.Tensor, tokens: torch.Size, shape: tuple[int, ...]) -> torch.Tensor:
+    return weights.expand(*tokens, *shape).contiguous()
+
+
+def read_streams(read: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """`sum_i read_i H_i`: (..., n) weights, (..., n, D) streams -> (..., D)."""
+    n = streams.shape[STREAM_AXIS]
+    return (per_token(read, streams.shape[:-2], (n,)).unsqueeze(-2) @ streams).squeeze(-2)
+
+
+def mix_streams(stream_mix: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """`stream_mix @ H`: (..., n, n) @ (..., n, D) -> (..., n, D), the same shape as the streams."""
+    n = streams.shape[STREAM_AXIS]
+    return per_token(stream_mix, streams.shape[:-2], (n, n)) @ streams
+
+
+def write_streams(write: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+    """`write^T F`: the sublayer's output into every stream with its weight, (..., n) x (..., D) -> (..., n, D)."""
+    n = write.shape[-1]
+    return per_token(write, fx.shape[:-1], (n,)).unsqueeze(-1) * fx.unsqueeze(-2)

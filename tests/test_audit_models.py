@@ -1,0 +1,158 @@
+"""The audit on real architectures, built from config on the meta device: reslab's own models under every
+residual scheme, and Hugging Face transformers models."""
+
+import pytest
+import torch
+
+import reslab
+from reslab.graph import KINDS, audit
+from reslab.graph.targets import load_target
+from reslab.residual import get_scheme
+
+# What each scheme's residual is, by the definitions in reslab/graph/residuals.py; None: no residual at all.
+SCHEME_KINDS = {
+    "none": None, "post-none": None, "article-edit": None,
+    "pre": "identity", "sandwich": "identity", "add": "identity",
+    "post": "normalized", "deepnorm": "normalized",
+    "rezero": "scaled", "layerscale": "scaled",
+    "hc": "multi-stream", "mhc": "multi-stream",
+}
+
+
+def meta_audit(name: str, **config):
+    with torch.device("meta"):
+        model = reslab.build_model(name, **config)
+    return audit(model, (torch.zeros(1, 8, dtype=torch.long, device="meta"),), name)
+
+
+@pytest.mark.parametrize("model", ["tiny", "gpt", "llama"])
+@pytest.mark.parametrize("scheme", reslab.list_schemes())
+def test_every_scheme_of_every_model(model, scheme):
+    result = meta_audit(model, layers=2, residual=scheme)
+    assert [b.path for b in result.blocks] == ["blocks.0", "blocks.1"]
+    assert all(r.kind in KINDS for r in result.residuals)
+    if not get_scheme(scheme).has_skip:
+        assert result.residuals == [], f"{scheme} has no skip, yet the audit found {result.residuals}"
+        assert result.summary() == {"residual_count": 0, "blocks_with_residuals": 0, "blocks_without": 2}
+        return
+    if scheme not in SCHEME_KINDS:
+        pytest.skip(f"scheme {scheme!r} is new: add what its audit must say to SCHEME_KINDS")
+    expected = SCHEME_KINDS[scheme]
+    assert expected is not None, f"scheme {scheme} has a skip but SCHEME_KINDS says it has none"
+    assert [r.kind for r in result.residuals] == [expected] * 4  # two per block: around attention, around the FFN
+    for layer in range(2):
+        attn, ffn = result.residuals[2 * layer: 2 * layer + 2]
+        assert f"blocks.{layer}.attn" in attn.wraps and f"blocks.{layer}.ffn" not in attn.wraps
+        assert f"blocks.{layer}.ffn" in ffn.wraps and f"blocks.{layer}.attn" not in ffn.wraps
+        assert attn.owner == f"blocks.{layer}.attn_residual" and ffn.owner == f"blocks.{layer}.ffn_residual"
+        assert attn.skip_from == f"blocks.{layer}.attn_residual:in"
+    assert result.dead == [] and result.not_run == []
+
+
+def test_pre_ln_reports_the_norm_on_the_branch_and_two_per_block():
+    result = meta_audit("llama", layers=3, residual="pre")
+    assert result.summary() == {"residual_count": 6, "blocks_with_residuals": 3, "blocks_without": 0}
+    first = result.residuals[0].to_dict()
+    assert first == {"owner": "blocks.0.attn_residual", "skip_from": "blocks.0.attn_residual:in",
+                     "wraps": ["blocks.0.attn_residual.norm", "blocks.0.attn"], "kind": "identity"}
+    assert result.lines()[1] == ("blocks.0: 2 residuals — around attn (+attn_residual.norm), around ffn "
+                                 "(+ffn_residual.norm); none inside attn, none inside ffn")
+    assert result.modules["blocks.0"] == 2 and result.modules[""] == 6 and result.modules["blocks.0.attn"] == 0
+
+
+def test_article_edit_has_no_residual_and_dead_sublayers():
+    """The TinyTransformer article's ablation: deleting `x = x + output` left attention and FFN computed and
+    thrown away. The audit must say exactly that."""
+    with torch.device("meta"):
+        model = reslab.build_model("tiny", residual="article-edit")
+    result = audit(model, (torch.zeros(1, 8, dtype=torch.long, device="meta"),))
+    assert result.residuals == []
+    assert result.dead == ["blocks.0.attn", "blocks.0.ffn"]
+    assert "blocks.0: 0 residuals; attn is dead, ffn is dead" in result.lines()
+    # the honest control keeps the sublayers alive
+    honest = meta_audit("tiny", residual="post-none")
+    assert honest.residuals == [] and honest.dead == []
+
+
+def test_deep_mlp_shortcuts_wrap_their_layer():
+    result = audit(reslab.build_model("mlp"), (torch.ones(1, 3),))
+    assert [r.owner for r in result.residuals] == [f"shortcuts.{i}" for i in range(4)]  # not the last (3 -> 1)
+    assert [r.wraps for r in result.residuals] == [(f"layers.{i}",) for i in range(4)]
+    without = audit(reslab.build_model("mlp", shortcut=False), (torch.ones(1, 3),))
+    assert without.residuals == []
+
+
+# --- Hugging Face transformers ------------------------------------------------------------------------------------
+HF = {
+    # model type: (blocks, residuals per block, kind, owner of the first residual, its wraps)
+    "gpt2": (["h.0", "h.1"], 2, "identity", "h.0", ["h.0.ln_1", "h.0.attn"]),
+    "llama": (["layers.0", "layers.1"], 2, "identity", "layers.0",
+              ["layers.0.input_layernorm", "layers.0.self_attn"]),
+    "qwen3": (["layers.0", "layers.1"], 2, "identity", "layers.0",
+              ["layers.0.input_layernorm", "layers.0.self_attn"]),
+    "mistral": (["layers.0", "layers.1"], 2, "identity", "layers.0",
+                ["layers.0.input_layernorm", "layers.0.self_attn"]),
+}
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("model_type", list(HF))
+def test_hf_decoders(transformers, model_type):
+    blocks, per_block, kind, owner, wraps = HF[model_type]
+    target = load_target(f"hf:{model_type}")
+    result = audit(target.model, target.inputs)
+    assert all(p.device.type == "meta" for p in target.model.parameters())
+    assert [b.path for b in result.blocks] == blocks
+    assert len(result.residuals) == per_block * len(blocks)
+    assert {r.kind for r in result.residuals} == {kind}
+    assert result.residuals[0].owner == owner and list(result.residuals[0].wraps) == wraps
+    assert result.residuals[0].skip_from == f"{owner}:in"
+    assert result.residuals[1].wraps[-1].endswith("mlp")
+    assert result.dead == [] and result.not_run == []
+
+
+def test_hf_llama_summary_line(transformers):
+    target = load_target("hf:llama", {"num_hidden_layers": 3})
+    result = audit(target.model, target.inputs)
+    assert len(result.blocks) == 3
+    assert ("layers.2: 2 residuals — around self_attn (+input_layernorm), around mlp (+post_attention_layernorm); "
+            "none inside self_attn, none inside mlp") in result.lines()
+
+
+def test_hf_bert_post_ln_add_inside_the_submodule_that_receives_the_skip(transformers):
+    target = load_target("hf:bert")
+    result = audit(target.model, target.inputs)
+    assert len(result.residuals) == 4 and {r.kind for r in result.residuals} == {"normalized"}
+    attn, ffn = result.residuals[:2]
+    # BertSelfOutput.forward(hidden_states, input_tensor) performs LayerNorm(dense(h) + input_tensor)
+    assert attn.owner == "encoder.layer.0.attention.output"
+    assert attn.skip_from == "encoder.layer.0.attention:in"
+    assert attn.wraps == ("encoder.layer.0.attention.self", "encoder.layer.0.attention.output.dense")
+    assert ffn.owner == "encoder.layer.0.output" and ffn.skip_from == "encoder.layer.0.attention:out"
+    assert result.modules["encoder.layer.0.attention"] == 1
+
+
+def test_hf_t5_encoder_decoder(transformers):
+    target = load_target("hf:t5")
+    result = audit(target.model, target.inputs)
+    assert [b.path for b in result.blocks] == ["encoder.block.0", "encoder.block.1", "decoder.block.0",
+                                               "decoder.block.1"]
+    assert [len(b.residuals) for b in result.blocks] == [2, 2, 3, 3]  # the decoder adds cross-attention
+    cross = result.residuals[5]
+    assert cross.owner == "decoder.block.0.layer.1" and cross.wraps[-1] == "decoder.block.0.layer.1.EncDecAttention"
+    # the encoder output feeds the cross-attention keys and values, but it is not that residual's skip
+    assert cross.skip_from == "decoder.block.0.layer.1:in"
+    assert {r.kind for r in result.residuals} == {"identity"}
+
+
+def test_hf_vit(transformers):
+    target = load_target("hf:vit")
+    assert set(target.inputs) == {"pixel_values"}
+    result = audit(target.model, target.inputs)
+    assert len(result.blocks) == 2 and len(result.residuals) == 4
+    assert {r.kind for r in result.residuals} == {"identity"}
+    assert result.summary()["blocks_without"] == 0
