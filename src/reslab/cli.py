@@ -13,6 +13,7 @@ from reslab.errors import ReslabError
 COMMAND_MODULES: list[str] = [
     "reslab.train.commands",
     "reslab.ablate.commands",
+    "reslab.bench",
     "reslab.report.commands",
     "reslab.graph.commands",
 ]

@@ -26,10 +26,18 @@ BOOL_FLAGS: dict[str, tuple[str, str]] = {
     "tie-embeddings": ("tie_embeddings", "share the token embedding with the LM head (gpt, llama)"),
     "qk-norm": ("qk_norm", "per-head RMSNorm of queries and keys, as in Qwen3 (llama)"),
 }
-# Residual scheme hyper-parameters: flag -> option name in the scheme's `option_defaults`.
+# Residual scheme hyper-parameters: flag -> option name in the scheme's `option_defaults`. A `bool` option is a
+# switch (`--hc-dynamic`): given, it sets the option to true.
 SCHEME_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--layerscale-init": ("layerscale_init", float, "LayerScale init (default: CaiT's rule by depth)"),
     "--rezero-init": ("rezero_init", float, "ReZero's initial alpha (default 0)"),
+    "--streams": ("streams", int, "parallel residual streams n of hc and mhc (default 4)"),
+    "--hc-dynamic": ("hc_dynamic", bool, "hc: dynamic, input-dependent connection weights (default static)"),
+    "--sinkhorn-iters": ("sinkhorn_iters", int, "mhc: Sinkhorn-Knopp iterations (default 20)"),
+    "--attnres-block": ("attnres_block", int, "attnres: transformer blocks per AttnRes block (default 0 = full)"),
+    "--value-mix": ("value_mix", float, "value-residual: weight m of a layer's own values, lerp(v_1, v, m) "
+                                        "(default 0.5)"),
+    "--value-mix-learned": ("value_mix_learned", bool, "value-residual: learn m per head, starting at --value-mix"),
 }
 
 
@@ -49,7 +57,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "t
     for flag, (_, text) in BOOL_FLAGS.items():
         group.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None, help=text)
     for flag, (_, kind, text) in SCHEME_FLAGS.items():
-        group.add_argument(flag, type=kind, help=text)
+        if kind is bool:
+            group.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            group.add_argument(flag, type=kind, help=text)
 
 
 def model_name(args: argparse.Namespace) -> str:

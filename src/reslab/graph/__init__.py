@@ -1,8 +1,9 @@
 """Architecture truth: the residual connections, dead modules and diagram of any PyTorch model, read from the
-traced computation of one forward pass (`reslab audit`, `reslab diagram`)."""
+traced computation of one forward pass (`reslab audit`, `reslab diagram`; see docs/audit.md)."""
 
 from reslab.graph.audit import Audit, audit
+from reslab.graph.diagram import Diagram, diagram
 from reslab.graph.residuals import KINDS, Residual
 from reslab.graph.trace import Trace, TraceError, trace_model
 
-__all__ = ["KINDS", "Audit", "Residual", "Trace", "TraceError", "audit", "trace_model"]
+__all__ = ["KINDS", "Audit", "Diagram", "Residual", "Trace", "TraceError", "audit", "diagram", "trace_model"]

@@ -53,15 +53,11 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace):
     """The audit of the TARGET the arguments name."""
     from reslab.graph import audit
-    from reslab.graph.targets import kind_of, load_target, parse_sets
+    from reslab.graph.targets import kind_of, load_target
     from reslab.graph.trace import TraceError
 
     kind = kind_of(args.target)
-    if args.model is not None and args.model != args.target:
-        raise ReslabError(f"the TARGET names the model; drop --model {args.model}")
-    overrides = _model_flags(args, kind)
-    overrides.update(parse_sets(args.sets))
-    target = load_target(args.target, overrides, args.device)
+    target = load_target(args.target, target_overrides(args), args.device)
     try:
         return audit(target.model, target.inputs, target.label)
     except TraceError as error:
@@ -71,16 +67,22 @@ def load(args: argparse.Namespace):
         raise ReslabError(f"tracing {target.label} failed: {error}{hint}") from None
 
 
-def _model_flags(args: argparse.Namespace, kind: str) -> dict:
+def target_overrides(args: argparse.Namespace) -> dict:
+    """The config fields the arguments set: model flags (built-in models only), then `--set`."""
     from reslab.cli_args import BOOL_FLAGS, MODEL_FLAGS, SCHEME_FLAGS, model_overrides
+    from reslab.graph.targets import kind_of, parse_sets
 
-    if kind == "builtin":
-        return model_overrides(args, model=args.target)
-    flags = [*MODEL_FLAGS, *SCHEME_FLAGS, *(f"--{flag}" for flag in BOOL_FLAGS), "--residual"]
-    given = [flag for flag in flags if getattr(args, flag[2:].replace("-", "_"), None) is not None]
-    if given:
-        raise ReslabError(f"{given[0]} applies to built-in models only; for {args.target} use --set KEY=VALUE")
-    return {}
+    if args.model is not None and args.model != args.target:
+        raise ReslabError(f"the TARGET names the model; drop --model {args.model}")
+    if kind_of(args.target) == "builtin":
+        overrides = model_overrides(args, model=args.target)
+    else:
+        flags = [*MODEL_FLAGS, *SCHEME_FLAGS, *(f"--{flag}" for flag in BOOL_FLAGS), "--residual"]
+        given = [flag for flag in flags if getattr(args, flag[2:].replace("-", "_"), None) is not None]
+        if given:
+            raise ReslabError(f"{given[0]} applies to built-in models only; for {args.target} use --set KEY=VALUE")
+        overrides = {}
+    return {**overrides, **parse_sets(args.sets)}
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

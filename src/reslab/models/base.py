@@ -99,6 +99,18 @@ class LanguageModel(nn.Module):
             total -= self.pos_emb.weight.numel()
         return total
 
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), the PaLM / nanoGPT estimate:
+
+        6 * N_matmul + 12 * L * (heads * head_dim) * T, where N_matmul counts the weights of every Linear layer (the
+        LM head included, tied or not; embeddings, norms and biases excluded, being lookups or elementwise), and the
+        second term is the attention score and value matmuls over a context of T tokens (causal masking not halved).
+        """
+        seq_len = seq_len or self.config.context
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attention = sum(12 * block.attn.heads * block.attn.head_dim * seq_len for block in self.blocks)
+        return 6.0 * matmul_weights + attention
+
     def residual_sites(self):
         """(block index, sublayer index, site) for every place a sublayer meets the stream."""
         for layer, block in enumerate(self.blocks):

@@ -4,6 +4,8 @@ One class covers GPT-2 (MHA, learned positions outside), Llama/MiniMind (GQA + R
 Attention itself is `F.scaled_dot_product_attention` with a causal mask: no Python loop over tokens.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,6 +41,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.out_dropout = nn.Dropout(dropout)
         self.split_sizes = (q_size, kv_size, kv_size)
+        # values (batch, kv_heads, seq, head_dim) -> values: set by a residual scheme that mixes values across
+        # layers (ResFormer's value residual, via `init_branch`); None: the values are used as computed
+        self.value_mix: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -46,6 +51,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.value_mix is not None:
+            v = self.value_mix(v)
         if self.q_norm is not None:  # Qwen3: normalise each head's q and k before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:

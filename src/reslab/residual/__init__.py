@@ -18,6 +18,8 @@ SCHEMES: dict[str, str] = {
     "article-edit": "reslab.residual.article_edit:ArticleEdit",
     "hc": "reslab.residual.hc:HyperConnections",
     "mhc": "reslab.residual.mhc:ManifoldHyperConnections",
+    "attnres": "reslab.residual.attnres:AttentionResiduals",
+    "value-residual": "reslab.residual.value_residual:ValueResidual",
 }
 
 

@@ -107,13 +107,17 @@ class World:
             return model
         if self.size == 1:
             return model
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel
 
-        # find_unused_parameters: a scheme may discard a branch (article-edit); its parameters then get no
-        # gradient, and DDP leaves them without one, as a single process would. Buffers (RoPE tables) are
-        # computed from the config, identical on every rank: no need to broadcast them at every forward.
+        # Buffers (RoPE tables) are computed from the config, the same on every rank: no broadcast at each forward.
+        no_buffer_sync = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                       find_unused_parameters=True, broadcast_buffers=False)
+                                       find_unused_parameters=_has_unused_parameters(model, self.device),
+                                       **no_buffer_sync)
 
     def micro_batches(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -295,6 +299,24 @@ def unwrap(module: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def _has_unused_parameters(model: nn.Module, device: torch.device) -> bool:
+    """Whether a parameter gets no gradient (a scheme that discards its branch, e.g. article-edit).
+
+    DDP must then look for unused parameters at every step (an extra pass over the autograd graph), and leaves
+    them without a gradient, as one process would; other models skip that cost. Found with one forward and
+    backward of a single token, with the random state put back afterwards.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            model(torch.zeros(1, 1, dtype=torch.long, device=device)).float().sum().backward()
+        except Exception:  # noqa: BLE001 (a model that takes other input: let DDP look at every step)
+            model.zero_grad(set_to_none=True)
+            return True
+    unused = any(p.grad is None for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    return unused
 
 
 def _collective_failure(error: BaseException) -> bool:

@@ -1,0 +1,104 @@
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from reslab.errors import ReslabError
+from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter
+
+SOURCE_AXIS = -2  # the earlier outputs sit next to the channels: (batch, seq, sources, width)
+
+
+def depth_attention(sources: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sum_i softmax_i(query . RMSNorm(v_i)) v_i` over the sources v_i: (..., S, D) -> ((..., D), weights (..., S)).
+
+    The keys are RMS-normalised so that a source cannot win the softmax by its size alone; no learned gain (the
+    query already has one weight per channel)."""
+    keys = F.rms_norm(sources, sources.shape[-1:])
+    weights = (keys @ query).softmax(dim=-1)  # (..., S)
+    return (weights.unsqueeze(-2) @ sources).squeeze(-2), weights
+
+
+class DepthAttentionOutput(StreamAdapter):
+    """In: the embedding as the first source. Out: one more depth attention, with its own pseudo-query (zero at init:
+    the mean of the sources, which the final norm turns into pre-LN's output)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(width))
+
+    def widen(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(SOURCE_AXIS)
+
+    def reduce(self, sources: torch.Tensor) -> torch.Tensor:
+        return depth_attention(sources, self.query)[0]
+
+
+class AttentionResiduals(ResidualSite):
+    """Attention residuals: each sublayer reads a learned, input-dependent mix of the earlier outputs, not their sum.
+
+        h_l = sum_(i<l) alpha_(i->l) v_i,   alpha_(i->l) = softmax_i(w_l . RMSNorm(v_i)),   v_l = F(LN(h_l))
+
+    The sources v_i are the embedding v_0 and the earlier sublayer outputs; `w_l` is one learned pseudo-query per
+    sublayer, zero at init, so every earlier output starts with the same non-zero weight 1/l (the mean, which
+    after LN is pre-LN's input). Block AttnRes (`attnres_block k`, k transformer blocks per AttnRes block) keeps
+    ordinary residuals inside each block, `b = b + F`, and attends over the finished block sums and the open one
+    (memory O(N d) for N blocks instead of O(L d)); k = 0 is full AttnRes. The LM head reads a last depth
+    attention with its own pseudo-query.
+    Kimi Team (Moonshot AI) 2026, Attention Residuals (arXiv 2603.15031).
+
+    The stream is the stack of sources, shape (batch, seq, S, width); its last source is the open block's sum.
+    """
+
+    name = "attnres"
+    formula = "h_l = sum_i softmax_i(w_l . RMSNorm(v_i)) v_i;  v_l = F(LN(h_l))"
+    paper = "Kimi Team 2026, Attention Residuals (arXiv 2603.15031)"
+    option_defaults = {"attnres_block": 0}
+
+    def __init__(self, spec: SiteSpec):
+        super().__init__(spec)
+        self.norm = spec.make_norm(spec.width)
+        self.query = nn.Parameter(torch.zeros(spec.width))  # w_l
+        block_sublayers = self.options["attnres_block"] * spec.sublayers_per_block or 1  # 0: full, one per block
+        self.opens_block = spec.depth_index % block_sublayers == 0  # this output starts a new source
+        self.last_weights: torch.Tensor | None = None  # mean weight per source, kept from a probed forward
+
+    @classmethod
+    def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        options = super().resolve_options(given)
+        block = options["attnres_block"]
+        if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+            raise ReslabError(f"attnres_block must be an integer >= 0 (0 = full AttnRes), got {block!r}")
+        return options
+
+    @classmethod
+    def stream_adapter(cls, width: int, num_layers: int, options: Mapping[str, Any]) -> StreamAdapter:
+        return DepthAttentionOutput(width)
+
+    def forward(self, sources: torch.Tensor, sublayer: nn.Module) -> torch.Tensor:
+        h, weights = depth_attention(sources, self.query)
+        fx = sublayer(self.norm(h))
+        if self.opens_block:  # the open block is finished; F starts the next one
+            out = torch.cat([sources, fx.unsqueeze(SOURCE_AXIS)], dim=SOURCE_AXIS)
+        else:  # inside a block: an ordinary residual on the open block's sum
+            open_block = sources[..., -1, :] + fx
+            out = torch.cat([sources[..., :-1, :], open_block.unsqueeze(SOURCE_AXIS)], dim=SOURCE_AXIS)
+        if self.probe is not None:
+            self.last_weights = weights.detach().flatten(0, -2).mean(0)
+            # the probe measures the plain residual stream (embedding + all outputs so far) that AttnRes replaces
+            stream = sources.sum(SOURCE_AXIS)
+            self.observe(stream, fx, stream + fx)
+        return out
+
+    @classmethod
+    def scheme_metrics(cls, sites: list[ResidualSite]) -> dict[str, Any]:
+        """Mean depth-attention weight of each source (embedding first), per sublayer, from the last probed forward."""
+        if not sites or any(site.last_weights is None for site in sites):
+            return {}
+        return {"attnres_weights": [site.last_weights.tolist() for site in sites]}
+
+    def extra_repr(self) -> str:
+        block = self.options["attnres_block"]
+        return f"{super().extra_repr()}, {'block ' + str(block) if block else 'full'}"
