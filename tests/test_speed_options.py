@@ -81,7 +81,7 @@ def test_orthogonalize_flattens_singular_values():
         before = torch.linalg.svdvals(update)
         after = torch.linalg.svdvals(orthogonalize(update))
         assert after.max() < 1.25 and after.min() > 0.5, shape  # Muon's quintic: roughly 0.7 .. 1.2, not exactly 1
-        assert after.max() / after.min() < (before.max() / before.min()) / 2
+        assert after.max() / after.min() < (before.max() / before.min()) / 1.5
 
 
 def test_muon_trains_and_splits_parameters():

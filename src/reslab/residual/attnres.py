@@ -53,7 +53,7 @@ class AttentionResiduals(ResidualSite):
     """
 
     name = "attnres"
-    formula = "h_l = sum_i softmax_i(w_l . RMSNorm(v_i)) v_i;  v_l = F(LN(h_l))"
+    formula = "h = sum_i softmax_i(w . RMSNorm(v_i)) v_i"
     paper = "Kimi Team 2026, Attention Residuals (arXiv 2603.15031)"
     option_defaults = {"attnres_block": 0}
 

@@ -1,6 +1,10 @@
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn as nn
 
+from reslab.errors import ReslabError
 from reslab.residual.base import SiteSpec
 from reslab.residual.multistream import MultiStreamSite
 
@@ -39,6 +43,13 @@ class HyperConnections(MultiStreamSite):
             # one projection for all dynamic terms: columns [read | stream_mix row | write] per stream
             self.dynamic_proj = nn.Parameter(torch.zeros(spec.width, n + 2))
             self.dynamic_scale = nn.Parameter(torch.tensor([0.01, 0.01]))  # s_a (read, mix), s_b (write)
+
+    @classmethod
+    def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        options = super().resolve_options(given)
+        if not isinstance(options["hc_dynamic"], bool):
+            raise ReslabError(f"hc_dynamic must be true or false, got {options['hc_dynamic']!r}")
+        return options
 
     def connection_weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.streams

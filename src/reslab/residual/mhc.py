@@ -1,6 +1,10 @@
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn as nn
 
+from reslab.errors import ReslabError
 from reslab.residual.base import SiteSpec
 from reslab.residual.multistream import MultiStreamSite
 
@@ -53,7 +57,7 @@ class ManifoldHyperConnections(MultiStreamSite):
     """
 
     name = "mhc"
-    formula = "x = H_res x + H_post^T F(LN(H_pre x)),  H_res doubly stochastic"
+    formula = "x = H_res x + H_post^T F(LN(H_pre x))"
     paper = "DeepSeek-AI 2025, mHC: Manifold-Constrained Hyper-Connections (arXiv 2512.24880)"
     option_defaults = {**MultiStreamSite.option_defaults, "sinkhorn_iters": 20}
 
@@ -68,6 +72,14 @@ class ManifoldHyperConnections(MultiStreamSite):
         self.write_bias = nn.Parameter(torch.zeros(n))  # b_post
         self.mix_bias = nn.Parameter(torch.eye(n).flatten())  # b_res, flat: a bias, not decayed by AdamW
         self.sinkhorn = SinkhornKnopp(self.options["sinkhorn_iters"])
+
+    @classmethod
+    def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        options = super().resolve_options(given)
+        iterations = options["sinkhorn_iters"]
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ReslabError(f"sinkhorn_iters must be a positive integer, got {iterations!r}")
+        return options
 
     def connection_weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.streams

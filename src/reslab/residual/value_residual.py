@@ -37,7 +37,7 @@ class ValueResidual(ResidualSite):
     """
 
     name = "value-residual"
-    formula = "x = x + F(LN(x)),  attention values v = lerp(v_1, v, m)"
+    formula = "x = x + F(LN(x)),  v = lerp(v_1, v, m)"
     paper = "Zhou et al. 2024, ResFormer: Value Residual Learning (arXiv 2410.17897)"
     option_defaults = {"value_mix": 0.5, "value_mix_learned": False}
 
