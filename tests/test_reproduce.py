@@ -53,7 +53,8 @@ def test_quick_reproduction_prints_a_verdict(reproduce, name):
 
 def test_tiny_residual_shows_the_article_edit_is_a_bigram_model(reproduce):
     """With the edit, nothing flows through attention or FFN: no gradient reaches them in training."""
-    _, _, out = reproduce("tiny-residual")
+    _, result, out = reproduce("tiny-residual")
+    assert "audit of (b): 0 residuals, dead: blocks.0.attn, blocks.0.ffn" in result["verdict"]
     records = lambda run: [json.loads(line) for line in  # noqa: E731
                            (out / "runs" / run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     edited = [m for m in records("article-edit-L1-s0") if "grad_norms" in m][-1]["grad_norms"]

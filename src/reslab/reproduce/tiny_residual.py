@@ -43,16 +43,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _audit_note() -> str:
-    """What `reslab audit` says of the edited model, when the audit is available."""
-    try:
-        from reslab.graph import audit_model
-    except ImportError:
-        return ""
+    """What `reslab audit` finds in the edited model: no residuals, and the sublayers it discarded are dead."""
     import torch
 
+    from reslab.graph import audit
     from reslab.models import build_model
 
-    model = build_model("tiny", residual="article-edit")
-    report = audit_model(model, (torch.zeros(1, 8, dtype=torch.long),))
+    with torch.device("meta"):
+        model = build_model("tiny", residual="article-edit")
+    report = audit(model, (torch.zeros(1, 8, dtype=torch.long, device="meta"),), target="tiny --residual article-edit")
     return (f"; audit of (b): {len(report.residuals)} residuals, dead: "
             f"{', '.join(report.dead) if report.dead else 'none'}")

@@ -60,7 +60,8 @@ class AttentionResiduals(ResidualSite):
     def __init__(self, spec: SiteSpec):
         super().__init__(spec)
         self.norm = spec.make_norm(spec.width)
-        self.query = nn.Parameter(torch.zeros(spec.width))  # w_l
+        # w_l; the first sublayer has one source, the embedding, so nothing to weigh and no query
+        self.query = nn.Parameter(torch.zeros(spec.width)) if spec.depth_index > 0 else None
         block_sublayers = self.options["attnres_block"] * spec.sublayers_per_block or 1  # 0: full, one per block
         self.opens_block = spec.depth_index % block_sublayers == 0  # this output starts a new source
         self.last_weights: torch.Tensor | None = None  # mean weight per source, kept from a probed forward
@@ -78,7 +79,10 @@ class AttentionResiduals(ResidualSite):
         return DepthAttentionOutput(width)
 
     def forward(self, sources: torch.Tensor, sublayer: nn.Module) -> torch.Tensor:
-        h, weights = depth_attention(sources, self.query)
+        if self.query is None:
+            h, weights = sources[..., 0, :], sources.new_ones(sources.shape[:-1])
+        else:
+            h, weights = depth_attention(sources, self.query)
         fx = sublayer(self.norm(h))
         if self.opens_block:  # the open block is finished; F starts the next one
             out = torch.cat([sources, fx.unsqueeze(SOURCE_AXIS)], dim=SOURCE_AXIS)
