@@ -248,3 +248,18 @@ def test_tinyshakespeare_file(cli, tinyshakespeare, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["model_config"]["vocab_size"] == 65
     assert config["data"]["train_tokens"] == 1_003_854 and config["data"]["val_tokens"] == 111_540
+
+
+def test_recipe_sets_defaults_and_flags_override(cli, corpus, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--recipe", "nanogpt-cpu", "--context", "16", "--steps", "2", "--eval-batches", "1",
+                       "--data", corpus, "--out", run, "--no-progress")
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "gpt"
+    assert (config["model_config"]["layers"], config["model_config"]["width"], config["model_config"]["context"]) == (
+        4, 128, 16)
+    assert (config["train"]["batch"], config["train"]["min_lr"], config["train"]["steps"]) == (12, 1e-4, 2)
+    code, _, err = cli("train", "--recipe", "nanogpt-cpu", "--model", "llama", "--data", corpus, "--out",
+                       tmp_path / "other")
+    assert code == 2 and "recipe 'nanogpt-cpu' trains model 'gpt'" in err

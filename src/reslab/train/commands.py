@@ -46,6 +46,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         group.add_argument(flag, type=kind, help=text)
     group.add_argument("--no-diagnostics", action="store_true", help="skip gradient norms and stream probes")
     group.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    group.add_argument("--recipe", help="start from a named recipe (model + training flags; explicit flags win): "
+                       "see reslab.train.recipes")
     return group
 
 
@@ -102,6 +104,18 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def apply_recipe(args: argparse.Namespace, config: dict[str, Any], overrides: dict[str, Any]):
+    """The recipe's settings under the flags the user gave explicitly."""
+    from reslab.train.recipes import get_recipe
+
+    recipe = get_recipe(args.recipe)
+    if args.model is not None and args.model != recipe["model"]:
+        raise ReslabError(f"recipe {args.recipe!r} trains model {recipe['model']!r}; drop --model {args.model}")
+    config = {**recipe["train"], **config, "model": recipe["model"]}
+    overrides = {**recipe["model_config"], **model_overrides(args, recipe["model"])}
+    return config, overrides
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from reslab.train.loop import prepare, train
 
@@ -122,6 +136,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config["model"] = model_name(args)
         overrides = model_overrides(args)
+        if args.recipe:
+            config, overrides = apply_recipe(args, config, overrides)
         run_dir = args.out or Path("runs") / f"{config['model']}-{overrides.get('residual', 'default')}"
     setup = prepare(config, overrides, run_dir, resume=resume, overwrite=args.overwrite, command=args.argv)
     from reslab.train import distributed
