@@ -1,12 +1,12 @@
 """What a residual scheme costs: training-step time of each scheme against pre-LN on one model config.
 
     python benchmarks/scheme_cost.py                       # the gpt CPU config, every scheme of issue 6
-    python benchmarks/scheme_cost.py --profile mhc         # where one scheme's step time goes (torch.profiler)
+    python benchmarks/scheme_cost.py --profile mhc         # where mhc's extra step time goes (torch.profiler)
 
 A step is forward + backward + AdamW on one fixed batch of random tokens. All schemes are built first, warmed up,
 then timed in rounds: each round runs one window of steps per scheme, in a rotated order, so that a shared or
-throttled machine slows every scheme alike. Reported: the median ms/step over the windows, tokens/s, and the
-ratio to the first scheme (pre).
+throttled machine slows every scheme alike. Reported: the median wall-clock and CPU ms/step over the windows,
+tokens/s, and the ratios to the first scheme (pre).
 """
 
 from __future__ import annotations
@@ -52,32 +52,47 @@ def build_step(model_name: str, scheme: str, options: dict, config: dict, batch:
     return step
 
 
-def measure(steps: dict, warmup: int, rounds: int, window: int) -> dict[str, list[float]]:
-    """ms/step of each closure, one value per window, interleaved in rotated order."""
+def measure(steps: dict, warmup: int, rounds: int, window: int) -> tuple[dict, dict]:
+    """(wall, CPU) ms/step of each closure, one value per window, the schemes interleaved in rotated order.
+
+    CPU time is this process's (all its threads): on a machine shared with other jobs it counts the work done,
+    not the time spent waiting for a core, so it is the steadier of the two."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     names = list(steps)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(window):
                 steps[name]()
-            times[name].append((time.perf_counter() - start) / window * 1e3)
-    return times
+            wall[name].append((time.perf_counter() - start) / window * 1e3)
+            cpu[name].append((time.process_time() - start_cpu) / window * 1e3)
+    return wall, cpu
 
 
-def profile(step, steps: int, rows: int) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+def self_cpu_per_step(step, steps: int) -> dict[str, float]:
+    """Self CPU ms per step of each torch op (torch.profiler), after 3 untimed steps."""
+    from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
         step()
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    return {event.key: event.self_cpu_time_total / 1e3 / steps for event in prof.key_averages()}
 
+
+def print_extra_time(base_label: str, base: dict[str, float], label: str, target: dict[str, float], rows: int) -> None:
+    """The ops where `label` spends more CPU time per step than `base_label`, largest difference first."""
+    extra = sorted(((target.get(op, 0.0) - base.get(op, 0.0), op) for op in set(base) | set(target)), reverse=True)
+    print(f"self CPU ms/step: {label} {sum(target.values()):.1f}, {base_label} {sum(base.values()):.1f}")
+    print(f"| op | {label} | {base_label} | extra |")
+    print("| --- | ---: | ---: | ---: |")
+    for delta, op in extra[:rows]:
+        print(f"| {op} | {target.get(op, 0.0):.1f} | {base.get(op, 0.0):.1f} | {delta:+.1f} |")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,12 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--batch", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared machine a second thread mostly waits)")
     parser.add_argument("--schemes", help=f"comma-separated labels (default all: {', '.join(SCHEMES)})")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per scheme")
     parser.add_argument("--rounds", type=int, default=15, help="timed windows per scheme")
     parser.add_argument("--window", type=int, default=10, help="steps per timed window")
-    parser.add_argument("--profile", metavar="LABEL", help="profile one scheme instead of timing all")
+    parser.add_argument("--profile", metavar="LABEL",
+                        help="instead of timing, profile LABEL against the first scheme: the ops with extra CPU time")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -100,28 +117,31 @@ def main(argv: list[str] | None = None) -> int:
               "vocab_size": 65}
     labels = args.schemes.split(",") if args.schemes else list(SCHEMES)
     if args.profile:
-        scheme, options = SCHEMES[args.profile]
-        profile(build_step(args.model, scheme, options, config, args.batch), steps=20, rows=25)
+        base, target = (self_cpu_per_step(build_step(args.model, *SCHEMES[label], config, args.batch), steps=20)
+                        for label in (labels[0], args.profile))
+        print_extra_time(labels[0], base, args.profile, target, rows=15)
         return 0
     steps = {label: build_step(args.model, *SCHEMES[label], config, args.batch) for label in labels}
-    times = measure(steps, args.warmup, args.rounds, args.window)
-    base = statistics.median(times[labels[0]])
+    wall, cpu = measure(steps, args.warmup, args.rounds, args.window)
     tokens = args.batch * args.context
-    rows = [{"scheme": label, "ms_per_step": statistics.median(times[label]),
-             "tokens_per_second": tokens / statistics.median(times[label]) * 1e3,
-             "vs_" + labels[0]: statistics.median(times[label]) / base,
-             "spread_ms": [min(times[label]), max(times[label])]} for label in labels]
+    base_wall, base_cpu = statistics.median(wall[labels[0]]), statistics.median(cpu[labels[0]])
+    rows = []
+    for label in labels:
+        ms, ms_cpu = statistics.median(wall[label]), statistics.median(cpu[label])
+        rows.append({"scheme": label, "ms_per_step": ms, "cpu_ms_per_step": ms_cpu,
+                     "tokens_per_second": tokens / ms * 1e3, "vs_first": ms / base_wall,
+                     "cpu_vs_first": ms_cpu / base_cpu, "wall_range_ms": [min(wall[label]), max(wall[label])]})
     if args.json:
-        print(json.dumps({"config": {**config, "model": args.model, "batch": args.batch, "threads": args.threads},
-                          "rows": rows}, indent=2))
+        print(json.dumps({"config": {**config, "model": args.model, "batch": args.batch, "threads": args.threads,
+                                     "rounds": args.rounds, "window": args.window}, "rows": rows}, indent=2))
         return 0
     print(f"{args.model}: {args.layers} layers, width {args.width}, context {args.context}, batch {args.batch}, "
-          f"{args.threads} threads; median of {args.rounds} windows x {args.window} steps")
-    print(f"| scheme | ms/step | tokens/s | vs {labels[0]} |")
-    print("| --- | ---: | ---: | ---: |")
+          f"{args.threads} thread(s); median of {args.rounds} windows x {args.window} steps")
+    print(f"| scheme | ms/step | tokens/s | vs {labels[0]} | CPU ms/step | CPU vs {labels[0]} |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(f"| {row['scheme']} | {row['ms_per_step']:.1f} | {row['tokens_per_second']:,.0f} | "
-              f"{row['vs_' + labels[0]]:.2f}x |")
+              f"{row['vs_first']:.2f}x | {row['cpu_ms_per_step']:.1f} | {row['cpu_vs_first']:.2f}x |")
     return 0
 
 

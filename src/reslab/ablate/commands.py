@@ -27,6 +27,13 @@ def register(commands) -> None:
     group.add_argument("--out", type=Path, default=Path("runs/ablation"), help="ablation directory "
                        "(default runs/ablation); re-running into it skips finished points and resumes stopped ones")
     group.add_argument("--no-report", action="store_true", help="skip plots and report.html")
+    cluster = ablate.add_argument_group("cluster (Ray; pip install \"reslab[ray]\")")
+    cluster.add_argument("--executor", choices=("local", "ray"), default="local",
+                         help="local processes (default) or one Ray task per grid point")
+    cluster.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, a cluster started on "
+                         "this machine, or a new local instance)")
+    cluster.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per task, also its torch threads (default 1)")
+    cluster.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per task, may be fractional (default 0)")
     ablate.set_defaults(handler=cmd_ablate)
 
 
@@ -66,9 +73,19 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         jobs = comma_list(args.jobs, int, "--jobs")[0]
         if jobs <= 0:
             raise ReslabError(f"--jobs must be positive, got {jobs}")
+    ray_options = None
+    if args.executor == "ray":
+        from reslab.ablate.ray_executor import require_ray
+
+        require_ray()  # before anything is written
+        if args.ray_cpus <= 0 or args.ray_gpus < 0:
+            raise ReslabError(f"--ray-cpus must be positive and --ray-gpus >= 0, got {args.ray_cpus}, {args.ray_gpus}")
+        ray_options = {"address": args.ray_address, "cpus": args.ray_cpus, "gpus": args.ray_gpus}
+    elif args.ray_address is not None:
+        raise ReslabError("--ray-address applies to --executor ray; add --executor ray")
     console = Console(stderr=True, highlight=False)
     result = run_ablation(args.out, model, residuals, layers, seeds, overrides, train, jobs=jobs,
-                          command=args.argv, console=console)
+                          command=args.argv, console=console, executor=args.executor, ray_options=ray_options)
     out = Console()
     if not out.is_terminal:
         out = Console(width=160)  # a file or pipe: do not wrap the table at 80 columns

@@ -85,8 +85,13 @@ def _run_point(point: GridPoint, model: str, model_overrides: dict[str, Any], tr
 
 def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[int], seeds: list[int],
                  model_overrides: dict[str, Any], train_overrides: dict[str, Any], jobs: int = 1,
-                 command: list[str] | None = None, console=None) -> dict[str, Any]:
-    """Train every grid point not yet finished, then write summary.json / summary.csv. Returns the summary."""
+                 command: list[str] | None = None, console=None, executor: str = "local",
+                 ray_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train every grid point not yet finished, then write summary.json / summary.csv. Returns the summary.
+
+    `executor="ray"` runs each point as a Ray task (`reslab.ablate.ray_executor`; `ray_options`: address, cpus,
+    gpus per task) instead of in `jobs` local processes.
+    """
     from reslab.ablate.summary import summarize
     from reslab.models import make_config
     from reslab.train.config import TrainConfig
@@ -106,11 +111,18 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
     write_json(out_dir / ABLATION, {**record, "started": started, "finished": None})
 
     todo = [p for p in points if point_status(out_dir / "runs" / p.name, train_config.steps) not in ("done", "diverged")]
+    how = "as Ray tasks" if executor == "ray" else f"with {jobs} job(s) x {threads_per_job(jobs)} thread(s)"
     _say(console, f"ablation {out_dir}: {len(points)} grid points, {len(points) - len(todo)} already done, "
-                  f"{len(todo)} to train with {jobs} job(s) x {threads_per_job(jobs)} thread(s)")
+                  f"{len(todo)} to train {how}")
     args = lambda p: (p, model, model_overrides, train_overrides, str(out_dir / "runs" / p.name),  # noqa: E731
                       threads_per_job(jobs))
-    if jobs <= 1:
+    if executor == "ray":
+        from reslab.ablate.ray_executor import run_on_ray
+
+        for point, result in run_on_ray(todo, model, model_overrides, train_overrides, out_dir, started,
+                                        **(ray_options or {})):
+            _report_point(console, point, result)
+    elif jobs <= 1:
         for point in todo:
             _report_point(console, point, _run_point(*args(point)))
     else:

@@ -9,6 +9,7 @@ REPRODUCTIONS: dict[str, str] = {
     "tiny-residual": "reslab.reproduce.tiny_residual",
     "depth": "reslab.reproduce.depth",
     "post-vs-pre": "reslab.reproduce.post_vs_pre",
+    "mhc-gain": "reslab.reproduce.mhc_gain",
 }
 
 

@@ -3,21 +3,22 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from reslab.errors import ReslabError
-from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter
+from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter, on_single_stream
 
 SOURCE_AXIS = -2  # the earlier outputs sit next to the channels: (batch, seq, sources, width)
+RMS_EPS = 1e-6
 
 
 def depth_attention(sources: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`sum_i softmax_i(query . RMSNorm(v_i)) v_i` over the sources v_i: (..., S, D) -> ((..., D), weights (..., S)).
 
     The keys are RMS-normalised so that a source cannot win the softmax by its size alone; no learned gain (the
-    query already has one weight per channel)."""
-    keys = F.rms_norm(sources, sources.shape[-1:])
-    weights = (keys @ query).softmax(dim=-1)  # (..., S)
+    query already has one weight per channel). `query . RMSNorm(v) = (query . v) / rms(v)`: normalising the
+    scores instead of the sources saves a pass over the stack (and its gradient)."""
+    rms = torch.linalg.vector_norm(sources, dim=-1) / sources.shape[-1] ** 0.5
+    weights = ((sources @ query) / (rms + RMS_EPS)).softmax(dim=-1)  # (..., S)
     return (weights.unsqueeze(-2) @ sources).squeeze(-2), weights
 
 
@@ -79,6 +80,8 @@ class AttentionResiduals(ResidualSite):
         return DepthAttentionOutput(width)
 
     def forward(self, sources: torch.Tensor, sublayer: nn.Module) -> torch.Tensor:
+        if sources.dim() == 3:  # one plain stream (batch, seq, width): called outside a model
+            return on_single_stream(self, sources, sublayer)
         if self.query is None:
             h, weights = sources[..., 0, :], sources.new_ones(sources.shape[:-1])
         else:

@@ -104,6 +104,13 @@ class ResidualSite(nn.Module):
         return f"{self.name}: {self.formula}"
 
 
+def on_single_stream(site: ResidualSite, x: torch.Tensor, sublayer: nn.Module) -> torch.Tensor:
+    """Run a widened-stream site on a plain (batch, seq, width) stream: widen, update, reduce with its scheme's
+    adapter. Models widen once for all sites; this lets such a site be called alone, like any other, as x -> x'."""
+    adapter = type(site).stream_adapter(site.spec.width, site.spec.num_layers, site.options)
+    return adapter.reduce(site(adapter.widen(x), sublayer))
+
+
 def layerscale_default_init(num_layers: int) -> float:
     """CaiT's rule for the LayerScale init by depth: 0.1 up to 18 blocks, 1e-5 at 24, 1e-6 deeper."""
     if num_layers <= 18:

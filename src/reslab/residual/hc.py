@@ -19,7 +19,8 @@ class HyperConnections(MultiStreamSite):
     normalised streams `Hn = norm(H)`: `A_m + s_a tanh(Hn W_m)`, `A_r + s_a tanh(Hn W_r)`, `B + s_b tanh(Hn W_b)^T`,
     with the W initialised to 0 and s_a = s_b = 0.01.
     Init for the sublayer at depth k: A_m = e_(k mod n), A_r = I, B = 1, so every stream holds pre-LN's stream and
-    the network is pre-LN; with n = 1 it is exactly pre-LN. Streams are summed before the final norm.
+    every sublayer reads pre-LN's input; with n = 1 the model is exactly pre-LN. Streams are summed before the
+    final norm.
     Zhu et al. 2025, Hyper-Connections, ICLR 2025 (arXiv 2409.19606).
 
     Here `read` is A_m, `stream_mix` is A_r^T (the matrix that multiplies the streams) and `write` is B.

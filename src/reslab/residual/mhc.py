@@ -16,9 +16,10 @@ class SinkhornKnopp(nn.Module):
     normalised in turn, `iterations` times. Entries end >= 0 and rows and columns sum to 1, so the spectral norm
     is at most 1 and products of such matrices stay doubly stochastic.
 
-    Computed in log space (subtracting the log-sum-exp of each row, then of each column), so large logits cannot
-    overflow `exp`. The last step normalises the columns, which therefore sum to 1 exactly; the rows to within
-    the remaining Sinkhorn error.
+    Computed in log space (subtracting the log-sum-exp of each row, then of each column, after shifting by the
+    maximum), so large logits cannot overflow `exp`. The last step normalises the columns, which therefore sum to 1 exactly; the rows to within
+    the remaining Sinkhorn error. The gradient is taken at the projection's fixed point (`ImplicitSinkhornGrad`)
+    rather than back through the 2 x `iterations` normalisations.
     """
 
     def __init__(self, iterations: int = 20):
@@ -29,14 +30,58 @@ class SinkhornKnopp(nn.Module):
         n = logits.shape[-1]
         # matrices last, (n, n, tokens): each normalisation then reduces a short axis over long contiguous rows,
         # several times faster on CPU than reducing a trailing axis of length n for every token
-        log_matrix = logits.reshape(-1, n, n).permute(1, 2, 0).contiguous()
-        for _ in range(self.iterations):
-            log_matrix = log_matrix - log_matrix.logsumexp(dim=1, keepdim=True)  # rows sum to 1
-            log_matrix = log_matrix - log_matrix.logsumexp(dim=0, keepdim=True)  # columns sum to 1
-        return log_matrix.exp().permute(2, 0, 1).reshape(logits.shape)
+        tokens_last = logits.reshape(-1, n, n).permute(1, 2, 0).contiguous()
+        matrices = ImplicitSinkhornGrad.apply(tokens_last, self.iterations)
+        return matrices.permute(2, 0, 1).reshape(logits.shape)
 
     def extra_repr(self) -> str:
         return f"iterations={self.iterations}"
+
+
+def sinkhorn_log_space(logits: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The Sinkhorn-Knopp iterations on (n, n, tokens) logits: rows are axis 1, columns axis 0."""
+    log_matrix = logits
+    for _ in range(iterations):
+        log_matrix = subtract_logsumexp(log_matrix, dim=1)  # rows sum to 1
+        log_matrix = subtract_logsumexp(log_matrix, dim=0)  # columns sum to 1
+    return log_matrix.exp()
+
+
+def subtract_logsumexp(log_matrix: torch.Tensor, dim: int) -> torch.Tensor:
+    """`x - logsumexp(x, dim)` for finite x, in 6 kernels (torch.logsumexp also handles infinities, in more)."""
+    shifted = log_matrix - log_matrix.amax(dim, keepdim=True)  # <= 0, so exp cannot overflow; the sum is >= 1
+    return shifted - shifted.exp().sum(dim, keepdim=True).log()
+
+
+class ImplicitSinkhornGrad(torch.autograd.Function):
+    """Sinkhorn forward; backward by implicit differentiation at the doubly-stochastic fixed point
+    (Eisenberger et al. 2022, arXiv 2205.06688): one small linear solve per token instead of autograd through
+    every normalisation. The same gradient once the iterations have converged, at a fraction of the CPU time.
+
+    The projection has the form P = diag(e^f) exp(Z) diag(e^g) with P 1 = 1 and P^T 1 = 1. For dL/dP = G,
+        dL/dZ = P * (G - a 1^T - 1 b^T),   where   a + P b = r,  P^T a + b = c,
+    r and c the row and column sums of P * G. Eliminating a: (I - P^T P) b = c - P^T r. The system is singular
+    along b = 1 (and along any block of P that does not mix with the rest), where dL/dZ does not depend on b;
+    a tiny ridge picks one solution.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, iterations: int) -> torch.Tensor:
+        matrices = sinkhorn_log_space(logits, iterations)
+        ctx.save_for_backward(matrices)
+        return matrices
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (matrices,) = ctx.saved_tensors
+        p = matrices.permute(2, 0, 1).double()  # (tokens, n, n), solved in float64
+        weighted = p * grad.permute(2, 0, 1).double()
+        r, c = weighted.sum(-1, keepdim=True), weighted.sum(-2).unsqueeze(-1)  # (tokens, n, 1)
+        system = torch.eye(p.shape[-1], dtype=p.dtype) * (1 + 1e-9) - p.mT @ p
+        b = torch.linalg.solve(system, c - p.mT @ r)
+        a = r - p @ b
+        grad_logits = weighted - p * (a + b.mT)
+        return grad_logits.to(grad.dtype).permute(1, 2, 0), None
 
 
 class ManifoldHyperConnections(MultiStreamSite):

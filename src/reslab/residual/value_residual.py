@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from reslab.errors import ReslabError
-from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter
+from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter, on_single_stream
 
 
 class ValueStream(NamedTuple):
@@ -69,6 +69,8 @@ class ValueResidual(ResidualSite):
             self.mix = nn.Parameter(torch.full((sublayer.kv_heads,), float(self.options["value_mix"])))
 
     def forward(self, stream: ValueStream, sublayer: nn.Module) -> ValueStream:
+        if isinstance(stream, torch.Tensor):  # a plain stream: called outside a model
+            return on_single_stream(self, stream, sublayer)
         x, self._first_values = stream
         try:
             fx = sublayer(self.norm(x))  # an attention sublayer calls `mix_values` on its values
@@ -81,7 +83,7 @@ class ValueResidual(ResidualSite):
 
     def mix_values(self, values: torch.Tensor) -> torch.Tensor:
         """Called by the attention sublayer on its values (batch, kv_heads, seq, head_dim)."""
-        if self.spec.layer == 0:  # the first layer supplies v_1 and keeps its own values
+        if self._first_values is None:  # the first attention layer supplies v_1 and keeps its own values
             self._first_values = values
             return values
         mix = self.mix.view(-1, 1, 1) if self.mix is not None else float(self.options["value_mix"])

@@ -11,7 +11,7 @@ from reslab.errors import ReslabError, check_positive
 # Fields that may change when a run is resumed; every other field must match the run's config.json.
 RESUMABLE_FIELDS = frozenset(
     {"steps", "stop_at", "compile", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device", "print_grad_norms",
-     "progress", "grad_accum", "fsdp", "dist_timeout"}  # the last three leave the global batch, hence the run, as is
+     "progress", "grad_accum", "fsdp", "dist_timeout"}  # the last three change how a step runs, not what it computes
 )
 
 

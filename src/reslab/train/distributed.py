@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,9 @@ def check_launch(config) -> None:
     if config.fsdp and not launched():
         raise ReslabError("--fsdp shards the model over the processes of a torchrun job and needs a process group; "
                           "launch with: torchrun --nproc-per-node N -m reslab train ... --fsdp")
+    if config.fsdp and getattr(config, "optimizer", "adamw") == "muon":
+        raise ReslabError("--optimizer muon orthogonalises whole matrices, which --fsdp shards over ranks; "
+                          "drop --fsdp (DDP keeps whole matrices on every rank) or use --optimizer adamw")
     per_step = size * config.grad_accum
     if config.batch % per_step:
         raise ReslabError(f"--batch {config.batch} is not divisible by {size} process(es) x --grad-accum "
@@ -78,7 +81,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     fsdp: bool = False
     timeout: float = DEFAULT_TIMEOUT
 
@@ -99,8 +102,12 @@ class World:
         DDP returns a wrapper whose backward averages gradients over ranks; one process returns `model`.
         """
         if self.fsdp:
+            import warnings
+
             from torch.distributed.fsdp import fully_shard
 
+            # The models return logits as a view; the loss never modifies them in place, which is what it warns of.
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
             for block in getattr(model, "blocks", []):
                 fully_shard(block)
             fully_shard(model)
@@ -195,7 +202,7 @@ class World:
 
         model = unwrap(model)
         if self.fsdp:
-            model = _Gathered(_full_state(model.state_dict()))
+            model = _Gathered(_full_model_state(model))
             if optimizer is not None:
                 saved = optimizer.state_dict()
                 optimizer = _Gathered({"state": {i: _full_state(s) for i, s in saved["state"].items()},
@@ -212,7 +219,7 @@ class World:
             load_model_tensors(model, tensors)
             return
         current = model.state_dict()
-        aliases = _aliases(current)
+        aliases = set(_tied_names(model))
         missing = sorted(set(current) - set(tensors) - aliases)
         extra = sorted(set(tensors) - set(current))
         if missing or extra:
@@ -285,11 +292,10 @@ def job(run_dir: Path) -> Iterator[None]:
         world = current()
         if not world.distributed or not _collective_failure(error):
             raise
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ReslabError(
-            f"rank {world.rank} of {world.size}: a collective operation failed ({first}); another rank failed, or "
-            f"hung for more than --dist-timeout {world.timeout:g} s. Checkpoints in {run_dir} are kept; continue "
-            f"with: torchrun --nproc-per-node N -m reslab train --resume {run_dir}") from None
+            f"rank {world.rank} of {world.size}: a collective operation failed ({_first_line(error)}): another rank "
+            f"died, or hung for more than --dist-timeout {world.timeout:g} s. The checkpoints in {run_dir} are kept; "
+            f"continue with the same torchrun options and: -m reslab train --resume {run_dir}") from None
     finally:
         close()
 
@@ -317,6 +323,15 @@ def _has_unused_parameters(model: nn.Module, device: torch.device) -> bool:
     unused = any(p.grad is None for p in model.parameters() if p.requires_grad)
     model.zero_grad(set_to_none=True)
     return unused
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of a backend error: its first line, without gloo's [source.cc:123] prefix, at most 160 characters."""
+    import re
+
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line).split(". ")[0]
+    return line[:160]
 
 
 def _collective_failure(error: BaseException) -> bool:
@@ -357,23 +372,32 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _full_state(state: dict[str, Any]) -> dict[str, Any]:
-    """Full tensors from DTensors (a collective: every rank calls it, in the same order); tied entries stay tied."""
-    gathered: dict[int, Any] = {}
-    for value in state.values():
-        if id(value) not in gathered:
-            gathered[id(value)] = value.full_tensor() if _is_dtensor(value) else value
-    return {key: gathered[id(value)] for key, value in state.items()}
+    """Full tensors from DTensors: a collective, so every rank calls it with the same keys in the same order."""
+    return {key: value.full_tensor() if _is_dtensor(value) else value for key, value in state.items()}
 
 
-def _aliases(state: dict[str, Any]) -> set[str]:
-    """Keys whose tensor already appeared under an earlier key (tied weights)."""
-    seen: set[int] = set()
-    aliases = set()
-    for key, value in state.items():
-        if id(value) in seen:
-            aliases.add(key)
-        seen.add(id(value))
-    return aliases
+def _full_model_state(model: nn.Module) -> dict[str, Any]:
+    """The model's full state dict; a tied weight is gathered once and its alias points to the same tensor, so
+    `save_checkpoint` stores it once, as for one process."""
+    state = model.state_dict()
+    tied = _tied_names(model)
+    full = _full_state({key: value for key, value in state.items() if key not in tied})
+    return {key: full[tied.get(key, key)] for key in state}
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """alias -> first name of every parameter or buffer registered under two names (tied embeddings).
+
+    Taken from the module structure, the same on every rank (a sharded state dict gives each name its own DTensor).
+    """
+    first: dict[int, str] = {}
+    tied = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if id(tensor) in first:
+            tied[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return tied
 
 
 def _shard_like(tensor: torch.Tensor, like: Any) -> torch.Tensor:
