@@ -1,10 +1,14 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# The tests train tiny models: one thread each is fastest, and it keeps the suite's processes (torchrun ranks,
+# ablation workers, CLI subprocesses inherit this) from oversubscribing a small machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 SHARED_TINYSHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -35,8 +35,7 @@ SCHEME_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--hc-dynamic": ("hc_dynamic", bool, "hc: dynamic, input-dependent connection weights (default static)"),
     "--sinkhorn-iters": ("sinkhorn_iters", int, "mhc: Sinkhorn-Knopp iterations (default 20)"),
     "--attnres-block": ("attnres_block", int, "attnres: transformer blocks per AttnRes block (default 0 = full)"),
-    "--value-mix": ("value_mix", float, "value-residual: weight m of a layer's own values, lerp(v_1, v, m) "
-                                        "(default 0.5)"),
+    "--value-mix": ("value_mix", float, "value-residual: weight m of a layer's own values, lerp(v_1, v, m) (0.5)"),
     "--value-mix-learned": ("value_mix_learned", bool, "value-residual: learn m per head, starting at --value-mix"),
 }
 

@@ -52,17 +52,28 @@ def point_status(run_dir: Path, steps: int) -> str:
 
 
 def threads_per_job(jobs: int) -> int:
+    """Threads for each of `jobs` worker processes, so that together they do not oversubscribe the cores
+    (oversubscribed OpenMP threads spin against each other and can run many times slower)."""
+    if jobs <= 1:
+        return torch_threads()
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _run_point(point: GridPoint, model: str, model_overrides: dict[str, Any], train_overrides: dict[str, Any],
-               run_dir: str, threads: int) -> dict[str, Any]:
-    """Train one grid point (in a worker process, or inline when jobs == 1)."""
+               run_dir: str, threads: int | None) -> dict[str, Any]:
+    """Train one grid point: in a worker process with `threads` threads, or inline (threads None: as configured)."""
     import torch
 
     from reslab.train.loop import NonFiniteLoss, prepare, train
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     run_path = Path(run_dir)
     status = point_status(run_path, train_overrides["steps"])
     if status == "done":
@@ -115,7 +126,7 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
     _say(console, f"ablation {out_dir}: {len(points)} grid points, {len(points) - len(todo)} already done, "
                   f"{len(todo)} to train {how}")
     args = lambda p: (p, model, model_overrides, train_overrides, str(out_dir / "runs" / p.name),  # noqa: E731
-                      threads_per_job(jobs))
+                      threads_per_job(jobs) if jobs > 1 else None)
     if executor == "ray":
         from reslab.ablate.ray_executor import run_on_ray
 

@@ -33,7 +33,7 @@ class HyperConnections(MultiStreamSite):
 
     def __init__(self, spec: SiteSpec):
         super().__init__(spec)
-        n = self.streams
+        n = self.num_streams
         self.dynamic = bool(self.options["hc_dynamic"])
         # 1-D parameters: coefficients, not weight matrices, so reslab's AdamW does not decay them towards 0
         self.read = nn.Parameter(torch.eye(n)[spec.depth_index % n].clone())
@@ -53,7 +53,7 @@ class HyperConnections(MultiStreamSite):
         return options
 
     def connection_weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = self.streams
+        n = self.num_streams
         read, stream_mix, write = self.read, self.stream_mix.view(n, n), self.write
         if not self.dynamic:
             return read, stream_mix, write

@@ -17,9 +17,9 @@ class SinkhornKnopp(nn.Module):
     is at most 1 and products of such matrices stay doubly stochastic.
 
     Computed in log space (subtracting the log-sum-exp of each row, then of each column, after shifting by the
-    maximum), so large logits cannot overflow `exp`. The last step normalises the columns, which therefore sum to 1 exactly; the rows to within
-    the remaining Sinkhorn error. The gradient is taken at the projection's fixed point (`ImplicitSinkhornGrad`)
-    rather than back through the 2 x `iterations` normalisations.
+    maximum), so large logits cannot overflow `exp`. The last step normalises the columns, which therefore sum to
+    1 exactly; the rows to within the remaining Sinkhorn error. The gradient is taken at the projection's fixed
+    point (`ImplicitSinkhornGrad`) rather than back through the 2 x `iterations` normalisations.
     """
 
     def __init__(self, iterations: int = 20):
@@ -94,8 +94,9 @@ class ManifoldHyperConnections(MultiStreamSite):
     `H~_res = a_res mat(x' phi_res) + b_res`, with gates a = 0.01 at init, and then projected:
     `H_pre = sigmoid(H~_pre)`, `H_post = 2 sigmoid(H~_post)`, `H_res = SinkhornKnopp(H~_res)` (20 iterations).
     Init of the static parts (not fixed by the paper; chosen here): HC's static init read as logits,
-    b_pre = e_(k mod n), b_res = I, and b_post = 0 so that H_post = 1 = HC's B. At init the streams stay equal
-    copies of pre-LN's stream (any doubly-stochastic mix keeps equal streams equal).
+    b_pre = e_(k mod n), b_res = I, and b_post = 0 so that H_post = 1 = HC's B; phi ~ N(0, 0.02^2). At init the
+    streams stay nearly equal copies of pre-LN's stream (any doubly-stochastic mix keeps equal streams equal; only
+    the small gated terms tell them apart).
     DeepSeek-AI 2025, mHC: Manifold-Constrained Hyper-Connections (arXiv 2512.24880).
 
     Here `read` is H_pre, `stream_mix` is H_res and `write` is H_post.
@@ -108,7 +109,7 @@ class ManifoldHyperConnections(MultiStreamSite):
 
     def __init__(self, spec: SiteSpec):
         super().__init__(spec)
-        n = self.streams
+        n = self.num_streams
         self.rms_eps = 1e-6
         # phi_pre | phi_post | phi_res in one matrix: (n C) x (n + n + n^2)
         self.dynamic_proj = nn.Parameter(torch.randn(n * spec.width, 2 * n + n * n) * PROJ_INIT_STD)
@@ -127,16 +128,16 @@ class ManifoldHyperConnections(MultiStreamSite):
         return options
 
     def connection_weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = self.streams
+        n = self.num_streams
         flat = streams.flatten(-2)  # vec(x_l): (..., n C)
         # RMSNorm(vec(x)) phi == (vec(x) phi) / rms(vec(x)): normalising after the matmul (as the paper's kernels
         # do) saves a pass over the wide stream
         rms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True) / flat.shape[-1] ** 0.5
         projected = (flat @ self.dynamic_proj) / (rms + self.rms_eps)
-        pre, post, res = projected.split([n, n, n * n], dim=-1)
-        read = torch.sigmoid(self.gates[0] * pre + self.read_bias)
-        write = 2 * torch.sigmoid(self.gates[1] * post + self.write_bias)
-        stream_mix = self.sinkhorn(self.gates[2] * res.unflatten(-1, (n, n)) + self.mix_bias.view(n, n))
+        read_term, write_term, mix_term = projected.split([n, n, n * n], dim=-1)
+        read = torch.sigmoid(self.gates[0] * read_term + self.read_bias)  # H_pre
+        write = 2 * torch.sigmoid(self.gates[1] * write_term + self.write_bias)  # H_post
+        stream_mix = self.sinkhorn(self.gates[2] * mix_term.unflatten(-1, (n, n)) + self.mix_bias.view(n, n))  # H_res
         return read, stream_mix, write
 
     def extra_repr(self) -> str:

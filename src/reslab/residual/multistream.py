@@ -34,19 +34,19 @@ STREAM_AXIS = -2  # streams sit next to the channels: (batch, seq, n, width)
 class ParallelStreams(StreamAdapter):
     """n copies of the embedding in; their sum out."""
 
-    def __init__(self, streams: int):
+    def __init__(self, num_streams: int):
         super().__init__()
-        self.streams = streams
+        self.num_streams = num_streams
 
     def widen(self, x: torch.Tensor) -> torch.Tensor:
         # a real copy, not a stride-0 view: batched matmuls on stride-0 operands fall off BLAS's fast path
-        return x.unsqueeze(STREAM_AXIS).expand(*x.shape[:-1], self.streams, x.shape[-1]).contiguous()
+        return x.unsqueeze(STREAM_AXIS).expand(*x.shape[:-1], self.num_streams, x.shape[-1]).contiguous()
 
     def reduce(self, streams: torch.Tensor) -> torch.Tensor:
-        return read_streams(streams.new_ones(self.streams), streams)  # the sum over streams
+        return read_streams(streams.new_ones(self.num_streams), streams)  # the sum over streams
 
     def extra_repr(self) -> str:
-        return f"streams={self.streams}"
+        return f"streams={self.num_streams}"
 
 
 class MultiStreamSite(ResidualSite):
@@ -56,7 +56,7 @@ class MultiStreamSite(ResidualSite):
 
     def __init__(self, spec: SiteSpec):
         super().__init__(spec)
-        self.streams = self.options["streams"]
+        self.num_streams = self.options["streams"]
         self.norm = spec.make_norm(spec.width)  # the sublayer's own pre-norm, applied to what it reads
         self.last_stream_mix: torch.Tensor | None = None  # kept from a probed forward for `scheme_metrics`
 
@@ -99,7 +99,7 @@ class MultiStreamSite(ResidualSite):
         return {"amax_gain_forward": forward, "amax_gain_backward": backward}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, streams={self.streams}"
+        return f"{super().extra_repr()}, streams={self.num_streams}"
 
 
 @torch.no_grad()
