@@ -16,16 +16,6 @@ SMALL = {"layers": 2, "width": 32, "heads": 2, "context": 16, "vocab_size": 11}
 NEW_SCHEMES = ["hc", "mhc", "attnres", "value-residual"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models are bound by per-op overhead: a second thread only adds synchronisation (several times
-    slower on a machine shared with other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tokens(batch: int = 3, seq: int = 16, vocab: int = 11) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
 
