@@ -16,7 +16,19 @@ SCHEME_KINDS = {
     "post": "normalized", "deepnorm": "normalized",
     "rezero": "scaled", "layerscale": "scaled",
     "hc": "multi-stream", "mhc": "multi-stream",
+    "attnres": "depth-attention",  # the sublayer output joins the stack of sources a depth attention reads
+    "value-residual": "identity",  # its pre-LN adds; the value mix is one more residual, VALUE_MIX below
 }
+
+
+def value_mix(layer: int) -> dict:
+    """value-residual's `v = lerp(v_1, v, m)` in blocks.LAYER.attn (LAYER >= 1): the skip is the first layer's
+    values, which leave blocks.0 in the ValueStream; the branch is everything from there to this layer's value
+    projection; `m` is a constant (or a learned per-head parameter), so the lerp is `scaled`."""
+    return {"owner": f"blocks.{layer}.attn", "skip_from": "blocks.0:out",
+            "wraps": [f"blocks.{i}" for i in range(layer)] + [f"blocks.{layer}.attn_residual.norm",
+                                                                f"blocks.{layer}.attn.qkv"],
+            "kind": "scaled"}
 
 
 def meta_audit(name: str, **config):
@@ -39,14 +51,34 @@ def test_every_scheme_of_every_model(model, scheme):
         pytest.skip(f"scheme {scheme!r} is new: add what its audit must say to SCHEME_KINDS")
     expected = SCHEME_KINDS[scheme]
     assert expected is not None, f"scheme {scheme} has a skip but SCHEME_KINDS says it has none"
-    assert [r.kind for r in result.residuals] == [expected] * 4  # two per block: around attention, around the FFN
+    residuals = list(result.residuals)
+    if scheme == "value-residual":  # after blocks.0's two, before blocks.1's attention residual (it runs inside)
+        assert residuals.pop(2).to_dict() == value_mix(1)
+    assert [r.kind for r in residuals] == [expected] * 4  # two per block: around attention, around the FFN
     for layer in range(2):
-        attn, ffn = result.residuals[2 * layer: 2 * layer + 2]
+        attn, ffn = residuals[2 * layer: 2 * layer + 2]
         assert f"blocks.{layer}.attn" in attn.wraps and f"blocks.{layer}.ffn" not in attn.wraps
         assert f"blocks.{layer}.ffn" in ffn.wraps and f"blocks.{layer}.attn" not in ffn.wraps
         assert attn.owner == f"blocks.{layer}.attn_residual" and ffn.owner == f"blocks.{layer}.ffn_residual"
         assert attn.skip_from == f"blocks.{layer}.attn_residual:in"
     assert result.dead == [] and result.not_run == []
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_value_residual_mixes_are_scaled_skips_from_the_first_layer(learned):
+    result = meta_audit("llama", layers=3, residual="value-residual",
+                        residual_options={"value_mix_learned": learned})
+    assert [r.to_dict() for r in result.residuals if r.owner.endswith(".attn")] == [value_mix(1), value_mix(2)]
+    assert [r.kind for r in result.residuals if not r.owner.endswith(".attn")] == ["identity"] * 6
+
+
+@pytest.mark.parametrize("block", [0, 1])
+def test_attnres_full_and_block_one_depth_attention_per_sublayer(block):
+    result = meta_audit("gpt", layers=4, residual="attnres", residual_options={"attnres_block": block})
+    assert [r.kind for r in result.residuals] == ["depth-attention"] * 8
+    assert [r.owner for r in result.residuals] == [f"blocks.{i}.{s}_residual" for i in range(4) for s in ("attn", "ffn")]
+    assert result.residuals[3].wraps == ("blocks.1.ffn_residual.norm", "blocks.1.ffn")
+    assert all(r.skip_from == f"{r.owner}:in" for r in result.residuals)
 
 
 def test_pre_ln_reports_the_norm_on_the_branch_and_two_per_block():

@@ -75,9 +75,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     print("models:       " + ", ".join(MODELS))
     print("schemes:")
+    name_width = max(len(name) for name in SCHEMES)
+    formula_width = max(48, *(len(get_scheme(name).formula) for name in SCHEMES))
     for name in SCHEMES:
         scheme = get_scheme(name)
-        print(f"  {name:<12} {scheme.formula:<48} {scheme.paper}")
+        print(f"  {name:<{name_width}} {scheme.formula:<{formula_width}} {scheme.paper}")
     print("reproduce:    " + ", ".join(REPRODUCTIONS))
     return 0
 

@@ -18,6 +18,16 @@ Kinds, checked in this order (the first that applies wins):
 - `scaled`: the skip or the branch is multiplied by a fixed or learned scalar or per-channel factor (ReZero,
   LayerScale, `torch.add(..., alpha=)`, `lerp` with a constant weight).
 - `identity`: `x + F(x)` as it stands (pre-LN, GPT-2, Llama).
+
+Depth attention (attention residuals) has no add: the stream is a stack of the earlier stream values (the
+embedding, the sublayer outputs), each sublayer reads a data-weighted sum over that stack, and its output joins
+the stack (`cat`). That cat is reported as the residual, kind
+
+- `depth-attention`: a `cat` extends a stack `S` with a value computed through learned computation from a read
+  of that same `S`: a matmul with data-dependent weights that contracts the stack axis (`softmax(..) @ S`), or the
+  selection of its only element. `S` must come into the module that reads it from outside (a stream value), so
+  ordinary attention (`attn @ v`, `v` a projection made inside the attention module, never extended by the
+  attention output) and a KV cache are not depth attention.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from dataclasses import dataclass, field
 from reslab.graph import ops
 from reslab.graph.trace import Node, Trace
 
-KINDS = ("identity", "scaled", "gated", "normalized", "multi-stream", "projection")
+KINDS = ("identity", "scaled", "gated", "normalized", "multi-stream", "projection", "depth-attention")
 _PROJECTION_STEPS = 3  # conv + BN, or pool + conv + BN
 _WALK_LIMIT = 256  # nodes a skip walk may visit before it gives up
 
@@ -55,7 +65,81 @@ def find_residuals(trace: Trace) -> list[Residual]:
             residual = _match(trace, node)
             if residual is not None:
                 found.append(residual)
+        elif node.op == "cat" and node.data and len(node.inputs) >= 2:
+            residual = _match_depth_attention(trace, node)
+            if residual is not None:
+                found.append(residual)
     return found
+
+
+def _match_depth_attention(trace: Trace, cat: Node) -> Residual | None:
+    """`cat([S, F(read(S))])` along S's stack axis, `read` a data-weighted sum over the axis (see the module doc)."""
+    nodes = trace.nodes
+    for skip_side in dict.fromkeys(cat.inputs):
+        for new_side in dict.fromkeys(cat.inputs):
+            if new_side == skip_side or not (nodes[skip_side].data and nodes[new_side].data):
+                continue
+            axis = _stack_axis(nodes[skip_side].shape, cat.shape)
+            if axis is None:
+                continue
+            for root in _stack_roots(trace, skip_side):  # block AttnRes slices off the open block, S[..., :-1, :]
+                shape = nodes[root].shape
+                if shape is None or len(shape) != len(cat.shape) or any(
+                        a != b for i, (a, b) in enumerate(zip(shape, cat.shape, strict=True)) if i != axis):
+                    continue
+                branch = _branch(trace, root, new_side)
+                if branch is None or not _learned(trace, branch, cat):
+                    continue
+                if not any(_depth_read(trace, nodes[i], root, axis) for i in branch):
+                    continue
+                return _describe(trace, cat, root, new_side, branch, frozenset(), kind="depth-attention")
+    return None
+
+
+def _stack_roots(trace: Trace, start: int):
+    """The stack a cat operand carries on: the operand itself, and what it is a view or a slice of."""
+    nodes, node_id = trace.nodes, start
+    for _ in range(_PROJECTION_STEPS + 1):
+        if node_id < 0 or not nodes[node_id].data:
+            return
+        yield node_id
+        node = nodes[node_id]
+        if node.role == "view":
+            node_id = node.through
+        elif node.op == "getitem" and node.inputs:
+            node_id = node.inputs[0]
+        else:
+            return
+
+
+def _stack_axis(stack: tuple[int, ...] | None, out: tuple[int, ...] | None) -> int | None:
+    """The one axis along which the cat made the stack longer (as a non-negative index)."""
+    if stack is None or out is None or len(stack) != len(out) or len(stack) < 2:
+        return None
+    grown = [i for i, (a, b) in enumerate(zip(stack, out, strict=True)) if a != b]
+    return grown[0] if len(grown) == 1 and out[grown[0]] > stack[grown[0]] else None
+
+
+def _through_views(trace: Trace, node_id: int) -> int:
+    nodes = trace.nodes
+    while node_id >= 0 and nodes[node_id].role == "view":
+        node_id = nodes[node_id].through
+    return node_id
+
+
+def _depth_read(trace: Trace, node: Node, root: int, axis: int) -> bool:
+    """Is `node` a read of the stack `root` over its stack axis, in a module the stack came into from outside?"""
+    nodes = trace.nodes
+    stack, base = nodes[root], _through_views(trace, root)
+    if stack.call >= 0 and node.call >= 0 and trace.within(stack.call, node.call):
+        return False  # the stack was made where it is read (attention's `attn @ v`, a KV cache)
+    if node.op == "matmul" and len(node.inputs) == 2 and axis == len(stack.shape) - 2:
+        weights, values = node.inputs
+        return (_through_views(trace, values) == base and nodes[weights].data and
+                bool(nodes[weights].shape) and nodes[weights].shape[-1] == stack.shape[axis])
+    if node.op == "getitem" and node.inputs and _through_views(trace, node.inputs[0]) == base:
+        return stack.shape[axis] == 1  # the first sublayer: one source, weight 1
+    return False
 
 
 def _match(trace: Trace, add: Node) -> Residual | None:
@@ -150,7 +234,8 @@ def _nonlinear(trace: Trace, branch: set[int]) -> bool:
     return any(nodes[i].role not in ("view", "scale") and nodes[i].op not in ops.LINEAR_OPS for i in branch)
 
 
-def _describe(trace: Trace, add: Node, root: int, branch_side: int, branch: set[int], flags) -> Residual:
+def _describe(trace: Trace, add: Node, root: int, branch_side: int, branch: set[int], flags,
+              kind: str | None = None) -> Residual:
     nodes, calls = trace.nodes, trace.calls
     starts = [u for u in trace.users()[root] if u in branch or u == add.id]
     lca = _common_call(trace, [nodes[u].call for u in starts] + [add.call])
@@ -158,7 +243,7 @@ def _describe(trace: Trace, add: Node, root: int, branch_side: int, branch: set[
         owner=calls[add.call].path if add.call >= 0 else "",
         skip_from=_boundary(trace, root, lca),
         wraps=_wraps(trace, branch, add, lca),
-        kind=_kind(trace, add, branch_side, flags),
+        kind=kind or _kind(trace, add, branch_side, flags),
         add=add.id,
         skip=root,
     )
