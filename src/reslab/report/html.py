@@ -416,10 +416,10 @@ def render(ablation: Ablation, plots: list[Plot]) -> str:
         '<h2 id="result">Result</h2>',
         _result_section(ablation, rows, colours),
         '<h2 id="summary">Summary table</h2>',
-        f'<p class="small">Per scheme and depth, the mean over seeds of each run\'s numbers at the end of training, '
-        f"best final validation loss first (the best of each depth is shaded). ± is the standard deviation over "
-        f"seeds; the range is the lowest and highest seed. Grad share, stream RMS and drift are defined under "
-        f'<a href="#how-to-read">How to read this</a>.</p>',
+        '<p class="small">Per scheme and depth, the mean over seeds of each run\'s numbers at the end of training, '
+        "best final validation loss first (the best of each depth is shaded). ± is the standard deviation over "
+        "seeds; the range is the lowest and highest seed. Grad share, stream RMS and drift are defined under "
+        '<a href="#how-to-read">How to read this</a>.</p>',
         _summary_table(rows, colours),
         '<h2 id="plots">Plots</h2>',
         "".join(_figure_html(plot) for plot in plots) or '<p class="note">No metrics were logged, so there is '

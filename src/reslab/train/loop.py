@@ -13,14 +13,12 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from reslab import __version__
 from reslab.data import BatchSampler, Tokenizer, build_tokenizer, encode_corpus, load_text, load_tokenizer, split_tokens
