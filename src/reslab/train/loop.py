@@ -268,6 +268,7 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             step_done = step + 1
             log_now = step_done % config.log_interval == 0 or step_done == config.steps
+            eval_now = step_done % config.eval_interval == 0 or step_done == config.steps
             x, y = sampler.sample()
             result = train_step(x, y, diagnostics=log_now and config.diagnostics)
             norms, probe = result.norms, result.probe
@@ -293,9 +294,7 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
                     record.update(type(sites[0]).scheme_metrics(sites))
                     if config.print_grad_norms:
                         reporter.grad_norms(step_done, norms.per_parameter, norms.total)
-                if step_done % config.eval_interval == 0 or step_done == config.steps:
-                    pass  # evaluated below, merged into this record
-                else:
+                if not eval_now:  # on eval steps the record is completed and written below
                     _write_record(metrics_file, writer, record)
                     reporter.update(step_done, mean_loss, last_val, record["tokens_per_second"])
                     record = None
@@ -304,7 +303,7 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
             else:
                 record = None
 
-            if step_done % config.eval_interval == 0 or step_done == config.steps:
+            if eval_now:
                 if steps_in_window:  # an eval step that is not a log step: close the window first
                     elapsed = time.perf_counter() - window_start
                     state["train_seconds"] += elapsed
@@ -326,7 +325,7 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
                 if not math.isfinite(loss_sum.item()):
                     raise NonFiniteLoss(f"loss became non-finite by step {step_done}; {kept()}")
                 checkpoint(step_done, _rng_state(batch_generator, device))
-            if log_now or step_done % config.eval_interval == 0:
+            if log_now or eval_now:
                 window_start = time.perf_counter()
     except KeyboardInterrupt:
         reporter.stop()
