@@ -208,19 +208,23 @@ def convert_state_dict(name: str, overrides: Mapping[str, Any],
     return state
 
 
+# (reslab name, HF GPT-2 name, stored transposed by HF's Conv1D?) for the modules of one block, both directions.
+GPT2_BLOCK_NAMES = (
+    ("attn_residual.norm", "ln_1", False),
+    ("attn.qkv", "attn.c_attn", True),
+    ("attn.out", "attn.c_proj", True),
+    ("ffn_residual.norm", "ln_2", False),
+    ("ffn.up", "mlp.c_fc", True),
+    ("ffn.down", "mlp.c_proj", True),
+)
+
+
 def _gpt2_to_reslab(weights: _Weights, overrides: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """GPT-2's Conv1D stores (in, out), so every matrix is transposed; c_attn is already fused q|k|v like `qkv`."""
     state = {"tok_emb.weight": weights.take("wte.weight"), "pos_emb.weight": weights.take("wpe.weight")}
     for i in range(overrides["layers"]):
         ours, theirs = f"blocks.{i}.", f"h.{i}."
-        for reslab_name, hf_name, transpose in (
-            ("attn_residual.norm", "ln_1", False),
-            ("attn.qkv", "attn.c_attn", True),
-            ("attn.out", "attn.c_proj", True),
-            ("ffn_residual.norm", "ln_2", False),
-            ("ffn.up", "mlp.c_fc", True),
-            ("ffn.down", "mlp.c_proj", True),
-        ):
+        for reslab_name, hf_name, transpose in GPT2_BLOCK_NAMES:
             weight = weights.take(f"{theirs}{hf_name}.weight")
             state[f"{ours}{reslab_name}.weight"] = weight.t() if transpose else weight
             state[f"{ours}{reslab_name}.bias"] = weights.take(f"{theirs}{hf_name}.bias")
@@ -384,14 +388,7 @@ def _gpt2_from_reslab(state: dict[str, torch.Tensor], layers: int) -> dict[str, 
     out = {"wte.weight": state["tok_emb.weight"], "wpe.weight": state["pos_emb.weight"]}
     for i in range(layers):
         ours, theirs = f"blocks.{i}.", f"h.{i}."
-        for reslab_name, hf_name, transpose in (
-            ("attn_residual.norm", "ln_1", False),
-            ("attn.qkv", "attn.c_attn", True),
-            ("attn.out", "attn.c_proj", True),
-            ("ffn_residual.norm", "ln_2", False),
-            ("ffn.up", "mlp.c_fc", True),
-            ("ffn.down", "mlp.c_proj", True),
-        ):
+        for reslab_name, hf_name, transpose in GPT2_BLOCK_NAMES:
             weight = state[f"{ours}{reslab_name}.weight"]
             out[f"{theirs}{hf_name}.weight"] = weight.t().contiguous() if transpose else weight
             size = weight.shape[0]  # output features of a Linear, features of a norm
