@@ -4,8 +4,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from reslab.errors import ReslabError
-from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter, on_single_stream
+from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter, check_integer_option, on_single_stream
 
 SOURCE_AXIS = -2  # the earlier outputs sit next to the channels: (batch, seq, sources, width)
 RMS_EPS = 1e-6
@@ -70,9 +69,7 @@ class AttentionResiduals(ResidualSite):
     @classmethod
     def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
         options = super().resolve_options(given)
-        block = options["attnres_block"]
-        if isinstance(block, bool) or not isinstance(block, int) or block < 0:
-            raise ReslabError(f"attnres_block must be an integer >= 0 (0 = full AttnRes), got {block!r}")
+        check_integer_option(cls.name, options, "attnres_block", 0, " (0 = full AttnRes)")
         return options
 
     @classmethod

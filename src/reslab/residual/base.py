@@ -111,6 +111,14 @@ def on_single_stream(site: ResidualSite, x: torch.Tensor, sublayer: nn.Module) -
     return adapter.reduce(site(adapter.widen(x), sublayer))
 
 
+def check_integer_option(scheme: str, options: Mapping[str, Any], name: str, minimum: int, hint: str = "") -> None:
+    """Scheme options that count things (streams, iterations, block sizes) must be integers >= minimum."""
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}{hint}"
+        raise ReslabError(f"residual scheme {scheme!r}: {name} must be {bound}, got {value!r}")
+
+
 def layerscale_default_init(num_layers: int) -> float:
     """CaiT's rule for the LayerScale init by depth: 0.1 up to 18 blocks, 1e-5 at 24, 1e-6 deeper."""
     if num_layers <= 18:

@@ -4,8 +4,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from reslab.errors import ReslabError
-from reslab.residual.base import SiteSpec
+from reslab.residual.base import SiteSpec, check_integer_option
 from reslab.residual.multistream import MultiStreamSite
 
 PROJ_INIT_STD = 0.02  # the dynamic projections phi start small and random, so the gates get a gradient at once
@@ -122,9 +121,7 @@ class ManifoldHyperConnections(MultiStreamSite):
     @classmethod
     def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
         options = super().resolve_options(given)
-        iterations = options["sinkhorn_iters"]
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ReslabError(f"sinkhorn_iters must be a positive integer, got {iterations!r}")
+        check_integer_option(cls.name, options, "sinkhorn_iters", 1)
         return options
 
     def connection_weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from reslab.errors import ReslabError
-from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter, on_single_stream
+from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter, check_integer_option, on_single_stream
 
 STREAM_AXIS = -2  # streams sit next to the channels: (batch, seq, n, width)
 
@@ -63,9 +62,7 @@ class MultiStreamSite(ResidualSite):
     @classmethod
     def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
         options = super().resolve_options(given)
-        streams = options["streams"]
-        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
-            raise ReslabError(f"residual scheme {cls.name!r}: streams must be a positive integer, got {streams!r}")
+        check_integer_option(cls.name, options, "streams", 1)
         return options
 
     @classmethod
