@@ -40,6 +40,7 @@ def test_reproduce_deep_mlp_gradients_table():
         (["info", "--model", "gpt", "--layers", "0"], "layers must be positive"),
         (["info", "--model", "gpt", "--width", "-4"], "width must be positive"),
         (["info", "--model", "gpt", "--kv-heads", "2"], "--kv-heads does not apply to model 'gpt'"),
+        (["info", "--model", "llama", "--activation", "gelu"], "--activation does not apply to model 'llama'"),
         (["info", "--layers", "two"], "invalid int value: 'two'"),
         (["reproduce", "nothing"], "invalid choice: 'nothing'"),
     ],

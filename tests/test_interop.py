@@ -89,6 +89,8 @@ def max_logit_diff(hf: nn.Module, ours: nn.Module, label: str) -> float:
 PARITY_CASES = {
     "gpt2-tied": gpt2_config(),
     "gpt2-untied": gpt2_config(tie_word_embeddings=False, layer_norm_epsilon=1e-6),
+    "gpt2-exact-gelu": gpt2_config(activation_function="gelu"),
+    "gpt2-relu2": gpt2_config(activation_function="relu2"),
     "llama-gqa": llama_config(rope_theta=500000.0),
     "llama-mha-tied": llama_config(num_key_value_heads=4, tie_word_embeddings=True),
     "llama-head_dim-32": llama_config(head_dim=32),
@@ -140,6 +142,8 @@ def test_config_from_hf_maps_fields():
 @pytest.mark.parametrize("label, name, overrides", [
     ("reslab gpt bias=False -> HF", "gpt", dict(bias=False, tie_embeddings=True)),
     ("reslab gpt bias=True untied -> HF", "gpt", dict(bias=True, tie_embeddings=False)),
+    ("reslab gpt exact gelu -> HF", "gpt", dict(bias=False, activation="gelu")),
+    ("reslab gpt relu2 -> HF", "gpt", dict(bias=False, activation="relu2")),
     ("reslab llama -> HF", "llama", dict(kv_heads=2)),
     ("reslab llama qk_norm -> HF qwen3", "llama", dict(kv_heads=1, qk_norm=True, tie_embeddings=True)),
 ])
@@ -228,7 +232,7 @@ def test_missing_transformers_names_the_extra(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("config, fragment", [
     (lambda: gpt2_config(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
-    (lambda: gpt2_config(activation_function="relu"), "activation 'relu'"),
+    (lambda: gpt2_config(activation_function="silu"), "activation 'silu'"),
     (lambda: gpt2_config(n_inner=100), "n_inner=100"),
     (lambda: llama_config(attention_bias=True), "attention_bias=True"),
     (lambda: llama_config(mlp_bias=True), "mlp_bias=True"),

@@ -109,8 +109,22 @@ def test_longer_than_context_is_refused():
         ("gpt", {"width": -8}, "width must be positive"),
         ("gpt", {"kv_heads": 2}, "GPTConfig has no field 'kv_heads'"),
         ("mlp", {"layer_sizes": [3]}, "at least an input and an output"),
+        ("gpt", {"activation": "swish"}, "unknown activation 'swish'; choose one of: gelu, gelu-tanh, relu, relu2"),
     ],
 )
 def test_bad_config_errors(name, overrides, message):
     with pytest.raises(reslab.ReslabError, match=message):
         reslab.build_model(name, **overrides)
+
+
+@pytest.mark.parametrize("activation, expected", [
+    ("gelu-tanh", lambda h: torch.nn.functional.gelu(h, approximate="tanh")),
+    ("gelu", torch.nn.functional.gelu),
+    ("relu", torch.relu),
+    ("relu2", lambda h: torch.relu(h) ** 2),
+])
+def test_gpt_mlp_activation(activation, expected):
+    net = reslab.build_model("gpt", layers=1, width=16, heads=2, context=8, vocab_size=11, activation=activation)
+    mlp = net.blocks[0].ffn
+    x = torch.randn(2, 3, 16)
+    torch.testing.assert_close(mlp(x), mlp.down(expected(mlp.up(x))))

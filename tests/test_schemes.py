@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import reslab
-from reslab.nn import CausalSelfAttention, GeluMLP, make_norm
+from reslab.nn import CausalSelfAttention, MLP, make_norm
 from reslab.residual import SCHEMES, SiteSpec, get_scheme
 
 WIDTH = 8
@@ -174,5 +174,5 @@ def test_sites_wrap_real_sublayers_in_models():
     """Models route every sublayer through a site: swapping the site's formula changes the model."""
     gpt = reslab.build_model("gpt", layers=2)
     for block in gpt.blocks:
-        assert isinstance(block.attn, CausalSelfAttention) and isinstance(block.ffn, GeluMLP)
+        assert isinstance(block.attn, CausalSelfAttention) and isinstance(block.ffn, MLP)
     assert [(layer, index) for layer, index, _ in gpt.residual_sites()] == [(0, 0), (0, 1), (1, 0), (1, 1)]

@@ -1,13 +1,14 @@
 """Every speed option gives the same training as the plain path (within tolerance), and `reslab bench` reports."""
 
 import json
+import math
 
 import pytest
 import torch
 
 import reslab
 from reslab.train.config import TrainConfig
-from reslab.train.muon import MuonAdamW, orthogonalize
+from reslab.train.muon import MuonAdamW, orthogonalize, orthogonalize_batch
 from reslab.train.schedule import build_optimizer
 from reslab.train.step import TrainStep, bf16_supported
 
@@ -82,6 +83,35 @@ def test_orthogonalize_flattens_singular_values():
         after = torch.linalg.svdvals(orthogonalize(update))
         assert after.max() < 1.25 and after.min() > 0.5, shape  # Muon's quintic: roughly 0.7 .. 1.2, not exactly 1
         assert after.max() / after.min() < (before.max() / before.min()) / 1.5
+
+
+def test_orthogonalize_batch_matches_one_at_a_time_and_bf16_is_close():
+    torch.manual_seed(0)
+    stack = torch.randn(3, 48, 16)
+    batched = orthogonalize_batch(stack)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], orthogonalize(stack[i]), atol=1e-5, rtol=1e-4)
+    low = orthogonalize_batch(stack, dtype=torch.bfloat16)
+    assert low.dtype == torch.float32  # returned in the update's dtype
+    values = torch.linalg.svdvals(low)
+    assert values.max() < 1.25 and values.min() > 0.5
+    assert (low - batched).abs().max() < 0.05
+
+
+def test_muon_step_by_hand():
+    """One step on one matrix: Nesterov momentum, Newton-Schulz, sqrt(rows/cols) scale, decoupled weight decay."""
+    torch.manual_seed(0)
+    net = reslab.build_model("gpt", layers=1, width=16, heads=2, context=8, vocab_size=11)
+    optimizer = MuonAdamW(net, lr=1e-3, muon_lr=0.05, weight_decay=0.1, betas=(0.9, 0.99), ns_dtype=torch.float32)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    weight = net.blocks[0].attn.qkv.weight  # 48 x 16: tall
+    before, grad = weight.detach().clone(), weight.grad.clone()
+    optimizer.step()
+    buffer = 0.05 * grad  # lerp from a zero buffer by 1 - momentum
+    update = orthogonalize(grad.lerp(buffer, 0.95))
+    expected = before * (1 - 0.05 * 0.1) - 0.05 * math.sqrt(48 / 16) * update
+    torch.testing.assert_close(weight.detach(), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_muon_trains_and_splits_parameters():

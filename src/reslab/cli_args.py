@@ -20,6 +20,8 @@ MODEL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--context": ("context", int, "context length in tokens"),
     "--dropout": ("dropout", float, "dropout probability"),
     "--rope-theta": ("rope_theta", float, "RoPE base (llama)"),
+    "--activation": ("activation", str, "MLP activation (gpt): gelu-tanh (GPT-2, default), gelu (nanoGPT), relu, "
+                     "relu2 (modded-nanogpt)"),
 }
 BOOL_FLAGS: dict[str, tuple[str, str]] = {
     "bias": ("bias", "biases in linear layers and norms (tiny, gpt)"),

@@ -38,7 +38,9 @@ BASE_PREFIX = {"gpt": "transformer.", "llama": "model."}
 # and `attn.masked_bias`, and old Llama's RoPE `inv_freq`. reslab recomputes all three.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
-GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU with the tanh approximation, as in GeluMLP
+# HF activation_function -> reslab's gpt activation ("gelu_new" and "gelu_pytorch_tanh" are both the tanh GELU)
+GPT2_ACTIVATIONS = {"gelu_new": "gelu-tanh", "gelu_pytorch_tanh": "gelu-tanh", "gelu": "gelu", "relu": "relu",
+                    "relu2": "relu2"}
 
 HF_INSTALL_HINT = 'install it with: pip install "reslab[hf]"'
 
@@ -69,7 +71,7 @@ def _gpt2_overrides(cfg: Any) -> dict[str, Any]:
     activation = getattr(cfg, "activation_function", "gelu_new")
     if activation not in GPT2_ACTIVATIONS:
         raise _refuse(f"GPT-2 activation {activation!r} is not supported",
-                      f"reslab's GPT uses tanh-approximated GELU ({' or '.join(GPT2_ACTIVATIONS)})")
+                      f"reslab's GPT supports {', '.join(GPT2_ACTIVATIONS)}")
     inner = getattr(cfg, "n_inner", None)
     if inner is not None and inner != 4 * cfg.n_embd:
         raise _refuse(f"GPT-2 n_inner={inner} is not supported", f"reslab's GPT MLP is 4 x n_embd = {4 * cfg.n_embd}")
@@ -88,6 +90,7 @@ def _gpt2_overrides(cfg: Any) -> dict[str, Any]:
         "layers": cfg.n_layer,
         "heads": cfg.n_head,
         "bias": True,  # HF's GPT-2 always has biases
+        "activation": GPT2_ACTIVATIONS[activation],
         "tie_embeddings": bool(getattr(cfg, "tie_word_embeddings", True)),
         "norm_eps": float(cfg.layer_norm_epsilon),
         "init_std": float(getattr(cfg, "initializer_range", 0.02)),
@@ -433,7 +436,7 @@ def to_hf_config(model: nn.Module) -> Any:
     if name == "gpt":
         return transformers.GPT2Config(
             vocab_size=c.vocab_size, n_positions=c.context, n_embd=c.width, n_layer=c.layers, n_head=c.heads,
-            activation_function="gelu_new", layer_norm_epsilon=c.norm_eps, initializer_range=c.init_std,
+            activation_function={"gelu-tanh": "gelu_new"}.get(c.activation, c.activation), layer_norm_epsilon=c.norm_eps, initializer_range=c.init_std,
             resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=c.tie_embeddings,
             bos_token_id=None, eos_token_id=None,  # reslab models know no tokenizer, so no special ids
         )

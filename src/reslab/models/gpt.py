@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from reslab.models.base import LanguageModel, TransformerConfig
-from reslab.nn import Block, CausalSelfAttention, GeluMLP, make_norm
+from reslab.errors import unknown
+from reslab.nn import ACTIVATIONS, MLP, Block, CausalSelfAttention, make_norm
 from reslab.residual import get_scheme
 
 
@@ -25,6 +26,12 @@ class GPTConfig(TransformerConfig):
     tie_embeddings: bool = True
     scaled_init: bool = True
     norm_eps: float = 1e-5
+    activation: str = "gelu-tanh"  # GPT-2's; nanoGPT uses "gelu" (exact), modded-nanogpt "relu2"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.activation not in ACTIVATIONS:
+            raise unknown("activation", self.activation, ACTIVATIONS)
 
 
 class GPT(LanguageModel):
@@ -42,7 +49,7 @@ class GPT(LanguageModel):
         self.blocks = nn.ModuleList(
             Block(
                 CausalSelfAttention(config.width, config.heads, bias=config.bias, dropout=config.dropout),
-                GeluMLP(config.width, 4 * config.width, bias=config.bias, dropout=config.dropout),
+                MLP(config.width, 4 * config.width, config.bias, config.dropout, config.activation),
                 scheme, layer, config.layers, config.width, norm, config.residual_options,
             )
             for layer in range(config.layers)

@@ -2,11 +2,11 @@
 
 from reslab.nn.attention import CausalSelfAttention
 from reslab.nn.block import Block
-from reslab.nn.ffn import GeluMLP, ReluFFN, SwiGLU
+from reslab.nn.ffn import ACTIVATIONS, MLP, ReluFFN, SwiGLU
 from reslab.nn.norms import LayerNorm, RMSNorm, make_norm
 from reslab.nn.rope import RotaryEmbedding
 
 __all__ = [
-    "Block", "CausalSelfAttention", "GeluMLP", "LayerNorm", "RMSNorm", "ReluFFN", "RotaryEmbedding", "SwiGLU",
-    "make_norm",
+    "ACTIVATIONS", "Block", "CausalSelfAttention", "LayerNorm", "MLP", "RMSNorm", "ReluFFN", "RotaryEmbedding",
+    "SwiGLU", "make_norm",
 ]

@@ -1,4 +1,7 @@
-"""Position-wise feed-forward layers: ReLU (the original Transformer), GELU MLP (GPT-2), SwiGLU (Llama)."""
+"""Position-wise feed-forward layers: ReLU (the original Transformer), the GPT MLP (GPT-2), SwiGLU (Llama)."""
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -33,11 +36,29 @@ class ReluFFN(_TwoLayerFFN):
         super().__init__(width, hidden, nn.ReLU(), bias, dropout)
 
 
-class GeluMLP(_TwoLayerFFN):
-    """GPT-2's MLP: GELU with the tanh approximation ("gelu_new")."""
+class ReLUSquared(nn.Module):
+    """relu(x)^2 (So et al. 2021, Primer, arXiv 2109.08668; used by modded-nanogpt)."""
 
-    def __init__(self, width: int, hidden: int, bias: bool = True, dropout: float = 0.0):
-        super().__init__(width, hidden, nn.GELU(approximate="tanh"), bias, dropout)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+# The MLP activations by name. GPT-2 uses the tanh approximation; nanoGPT the exact GELU, which is also cheaper
+# on CPU (its tanh form costs several elementwise passes per element in eager PyTorch).
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu-tanh": functools.partial(nn.GELU, approximate="tanh"),
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "relu2": ReLUSquared,
+}
+
+
+class MLP(_TwoLayerFFN):
+    """GPT-2's MLP: width -> hidden -> activation -> width; GELU with the tanh approximation ("gelu_new") by default."""
+
+    def __init__(self, width: int, hidden: int, bias: bool = True, dropout: float = 0.0,
+                 activation: str = "gelu-tanh"):
+        super().__init__(width, hidden, ACTIVATIONS[activation](), bias, dropout)
 
 
 class SwiGLU(nn.Module):

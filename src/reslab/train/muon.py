@@ -12,24 +12,34 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.optim.adamw import adamw
 
 # Quintic Newton-Schulz coefficients chosen (by Muon's authors) to push singular values towards 1 fast, not exactly.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 @torch.no_grad()
-def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately U V^T of update = U S V^T, by Newton-Schulz iteration in bf16-friendly arithmetic."""
+def orthogonalize_batch(updates: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Approximately U V^T of each matrix in a (n, rows, cols) stack, by Newton-Schulz iteration in `dtype`.
+
+    The iteration only pushes singular values into roughly [0.7, 1.2], so bf16 arithmetic is accurate enough
+    (Muon's reference implementation runs it in bf16); one batched matmul per stage serves the whole stack.
+    """
     a, b, c = NS_COEFFICIENTS
-    x = update.float()
-    transposed = x.shape[0] > x.shape[1]
+    x = updates.to(dtype)
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:  # iterate on the wide orientation: x x^T is the smaller Gram matrix
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1, so the iteration converges
+        x = x.mT
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + 1e-7)  # spectral <= Frobenius <= 1
     for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if transposed else x).to(update.dtype)
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G G) x
+    return (x.mT if transposed else x).to(updates.dtype)
+
+
+def orthogonalize(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One matrix: `orthogonalize_batch` of a stack of one."""
+    return orthogonalize_batch(update.unsqueeze(0), steps, dtype).squeeze(0)
 
 
 def muon_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -43,10 +53,16 @@ def muon_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Param
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Param groups carry `kind`: "muon" (momentum, Newton-Schulz, scaled step) or "adamw"."""
+    """Param groups carry `kind`: "muon" (momentum, Newton-Schulz, scaled step) or "adamw" (torch's fused AdamW).
+
+    Muon's matrices are orthogonalised in stacks of equal shape (all blocks' qkv together, and so on), in `ns_dtype`;
+    by default bf16 where the hardware has native bf16 matmuls, fp32 elsewhere.
+    """
 
     def __init__(self, model: nn.Module, lr: float, muon_lr: float, weight_decay: float,
-                 betas: tuple[float, float], momentum: float = 0.95, eps: float = 1e-8):
+                 betas: tuple[float, float], momentum: float = 0.95, eps: float = 1e-8,
+                 ns_dtype: torch.dtype | None = None):
+        self.ns_dtype = ns_dtype
         hidden, other = muon_parameters(model)
         decay = [p for p in other if p.dim() >= 2]
         no_decay = [p for p in other if p.dim() < 2]
@@ -66,34 +82,42 @@ class MuonAdamW(torch.optim.Optimizer):
                 self._adamw(group)
 
     def _muon(self, group: dict) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buffer = state["momentum_buffer"]
-            buffer.lerp_(p.grad, 1 - group["momentum"])
-            update = orthogonalize(p.grad.lerp(buffer, group["momentum"]))  # Nesterov
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        ns_dtype = self.ns_dtype
+        if ns_dtype is None:
+            from reslab.train.step import bf16_supported
+
+            ns_dtype = self.ns_dtype = torch.bfloat16 if bf16_supported(params[0].device) else torch.float32
+        grads = [p.grad for p in params]
+        buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
+        updates = torch._foreach_lerp(grads, buffers, group["momentum"])  # Nesterov
+        torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        by_shape: dict[torch.Size, list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(p.shape, []).append(i)
+        for shape, members in by_shape.items():
+            stack = orthogonalize_batch(torch.stack([updates[i] for i in members]), dtype=ns_dtype)
             # Scale so the update's RMS matches across shapes: tall matrices get sqrt(rows / cols).
-            scale = math.sqrt(max(1.0, p.shape[0] / p.shape[1]))
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(update, alpha=-group["lr"] * scale)
+            scale = math.sqrt(max(1.0, shape[0] / shape[1]))
+            torch._foreach_add_([params[i] for i in members], list(stack.unbind(0)), alpha=-group["lr"] * scale)
 
     def _adamw(self, group: dict) -> None:
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros(())
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            step = state["step"].item()
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            denom = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** step))
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [], [s["step"] for s in states], fused=params[0].device.type in ("cpu", "cuda"), amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )
