@@ -48,6 +48,22 @@ def test_bf16_autocast_tracks_fp32():
     assert bf16[-1] < bf16[0] - 0.2
 
 
+def test_bf16_attention_on_cpu_runs_in_fp32():
+    """Under bf16 autocast the CPU attention is computed in fp32 (its bf16 backward is slow) and returns bf16."""
+    from reslab.nn import CausalSelfAttention
+
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(32, 4, bias=False)
+    q, k, v = (torch.randn(2, 4, 8, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attn.attend(q, k, v)
+    assert y.dtype == torch.bfloat16
+    exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    torch.testing.assert_close(y.float(), exact.to(torch.bfloat16).float())
+    y.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+
+
 def test_bf16_refused_where_unsupported(monkeypatch):
     monkeypatch.setattr("reslab.train.step.bf16_supported", lambda device: False)
     with pytest.raises(reslab.ReslabError, match="--dtype bf16 needs native bf16"):

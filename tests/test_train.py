@@ -263,3 +263,9 @@ def test_recipe_sets_defaults_and_flags_override(cli, corpus, tmp_path):
     code, _, err = cli("train", "--recipe", "nanogpt-cpu", "--model", "llama", "--data", corpus, "--out",
                        tmp_path / "other")
     assert code == 2 and "recipe 'nanogpt-cpu' trains model 'gpt'" in err
+    code, _, err = cli("train", "--recipe", "fast", "--context", "16", "--steps", "2", "--eval-batches", "1",
+                       "--data", corpus, "--out", tmp_path / "fast", "--no-progress")
+    assert code == 0, err
+    config = json.loads((tmp_path / "fast" / "config.json").read_text())
+    assert (config["model_config"]["activation"], config["train"]["optimizer"], config["train"]["batch"]) == (
+        "gelu", "muon", 24)

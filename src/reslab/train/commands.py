@@ -46,8 +46,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         group.add_argument(flag, type=kind, help=text)
     group.add_argument("--no-diagnostics", action="store_true", help="skip gradient norms and stream probes")
     group.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    group.add_argument("--recipe", help="start from a named recipe (model + training flags; explicit flags win): "
-                       "see reslab.train.recipes")
+    group.add_argument("--recipe", help="start from a named recipe, model + training flags, that explicit flags "
+                       "override: nanogpt-cpu (nanoGPT's CPU shakespeare-char run), fast (val <= 1.70 on "
+                       "tinyshakespeare in under 110 s on 2 CPU cores)")
     return group
 
 
