@@ -76,7 +76,8 @@ def test_value_residual_mixes_are_scaled_skips_from_the_first_layer(learned):
 def test_attnres_full_and_block_one_depth_attention_per_sublayer(block):
     result = meta_audit("gpt", layers=4, residual="attnres", residual_options={"attnres_block": block})
     assert [r.kind for r in result.residuals] == ["depth-attention"] * 8
-    assert [r.owner for r in result.residuals] == [f"blocks.{i}.{s}_residual" for i in range(4) for s in ("attn", "ffn")]
+    expected = [f"blocks.{i}.{s}_residual" for i in range(4) for s in ("attn", "ffn")]
+    assert [r.owner for r in result.residuals] == expected
     assert result.residuals[3].wraps == ("blocks.1.ffn_residual.norm", "blocks.1.ffn")
     assert all(r.skip_from == f"{r.owner}:in" for r in result.residuals)
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import reslab
-from reslab.nn import CausalSelfAttention, MLP, make_norm
+from reslab.nn import MLP, CausalSelfAttention, make_norm
 from reslab.residual import SCHEMES, SiteSpec, get_scheme
 
 WIDTH = 8

@@ -1,8 +1,8 @@
 """`reslab train`, `--resume`, `reslab sample`: run directories, exact resume, diagnostics, bad input."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys

@@ -23,7 +23,8 @@ def torchrun_command(*args) -> list[str]:
 
 
 def torchrun(*args, timeout: float = 120) -> subprocess.CompletedProcess:
-    result = subprocess.run(torchrun_command(*args), check=False, capture_output=True, text=True, timeout=timeout, env=ENV)
+    result = subprocess.run(torchrun_command(*args), check=False, capture_output=True, text=True, timeout=timeout,
+                            env=ENV)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 

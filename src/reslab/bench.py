@@ -122,14 +122,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = result["config"]
     print(f"{result['model']} L{config['layers']} d{config['width']} h{config['heads']} T{config['context']} "
           f"batch {result['batch']} {result['dtype']}{' compiled' if result['compiled'] else ''} "
-          f"{result['optimizer']} diagnostics {'every ' + str(result['log_interval']) if result['diagnostics'] else 'off'}"
+          f"{result['optimizer']} diagnostics "
+          f"{'every ' + str(result['log_interval']) if result['diagnostics'] else 'off'}"
           f" ({result['threads']} threads, {result['device']})")
     print(f"  {result['ms_per_iter']:.2f} ms/iter (median of {len(result['ms_per_iter_windows'])} windows: "
           + ", ".join(f"{w:.1f}" for w in result["ms_per_iter_windows"]) + ")")
     print(f"  {result['tokens_per_second']:,.0f} tokens/s, {result['gflop_per_iter']:.2f} GFLOP/iter, "
           f"{result['achieved_gflops']:.1f} GFLOP/s achieved")
     if result["peak_gflops"]:
-        print(f"  matmul peak here {result['peak_gflops']:.1f} GFLOP/s -> {100 * result['fraction_of_peak']:.0f}% of peak")
+        print(f"  matmul peak here {result['peak_gflops']:.1f} GFLOP/s -> "
+              f"{100 * result['fraction_of_peak']:.0f}% of peak")
     if result["compiled"]:
         print(f"  compile (first step): {result['compile_seconds']:.1f} s, not included above")
     return 0

@@ -436,7 +436,8 @@ def to_hf_config(model: nn.Module) -> Any:
     if name == "gpt":
         return transformers.GPT2Config(
             vocab_size=c.vocab_size, n_positions=c.context, n_embd=c.width, n_layer=c.layers, n_head=c.heads,
-            activation_function={"gelu-tanh": "gelu_new"}.get(c.activation, c.activation), layer_norm_epsilon=c.norm_eps, initializer_range=c.init_std,
+            activation_function={"gelu-tanh": "gelu_new"}.get(c.activation, c.activation),
+            layer_norm_epsilon=c.norm_eps, initializer_range=c.init_std,
             resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=c.tie_embeddings,
             bos_token_id=None, eos_token_id=None,  # reslab models know no tokenizer, so no special ids
         )

@@ -32,7 +32,8 @@ def register(commands) -> None:
                          help="local processes (default) or one Ray task per grid point")
     cluster.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, a cluster started on "
                          "this machine, or a new local instance)")
-    cluster.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per task, also its torch threads (default 1)")
+    cluster.add_argument("--ray-cpus", type=float, default=1.0,
+                         help="CPUs per task, also its torch threads (default 1)")
     cluster.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per task, may be fractional (default 0)")
     ablate.set_defaults(handler=cmd_ablate)
 

@@ -121,7 +121,8 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
     started = time.time()
     write_json(out_dir / ABLATION, {**record, "started": started, "finished": None})
 
-    todo = [p for p in points if point_status(out_dir / "runs" / p.name, train_config.steps) not in ("done", "diverged")]
+    todo = [p for p in points
+            if point_status(out_dir / "runs" / p.name, train_config.steps) not in ("done", "diverged")]
     how = "as Ray tasks" if executor == "ray" else f"with {jobs} job(s) x {threads_per_job(jobs)} thread(s)"
     _say(console, f"ablation {out_dir}: {len(points)} grid points, {len(points) - len(todo)} already done, "
                   f"{len(todo)} to train {how}")
@@ -160,8 +161,8 @@ def _check_ablation_dir(out_dir: Path, record: dict[str, Any]) -> None:
         if saved.get(key) != record[key]:
             raise ReslabError(f"{out_dir} holds an ablation with {key} {saved.get(key)}, not {record[key]}; "
                               "choose another --out to run a different experiment")
-    differing = [k for k, v in record["train"].items()
-                 if k not in ("progress", "print_grad_norms", "device", "seed", "stop_at") and saved["train"].get(k) != v]
+    ignored = ("progress", "print_grad_norms", "device", "seed", "stop_at")
+    differing = [k for k, v in record["train"].items() if k not in ignored and saved["train"].get(k) != v]
     if differing:
         key = differing[0]
         raise ReslabError(f"{out_dir} was run with {key}={saved['train'].get(key)}, not {record['train'][key]}; "

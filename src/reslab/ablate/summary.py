@@ -58,7 +58,8 @@ def summarize(out_dir: Path) -> dict[str, Any]:
     result = {"model": ablation["model"], "steps": ablation["train"]["steps"], "rows": rows}
     write_json(out_dir / "summary.json", result)
     buffer = io.StringIO()
-    columns = ["residual", "layers", "seeds", "diverged"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "min", "max")]
+    stat_columns = [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "min", "max")]
+    columns = ["residual", "layers", "seeds", "diverged", *stat_columns]
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     for row in rows:

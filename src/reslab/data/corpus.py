@@ -14,8 +14,8 @@ import urllib.request
 from pathlib import Path
 
 from reslab.data import shakespeare
-from reslab.io import atomic_write
 from reslab.errors import ReslabError
+from reslab.io import atomic_write
 
 DEFAULT_SOURCE = "shakespeare"
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

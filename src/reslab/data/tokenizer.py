@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from reslab.io import atomic_write
 from reslab.errors import ReslabError, check_positive, unknown
+from reslab.io import atomic_write
 
 FILENAME = "tokenizer.json"
 FILE_FORMAT = 1

@@ -78,5 +78,5 @@ class StreamProbe:
         rms = values[len(keys):len(keys) + len(self._rms)]
         drift = values[len(keys) + len(self._rms):]
         layers = sorted({layer for layer, _ in keys})
-        per_block = [[ratios[(layer, i)] for i in sorted(i for l, i in keys if l == layer)] for layer in layers]
+        per_block = [[ratios[(layer, i)] for i in sorted(i for owner, i in keys if owner == layer)] for layer in layers]
         return {"stream_rms": rms, "update_ratio": per_block, "drift": drift}

@@ -232,11 +232,13 @@ def _runs_table(ablation: Ablation, colours: dict[str, str]) -> str:
         last_val = run.last_with("val_loss")
         body.append(
             f"<tr><td class=\"left\"><code>{esc(run.name)}</code></td><td class=\"left\">"
-            f"{_swatch(run.residual, colours)}{esc(run.residual)}</td><td>{esc(run.layers)}</td><td>{esc(run.seed)}</td>"
+            f"{_swatch(run.residual, colours)}{esc(run.residual)}</td><td>{esc(run.layers)}</td>"
+            f"<td>{esc(run.seed)}</td>"
             f"<td class=\"left\">{status}</td><td>{esc(run.last_step)}</td>"
             f"<td>{_num(summary.get('final_val_loss', last_val.get('val_loss') if last_val else None))}</td>"
             f"<td>{_num(summary.get('best_val_loss'))}</td><td>{_num(summary.get('parameters'), 0)}</td>"
-            f"<td>{_num(summary.get('train_seconds'), 1)}</td><td>{_num(summary.get('tokens_per_second'), 0)}</td></tr>")
+            f"<td>{_num(summary.get('train_seconds'), 1)}</td>"
+            f"<td>{_num(summary.get('tokens_per_second'), 0)}</td></tr>")
     diverged = [r for r in ablation.runs if r.status == "diverged" and r.message]
     notes = "".join(f"<li><code>{esc(r.name)}</code>: {esc(r.message)}</li>" for r in diverged)
     return ('<div class="scroll"><table><tr><th class="left">run directory</th><th class="left">scheme</th>'
@@ -321,7 +323,8 @@ CSS = """
 :root { --ink: #1d2330; --muted: #5b6475; --line: #dfe3ea; --soft: #f5f7fa; --accent: #1f5fbf; }
 * { box-sizing: border-box; }
 body { margin: 0; color: var(--ink); background: #ffffff;
-  font: 15px/1.55 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "Liberation Sans", sans-serif; }
+  font: 15px/1.55 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "Liberation Sans",
+    sans-serif; }
 main { max-width: 1220px; margin: 0 auto; padding: 28px 32px 60px; }
 header { border-bottom: 3px solid var(--ink); padding-bottom: 12px; margin-bottom: 8px; }
 h1 { font-size: 28px; margin: 0 0 4px; letter-spacing: -0.01em; }
@@ -331,7 +334,8 @@ p { margin: 6px 0 10px; }
 .sub { color: var(--muted); margin: 0; }
 nav { margin: 10px 0 0; font-size: 14px; }
 nav a { color: var(--accent); text-decoration: none; margin-right: 16px; }
-code, pre { font-family: ui-monospace, "SFMono-Regular", "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 0.92em; }
+code, pre { font-family: ui-monospace, "SFMono-Regular", "DejaVu Sans Mono", Menlo, Consolas, monospace;
+  font-size: 0.92em; }
 pre { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: 10px 12px;
   overflow-x: auto; white-space: pre-wrap; word-break: break-word; }
 pre.command { font-size: 14px; }
@@ -390,7 +394,8 @@ def render(ablation: Ablation, plots: list[Plot]) -> str:
     grid = (f"{_plural(len(ablation.schemes), 'scheme')} × {_plural(len(ablation.depths), 'depth')} × "
             f"{_plural(len(ablation.seeds), 'seed')}")
     title = f"Residual ablation: {model}, {', '.join(ablation.schemes) or 'no schemes'}"
-    statuses = {s: sum(1 for r in ablation.runs if r.status == s) for s in ("finished", "diverged", "incomplete", "new")}
+    statuses = {s: sum(1 for r in ablation.runs if r.status == s)
+                for s in ("finished", "diverged", "incomplete", "new")}
     run_line = ", ".join(f"{n} {s}" for s, n in statuses.items() if n) or "no runs"
     steps = ablation.steps
     uniform = (f" = {math.log(ablation.vocab_size):.2f} here (vocabulary {ablation.vocab_size})"

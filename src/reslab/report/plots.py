@@ -231,9 +231,9 @@ def plot_loss(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
 
 def plot_grads(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
     """Gradient norm of each block vs step: a panel per (depth, scheme), blocks coloured bottom (dark) to top."""
+    from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import BoundaryNorm
-    from matplotlib import colormaps
 
     if not any(run.series("grad_norm_total")[0] or run.last_with("block_grad_norms") for run in ablation.runs):
         return False

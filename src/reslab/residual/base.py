@@ -77,7 +77,8 @@ class ResidualSite(nn.Module):
         unknown = set(given) - set(cls.option_defaults)
         if unknown:
             valid = ", ".join(sorted(cls.option_defaults)) or "none"
-            raise ReslabError(f"residual scheme {cls.name!r} has no option {sorted(unknown)[0]!r}; its options: {valid}")
+            raise ReslabError(f"residual scheme {cls.name!r} has no option {sorted(unknown)[0]!r}; "
+                              f"its options: {valid}")
         return {**cls.option_defaults, **given}
 
     @classmethod

@@ -10,8 +10,9 @@ from reslab.errors import ReslabError, check_positive
 
 # Fields that may change when a run is resumed; every other field must match the run's config.json.
 RESUMABLE_FIELDS = frozenset(
-    {"steps", "stop_at", "compile", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device", "print_grad_norms",
-     "progress", "grad_accum", "fsdp", "dist_timeout"}  # the last three change how a step runs, not what it computes
+    {"steps", "stop_at", "compile", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device",
+     "print_grad_norms", "progress",
+     "grad_accum", "fsdp", "dist_timeout"}  # these three change how a step runs, not what it computes
 )
 
 
@@ -49,8 +50,8 @@ class TrainConfig:
     dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before the job fails
 
     def validate(self) -> None:
-        check_positive(steps=self.steps, stop_at=self.stop_at, batch=self.batch, lr=self.lr, eval_interval=self.eval_interval,
-                       eval_batches=self.eval_batches, log_interval=self.log_interval,
+        check_positive(steps=self.steps, stop_at=self.stop_at, batch=self.batch, lr=self.lr,
+                       eval_interval=self.eval_interval, eval_batches=self.eval_batches, log_interval=self.log_interval,
                        checkpoint_interval=self.checkpoint_interval, vocab_size=self.vocab_size,
                        grad_accum=self.grad_accum, dist_timeout=self.dist_timeout)
         if self.batch % self.grad_accum:

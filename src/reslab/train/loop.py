@@ -113,8 +113,8 @@ def _merge_for_resume(saved: dict[str, Any], config_overrides: dict[str, Any],
         if name in RESUMABLE_FIELDS:
             values[name] = value
         elif values.get(name) != value:
-            raise ReslabError(f"--{name.replace('_', '-')} {value} differs from the run's {values.get(name)}; a resumed "
-                              "run keeps its config: drop the flag, or start a new run in another directory")
+            raise ReslabError(f"--{name.replace('_', '-')} {value} differs from the run's {values.get(name)}; "
+                              "a resumed run keeps its config: drop the flag, or start a new run in another directory")
     for name, value in model_overrides.items():
         if saved["model_config"].get(name) != value:
             raise ReslabError(f"model {name} {value} differs from the run's {saved['model_config'].get(name)}; "
@@ -217,7 +217,8 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
     if setup.resume:
         tensors, meta = read_checkpoint(run_dir / CHECKPOINT)
         world.load_model(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        world.load_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith("optimizer.")}, meta["optimizer"])
+        optimizer_tensors = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
+        world.load_optimizer(optimizer, optimizer_tensors, meta["optimizer"])
         _restore_rng({k: v for k, v in tensors.items() if k.startswith("rng.")}, batch_generator, device)
         state.update(meta["state"])
         if world.is_main:  # only rank 0 writes the run directory
@@ -227,7 +228,8 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
         _init_run_dir(setup)
     parameters = sum(p.numel() for p in model.parameters())
     if state["step"] >= config.steps:
-        reporter.note(f"{run_dir} already finished {state['step']} steps; pass --steps N (N > {state['step']}) to continue")
+        reporter.note(f"{run_dir} already finished {state['step']} steps; "
+                      f"pass --steps N (N > {state['step']}) to continue")
         if not world.is_main:
             return {"steps": state["step"]}  # rank 0 returns the summary
         if not (run_dir / SUMMARY).exists():  # killed between the last checkpoint and the summary
@@ -242,7 +244,7 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
     loss_sum = torch.full((), float(state.pop("window_loss_sum", 0.0)), device=device)
     steps_in_window = state.pop("window_steps", 0)
     window_start = time.perf_counter()
-    reporter.start(config.steps, state["step"], f"{setup.model_name} / {setup.model_config['residual'] if 'residual' in setup.model_config else ''}")
+    reporter.start(config.steps, state["step"], f"{setup.model_name} / {setup.model_config.get('residual', '')}")
     model.train()
     step = state["step"]
     rng_before_step = _rng_state(batch_generator, device)
@@ -320,7 +322,8 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
                 record = record or {"step": step_done}
                 record.update({"val_loss": last_val, "train_loss_eval": train_eval})
                 _write_record(metrics_file, writer, record)
-                reporter.update(step_done, record.get("loss"), last_val, record.get("tokens_per_second"), eval_done=True)
+                reporter.update(step_done, record.get("loss"), last_val, record.get("tokens_per_second"),
+                                eval_done=True)
             if step_done % config.checkpoint_interval == 0 or step_done in (config.steps, end):
                 if not math.isfinite(loss_sum.item()):
                     raise NonFiniteLoss(f"loss became non-finite by step {step_done}; {kept()}")
@@ -333,7 +336,8 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
             # `step` counts completed steps; the RNG snapshot was taken before the interrupted one began.
             checkpoint(step, rng_before_step if rng_before_step is not None else _rng_state(batch_generator, device))
         metrics_file.close()
-        raise ReslabError(f"interrupted at step {step}; checkpoint saved, continue with: reslab train --resume {run_dir}")
+        raise ReslabError(f"interrupted at step {step}; checkpoint saved, "
+                          f"continue with: reslab train --resume {run_dir}")
     except NonFiniteLoss:
         reporter.stop()
         metrics_file.close()
