@@ -64,8 +64,8 @@ class CausalSelfAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # torch's CPU flash-attention backward runs several times slower in bf16 than in fp32 (4.6x measured
-            # at nanoGPT's CPU shape, torch 2.13), and attention is a small share of the FLOPs: run it in fp32.
+            # torch's CPU flash attention runs 4.6x slower in bf16 than in fp32 (forward + backward at nanoGPT's
+            # CPU shape, torch 2.13), and attention is a small share of the FLOPs: run it in fp32.
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, dropout_p=dropout,
                                                    enable_gqa=self.kv_heads != self.heads)

@@ -44,10 +44,9 @@ class AttentionResiduals(ResidualSite):
     The sources v_i are the embedding v_0 and the earlier sublayer outputs; `w_l` is one learned pseudo-query per
     sublayer, zero at init, so every earlier output starts with the same non-zero weight 1/l (the mean: pre-LN's
     input divided by l, which the branch's norm all but undoes). Block AttnRes (`attnres_block k`: k transformer
-    blocks per AttnRes block) keeps
-    ordinary residuals inside each block, `b = b + F`, and attends over the finished block sums and the open one
-    (memory O(N d) for N blocks instead of O(L d)); k = 0 is full AttnRes. The LM head reads a last depth
-    attention with its own pseudo-query.
+    blocks per AttnRes block) keeps ordinary residuals inside each block, `b = b + F`, and attends over the finished
+    block sums and the open one (memory O(N d) for N blocks instead of O(L d)); k = 0 is full AttnRes. The LM head
+    reads a last depth attention with its own pseudo-query.
     Kimi Team (Moonshot AI) 2026, Attention Residuals (arXiv 2603.15031).
 
     The stream is the stack of sources, shape (batch, seq, S, width); its last source is the open block's sum.
