@@ -130,6 +130,16 @@ def test_muon_step_by_hand():
     torch.testing.assert_close(weight.detach(), expected, atol=1e-6, rtol=1e-5)
 
 
+def test_muon_orthogonalises_in_fp32_without_native_bf16(monkeypatch):
+    monkeypatch.setattr("reslab.train.step.bf16_supported", lambda device: False)
+    net = reslab.build_model("gpt", layers=1, width=16, heads=2, context=8, vocab_size=11)
+    optimizer = MuonAdamW(net, lr=1e-3, muon_lr=0.05, weight_decay=0.1, betas=(0.9, 0.99))
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert optimizer.ns_dtype == torch.float32
+
+
 def test_muon_trains_and_splits_parameters():
     net = reslab.build_model("gpt", layers=2, width=32, heads=2, context=16, vocab_size=20)
     optimizer = MuonAdamW(net, lr=1e-3, muon_lr=0.02, weight_decay=0.1, betas=(0.9, 0.99))
