@@ -59,3 +59,20 @@ def test_bad_distributed_flags_are_one_line(cli, corpus, tmp_path):
     code, _, err = cli("train", *TINY, "--data", corpus, "--steps", "2", "--grad-accum", "3", "--out", tmp_path / "run")
     assert code == 2 and "--grad-accum 3" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_two_processes_log_the_global_batch_stream_gain(one_process, cli, tmp_path):
+    """Dynamic HC's Amax gain is a max over tokens: with the batch split over ranks, the logged figure is the max
+    over ranks, so it equals the one-process run's on the same global batch (rank 0's half alone falls short)."""
+    corpus, _ = one_process
+    # a high learning rate, so that after a few steps the tokens' gains differ and a half batch would show it
+    flags = [*TINY, "--residual", "hc", "--hc-dynamic", "--lr", "1e-2", "--data", corpus, "--steps", "20"]
+    with one_thread():
+        code, _, err = cli("train", *flags, "--out", tmp_path / "one")
+    assert code == 0, err
+    torchrun(*flags, "--out", tmp_path / "two")
+    single, double = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(single) == len(double) == 20
+    for a, b in zip(single, double, strict=True):
+        for key in ("amax_gain_forward", "amax_gain_backward"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)

@@ -221,3 +221,32 @@ def test_sinkhorn_gradient_matches_autograd_through_the_iterations():
     unrolled = logits.clone().requires_grad_()
     (sinkhorn_log_space(unrolled.permute(1, 2, 0), 200).permute(2, 0, 1) * weights).sum().backward()
     torch.testing.assert_close(implicit.grad, unrolled.grad, atol=1e-8, rtol=0)
+
+
+class FakeRanks:
+    """Stands in for a distributed `World`: its max and mean are told apart by the factor each applies."""
+
+    def max(self, tensor):
+        return tensor * 2
+
+    def mean(self, tensor):
+        return tensor / 4
+
+
+@pytest.mark.parametrize("scheme, key, factor", [("hc", "amax_gain_forward", 2.0), ("mhc", "amax_gain_backward", 2.0),
+                                                 ("attnres", "attnres_weights", 0.25)])
+def test_scheme_metrics_are_reduced_over_ranks(scheme, key, factor):
+    """In a distributed run every rank reports its share; the logged figure is the max (gain) or mean (weights)."""
+    model = reslab.build_model("gpt", residual=scheme, **SMALL)
+    with StreamProbe().attached(model):
+        model(tokens())
+    sites = [site for _, _, site in model.residual_sites()]
+    local = type(sites[0]).scheme_metrics(sites)[key]
+    reduced = type(sites[0]).scheme_metrics(sites, FakeRanks())[key]
+    if key == "attnres_weights":  # one list per sublayer, of its sources' mean weights
+        assert len(reduced) == len(local) == 2 * SMALL["layers"]
+        pairs = list(zip(reduced, local, strict=True))
+    else:
+        pairs = [(reduced, local)]
+    for got, value in pairs:
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(value) * factor)

@@ -4,7 +4,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter, check_integer_option, on_single_stream
+from reslab.residual.base import (
+    RankReduce,
+    ResidualSite,
+    SiteSpec,
+    StreamAdapter,
+    check_integer_option,
+    on_single_stream,
+)
 
 SOURCE_AXIS = -2  # the earlier outputs sit next to the channels: (batch, seq, sources, width)
 RMS_EPS = 1e-6
@@ -97,11 +104,15 @@ class AttentionResiduals(ResidualSite):
         return out
 
     @classmethod
-    def scheme_metrics(cls, sites: list[ResidualSite]) -> dict[str, Any]:
-        """Mean depth-attention weight of each source (embedding first), per sublayer, from the last probed forward."""
+    def scheme_metrics(cls, sites: list[ResidualSite], ranks: RankReduce | None = None) -> dict[str, Any]:
+        """Mean depth-attention weight of each source (embedding first), per sublayer, from the last probed forward
+        (averaged over ranks: each holds an equal share of the batch)."""
         if not sites or any(site.last_weights is None for site in sites):
             return {}
-        return {"attnres_weights": [site.last_weights.tolist() for site in sites]}
+        weights = [site.last_weights for site in sites]
+        if ranks is not None:
+            weights = [ranks.mean(w) for w in weights]
+        return {"attnres_weights": [w.tolist() for w in weights]}
 
     def extra_repr(self) -> str:
         block = self.options["attnres_block"]

@@ -94,8 +94,9 @@ class ResidualSite(nn.Module):
             self.probe.record(self, x, fx, out)
 
     @classmethod
-    def scheme_metrics(cls, sites: list[ResidualSite]) -> dict[str, float]:
-        """Scheme-wide diagnostics on a log step (after the probed forward), e.g. HC's Amax gain; logged as is."""
+    def scheme_metrics(cls, sites: list[ResidualSite], ranks: RankReduce | None = None) -> dict[str, Any]:
+        """Scheme-wide diagnostics on a log step (after the probed forward), e.g. HC's Amax gain. In a distributed
+        run every rank calls this, and `ranks` turns each rank's figure into the global batch's."""
         return {}
 
     def init_branch(self, sublayer: nn.Module) -> None:
@@ -103,6 +104,14 @@ class ResidualSite(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.formula}"
+
+
+class RankReduce(Protocol):
+    """Reductions over the processes of a distributed run (`reslab.train.distributed.World` provides them)."""
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
 
 def on_single_stream(site: ResidualSite, x: torch.Tensor, sublayer: nn.Module) -> torch.Tensor:

@@ -25,7 +25,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter, check_integer_option, on_single_stream
+from reslab.residual.base import (
+    RankReduce,
+    ResidualSite,
+    SiteSpec,
+    StreamAdapter,
+    check_integer_option,
+    on_single_stream,
+)
 
 STREAM_AXIS = -2  # streams sit next to the channels: (batch, seq, n, width)
 
@@ -87,12 +94,13 @@ class MultiStreamSite(ResidualSite):
         return out
 
     @classmethod
-    def scheme_metrics(cls, sites: list[ResidualSite]) -> dict[str, float]:
-        """Amax gain of the composite stream mix of the last probed forward (max over tokens)."""
+    def scheme_metrics(cls, sites: list[ResidualSite], ranks: RankReduce | None = None) -> dict[str, float]:
+        """Amax gain of the composite stream mix of the last probed forward (max over tokens, and over ranks)."""
         mixes = [site.last_stream_mix for site in sites]
         if not mixes or any(mix is None for mix in mixes):
             return {}
-        forward, backward = amax_gain(mixes)
+        gains = torch.tensor(amax_gain(mixes), device=mixes[0].device)
+        forward, backward = (ranks.max(gains) if ranks is not None else gains).tolist()
         return {"amax_gain_forward": forward, "amax_gain_backward": backward}
 
     def extra_repr(self) -> str:

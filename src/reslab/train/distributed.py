@@ -163,6 +163,14 @@ class World:
         dist.all_reduce(total)
         return total
 
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise maximum over ranks (a new tensor); the tensor itself on one process."""
+        if self.size == 1:
+            return tensor
+        largest = tensor.detach().clone()
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        return largest
+
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """The mean over ranks: the global batch's loss from each rank's loss over its equal share of rows."""
         return tensor if self.size == 1 else self.sum(tensor) / self.size

@@ -293,7 +293,7 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
                     record.update(norms.to_metrics())
                     record.update(probe.to_metrics(reduce=world.sum))  # sums over ranks: the global batch's stream
                     sites = [site for _, _, site in model.residual_sites()]
-                    record.update(type(sites[0]).scheme_metrics(sites))
+                    record.update(type(sites[0]).scheme_metrics(sites, world))  # every rank takes part
                     if config.print_grad_norms:
                         reporter.grad_norms(step_done, norms.per_parameter, norms.total)
                 if not eval_now:  # on eval steps the record is completed and written below
