@@ -9,8 +9,8 @@ class ArticleEdit(ResidualSite):
 
     Deleting the line `x = x + output` from a post-LN block leaves `output = F(x)` computed and discarded, and
     `x = norm(x)` normalising the unchanged stream. So the edit removes the sublayers, not just the skip: the model
-    becomes embeddings -> norms -> head, a bigram model. `reslab audit` reports its sublayers as dead. Compare with
-    `none` (`x = LN(F(x))` would be the honest post-LN control; reslab's `none` is `F(LN(x))`).
+    becomes embeddings -> norms -> head, a bigram model. `reslab audit` reports its sublayers as dead. The honest
+    post-LN control is `post-none` (`x = LN(F(x))`); for pre-LN models it is `none` (`x = F(LN(x))`).
     """
 
     name = "article-edit"
