@@ -6,12 +6,14 @@ class ReslabError(ValueError):
 
 
 def check_positive(**sizes: int | float) -> None:
-    """Raise ReslabError for the first size that is not > 0."""
+    """Raise ReslabError for the first size that is not a finite number > 0 (None: not given, passes)."""
+    import math
+
     for name, value in sizes.items():
         if value is None:
             continue
-        if value <= 0:
-            raise ReslabError(f"{name} must be positive, got {value}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ReslabError(f"{name} must be positive, got {value!r}")
 
 
 def unknown(kind: str, name: str, choices) -> ReslabError:

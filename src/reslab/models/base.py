@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -14,13 +15,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reslab.checks import BETA, NON_NEGATIVE, POSITIVE, Range, check_field_type, check_numbers
 from reslab.errors import ReslabError, check_positive
 from reslab.residual import get_scheme
 
 
 @dataclass
 class ModelConfig:
-    """Base for every model config: validation and (de)serialisation to plain JSON-able dicts."""
+    """Base for every model config: validation and (de)serialisation to plain JSON-able dicts.
+
+    Every field is checked against its type annotation (so `--set layers=abc` or `layers=64.0` is one error line),
+    and the float fields named in `RANGES` (merged over the class hierarchy) against their admissible range.
+    """
+
+    RANGES: ClassVar[dict[str, Range]] = {}
 
     def validate(self) -> None:
         pass
@@ -34,7 +42,13 @@ class ModelConfig:
         bad = sorted(set(values) - names)
         if bad:
             raise ReslabError(f"{cls.__name__} has no field {bad[0]!r}; its fields: {', '.join(sorted(names))}")
+        hints = typing.get_type_hints(cls)
+        values = {name: check_field_type(name, value, hints[name]) for name, value in values.items()}
+        ranges: dict[str, Range] = {}
+        for klass in reversed(cls.__mro__):
+            ranges.update(vars(klass).get("RANGES", {}))
         config = cls(**values)
+        check_numbers(dataclasses.asdict(config), ranges, flags={name: name for name in ranges})
         config.validate()
         return config
 
@@ -52,6 +66,9 @@ class TransformerConfig(ModelConfig):
     residual: str = "pre"
     residual_options: dict[str, Any] = field(default_factory=dict)
     init_std: float = 0.02
+
+    RANGES: ClassVar[dict[str, Range]] = {"dropout": BETA, "init_std": NON_NEGATIVE, "norm_eps": POSITIVE,
+                                          "rope_theta": POSITIVE}
 
     def validate(self) -> None:
         check_positive(vocab_size=self.vocab_size, context=self.context, width=self.width, layers=self.layers,

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import typing
 from dataclasses import dataclass
 from typing import Any
 
-from reslab.errors import ReslabError, check_positive
+from reslab.checks import (BETA, COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, Range, check_field_type,
+                           check_numbers, flag_name)
+from reslab.errors import ReslabError
+
+# What each numeric field admits; `validate` checks them all (finite, in range), so every command shares one rule.
+RANGES: dict[str, Range] = {
+    "steps": COUNT, "stop_at": COUNT, "batch": COUNT, "grad_accum": COUNT, "vocab_size": Range(low=2, integer=True),
+    "lr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup": NON_NEGATIVE_INT, "weight_decay": NON_NEGATIVE,
+    "beta1": BETA, "beta2": BETA, "grad_clip": NON_NEGATIVE, "muon_lr": POSITIVE, "seed": SEED,
+    "eval_interval": COUNT, "eval_batches": COUNT, "log_interval": COUNT, "checkpoint_interval": COUNT,
+    "dist_timeout": POSITIVE,
+}
+DEVICE_HELP = "choose auto, cpu, cuda or cuda:N"
 
 # Fields that may change when a run is resumed; every other field must match the run's config.json.
 RESUMABLE_FIELDS = frozenset(
@@ -50,15 +64,12 @@ class TrainConfig:
     dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before the job fails
 
     def validate(self) -> None:
-        check_positive(steps=self.steps, stop_at=self.stop_at, batch=self.batch, lr=self.lr,
-                       eval_interval=self.eval_interval, eval_batches=self.eval_batches, log_interval=self.log_interval,
-                       checkpoint_interval=self.checkpoint_interval, vocab_size=self.vocab_size,
-                       grad_accum=self.grad_accum, dist_timeout=self.dist_timeout)
+        check_numbers(self.to_dict(), RANGES)
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ReslabError(f"--min-lr {self.min_lr:g} is above --lr {self.lr:g}; the cosine decays from lr to min-lr")
         if self.batch % self.grad_accum:
             raise ReslabError(f"--batch {self.batch} is not divisible by --grad-accum {self.grad_accum}; "
                               "micro-batches must be equal")
-        if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ReslabError("warmup, weight decay and grad clip must be >= 0")
         if self.optimizer not in ("adamw", "muon"):
             raise ReslabError(f"unknown optimizer {self.optimizer!r}; choose one of: adamw, muon")
         if self.dtype not in ("fp32", "bf16"):
@@ -67,8 +78,7 @@ class TrainConfig:
             raise ReslabError(f"unknown tokenizer {self.tokenizer!r}; choose one of: bpe, char")
         if self.tokenizer == "bpe" and self.vocab_size is None:
             raise ReslabError("--tokenizer bpe needs --vocab-size N (e.g. 512)")
-        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
-            raise ReslabError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+        check_device_name(self.device)
 
     @property
     def floor_lr(self) -> float:
@@ -79,7 +89,23 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        config = cls(**{k: v for k, v in values.items() if k in names})
+        hints = typing.get_type_hints(cls)
+        config = cls(**{k: check_field_type(flag_name(k), v, hints[k]) for k, v in values.items() if k in hints})
         config.validate()
         return config
+
+
+def check_device_name(name: str) -> None:
+    """auto, cpu, cuda or cuda:N, and only what this machine has: never a torch traceback for a device string."""
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
+        raise ReslabError(f"unknown device {name!r}; {DEVICE_HELP}")
+    import torch
+
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise ReslabError(f"--device {name}: this machine has {have}; use --device auto or cpu")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ReslabError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")

@@ -26,7 +26,7 @@ from reslab.errors import ReslabError
 from reslab.io import read_json, write_json
 from reslab.models import build_model, make_config
 from reslab.train.checkpoint import CHECKPOINT, CONFIG, read_checkpoint
-from reslab.train.config import RESUMABLE_FIELDS, TrainConfig
+from reslab.train.config import RESUMABLE_FIELDS, TrainConfig, check_device_name
 from reslab.train.distributed import check_launch, connect
 from reslab.train.progress import Reporter
 from reslab.train.schedule import build_optimizer, lr_at
@@ -37,12 +37,11 @@ SUMMARY = "summary.json"
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for a `--device` value (checked: a known name this machine has)."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ReslabError(f"--device {name} asked for CUDA, but no CUDA device is available; use --device cpu")
-    return device
+    return torch.device(name)
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""The one validation layer for numbers a user gives: flags, config fields, `--set` values.
+
+Every command and every config checks its numbers here, so `--lr nan`, `--beta1 1.5`, `--top-p 0` or
+`--set layers=abc` end the same way everywhere: one `ReslabError` line naming the flag, what it must be and what
+was given.
+
+    check_number("lr", value, Range(low=0, low_open=True))     # finite and > 0
+    check_numbers(values, {"beta1": PROBABILITY, ...})
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from reslab.errors import ReslabError
+
+
+@dataclass(frozen=True)
+class Range:
+    """An admissible interval for a number: finite always; `integer` for counts; open or closed ends."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return kind + (" " + " and ".join(bounds) if bounds else "")
+
+    def admits(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+
+POSITIVE = Range(low=0, low_open=True)  # a finite number > 0 (learning rates, timeouts)
+NON_NEGATIVE = Range(low=0)
+COUNT = Range(low=1, integer=True)  # an integer >= 1 (steps, batch, layers)
+NON_NEGATIVE_INT = Range(low=0, integer=True)
+UNIT = Range(low=0, high=1)  # [0, 1]
+BETA = Range(low=0, high=1, high_open=True)  # [0, 1): Adam betas, dropout
+SEED = Range(low=0, high=2**63 - 1, integer=True)
+FINITE = Range()
+
+
+def flag_name(name: str) -> str:
+    """The command-line spelling of a config field: `min_lr` -> `--min-lr`."""
+    return "--" + name.replace("_", "-")
+
+
+def check_number(name: str, value: Any, allowed: Range, flag: str | None = None) -> None:
+    """Raise one ReslabError line if `value` is not admitted by `allowed`; None means 'not given' and passes."""
+    if value is None or allowed.admits(value):
+        return
+    raise ReslabError(f"{flag or flag_name(name)} must be {allowed.describe()}, got {value!r}")
+
+
+def check_numbers(values: dict[str, Any], ranges: dict[str, Range], flags: dict[str, str] | None = None) -> None:
+    """`check_number` for each named value that has a range; the first failure is raised."""
+    for name, allowed in ranges.items():
+        if name in values:
+            check_number(name, values[name], allowed, (flags or {}).get(name))
+
+
+def check_field_type(label: str, value: Any, annotation: Any) -> Any:
+    """`value` checked against a dataclass field's type (int, float, bool, str, dict, list, optional of those).
+
+    An int where a float is wanted is accepted (and returned as a float); anything else that does not match is one
+    ReslabError line naming the field (`label`), the type and the value. Ranges (finite, bounds) are `Range`'s job.
+    """
+    allowed = _allowed_types(annotation)
+    if allowed is None:  # an annotation this checker does not model: leave it to the config's own validate()
+        return value
+    if value is None:
+        if type(None) in allowed:
+            return value
+    elif isinstance(value, bool):
+        if bool in allowed:
+            return value
+    elif isinstance(value, int) and int in allowed:
+        return value
+    elif isinstance(value, (int, float)) and float in allowed:
+        return float(value)
+    elif isinstance(value, tuple(t for t in allowed if t not in (int, float, bool, type(None)))):
+        return value
+    names = " or ".join(_type_name(t) for t in allowed)
+    raise ReslabError(f"{label} must be {names}, got {value!r} ({_type_name(type(value))})")
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_allowed_types(arg) for arg in typing.get_args(annotation)]
+        return None if any(p is None for p in parts) else tuple(t for p in parts for t in p)
+    if annotation is type(None) or annotation is None:
+        return (type(None),)
+    base = origin or annotation
+    return (base,) if base in (int, float, bool, str, dict, list) else None
+
+
+def _type_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+            list: "a list", type(None): "null"}.get(kind, kind.__name__)
