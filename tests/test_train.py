@@ -205,7 +205,7 @@ def test_existing_run_is_not_clobbered(cli, corpus, tmp_path):
     other.mkdir()
     (other / "thesis.tex").write_text("precious")
     code, _, err = cli("train", *FAST, "--data", corpus, "--steps", "3", "--out", other, "--overwrite")
-    assert code == 2 and "no config.json" in err
+    assert code == 2 and "not a reslab run directory" in err
     assert (other / "thesis.tex").read_text() == "precious"
     assert cli("train", *FAST, "--data", corpus, "--steps", "4", "--out", run, "--overwrite")[0] == 0
     assert json.loads((run / "state.json").read_text())["step"] == 4

@@ -92,11 +92,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except ReslabError as error:
-        print(f"reslab: error: {error}", file=sys.stderr)
+        print(f"reslab: error: {_one_line(error)}", file=sys.stderr)
+        return 130 if type(error).__name__ == "Interrupted" else 2
+    except OSError as error:  # the machine's, not reslab's: a full disk, a read-only or missing path, permissions
+        print(f"reslab: error: {describe_os_error(error)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("reslab: error: out of memory; make the model or --batch smaller", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("reslab: interrupted", file=sys.stderr)
+        print("reslab: interrupted; the last checkpoint (if any) is kept", file=sys.stderr)
         return 130
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an operating-system error, naming the file and the fix where there is an obvious one."""
+    import errno
+
+    where = f" ({error.filename})" if error.filename else ""
+    fixes = {errno.ENOSPC: "free some disk space, then run the same command again (a run continues with --resume)",
+             errno.EDQUOT: "free some disk space (quota), then run the same command again",
+             errno.EFBIG: "the file size limit (ulimit -f) was reached; raise it, then run the same command again",
+             errno.EROFS: "the file system is read-only; choose a writable path",
+             errno.EACCES: "permission denied; choose a path you can write",
+             errno.ENOENT: "no such file or directory; check the path",
+             errno.ELOOP: "a symlink loop; check the path",
+             errno.ENOTDIR: "a path component is a file, not a directory; check the path"}
+    fix = fixes.get(error.errno, "check the path and the disk")
+    return f"{error.strerror or error}{where}: {fix}"
 
 
 if __name__ == "__main__":

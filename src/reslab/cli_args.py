@@ -96,6 +96,10 @@ def model_overrides(args: argparse.Namespace, model: str | None = None) -> dict[
 
 
 def model_from_args(args: argparse.Namespace, **extra):
-    from reslab.models import build_model
+    """Build the model the flags describe, after checking that its weights fit in memory."""
+    from reslab.memory import check_fits
+    from reslab.models import build_model, make_config
 
-    return build_model(model_name(args), **{**model_overrides(args), **extra})
+    name, overrides = model_name(args), {**model_overrides(args), **extra}
+    check_fits(name, make_config(name, **overrides).to_dict())
+    return build_model(name, **overrides)

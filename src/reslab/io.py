@@ -9,36 +9,69 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from reslab.faults import failpoint
+
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_prefix(name: str) -> str:
+    """Temp files of `atomic_write` are `.NAME.<random>.tmp` beside NAME: hidden, and findable to clean up."""
+    return f".{name}."
+
 
 def atomic_write(path: Path, data: bytes | Callable[[Path], None]) -> None:
     """Write bytes (or let `data(tmp_path)` write a file) to a temp file beside `path`, fsync, rename into place.
 
     The rename is atomic on POSIX, and the directory is fsynced after it, so killing the process at any moment
-    leaves either the previous file or the new one.
+    leaves either the previous file or the new one (and at worst a stray temp file, which `remove_temp_files`
+    clears). If the write fails (a full disk, an interrupt), the temp file is removed and the original error is
+    raised unchanged.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX)
     tmp = Path(tmp_name)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+            if not callable(data):
+                _write_all(fd, data)
+        finally:
+            os.close(fd)  # exactly once, whatever happened above
         if callable(data):
-            os.close(fd)
             data(tmp)
-            fd = os.open(tmp, os.O_RDONLY)
-        else:
-            with os.fdopen(fd, "wb", closefd=False) as handle:
-                handle.write(data)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
+        failpoint(f"write:{path.name}")
+        _fsync_file(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
     except BaseException:
-        if fd >= 0:
-            os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temp_files(directory: Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temp files that a killed `atomic_write` of any of `names` left in `directory`; returns them."""
+    removed = []
+    for name in names:
+        for stray in Path(directory).glob(f"{temp_prefix(name)}*{TEMP_SUFFIX}"):
+            stray.unlink(missing_ok=True)
+            removed.append(stray)
+    return removed
 
 
 def _umask() -> int:

@@ -124,9 +124,13 @@ def _load_file(path: Path) -> tuple[str, str]:
     """Read a user's text file, refusing what cannot be a training corpus with a reason and a fix."""
     names = ", ".join(NAMED_SOURCES)
     if not path.exists():
-        raise ReslabError(f"--data {path}: no such file; pass a UTF-8 text file or one of: {names}")
+        what = "a dangling symlink or a symlink loop" if path.is_symlink() else "no such file"
+        raise ReslabError(f"--data {path}: {what}; pass a UTF-8 text file or one of: {names}")
     if path.is_dir():
         raise ReslabError(f"--data {path} is a directory; pass a single UTF-8 text file")
+    if not path.is_file():  # a FIFO, socket or device: reading it could block forever or never end
+        raise ReslabError(f"--data {path} is not a regular file (a pipe, socket or device); save the text to a file "
+                          "and pass that")
     try:
         data = path.read_bytes()
     except OSError as err:

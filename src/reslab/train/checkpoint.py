@@ -18,11 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from reslab.errors import ReslabError
-from reslab.io import atomic_write, read_json, write_json
+from reslab.io import atomic_write, write_json
+from reslab.rundir import CHECKPOINT, CONFIG, STATE, DamagedRunError, RunDir
 
-CHECKPOINT = "checkpoint.safetensors"
-STATE = "state.json"
-CONFIG = "config.json"
+__all__ = ["CHECKPOINT", "CONFIG", "STATE", "load_run_model", "read_checkpoint", "save_checkpoint"]
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -38,19 +37,9 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Load tensors saved by `model_tensors`, strictly: every key but the tied aliases must be present."""
-    expected = model_tensors(model)
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(model.state_dict()))
-    if missing or extra:
-        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
-        raise ReslabError(f"checkpoint does not match the model built from config.json ({what}); "
-                          "was config.json edited or copied from another run?")
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise ReslabError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
-                              f"{tuple(expected[name].shape)}; config.json and checkpoint disagree")
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path | str = "checkpoint") -> None:
+    """Load tensors saved by `model_tensors`, strictly: every key but the tied aliases, each shape and dtype."""
+    check_model_tensors(tensors, model_tensors(model), source)
     model.load_state_dict(tensors, strict=False)
 
 
@@ -86,35 +75,102 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def check_safetensors(path: Path) -> None:
-    """Refuse anything that is not a safetensors file, pickles first, before any byte of it is interpreted."""
+    """Refuse anything that is not a safetensors file, pickles first, before any byte of it is interpreted.
+
+    A safetensors file starts with its header length (u64, little-endian) and then the header's `{`; that
+    structure is checked first, so a header length whose low byte happens to be 0x80 (a pickle's first byte) is
+    not mistaken for a pickle.
+    """
     if not path.exists():
         raise ReslabError(f"no checkpoint at {path}; is this a reslab run directory?")
+    if not path.is_file():
+        raise ReslabError(f"{path} is not a file; a checkpoint is one safetensors file")
     with open(path, "rb") as handle:
         head = handle.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return
     if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
         raise ReslabError(f"{path} is a pickle (torch.save) file; reslab loads only safetensors checkpoints, "
                           "since unpickling can run arbitrary code. Convert it with safetensors.torch.save_file")
-    if len(head) < 9 or head[8:9] != b"{" or struct.unpack("<Q", head[:8])[0] > path.stat().st_size:
-        raise ReslabError(f"{path} is not a safetensors file (truncated or another format)")
+    raise DamagedRunError(f"{path} is not a whole safetensors file (truncated or another format); restore it "
+                          "from a copy, or start the run again with --overwrite")
 
 
 def read_checkpoint(path: Path, prefix: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, meta) of a checkpoint; with `prefix` only the tensors under it, prefix removed."""
+    """(tensors, meta) of a checkpoint; with `prefix` only the tensors under it, prefix removed.
+
+    Any damage (a truncated file, an edited header, metadata that is not reslab's) is one DamagedRunError line.
+    """
     check_safetensors(path)
     tensors = {}
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        for name in handle.keys():
-            if prefix is None or name.startswith(prefix):
-                tensors[name[len(prefix):] if prefix else name] = handle.get_tensor(name)
-    return tensors, json.loads(metadata.get("meta", "{}"))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            for name in handle.keys():
+                if prefix is None or name.startswith(prefix):
+                    tensors[name[len(prefix):] if prefix else name] = handle.get_tensor(name)
+        meta = json.loads(metadata.get("meta", "{}"))
+    except Exception as error:  # noqa: BLE001 - safetensors' errors have no common type; all mean "damaged"
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise DamagedRunError(f"{path} is damaged ({first}); restore it from a copy, or start the run again "
+                              "with --overwrite") from None
+    if not isinstance(meta, dict):
+        raise DamagedRunError(f"{path}: its metadata is not reslab's; restore it from a copy")
+    return tensors, meta
+
+
+def check_model_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path | str) -> None:
+    """Every tensor the model needs is there, with its shape and dtype; the first mismatch is named."""
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise DamagedRunError(f"{path} does not match the model built from config.json ({what}); "
+                              "was config.json edited or copied from another run?")
+    for name, want in expected.items():
+        got = tensors[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise DamagedRunError(f"{path}: tensor {name!r} is {_describe(got)}, the model expects {_describe(want)}; "
+                                  "config.json and the checkpoint disagree")
+
+
+def check_optimizer_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], optimizer, path: Path) -> None:
+    """Optimizer state for parameters that exist, each moment shaped like its parameter, a float dtype."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    groups = meta.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        raise DamagedRunError(f"{path}: the optimizer metadata does not match this run's optimizer "
+                              f"({len(optimizer.param_groups)} parameter groups); restore the checkpoint from a copy")
+    for name, tensor in tensors.items():
+        parts = name.split(".", 2)
+        index = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else -1
+        if not 0 <= index < len(params):
+            raise DamagedRunError(f"{path}: {name!r} names no parameter of this run's optimizer")
+        wanted = () if parts[2] == "step" else tuple(params[index].shape)
+        if tuple(tensor.shape) != wanted or not tensor.dtype.is_floating_point:
+            raise DamagedRunError(f"{path}: {name!r} is {_describe(tensor)}, expected shape {list(wanted)} "
+                                  "float; restore the checkpoint from a copy")
+
+
+def check_rng_tensors(tensors: dict[str, torch.Tensor], current: dict[str, torch.Tensor], path: Path) -> None:
+    """The RNG states a resume restores: the same names, sizes and dtype (uint8) as this process's own."""
+    for name, like in current.items():
+        got = tensors.get(f"rng.{name}")
+        if got is None and name == "cuda":
+            continue  # a CPU checkpoint resumed on CUDA: the CUDA generator starts from the seed
+        if got is None or got.shape != like.shape or got.dtype != like.dtype:
+            found = "missing" if got is None else _describe(got)
+            raise DamagedRunError(f"{path}: RNG state {name!r} is {found}, expected {_describe(like)}; "
+                                  "restore the checkpoint from a copy")
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / CONFIG
-    if not path.exists():
-        raise ReslabError(f"{run_dir} is not a reslab run directory (no config.json)")
-    return read_json(path)
+    return RunDir(run_dir).read_config()
 
 
 def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -123,6 +179,39 @@ def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[n
 
     config = read_run_config(run_dir)
     model = build_model(config["model"], **config["model_config"])
-    tensors, _ = read_checkpoint(Path(run_dir) / CHECKPOINT, prefix="model.")
-    load_model_tensors(model, tensors)
+    path = Path(run_dir) / CHECKPOINT
+    tensors, _ = read_checkpoint(path, prefix="model.")
+    load_model_tensors(model, tensors, path)
     return model.to(device).eval(), config
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's metadata (training state, optimizer groups) without reading its tensors."""
+    check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {}).get("meta", "{}"))
+    except Exception as error:  # noqa: BLE001 - as in read_checkpoint: any failure here means a damaged file
+        raise DamagedRunError(f"{path} is damaged ({type(error).__name__}); restore it from a copy, or start the "
+                              "run again with --overwrite") from None
+    check_training_state(meta, path)
+    return meta
+
+
+def checkpoint_step(path: Path) -> int:
+    """The number of steps the checkpoint at `path` has trained."""
+    return read_checkpoint_meta(path)["state"]["step"]
+
+
+def check_training_state(meta: Any, path: Path) -> None:
+    """The scalar training state a resume continues from: a step count and finite bookkeeping numbers."""
+    state = meta.get("state") if isinstance(meta, dict) else None
+    if not isinstance(state, dict) or not isinstance(meta.get("optimizer"), dict):
+        raise DamagedRunError(f"{path}: no reslab training state in its metadata; restore it from a copy")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise DamagedRunError(f"{path}: its training state has step {step!r}, not a count; restore it from a copy")
+    for key in ("train_seconds", "tokens_seen", "window_loss_sum", "window_steps"):
+        value = state.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DamagedRunError(f"{path}: its training state has {key} {value!r}; restore it from a copy")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from reslab.checks import COUNT, NON_NEGATIVE, SEED, Range, check_numbers
 from reslab.cli_args import add_model_arguments, model_name, model_overrides
 from reslab.data.corpus import NAMED_SOURCES
 from reslab.errors import ReslabError
@@ -52,6 +53,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     return group
 
 
+SAMPLE_RANGES = {"tokens": COUNT, "temperature": NON_NEGATIVE, "top_k": COUNT, "top_p": Range(low=0, high=1, low_open=True),
+                 "samples": COUNT, "seed": SEED}
+
+
 def register(commands) -> None:
     train = commands.add_parser("train", help="train a model; writes a run directory")
     add_model_arguments(train)
@@ -82,7 +87,12 @@ def register(commands) -> None:
 
 def normalise_data(data: str) -> str:
     """A corpus name as is; a path made absolute, so the run can be resumed from any directory."""
-    return data if data in NAMED_SOURCES else str(Path(data).expanduser().resolve())
+    if data in NAMED_SOURCES:
+        return data
+    try:
+        return str(Path(data).expanduser().resolve())
+    except (OSError, RuntimeError) as error:  # a symlink loop (RuntimeError before Python 3.13)
+        raise ReslabError(f"--data {data}: cannot resolve the path ({error}); pass a UTF-8 text file") from None
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,8 +176,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from reslab.train.checkpoint import load_run_model
     from reslab.train.loop import resolve_device
 
-    if args.tokens <= 0:
-        raise ReslabError(f"--tokens must be positive, got {args.tokens}")
+    check_numbers(vars(args), SAMPLE_RANGES)
     device = resolve_device(args.device)
     model, _ = load_run_model(args.run_dir, device)
     tokenizer = load_tokenizer(args.run_dir)

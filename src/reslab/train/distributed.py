@@ -179,6 +179,12 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def all_finite(self, model: nn.Module) -> bool:
+        """Whether every parameter of the model is finite on every rank (each rank checks its shards)."""
+        local = [_local(p.detach()) for p in model.parameters()]
+        bad = torch.stack([(~torch.isfinite(t)).any() for t in local if t.numel()]).any().float()
+        return not bool(self.max(bad).item())
+
     # -- diagnostics -----------------------------------------------------------------------------------------
 
     def gradient_norms(self, model: nn.Module, clip: float = 0.0):

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reslab.errors import ReslabError
+from reslab.faults import failpoint
 from reslab.probe import GradientNorms, StreamProbe
 from reslab.train.distributed import World, current, unwrap
 
@@ -91,6 +92,7 @@ class TrainStep:
             norms = self.world.gradient_norms(self.model, clip=self.grad_clip)  # norms before clipping, then clips
         elif self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
+        failpoint("step")  # the fault tests' "inside a step": gradients computed, weights not yet updated
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(self.world.mean(total / self.micro_batches), norms, probe)  # the global batch's loss

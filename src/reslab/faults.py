@@ -1,0 +1,56 @@
+"""Failpoints: named places where the fault-injection tests make a real fault happen, deterministically.
+
+Off unless the environment sets `RESLAB_FAILPOINTS`, a comma list of `NAME[@N]=ACTION`: the N-th time (default
+the first) the code passes failpoint NAME, ACTION happens there:
+
+    kill    SIGKILL this process (nothing runs after it: no handler, no cleanup; as `kill -9`)
+    sigint  send this process SIGINT (as Ctrl-C in its terminal)
+    enospc  raise OSError(ENOSPC) (as a full disk)
+
+Names: `write:FILE` (inside an atomic write of FILE: the temp file is written, not yet renamed), `append:FILE`
+(half a line appended), `step:N` (inside step N: after backward, before the optimizer update), `eval:N` (inside
+the evaluation of step N), `checkpoint:N` (before the checkpoint of step N is written).
+
+    RESLAB_FAILPOINTS="write:checkpoint.safetensors@2=kill" reslab train ...
+
+This is how the suite lands inside a write or an evaluation every time, instead of hoping a sleep does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections import Counter
+
+_hits: Counter[str] = Counter()
+
+
+def _armed() -> dict[str, tuple[int, str]]:
+    armed = {}
+    for item in filter(None, (part.strip() for part in os.environ.get("RESLAB_FAILPOINTS", "").split(","))):
+        name, _, action = item.rpartition("=")
+        name, _, count = name.partition("@")
+        armed[name] = (int(count or 1), action)
+    return armed
+
+
+def failpoint(name: str) -> None:
+    """Make the armed fault happen if this is its moment; a no-op (one dict lookup) when nothing is armed."""
+    if "RESLAB_FAILPOINTS" not in os.environ:
+        return
+    armed = _armed().get(name)
+    if armed is None:
+        return
+    _hits[name] += 1
+    if _hits[name] != armed[0]:
+        return
+    action = armed[1]
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "sigint":
+        os.kill(os.getpid(), signal.SIGINT)
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+    else:
+        raise ValueError(f"RESLAB_FAILPOINTS: unknown action {action!r} for {name!r}")

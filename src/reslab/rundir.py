@@ -1,0 +1,248 @@
+"""The run directory: the names of its files, and the one place that decides what is reslab's in it.
+
+    runs/gpt-pre/
+        .reslab-run              the marker: written first, only by reslab; "this directory is a reslab run"
+        .reslab-lock             held (flock) by the process training the run; names its pid
+        config.json              model + training config, data fingerprint, command
+        tokenizer.json           the tokenizer
+        metrics.jsonl            one JSON record per logged step
+        checkpoint.safetensors   weights, optimizer moments, RNG states (+ the training state in its metadata)
+        state.json               a readable copy of that training state
+        summary.json             written at the end
+        diverged.json            written instead when the loss became non-finite (ablations)
+        tensorboard/             event files, when tensorboard is installed
+
+Only these names are ever removed (by `--overwrite`); anything else a user put in the directory stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from reslab.errors import ReslabError
+from reslab.faults import failpoint
+from reslab.io import atomic_write, remove_temp_files, write_json
+
+MARKER = ".reslab-run"
+LOCK = ".reslab-lock"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.safetensors"
+STATE = "state.json"
+SUMMARY = "summary.json"
+DIVERGED = "diverged.json"
+TENSORBOARD = "tensorboard"
+OWN_FILES = (CONFIG, TOKENIZER, METRICS, CHECKPOINT, STATE, SUMMARY, DIVERGED)
+CONFIG_KEYS = ("model", "model_config", "train", "data")
+
+
+class DamagedRunError(ReslabError):
+    """A file of a run directory is unreadable or not what reslab wrote; the message names the file and the fix."""
+
+
+class RunDir:
+    """One run directory. Nothing here writes unless asked to; `check_new` only looks."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # -- what is this directory? ----------------------------------------------------------------------------
+
+    def is_reslab_run(self) -> bool:
+        """The marker, or (runs written before the marker existed) a config.json that only reslab writes."""
+        if (self / MARKER).is_file():
+            return True
+        try:
+            config = json.loads((self / CONFIG).read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(config, dict) and "reslab_version" in config and all(k in config for k in CONFIG_KEYS)
+
+    def has_checkpoint(self) -> bool:
+        return (self / CHECKPOINT).is_file()
+
+    def check_new(self, overwrite: bool) -> None:
+        """Raise (having written nothing) unless a new run may start here, replacing reslab's files if `overwrite`."""
+        path = self.path
+        if path.is_symlink() and not path.exists():
+            raise ReslabError(f"output path {path} is a dangling symlink or a symlink loop; choose another --out")
+        if path.exists() and not path.is_dir():
+            raise ReslabError(f"output path {path} is a file, not a directory; choose another --out")
+        _check_writable(path)
+        if not path.exists() or not any(p.name != LOCK for p in path.iterdir()):
+            return
+        if self.is_reslab_run() and not (self / CONFIG).exists():
+            return  # stopped before its config was written: nothing in it to keep (the user's files stay anyway)
+        if not self.is_reslab_run():
+            raise ReslabError(f"output directory {path} is not empty and is not a reslab run directory (no "
+                              f"{MARKER} marker); reslab never replaces what it did not write: choose another --out")
+        if not overwrite:
+            raise ReslabError(f"output directory {path} holds a reslab run; pass --resume {path} to continue it, "
+                              "--overwrite to replace it, or choose another --out")
+
+    # -- creating and replacing ------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Make the directory and its marker (first, so a run killed at any later moment is recognisable)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not (self / MARKER).is_file():
+            from reslab import __version__
+
+            write_json(self / MARKER, {"reslab_version": __version__, "created": time.time()})
+
+    def clear(self) -> None:
+        """Remove reslab's own files (for `--overwrite`); the marker, the lock and the user's files stay."""
+        self.remove_temp_files()
+        for name in OWN_FILES:
+            (self / name).unlink(missing_ok=True)
+        if (self / TENSORBOARD).is_dir():
+            shutil.rmtree(self / TENSORBOARD)
+
+    def remove_temp_files(self) -> list[Path]:
+        """Temp files a killed write left behind (never read: the real file is the old or the new one)."""
+        return remove_temp_files(self.path, (*OWN_FILES, MARKER))
+
+    # -- the lock --------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self, what: str = "reslab train") -> Iterator[None]:
+        """Hold an OS advisory lock on the run for the block: a second process gets one line naming the holder.
+
+        The OS releases it when the holder exits, however it exits (kill -9 included), so a lock never outlives
+        its process and never needs cleaning up.
+        """
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                raise ReslabError(f"{self.path} is in use by {holder}; wait for it to finish or stop it "
+                                  "(a lock is released when its process ends)") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} ({what})".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    # -- config ----------------------------------------------------------------------------------------------
+
+    def read_config(self) -> dict[str, Any]:
+        """config.json, checked to be reslab's (an object with model, model_config, train, data)."""
+        path = self / CONFIG
+        if not path.is_file():
+            raise ReslabError(f"{self.path} is not a reslab run directory (no {CONFIG})")
+        config = _read_json_file(path, "config")
+        if not isinstance(config, dict) or any(k not in config for k in CONFIG_KEYS):
+            raise DamagedRunError(f"{path} is not a reslab run config (an object with {', '.join(CONFIG_KEYS)}); "
+                                  "restore it from a copy, or start the run again with --overwrite")
+        if not isinstance(config["model_config"], dict) or not isinstance(config["train"], dict):
+            raise DamagedRunError(f"{path}: model_config and train must be objects; restore the file from a copy")
+        return config
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json(self / CONFIG, config)
+
+    # -- metrics ---------------------------------------------------------------------------------------------
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl; a last line cut off by a kill is dropped, damage elsewhere is an error."""
+        path = self / METRICS
+        if not path.exists():
+            return []
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if number == len(lines):  # the write a kill interrupted
+                    break
+                raise DamagedRunError(f"{path} line {number} is not JSON; repair or delete that line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise DamagedRunError(f"{path} line {number} is not a metrics record; repair or delete that line")
+            records.append(record)
+        return records
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Keep the records up to `last_step` (the checkpoint a run resumes from), atomically."""
+        if not (self / METRICS).exists():
+            return
+        kept = [r for r in self.read_metrics() if r["step"] <= last_step]
+        atomic_write(self / METRICS, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def open_metrics(self) -> MetricsFile:
+        return MetricsFile(self / METRICS)
+
+    # -- summary ---------------------------------------------------------------------------------------------
+
+    def read_summary(self) -> dict[str, Any] | None:
+        path = self / SUMMARY
+        if not path.is_file():
+            return None
+        summary = _read_json_file(path, "summary")
+        return summary if isinstance(summary, dict) else None
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self / SUMMARY, summary)
+
+
+class MetricsFile:
+    """metrics.jsonl opened for appending: one whole line per record, flushed to the OS at once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.handle = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record) + "\n"
+        half = len(line) // 2
+        self.handle.write(line[:half])
+        self.handle.flush()
+        failpoint(f"append:{self.path.name}")  # a kill here leaves the cut-off line a real crash would
+        self.handle.write(line[half:])
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _read_json_file(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DamagedRunError(f"{path} is not valid JSON ({error}); restore the {what} file from a copy, "
+                              "or start the run again with --overwrite") from None
+
+
+def _check_writable(path: Path) -> None:
+    """The nearest existing ancestor of `path` must be a writable directory, or nothing can be created there."""
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ReslabError(f"cannot create {path}: {existing} is a file, not a directory; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ReslabError(f"cannot create {path}: {existing} is not writable; choose another --out")
