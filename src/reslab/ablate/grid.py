@@ -19,6 +19,7 @@ from typing import Any
 
 from reslab.errors import ReslabError
 from reslab.io import read_json, write_json
+from reslab.rundir import LOCK, RunDir
 
 ABLATION = "ablation.json"
 DIVERGED = "diverged.json"  # written in a run directory whose loss became NaN/inf
@@ -103,7 +104,6 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
     `executor="ray"` runs each point as a Ray task (`reslab.ablate.ray_executor`; `ray_options`: address, cpus,
     gpus per task) instead of in `jobs` local processes.
     """
-    from reslab.ablate.summary import summarize
     from reslab.models import make_config
     from reslab.train.config import TrainConfig
 
@@ -117,12 +117,21 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
     record = {"command": command or [], "model": model, "grid": {"residual": residuals, "layers": layers,
               "seeds": seeds}, "model_overrides": model_overrides, "train": train_record}
     _check_ablation_dir(out_dir, record)
-    train_overrides = {**train_overrides, "steps": train_config.steps}
+    with RunDir(out_dir).locked("reslab ablate"):  # one ablation per directory at a time
+        return _run_grid(out_dir, points, record, model, model_overrides, {**train_overrides,
+                         "steps": train_config.steps}, jobs, console, executor, ray_options)
+
+
+def _run_grid(out_dir: Path, points: list[GridPoint], record: dict[str, Any], model: str,
+              model_overrides: dict[str, Any], train_overrides: dict[str, Any], jobs: int, console, executor: str,
+              ray_options: dict[str, Any] | None) -> dict[str, Any]:
+    from reslab.ablate.summary import summarize
+
+    steps = train_overrides["steps"]
     started = time.time()
     write_json(out_dir / ABLATION, {**record, "started": started, "finished": None})
 
-    todo = [p for p in points
-            if point_status(out_dir / "runs" / p.name, train_config.steps) not in ("done", "diverged")]
+    todo = [p for p in points if point_status(out_dir / "runs" / p.name, steps) not in ("done", "diverged")]
     how = "as Ray tasks" if executor == "ray" else f"with {jobs} job(s) x {threads_per_job(jobs)} thread(s)"
     _say(console, f"ablation {out_dir}: {len(points)} grid points, {len(points) - len(todo)} already done, "
                   f"{len(todo)} to train {how}")
@@ -139,7 +148,8 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
             _report_point(console, point, _run_point(*args(point)))
     else:
         context = multiprocessing.get_context("spawn")  # fork + OpenMP threads can deadlock
-        with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=die_with_parent,
+                                         initargs=(os.getpid(),)) as pool:
             pending = {pool.submit(_run_point, *args(p)): p for p in todo}
             for done in futures.as_completed(pending):
                 _report_point(console, pending[done], done.result())
@@ -153,7 +163,7 @@ def _check_ablation_dir(out_dir: Path, record: dict[str, Any]) -> None:
     """Re-running into the same directory continues it; a different experiment must not mix into it."""
     path = out_dir / ABLATION
     if not path.exists():
-        if out_dir.exists() and any(out_dir.iterdir()):
+        if out_dir.exists() and any(p.name != LOCK for p in out_dir.iterdir()):
             raise ReslabError(f"{out_dir} is not empty and is not an ablation directory; choose another --out")
         return
     saved = read_json(path)
@@ -161,12 +171,37 @@ def _check_ablation_dir(out_dir: Path, record: dict[str, Any]) -> None:
         if saved.get(key) != record[key]:
             raise ReslabError(f"{out_dir} holds an ablation with {key} {saved.get(key)}, not {record[key]}; "
                               "choose another --out to run a different experiment")
-    ignored = ("progress", "print_grad_norms", "device", "seed", "stop_at")
+    from reslab.train.config import RESUMABLE_FIELDS
+
+    ignored = RESUMABLE_FIELDS | {"seed"}  # what `train --resume` may change, a re-run of the grid may too
     differing = [k for k, v in record["train"].items() if k not in ignored and saved["train"].get(k) != v]
     if differing:
         key = differing[0]
         raise ReslabError(f"{out_dir} was run with {key}={saved['train'].get(key)}, not {record['train'][key]}; "
                           "choose another --out to run a different experiment")
+
+
+def die_with_parent(parent: int) -> None:
+    """In a worker process: exit when the ablation that started it dies (even by kill -9), instead of training on
+    and idling. Linux tells the worker at once (PR_SET_PDEATHSIG); elsewhere a thread notices within a second."""
+    import signal
+    import threading
+
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _report_point(console, point: GridPoint, summary: dict[str, Any]) -> None:
