@@ -173,7 +173,8 @@ def _check_ablation_dir(out_dir: Path, record: dict[str, Any]) -> None:
                               "choose another --out to run a different experiment")
     from reslab.train.config import RESUMABLE_FIELDS
 
-    ignored = RESUMABLE_FIELDS | {"seed"}  # what `train --resume` may change, a re-run of the grid may too
+    # what `train --resume` may change, a re-run of the grid may too; but its length defines the experiment
+    ignored = (RESUMABLE_FIELDS - {"steps"}) | {"seed"}
     differing = [k for k, v in record["train"].items() if k not in ignored and saved["train"].get(k) != v]
     if differing:
         key = differing[0]
