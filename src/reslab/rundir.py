@@ -29,7 +29,7 @@ from typing import Any
 
 from reslab.errors import ReslabError
 from reslab.faults import failpoint
-from reslab.io import atomic_write, remove_temp_files, write_json
+from reslab.io import TEMP_SUFFIX, atomic_write, remove_temp_files, temp_prefix, write_json
 
 MARKER = ".reslab-run"
 LOCK = ".reslab-lock"
@@ -84,8 +84,8 @@ class RunDir:
         if path.exists() and not path.is_dir():
             raise ReslabError(f"output path {path} is a file, not a directory; choose another --out")
         _check_writable(path)
-        if not path.exists() or not any(p.name != LOCK for p in path.iterdir()):
-            return
+        if not path.exists() or all(_left_by_reslab(p.name) for p in path.iterdir()):
+            return  # empty, or only what a run killed while starting left: its lock and temp files
         if self.is_reslab_run() and not (self / CONFIG).exists():
             return  # stopped before its config was written: nothing in it to keep (the user's files stay anyway)
         if not self.is_reslab_run():
@@ -225,6 +225,13 @@ class MetricsFile:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def _left_by_reslab(name: str) -> bool:
+    """The lock, or the temp file of a write of one of reslab's files that a kill interrupted."""
+    if name == LOCK:
+        return True
+    return name.endswith(TEMP_SUFFIX) and any(name.startswith(temp_prefix(own)) for own in (*OWN_FILES, MARKER))
 
 
 def _read_json_file(path: Path, what: str) -> Any:

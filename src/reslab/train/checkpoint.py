@@ -8,6 +8,8 @@ in the same atomic rename as the tensors). `state.json` mirrors that state for p
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -70,8 +72,20 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         tensors.update(opt_tensors)
     tensors.update({f"rng.{k}": v.contiguous().cpu() for k, v in rng.items()})
     metadata = {"format": "reslab-checkpoint-1", "meta": json.dumps(meta)}
-    atomic_write(Path(run_dir) / CHECKPOINT, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(Path(run_dir) / CHECKPOINT, lambda tmp: _save_file(tensors, tmp, metadata))
     write_json(Path(run_dir) / STATE, state)
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, whose I/O failures (a full disk, a file size limit) become the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as error:
+        found = re.search(r"os error (\d+)", str(error))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def check_safetensors(path: Path) -> None:
