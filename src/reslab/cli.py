@@ -121,7 +121,9 @@ def describe_os_error(error: OSError) -> str:
              errno.EACCES: "permission denied; choose a path you can write",
              errno.ENOENT: "no such file or directory; check the path",
              errno.ELOOP: "a symlink loop; check the path",
-             errno.ENOTDIR: "a path component is a file, not a directory; check the path"}
+             errno.ENOTDIR: "a path component is a file, not a directory; check the path",
+             errno.EEXIST: "a file is in the way of a directory to create; check the path",
+             errno.EISDIR: "that is a directory; give a file path"}
     fix = fixes.get(error.errno, "check the path and the disk")
     return f"{error.strerror or error}{where}: {fix}"
 

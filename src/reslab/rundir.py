@@ -150,6 +150,8 @@ class RunDir:
     def read_config(self) -> dict[str, Any]:
         """config.json, checked to be reslab's (an object with model, model_config, train, data)."""
         path = self / CONFIG
+        if self.path.exists() and not self.path.is_dir():
+            raise ReslabError(f"{self.path} is not a directory; give a reslab run directory")
         if not path.is_file():
             raise ReslabError(f"{self.path} is not a reslab run directory (no {CONFIG})")
         config = _read_json_file(path, "config")

@@ -41,11 +41,13 @@ def stray_temp_files(run: Path) -> list[str]:
 
 
 def tree(directory: Path) -> dict[str, bytes | None]:
-    """Every file and directory under `directory` with its bytes: equal before and after means nothing changed."""
+    """Every file and directory under `directory` with its bytes: equal before and after means nothing changed.
+    (A run's lock file is compared by presence only: it records the pid of the last process that held it.)"""
     found: dict[str, bytes | None] = {}
     for path in sorted(Path(directory).rglob("*")):
         key = str(path.relative_to(directory))
-        found[key] = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+        readable = path.is_file() and not path.is_symlink() and path.name != ".reslab-lock"
+        found[key] = path.read_bytes() if readable else None
     return found
 
 
