@@ -1,12 +1,9 @@
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from helpers import RUN, final, metrics, reslab_process  # noqa: E402
+from faults.helpers import RUN, final, metrics, reslab_process
 
 LINES = ["Now is the winter of our discontent", "Made glorious summer by this sun of York",
          "And all the clouds that lour'd upon our house", "In the deep bosom of the ocean buried"]

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 import torch
-from helpers import RUN, one_line_error, tree
+from faults.helpers import RUN, one_line_error, tree
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 

@@ -8,7 +8,7 @@ import resource
 import signal
 
 import pytest
-from helpers import RUN, final, metrics, one_line_error, reslab_process, stray_temp_files
+from faults.helpers import RUN, final, metrics, one_line_error, reslab_process, stray_temp_files
 from safetensors.torch import load_file
 
 KILLED = -signal.SIGKILL

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import RUN, final, one_line_error, tree
+from faults.helpers import RUN, final, one_line_error, tree
 
 
 def start(args: list, env: dict | None = None) -> subprocess.Popen:
