@@ -271,7 +271,7 @@ class Tracer:
 
     def classify(self, name: str, args, kwargs, out: torch.Tensor) -> tuple[str, int, tuple[int, ...], bool]:
         """The op's role for the residual rules: (role, through, operands, scaled); see `Node`."""
-        if name in ops.VIEW_OPS:
+        if name in ops.VIEW_OPS or (name in ops.SLICE_OPS and ops.is_slice(args, out)):
             first = args[0] if args else kwargs.get("input")
             if isinstance(first, torch.Tensor):
                 return "view", self.ids.get(first, -1), (), False
