@@ -99,6 +99,13 @@ def is_per_channel(factor: torch.Tensor, x: torch.Tensor) -> bool:
     return len(sized) == 1 and x.shape[sized[0][0]] == sized[0][1]
 
 
+def is_zero_pad(args, kwargs) -> bool:
+    """`F.pad(x, pad)` with zeros: x's values pass through, with zeros around them (Mamba-2's chunk padding)."""
+    mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+    value = args[3] if len(args) > 3 else kwargs.get("value", None)
+    return mode == "constant" and not value
+
+
 def is_slice(args, out: torch.Tensor) -> bool:
     """Does a slicing op keep its input's rank, with no tensor in the index (which would gather, not slice)?"""
     first = args[0] if args else None
