@@ -199,12 +199,14 @@ def _hf_config(model_type: str, overrides: dict[str, Any]):
 def _hf_build(model_type: str, config, device: str) -> nn.Module:
     import transformers
 
-    with _quiet(transformers):
+    with _quiet(transformers), torch.device(device):
         try:
-            with torch.device(device):
-                model = _hf_auto_class(model_type, config).from_config(config)
-        except Exception as error:
-            raise ReslabError(f"cannot build hf:{model_type} from its config: {_reason(error)}") from None
+            model = _hf_auto_class(model_type, config).from_config(config)
+        except Exception:  # a head class this config cannot pick (DeiT has two): the bare model, else the error
+            try:
+                model = transformers.AutoModel.from_config(config)
+            except Exception as error:
+                raise ReslabError(f"cannot build hf:{model_type} from its config: {_reason(error)}") from None
     return model.eval()
 
 
