@@ -7,10 +7,17 @@ operand, the *branch*, was computed from that same `x` through learned computati
 with a parameter). So a bias add, `token + position` embeddings, a mask add or RoPE's `q*cos + rot(q)*sin` are
 not residuals: in none of them does one side flow into the other through a parameter.
 
+The skip and the branch meet at their nearest common ancestor: the first value on the skip's walk back that the
+branch also reads. The add is judged there alone (learned computation on the branch after it, or no residual),
+so a learned op on the skip path is never also the branch's (GPT-2's tanh GELU `h + 0.044715 * h**3` after a
+Linear is no residual). Two branches that both read the stream, summed, are one residual: the add that brings the
+stream in (parallel attention + MLP, routed + shared experts); see docs/audit.md.
+
 Kinds, checked in this order (the first that applies wins):
 
 - `multi-stream`: the skip passes through a mix of parallel streams (hyper-connections' `A_r^T H`).
-- `projection`: the skip itself goes through a learned linear map (ResNet's 1x1 conv + BN downsampling).
+- `projection`: the skip itself goes through an affine learned map (ResNet's 1x1 conv + BN downsampling): linear
+  maps, batch norm or pooling only, never with a gate or a stream mix, around a deeper (nonlinear) branch.
 - `normalized`: everything that reads the sum is a normalisation inside the same module (post-LN, DeepNorm),
   so the un-normalised stream never travels on.
 - `gated`: the skip or the branch is multiplied by a data-dependent gate (highway networks, `lerp` with a
