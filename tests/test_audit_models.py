@@ -154,8 +154,8 @@ def test_hf_llama_summary_line(transformers):
     target = load_target("hf:llama", {"num_hidden_layers": 3})
     result = audit(target.model, target.inputs)
     assert len(result.blocks) == 3
-    assert ("model.layers.2: 2 residuals — around self_attn (+input_layernorm), around mlp (+post_attention_layernorm); "
-            "none inside self_attn, none inside mlp") in result.lines()
+    assert ("model.layers.2: 2 residuals — around self_attn (+input_layernorm), around mlp "
+            "(+post_attention_layernorm); none inside self_attn, none inside mlp") in result.lines()
 
 
 def test_hf_bert_post_ln_add_inside_the_submodule_that_receives_the_skip(transformers):

@@ -49,8 +49,8 @@ HF_SMALL: dict[str, dict[str, Any]] = {
 }
 HF_GENERIC = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
               "vocab_size": 128}
-# Fields set only on configs that have them: as many key-value heads as heads (HF_GENERIC has 4), a few small experts with
-# the mixture from layer 1 on.
+# Fields set only on configs that have them: as many key-value heads as heads (HF_GENERIC has 4), a few small
+# experts with the mixture from layer 1 on.
 HF_SMALL_OPTIONAL = {"num_key_value_heads": 4, "num_experts": 4, "num_local_experts": 4,
                      "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                      "shared_expert_intermediate_size": 64, "first_k_dense_replace": 1, "n_group": 1,
