@@ -68,8 +68,9 @@ def test_chunked_reversible_skips_are_found():
     assert found[0]["skip_from"] == "body:cat"
 
 
-def test_a_skip_that_is_a_slice_of_the_stream_is_found():
-    found = residuals(toys.Wrapper(rules.Reversible("slice")), (toys.features(),))
+@pytest.mark.parametrize("form", ["slice", "slice-write"])
+def test_a_skip_that_is_a_slice_of_the_stream_is_found(form):
+    found = residuals(toys.Wrapper(rules.Reversible(form)), (toys.features(),))
     assert [(r["owner"], r["skip_from"], r["wraps"], r["kind"]) for r in found] == [
         ("body", "body:in", ["body.f"], "identity")]
 

@@ -109,6 +109,19 @@ ZOO = {
     "mpt": Arch("decoder", "AutoModelForCausalLM",
                 dict(d_model=32, n_heads=2, n_layers=2, expansion_ratio=2, max_seq_len=64, vocab_size=64),
                 each("transformer.blocks", ("", "identity"), ("ffn", "identity"))),
+    # modeling_gemma3n.py, Gemma3nTextDecoderLayer.forward and the AltUp it calls: :1028 `predictions +=
+    # hidden_states` (AltUp.predict, a learned mix of the streams added to them), :934 `hidden_states +
+    # normed_laurel_hidden_states` (Gemma3nTextLaurelBlock), :1299 `active_prediction + attn`, :1304 `attn_laurel +
+    # attn_ffw_norm`, :1059 `corrected += predictions` (AltUp.correct: the innovation times data-dependent
+    # coefficients, gated), :1318 `corrected_predictions[1:] += first_prediction` (into a slice of the streams).
+    # `(attn_gated + laurel_output) / sqrt(2)` (:1300) sums two branches of the same stream: no residual.
+    "gemma3n_text": Arch("decoder", "AutoModelForCausalLM",
+                         dict(WIDTH, num_key_value_heads=1, head_dim=16, vocab_size_per_layer_input=64,
+                              hidden_size_per_layer_input=8, num_kv_shared_layers=0, laurel_rank=4,
+                              altup_num_inputs=2, layer_types=["sliding_attention", "full_attention"],
+                              sliding_window=16, activation_sparsity_pattern=[0.0, 0.0]),
+                         each("model.layers", ("", "identity"), ("laurel", "identity"), ("", "identity"),
+                              ("", "identity"), ("", "gated"), ("", "identity"))),
     # --- parallel attention and MLP ---------------------------------------------------------------------------
     # modeling_gptj.py:239 `attn_output + feed_forward_hidden_states + residual` (GPTJBlock.forward)
     "gptj": Arch("parallel", "AutoModelForCausalLM", dict(GPT2_LIKE, rotary_dim=8), each("transformer.h", *ONE)),
