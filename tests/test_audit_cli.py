@@ -56,7 +56,7 @@ def test_hf_target_with_set(capsys):
     pytest.importorskip("transformers")
     code, out, _ = run(capsys, "audit", "hf:llama", "--set", "num_hidden_layers=3", "--set", "hidden_size=32")
     assert code == 0
-    assert out.splitlines()[0].startswith("hf:llama (num_hidden_layers=3, hidden_size=32): LlamaModel, 3 blocks")
+    assert out.splitlines()[0].startswith("hf:llama (num_hidden_layers=3, hidden_size=32): LlamaForCausalLM, 3 blocks")
 
 
 def test_run_directory_target(tmp_path, capsys):

@@ -117,14 +117,16 @@ def test_deep_mlp_shortcuts_wrap_their_layer():
 
 # --- Hugging Face transformers ------------------------------------------------------------------------------------
 HF = {
-    # model type: (blocks, residuals per block, kind, owner of the first residual, its wraps)
-    "gpt2": (["h.0", "h.1"], 2, "identity", "h.0", ["h.0.ln_1", "h.0.attn"]),
-    "llama": (["layers.0", "layers.1"], 2, "identity", "layers.0",
-              ["layers.0.input_layernorm", "layers.0.self_attn"]),
-    "qwen3": (["layers.0", "layers.1"], 2, "identity", "layers.0",
-              ["layers.0.input_layernorm", "layers.0.self_attn"]),
-    "mistral": (["layers.0", "layers.1"], 2, "identity", "layers.0",
-                ["layers.0.input_layernorm", "layers.0.self_attn"]),
+    # model type: (blocks, residuals per block, kind, owner of the first residual, its wraps). hf: builds the class a
+    # user would load, with its LM head: GPT2LMHeadModel (blocks under `transformer`), *ForCausalLM (under `model`).
+    "gpt2": (["transformer.h.0", "transformer.h.1"], 2, "identity", "transformer.h.0",
+             ["transformer.h.0.ln_1", "transformer.h.0.attn"]),
+    "llama": (["model.layers.0", "model.layers.1"], 2, "identity", "model.layers.0",
+              ["model.layers.0.input_layernorm", "model.layers.0.self_attn"]),
+    "qwen3": (["model.layers.0", "model.layers.1"], 2, "identity", "model.layers.0",
+              ["model.layers.0.input_layernorm", "model.layers.0.self_attn"]),
+    "mistral": (["model.layers.0", "model.layers.1"], 2, "identity", "model.layers.0",
+                ["model.layers.0.input_layernorm", "model.layers.0.self_attn"]),
 }
 
 
@@ -152,8 +154,8 @@ def test_hf_llama_summary_line(transformers):
     target = load_target("hf:llama", {"num_hidden_layers": 3})
     result = audit(target.model, target.inputs)
     assert len(result.blocks) == 3
-    assert ("layers.2: 2 residuals — around self_attn (+input_layernorm), around mlp (+post_attention_layernorm); "
-            "none inside self_attn, none inside mlp") in result.lines()
+    assert ("model.layers.2: 2 residuals — around self_attn (+input_layernorm), around mlp "
+            "(+post_attention_layernorm); none inside self_attn, none inside mlp") in result.lines()
 
 
 def test_hf_bert_post_ln_add_inside_the_submodule_that_receives_the_skip(transformers):
@@ -162,11 +164,11 @@ def test_hf_bert_post_ln_add_inside_the_submodule_that_receives_the_skip(transfo
     assert len(result.residuals) == 4 and {r.kind for r in result.residuals} == {"normalized"}
     attn, ffn = result.residuals[:2]
     # BertSelfOutput.forward(hidden_states, input_tensor) performs LayerNorm(dense(h) + input_tensor)
-    assert attn.owner == "encoder.layer.0.attention.output"
-    assert attn.skip_from == "encoder.layer.0.attention:in"
-    assert attn.wraps == ("encoder.layer.0.attention.self", "encoder.layer.0.attention.output.dense")
-    assert ffn.owner == "encoder.layer.0.output" and ffn.skip_from == "encoder.layer.0.attention:out"
-    assert result.modules["encoder.layer.0.attention"] == 1
+    assert attn.owner == "bert.encoder.layer.0.attention.output"
+    assert attn.skip_from == "bert.encoder.layer.0.attention:in"
+    assert attn.wraps == ("bert.encoder.layer.0.attention.self", "bert.encoder.layer.0.attention.output.dense")
+    assert ffn.owner == "bert.encoder.layer.0.output" and ffn.skip_from == "bert.encoder.layer.0.attention:out"
+    assert result.modules["bert.encoder.layer.0.attention"] == 1
 
 
 def test_hf_t5_encoder_decoder(transformers):

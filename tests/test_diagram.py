@@ -122,7 +122,7 @@ def test_hf_bert_diagram():
     target = load_target("hf:bert")
     view = diagram(target.model, target.inputs).view
     assert [i.detail for i in view.items if i.kind == "residual"] == ["normalized", "normalized"]
-    assert {i.label for i in view.items if i.kind == "output"} == {"last_hidden_state", "pooler_output"}
+    assert {i.label for i in view.items if i.kind == "output"} == {"logits"}  # hf: builds BertForMaskedLM
 
 
 def test_multi_stream_diagram():

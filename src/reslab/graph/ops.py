@@ -20,6 +20,9 @@ VIEW_OPS = frozenset({
     "half", "bfloat16", "clone", "detach", "data", "dropout", "dropout1d", "dropout2d", "dropout3d",
     "alpha_dropout", "feature_alpha_dropout", "identity",
 })
+# Ops that cut a part out of their input without changing its rank: a skip may pass through them (Reformer's
+# `X1, X2 = chunk(cat([h, h]))`). A slice that drops a dimension (`x[:, t]`, a scan loop's step) is no view.
+SLICE_OPS = frozenset({"getitem", "chunk", "split", "split_with_sizes", "tensor_split", "narrow"})
 ADD_OPS = frozenset({"add", "lerp"})  # the elementwise adds a residual can be made of
 NORM_OPS = frozenset({"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm", "local_response_norm"})
 # Ops that are linear maps of their data input: a skip path made only of these (plus views) is a *projection*
@@ -87,10 +90,30 @@ def is_scalar(value) -> bool:
 
 
 def is_per_channel(factor: torch.Tensor, x: torch.Tensor) -> bool:
-    """True when `factor` has one value per channel of `x` (last dimension) and size 1 elsewhere (LayerScale)."""
+    """True when `factor` broadcasts against `x` with one value per index of a single axis of `x` and size 1 on
+    every other axis: LayerScale (`gamma * x`, the last axis), or a channels-first scale (Mamba's
+    `x * D[None, :, None]`, PoolFormer's `gamma[:, None, None] * x`)."""
     if factor.dim() == 0 or x.dim() == 0 or factor.dim() > x.dim():
         return False
-    return factor.shape[-1] == x.shape[-1] and all(size == 1 for size in factor.shape[:-1])
+    sized = [(axis, size) for axis, size in enumerate(factor.shape, start=x.dim() - factor.dim()) if size != 1]
+    return len(sized) == 1 and x.shape[sized[0][0]] == sized[0][1]
+
+
+def is_zero_pad(args, kwargs) -> bool:
+    """`F.pad(x, pad)` with zeros: x's values pass through, with zeros around them (Mamba-2's chunk padding)."""
+    mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+    value = args[3] if len(args) > 3 else kwargs.get("value", None)
+    return mode == "constant" and not value
+
+
+def is_slice(args, out: torch.Tensor) -> bool:
+    """Does a slicing op keep its input's rank, with no tensor in the index (which would gather, not slice)?"""
+    first = args[0] if args else None
+    if not isinstance(first, torch.Tensor) or first.dim() != out.dim():
+        return False
+    index = args[1] if len(args) > 1 else ()
+    index = index if isinstance(index, tuple) else (index,)
+    return not any(isinstance(item, (torch.Tensor, list)) for item in index)
 
 
 def einsum_stream_operand(equation: str) -> int | None:

@@ -7,10 +7,17 @@ operand, the *branch*, was computed from that same `x` through learned computati
 with a parameter). So a bias add, `token + position` embeddings, a mask add or RoPE's `q*cos + rot(q)*sin` are
 not residuals: in none of them does one side flow into the other through a parameter.
 
+The skip and the branch meet at their nearest common ancestor: the first value on the skip's walk back that the
+branch also reads. The add is judged there alone (learned computation on the branch after it, or no residual),
+so a learned op on the skip path is never also the branch's (GPT-2's tanh GELU `h + 0.044715 * h**3` after a
+Linear is no residual). Two branches that both read the stream, summed, are one residual: the add that brings the
+stream in (parallel attention + MLP, routed + shared experts); see docs/audit.md.
+
 Kinds, checked in this order (the first that applies wins):
 
 - `multi-stream`: the skip passes through a mix of parallel streams (hyper-connections' `A_r^T H`).
-- `projection`: the skip itself goes through a learned linear map (ResNet's 1x1 conv + BN downsampling).
+- `projection`: the skip itself goes through an affine learned map (ResNet's 1x1 conv + BN downsampling): linear
+  maps, batch norm or pooling only, never with a gate or a stream mix, around a deeper (nonlinear) branch.
 - `normalized`: everything that reads the sum is a normalisation inside the same module (post-LN, DeepNorm),
   so the un-normalised stream never travels on.
 - `gated`: the skip or the branch is multiplied by a data-dependent gate (highway networks, `lerp` with a
@@ -148,47 +155,90 @@ def _match(trace: Trace, add: Node) -> Residual | None:
     for skip_side, branch_side in pairs:
         if skip_side < 0 or branch_side < 0:
             continue
-        for root, flags in _skip_roots(trace, skip_side):
-            branch = _branch(trace, root, branch_side)
-            if branch is None or not _learned(trace, branch, add):
+        meeting: set[int] | None = None
+        for root, flags, steps in _skip_roots(trace, skip_side):
+            if meeting is not None and root not in meeting:
                 continue
-            if "projection" in flags and not _nonlinear(trace, branch):
-                continue  # two linear maps of x added together (LoRA) are one linear map, not a skip
-            return _describe(trace, add, root, branch_side, branch, flags)
+            branch = _branch(trace, root, branch_side)
+            if branch is None:
+                continue
+            # The nearest value on the skip path that the branch reads is where skip and branch meet (their nearest
+            # common ancestor): what lies before it is shared, so it is neither the skip's nor the branch's. Views
+            # of one value are that value: `x.transpose()` read by both sides meets at `x` if `x` is read as well.
+            if _learned(trace, branch, add) and ("projection" not in flags or _deeper(trace, branch, steps)):
+                return _describe(trace, add, root, branch_side, branch, flags)
+            if meeting is None:
+                meeting = _same_value(trace, root)
     return None
 
 
+def _same_value(trace: Trace, node_id: int) -> set[int]:
+    """`node_id` and the values it is a pure view of (reshapes, casts; not slices, which keep only a part)."""
+    nodes, found = trace.nodes, set()
+    while node_id >= 0 and node_id not in found:
+        found.add(node_id)
+        node = nodes[node_id]
+        if node.role != "view" or node.op in ops.SLICE_OPS:
+            break
+        node_id = node.through
+    return found
+
+
 def _skip_roots(trace: Trace, start: int):
-    """Candidate stream values x for a skip operand, nearest first, with what the skip path does to them."""
+    """Candidate stream values x for a skip operand, nearest first, with what the skip path does to them and how
+    many learned linear maps it holds. A projection is an affine map: a gate (a data-dependent product) or a mix
+    of streams never joins one, and a normalisation's internal `x * rsqrt(var)` is no gate."""
     nodes = trace.nodes
     queue = deque([(start, frozenset(), 0)])
     seen = set()
     while queue and len(seen) < _WALK_LIMIT:
-        node_id, flags, projections = queue.popleft()
+        node_id, flags, steps = queue.popleft()
         if node_id < 0 or (node_id, flags) in seen:
             continue
         seen.add((node_id, flags))
         node = nodes[node_id]
         if node.data:
-            yield node_id, flags
-        if node.role == "view":
-            queue.append((node.through, flags, projections))
-        elif node.role == "scale":
-            queue.append((node.through, flags | {"scaled"}, projections))
-        elif node.role == "mix":
-            queue.append((node.through, flags | {"mixed"}, projections))
-        elif node.role == "gate":
-            queue.extend((operand, flags | {"gated"}, projections) for operand in node.operands)
-        elif _projection_step(node) and projections < _PROJECTION_STEPS:
-            data_inputs = [i for i in node.inputs if nodes[i].data]
-            if len(data_inputs) == 1:
-                queue.append((data_inputs[0], flags | {"projection"}, projections + 1))
+            yield node_id, flags, steps
+        for nxt, flag, step in _skip_steps(trace, node):
+            if flag and not flags.isdisjoint(_EXCLUSIVE.get(flag, ())):
+                continue
+            if steps + step <= _PROJECTION_STEPS:
+                queue.append((nxt, flags | {flag} if flag else flags, steps + step))
+
+
+# A skip that goes through a learned linear map is a projection shortcut only when nothing else on it is.
+_EXCLUSIVE = {"projection": ("gated", "mixed"), "gated": ("projection",), "mixed": ("projection",)}
+
+
+def _skip_steps(trace: Trace, node: Node) -> list[tuple[int, str, int]]:
+    """Where a skip walk goes back to from `node`: (node id, flag it adds, learned maps it crosses)."""
+    if node.role == "view":
+        return [(node.through, "", 0)]
+    if node.role == "scale":
+        return [(node.through, "scaled", 0)]
+    if node.role == "mix":
+        return [(node.through, "mixed", 0)]
+    if node.role == "gate" and not trace.in_norm(node):
+        return [(operand, "gated", 0) for operand in node.operands]
+    if _projection_step(node):
+        data_inputs = [i for i in node.inputs if trace.nodes[i].data]
+        if len(data_inputs) == 1:
+            return [(data_inputs[0], "projection", 1)]
+    return []
 
 
 def _projection_step(node: Node) -> bool:
     if node.op.startswith(("avg_pool", "adaptive_avg_pool")):
         return True
     return node.uses_params and node.op in ("linear", "conv1d", "conv2d", "conv3d", "batch_norm")
+
+
+def _deeper(trace: Trace, branch: set[int], skip_maps: int) -> bool:
+    """A projection shortcut's branch is the deeper path: nonlinear, and more learned ops than the shortcut (two
+    linear maps of x added together, LoRA's `base(x) + b(a(x))`, are one linear map, not a skip)."""
+    nodes = trace.nodes
+    learned = sum(1 for i in branch if nodes[i].uses_params and nodes[i].role != "scale")
+    return _nonlinear(trace, branch) and learned > skip_maps
 
 
 def _branch(trace: Trace, root: int, target: int) -> set[int] | None:

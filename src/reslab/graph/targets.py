@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from reslab.errors import ReslabError
 
 TOKENS = 8  # length of the example token sequence
 DEVICES = ("meta", "cpu")
+CPU_RETRY_PARAMS = 50_000_000  # an hf: model that must run on CPU is built at its --set size up to this many
 
 # Small configurations per transformers model type, in each config's own field names; `--set` overrides them.
 HF_SMALL: dict[str, dict[str, Any]] = {
@@ -47,6 +49,12 @@ HF_SMALL: dict[str, dict[str, Any]] = {
 }
 HF_GENERIC = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
               "vocab_size": 128}
+# Fields set only on configs that have them: as many key-value heads as heads (HF_GENERIC has 4), a few small
+# experts with the mixture from layer 1 on.
+HF_SMALL_OPTIONAL = {"num_key_value_heads": 4, "num_experts": 4, "num_local_experts": 4,
+                     "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                     "shared_expert_intermediate_size": 64, "first_k_dense_replace": 1, "n_group": 1,
+                     "topk_group": 1}
 
 
 @dataclass
@@ -147,29 +155,103 @@ def _run_dir(run_dir: Path, overrides: dict[str, Any], device: str) -> tuple[nn.
 
 
 def _huggingface(model_type: str, overrides: dict[str, Any], device: str) -> tuple[nn.Module, dict]:
+    """The model class a user would load for MODEL_TYPE (with its LM or classification head where it has one),
+    built from a small config. On meta, a forward that reads tensor values (an MoE router's `nonzero`, `.item()`,
+    grouped matmuls) cannot run: such a model is built again on CPU, where its small size costs little."""
+    config = _hf_config(model_type, overrides)
+    model = _hf_build(model_type, config, device)
+    inputs = _hf_inputs(model, config, device)
+    if device == "meta" and not _runs(model, inputs):
+        if sum(p.numel() for p in model.parameters()) > CPU_RETRY_PARAMS and overrides:
+            config = _hf_config(model_type, {})  # too large to build for real: fall back to the small defaults
+            note = "at its small default size, without --set"
+        else:
+            note = "with random weights"
+        print(f"note: hf:{model_type} reads tensor values in its forward, which the meta device cannot; "
+              f"traced on cpu {note}", file=sys.stderr)
+        if getattr(config, "use_cache", None):  # on CPU, without a KV cache: a hybrid whose few layers are all
+            config.use_cache = False  # recurrent has no attention layer to tell a cache's length
+        model = _hf_build(model_type, config, "cpu")
+        inputs = _hf_inputs(model, config, "cpu")
+    return model, inputs
+
+
+def _hf_config(model_type: str, overrides: dict[str, Any]):
     try:
         import transformers
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     except ImportError:
         raise ReslabError("hf: targets need transformers; pip install 'reslab[hf]'") from None
     if model_type not in CONFIG_MAPPING:
         raise ReslabError(f"unknown transformers model type {model_type!r}; e.g. {', '.join(HF_SMALL)} "
                           "(any key of transformers' CONFIG_MAPPING)")
-    values = {**HF_SMALL.get(model_type, HF_GENERIC), **overrides}
+    defaults = CONFIG_MAPPING[model_type]()
+    optional = {key: value for key, value in HF_SMALL_OPTIONAL.items() if getattr(defaults, key, None) is not None}
+    values = {**optional, **HF_SMALL.get(model_type, HF_GENERIC), **overrides}
+    with _quiet(transformers):
+        try:
+            return AutoConfig.for_model(model_type, **values)
+        except Exception as error:  # transformers validates configs with several exception types
+            raise ReslabError(f"cannot build hf:{model_type} from its config: {_reason(error)}") from None
+
+
+def _hf_build(model_type: str, config, device: str) -> nn.Module:
+    import transformers
+
+    with _quiet(transformers), torch.device(device):
+        try:
+            model = _hf_auto_class(model_type, config).from_config(config)
+        except Exception:  # a head class this config cannot pick (DeiT has two): the bare model, else the error
+            try:
+                model = transformers.AutoModel.from_config(config)
+            except Exception as error:
+                raise ReslabError(f"cannot build hf:{model_type} from its config: {_reason(error)}") from None
+    return model.eval()
+
+
+def _hf_auto_class(model_type: str, config):
+    """Sequence-to-sequence LM for encoder-decoders, masked LM for encoders, causal LM for decoders, image
+    classification for vision models; the bare model class for anything else."""
+    import transformers
+    from transformers.models.auto import modeling_auto as auto
+
+    choices = [("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "AutoModelForMaskedLM"),
+               ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
+               ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForImageClassification")]
+    if getattr(config, "is_encoder_decoder", False):
+        choices.insert(0, ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM"))
+    elif getattr(config, "is_decoder", False):
+        choices.reverse()
+    for mapping, auto_class in choices:
+        if model_type in getattr(auto, mapping, {}):
+            return getattr(transformers, auto_class)
+    return transformers.AutoModel
+
+
+def _runs(model: nn.Module, inputs: dict) -> bool:
+    """Does the forward run on meta? (It costs no memory there.)"""
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except Exception:
+        return False
+    return True
+
+
+@contextmanager
+def _quiet(transformers):
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # small vocabularies make configs warn about their token ids
     try:
-        config = AutoConfig.for_model(model_type, **values)
-        with torch.device(device):
-            model = AutoModel.from_config(config)
-    except Exception as error:  # transformers validates configs with several exception types
-        reason = str(error).strip().splitlines()[-1].strip() if str(error).strip() else type(error).__name__
-        raise ReslabError(f"cannot build hf:{model_type} from its config: {reason}") from None
+        yield
     finally:
         transformers.logging.set_verbosity(verbosity)
-    model.eval()
-    return model, _hf_inputs(model, config, device)
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1].strip() if text else type(error).__name__
 
 
 def _hf_inputs(model: nn.Module, config, device: str) -> dict[str, torch.Tensor]:

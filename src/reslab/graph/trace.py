@@ -166,8 +166,12 @@ def _tensors(values, out: list) -> list:
 class TraceError(RuntimeError):
     """The forward pass failed while being traced; `path` names the module that was running."""
 
-    def __init__(self, path: str, error: BaseException):
-        super().__init__(f"{type(error).__name__} in {path or 'the model'}: {error}")
+    def __init__(self, path: str, error: BaseException, on_meta: bool = False):
+        hint = ""
+        if on_meta and "meta" in str(error).lower():
+            hint = (" (on the meta device a forward cannot read tensor values: build the model and its inputs on "
+                    "cpu, or use --device cpu)")
+        super().__init__(f"{type(error).__name__} in {path or 'the model'}: {error}{hint}")
         self.path = path
         self.error = error
 
@@ -271,7 +275,8 @@ class Tracer:
 
     def classify(self, name: str, args, kwargs, out: torch.Tensor) -> tuple[str, int, tuple[int, ...], bool]:
         """The op's role for the residual rules: (role, through, operands, scaled); see `Node`."""
-        if name in ops.VIEW_OPS:
+        if (name in ops.VIEW_OPS or (name in ops.SLICE_OPS and ops.is_slice(args, out))
+                or (name == "pad" and ops.is_zero_pad(args, kwargs))):
             first = args[0] if args else kwargs.get("input")
             if isinstance(first, torch.Tensor):
                 return "view", self.ids.get(first, -1), (), False
@@ -387,7 +392,9 @@ def trace_model(model: nn.Module, example_inputs: Any) -> Trace:
         with torch.no_grad(), _Recorder(tracer):
             output = model(*args, **kwargs)
     except Exception as error:
-        raise TraceError(tracer.failed_path or "", error) from error
+        on_meta = any(p.is_meta for p in model.parameters()) or any(
+            t.is_meta for _, t in named_tensors({**positional, **kwargs}, ""))
+        raise TraceError(tracer.failed_path or "", error, on_meta) from error
     finally:
         for handle in handles:
             handle.remove()
