@@ -14,11 +14,11 @@ import torch.nn as nn
 
 from reslab.errors import ReslabError
 from reslab.graph.audit import Audit, audit
-from reslab.graph.design import DesignCheck
+from reslab.graph.design import DesignCheck, check_design, load_design
 from reslab.graph.diagram.dot import graphviz_svg, render_dot
 from reslab.graph.diagram.mermaid import render_mermaid
-from reslab.graph.diagram.svg import render_svg
 from reslab.graph.diagram.overlay import overlay_design
+from reslab.graph.diagram.svg import render_svg
 from reslab.graph.diagram.view import View, build_view, fold
 from reslab.graph.residuals import KINDS
 
@@ -83,9 +83,13 @@ class Diagram:
 
 
 def diagram(model: nn.Module, example_inputs: Any, depth: int = 1, unroll: bool = False,
-            target: str | None = None) -> Diagram:
-    """Trace `model` on `example_inputs` and draw it."""
-    return Diagram.from_audit(audit(model, example_inputs, target), depth=depth, unroll=unroll)
+            target: str | None = None, design: Any = None) -> Diagram:
+    """Trace `model` on `example_inputs` and draw it; with `design` (a design file or dict, see
+    `reslab.graph.design`), draw the claims the code lacks and highlight the residuals no claim covers."""
+    design = load_design(design) if design is not None else None
+    result = audit(model, example_inputs, target)
+    check = check_design(result, design) if design is not None else None
+    return Diagram.from_audit(result, depth=depth, unroll=unroll, design=check)
 
 
 __all__ = ["Diagram", "FORMATS", "diagram"]

@@ -113,7 +113,9 @@ STYLE = (
     "<marker id='arrow-skip' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' markerHeight='7' "
     "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#d9822b'/></marker>"
     "<marker id='arrow-claimed' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' markerHeight='7' "
-    "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#d62728'/></marker></defs>\n"
+    "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#d62728'/></marker>"
+    "<marker id='arrow-unclaimed' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' markerHeight='7' "
+    "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#7b2cbf'/></marker></defs>\n"
     "<style>.box{fill:#eaf1fb;stroke:#4a6fa5;stroke-width:1.2}.io{fill:#f4f4f4;stroke:#777}"
     ".op{fill:#fff;stroke:#888}.add{fill:#fff4e5;stroke:#d9822b;stroke-width:1.6}"
     ".dead{fill:#efefef;stroke:#aaa;stroke-dasharray:4 3}.deadtext{fill:#999}"
@@ -268,7 +270,7 @@ def _edge(route: Route, plan: Layout) -> str:
     css = "skip" if edge.skip else "deadedge" if edge.dead else "edge"
     if edge.unclaimed:
         css += " unclaimed"
-    marker = "arrow-skip" if edge.skip else "arrow"
+    marker = ("arrow-unclaimed" if edge.unclaimed else "arrow-skip") if edge.skip else "arrow"
     title = f"<title>skip ({escape(edge.skip)}){' not claimed by the design' * edge.unclaimed}</title>" \
         if edge.skip else ""
     return f'<path class="{css}" d="{d}" marker-end="url(#{marker})">{title}</path>{label}'
