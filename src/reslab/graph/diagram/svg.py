@@ -14,6 +14,7 @@ Layout, chosen so that the residual structure is what the eye sees first:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from html import escape
 
@@ -326,3 +327,19 @@ def _node(box: Box) -> str:
             f'<text x="{box.x:.1f}" y="{box.y - 2:.1f}" text-anchor="middle" font-weight="bold"{text_class}>'
             f'{escape(item.label)}</text><text class="cls" x="{box.x:.1f}" y="{box.y + 12:.1f}" '
             f'text-anchor="middle">{escape(detail)}</text></g>')
+
+
+def side_by_side(parts: list[str], gap: float = 24.0) -> str:
+    """One SVG holding the SVGs `render_svg` wrote, left to right, each as a nested <svg> at its own offset."""
+    placed, x, height = [], 0.0, 0.0
+    for text in parts:
+        match = re.search(r'<svg xmlns="http://www.w3.org/2000/svg" width="([\d.]+)" height="([\d.]+)"', text)
+        if match is None:
+            raise ValueError("side_by_side takes SVGs written by render_svg")
+        width, tall = float(match.group(1)), float(match.group(2))
+        placed.append(text.replace('<svg xmlns="http://www.w3.org/2000/svg" ', f'<svg x="{x:.0f}" y="0" ', 1))
+        x, height = x + width + gap, max(height, tall)
+    width = max(x - gap, 0.0)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+            f'viewBox="0 0 {width:.0f} {height:.0f}">\n<rect width="100%" height="100%" fill="#fff"/>\n'
+            + "".join(placed) + "</svg>\n")
