@@ -123,12 +123,18 @@ def _read(path: Path) -> Any:
         raise ReslabError(f"design {path} is not valid JSON ({error}); fix the JSON") from None
 
 
-def parse_design(data: Any, source: str) -> Design:
-    if not isinstance(data, Mapping):
-        raise ReslabError(f"{source} must be a JSON object {{\"residuals\": [...]}}, got {type(data).__name__}")
-    unknown = [key for key in data if key not in DESIGN_KEYS]
+def _object(value: Any, where: str, keys: tuple[str, ...], example: str) -> Mapping:
+    """`value` if it is a JSON object with only `keys`; else the error that says so."""
+    if not isinstance(value, Mapping):
+        raise ReslabError(f"{where} must be a JSON object like {example}, got {json.dumps(value)[:60]}")
+    unknown = [key for key in value if key not in keys]
     if unknown:
-        raise ReslabError(f"{source}: unknown key {unknown[0]!r}; a design has 'residuals' (and may have a 'note')")
+        raise ReslabError(f"{where}: unknown key {unknown[0]!r}; the keys are {', '.join(keys)}")
+    return value
+
+
+def parse_design(data: Any, source: str) -> Design:
+    _object(data, source, DESIGN_KEYS, '{"residuals": [...]}')
     claims = data.get("residuals")
     if not isinstance(claims, list):
         raise ReslabError(f"{source} needs \"residuals\": a list of claims like {{\"around\": \"layers.*.mlp\"}}")
@@ -139,11 +145,7 @@ def parse_design(data: Any, source: str) -> Design:
 
 
 def _claim(item: Any, where: str) -> Claim:
-    if not isinstance(item, Mapping):
-        raise ReslabError(f"{where} must be an object like {{\"around\": \"layers.*.mlp\"}}, got {item!r}")
-    unknown = [key for key in item if key not in CLAIM_KEYS]
-    if unknown:
-        raise ReslabError(f"{where}: unknown key {unknown[0]!r}; a claim has keys {', '.join(CLAIM_KEYS)}")
+    _object(item, where, CLAIM_KEYS, '{"around": "layers.*.mlp"}')
     relations = [key for key in RELATIONS if key in item]
     if len(relations) != 1:
         raise ReslabError(f"{where} needs exactly one of 'around' or 'inside', naming a module path")
