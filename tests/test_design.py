@@ -268,3 +268,23 @@ def test_assert_design_rejects_a_malformed_design_before_tracing():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ReslabError, match="unknown key 'arround'"):
         assert_design(model, (torch.zeros(1, 2),), {"residuals": [{"arround": "x"}]})
+
+
+def test_python_api_draws_a_design_on_a_users_module(tmp_path):
+    from reslab.graph import audit, check_design
+    from reslab.graph.diagram import diagram
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+
+        def forward(self, x):
+            return x + self.mlp(x)
+
+    model, inputs = torch.nn.Sequential(Block(), Block()), (torch.zeros(1, 4),)
+    design = {"residuals": [{"around": "*.mlp", "count": 1}, {"inside": "*.mlp"}]}
+    check = check_design(audit(model, inputs), design)
+    assert [r.implemented for r in check.results] == [True, False] and check.unclaimed == []
+    path = diagram(model, inputs, design=design, unroll=True).save(tmp_path / "d.svg")
+    assert len(claimed_paths(path)) == 2  # `inside *.mlp` missing in each of the two blocks
