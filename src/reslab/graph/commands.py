@@ -8,7 +8,6 @@ import sys
 import time
 
 from reslab.errors import ReslabError
-from reslab.graph.expect import differences, load_expected, write_expected
 
 TARGET_HELP = ("a model name (with model flags), a run directory, hf:MODEL_TYPE (with --set KEY=VALUE), or "
                "FILE.py:CALLABLE / package.module:CALLABLE returning (model, example_inputs)")
@@ -95,10 +94,11 @@ def target_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from reslab.graph.design import check_design, design_from_audit, load_design, write_design
+    from reslab.graph.expect import write_expected
 
     design = load_design(args.design) if args.design else None  # a malformed design fails before the trace
     result = load(args)
-    check = check_design(result, design) if design else None
+    check = check_design(result, design) if design is not None else None
     if args.json:
         print(json.dumps({**result.to_dict(), **({"design": check.to_dict()} if check else {})}, indent=2))
     else:
@@ -118,6 +118,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _compare_expected(args: argparse.Namespace, result, stream) -> int:
+    from reslab.graph.expect import differences, load_expected
+
     if not args.expect:
         return 0
     lines = differences(load_expected(args.expect), result.to_dict())
@@ -136,7 +138,7 @@ def cmd_diagram(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     design = load_design(args.design) if args.design else None
     result = load(args)
-    check = check_design(result, design) if design else None
+    check = check_design(result, design) if design is not None else None
     drawing = Diagram.from_audit(result, depth=args.depth, unroll=args.unroll, design=check)
     path = drawing.save(args.output, engine=args.engine)
     print(f"wrote {path} ({len(result.residuals)} residuals, {len(result.dead)} dead; "

@@ -124,8 +124,7 @@ STYLE = (
     ".skip{fill:none;stroke:#d9822b;stroke-width:1.6}.deadedge{fill:none;stroke:#bbb;stroke-dasharray:4 3}"
     ".shape{fill:#777;font-size:10px}.cls{fill:#555;font-size:10px}.kind{fill:#b0601a;font-size:10px}"
     ".title{font-weight:bold;stroke:#fafafa;stroke-width:5px;paint-order:stroke}"
-    ".claimed{fill:none;stroke:#d62728;stroke-width:1.6;stroke-dasharray:6 4}.unclaimed{stroke:#7b2cbf}"
-    ".claimtext{fill:#d62728;font-size:10px}</style>"
+    ".claimed{fill:none;stroke:#d62728;stroke-width:1.6;stroke-dasharray:6 4}.unclaimed{stroke:#7b2cbf}</style>"
 )
 
 
@@ -272,8 +271,8 @@ def _edge(route: Route, plan: Layout) -> str:
     if edge.unclaimed:
         css += " unclaimed"
     marker = ("arrow-unclaimed" if edge.unclaimed else "arrow-skip") if edge.skip else "arrow"
-    title = f"<title>skip ({escape(edge.skip)}){' not claimed by the design' * edge.unclaimed}</title>" \
-        if edge.skip else ""
+    note = ", not claimed by the design" if edge.unclaimed else ""
+    title = f"<title>skip ({escape(edge.skip)}){note}</title>" if edge.skip else ""
     return f'<path class="{css}" d="{d}" marker-end="url(#{marker})">{title}</path>{label}'
 
 
@@ -304,10 +303,11 @@ def _node(box: Box) -> str:
     dead = " dead" if item.dead else ""
     text_class = ' class="deadtext"' if item.dead else ""
     if item.kind == "residual":
-        unclaimed = f' unclaimed" stroke="{UNCLAIMED}' if item.unclaimed else ""
-        note = ", not claimed by the design" if item.unclaimed else ""
+        css, stroke, note = "add" + dead, "", ""
+        if item.unclaimed:
+            css, stroke, note = css + " unclaimed", f' stroke="{UNCLAIMED}"', ", not claimed by the design"
         return (f'<g><title>residual connection ({escape(item.detail)}){note}</title>'
-                f'<circle class="add{dead}{unclaimed}" cx="{box.x:.1f}" cy="{box.y:.1f}" r="{RADIUS}"/>'
+                f'<circle class="{css}"{stroke} cx="{box.x:.1f}" cy="{box.y:.1f}" r="{RADIUS}"/>'
                 f'<text x="{box.x:.1f}" y="{box.y + 5:.1f}" text-anchor="middle" font-size="16" '
                 f'font-weight="bold" fill="#b0601a">+</text>'
                 f'<text class="kind" x="{box.x - RADIUS - 3:.1f}" y="{box.y + RADIUS + 6:.1f}" text-anchor="end">'
