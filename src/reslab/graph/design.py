@@ -184,10 +184,10 @@ class ClaimResult:
             return f"{self.claim.text()}: no module matches {self.claim.pattern!r} in the model"
         text = (f"{self.claim.text()}: {modules - len(self.lacking)} of {modules} module{'s' * (modules != 1)}, "
                 f"{len(self.residuals)} residual{'s' * (len(self.residuals) != 1)}")
-        if self.lacking and self.lacking != list(self.found):
-            text += " — lacking in " + ", ".join(_shown(self.lacking, self.found))
-        elif self.lacking and self.claim.count is not None:
-            text += " — " + ", ".join(_shown(self.lacking, self.found)) + f" (claimed {self.claim.count} each)"
+        if self.lacking and (self.lacking != list(self.found) or self.claim.count is not None):
+            text += " — lacking in " + ", ".join(_shown(self.lacking, self.found))  # (how many each has)
+            if self.claim.count is not None:
+                text += f" (claimed {self.claim.count} each)"
         return text
 
     def to_dict(self) -> dict[str, Any]:
