@@ -61,3 +61,51 @@ def test_tiny_residual_shows_the_article_edit_is_a_bigram_model(reproduce):
     assert edited and not any(".attn." in n or ".ffn." in n for n in edited)
     normal = [m for m in records("post-L1-s0") if "grad_norms" in m][-1]["grad_norms"]
     assert any(".attn." in n for n in normal) and any(".ffn." in n for n in normal)
+
+
+# --- the diagram reproductions: no training, seconds ---------------------------------------------------------------
+def test_minimind_diagram_names_the_claims_the_code_lacks(cli, tmp_path):
+    import xml.etree.ElementTree as ET
+    from importlib.resources import files
+
+    code, out, _ = cli("reproduce", "minimind-diagram", "--json", "-o", tmp_path)
+    assert code == 0
+    result = json.loads(out)
+    assert result["agrees"] is False and result["verdict"].endswith("-> DISAGREES")
+    implements, _, lacks = result["measured"].partition("; it lacks ")
+    assert "around blocks.*.attn (8 of 8)" in implements and "around blocks.*.ffn (8 of 8)" in implements
+    assert "inside blocks.*.attn (0 of 8)" in lacks and "inside blocks.*.ffn (0 of 8)" in lacks
+    assert "around" not in lacks and "inside" not in implements
+    # the published claim ships with reslab (package data) and is copied next to the diagram
+    shipped = files("reslab.reproduce").joinpath("designs", "minimind.json").read_text()
+    assert json.loads((tmp_path / "design.json").read_text()) == json.loads(shipped)
+    svg = ET.parse(tmp_path / "diagram.svg").getroot()
+    dashed = [p for p in svg.iter("{http://www.w3.org/2000/svg}path") if p.get("stroke") == "#d62728"]
+    assert sorted(p.find("{http://www.w3.org/2000/svg}title").text.rpartition(": ")[2] for p in dashed) == \
+        ["inside blocks.*.attn", "inside blocks.*.ffn"]
+
+
+def test_shipped_design_is_package_data():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "designs/*.json" in pyproject["tool"]["setuptools"]["package-data"]["reslab.reproduce"]
+
+
+def test_book_figure_draws_both_networks_from_the_code(cli, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    code, out, _ = cli("reproduce", "book-figure", "--json", "-o", tmp_path)
+    assert code == 0
+    result = json.loads(out)
+    assert result["agrees"] is True
+    assert result["numbers"]["with_shortcut"] == 4 and result["numbers"]["without_shortcut"] == 0
+    root = ET.parse(tmp_path / "book-figure.svg").getroot()
+    svg = "{http://www.w3.org/2000/svg}"
+    plain, shortcut = root.findall(f"{svg}svg")
+    assert float(shortcut.get("x")) >= float(plain.get("width"))  # side by side, not overlapping
+    texts = lambda part: ["".join(t.itertext()) for t in part.iter(f"{svg}text")]  # noqa: E731
+    assert texts(plain)[0] == "without shortcut connections" and texts(shortcut)[0] == "with shortcut connections"
+    assert "+" not in texts(plain) and texts(shortcut).count("+") == 4
+    assert sum(texts(part).count("Linear") for part in (plain, shortcut)) == 10  # five layers each

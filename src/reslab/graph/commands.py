@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -20,6 +21,10 @@ def register(commands) -> None:
     audit.add_argument("--expect", metavar="FILE", help="compare with a saved audit; exit 1 and show the "
                                                         "differences when the residual structure differs")
     audit.add_argument("--write-expect", metavar="FILE", help="save this audit as the expected one")
+    audit.add_argument("--design", metavar="FILE", help="check a design file ({\"residuals\": [{\"around\": "
+                                                        "\"layers.*.mlp\"}, ...]}) against the code; exit 1 on any "
+                                                        "difference")
+    audit.add_argument("--write-design", metavar="FILE", help="write the design that matches the code")
     audit.set_defaults(handler=cmd_audit)
 
     diagram = commands.add_parser("diagram", help="draw a model from its traced computation (.svg, .mmd, .dot)")
@@ -32,6 +37,8 @@ def register(commands) -> None:
     diagram.add_argument("--unroll", action="store_true", help="draw every block instead of folding equal ones")
     diagram.add_argument("--engine", choices=("builtin", "dot"), default="builtin",
                          help="who draws the SVG: reslab itself (default) or Graphviz's dot, if installed")
+    diagram.add_argument("--design", metavar="FILE", help="draw a design's claims the code lacks as dashed red "
+                                                          "skips and highlight residuals no claim covers")
     diagram.set_defaults(handler=cmd_diagram)
 
 
@@ -86,30 +93,56 @@ def target_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from reslab.graph.expect import differences, load_expected, write_expected
+    from reslab.graph.design import check_design, design_from_audit, load_design, write_design
+    from reslab.graph.expect import write_expected
 
+    design = load_design(args.design) if args.design else None  # a malformed design fails before the trace
     result = load(args)
-    print(result.to_json() if args.json else result.format())
+    check = check_design(result, design) if design is not None else None
+    if args.json:
+        print(json.dumps({**result.to_dict(), **({"design": check.to_dict()} if check else {})}, indent=2))
+    else:
+        print(result.format())
+    stream = sys.stderr if args.json else sys.stdout
     if args.write_expect:
         path = write_expected(result.to_dict(), args.write_expect)
-        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
-    if args.expect:
-        lines = differences(load_expected(args.expect), result.to_dict())
-        stream = sys.stderr if args.json else sys.stdout
-        if lines:
-            print(f"residual structure differs from {args.expect}:", file=stream)
-            print("\n".join(lines), file=stream)
-            return 1
-        print(f"matches {args.expect}", file=stream)
+        print(f"wrote {path}", file=stream)
+    if args.write_design:
+        print(f"wrote {write_design(design_from_audit(result), args.write_design)}", file=stream)
+    code = _compare_expected(args, result, stream)
+    if check is not None:
+        if not args.json:
+            print(check.format())
+        code = code or (0 if check.ok else 1)
+    return code
+
+
+def _compare_expected(args: argparse.Namespace, result, stream) -> int:
+    from reslab.graph.expect import differences, load_expected
+
+    if not args.expect:
+        return 0
+    lines = differences(load_expected(args.expect), result.to_dict())
+    if lines:
+        print(f"residual structure differs from {args.expect}:", file=stream)
+        print("\n".join(lines), file=stream)
+        return 1
+    print(f"matches {args.expect}", file=stream)
     return 0
 
 
 def cmd_diagram(args: argparse.Namespace) -> int:
+    from reslab.graph.design import check_design, load_design
     from reslab.graph.diagram import Diagram
 
     started = time.perf_counter()
+    design = load_design(args.design) if args.design else None
     result = load(args)
-    path = Diagram.from_audit(result, depth=args.depth, unroll=args.unroll).save(args.output, engine=args.engine)
+    check = check_design(result, design) if design is not None else None
+    drawing = Diagram.from_audit(result, depth=args.depth, unroll=args.unroll, design=check)
+    path = drawing.save(args.output, engine=args.engine)
     print(f"wrote {path} ({len(result.residuals)} residuals, {len(result.dead)} dead; "
           f"{time.perf_counter() - started:.1f}s)")
+    if check is not None:
+        print(check.format())
     return 0

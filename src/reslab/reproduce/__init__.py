@@ -10,6 +10,8 @@ REPRODUCTIONS: dict[str, str] = {
     "depth": "reslab.reproduce.depth",
     "post-vs-pre": "reslab.reproduce.post_vs_pre",
     "mhc-gain": "reslab.reproduce.mhc_gain",
+    "minimind-diagram": "reslab.reproduce.minimind_diagram",
+    "book-figure": "reslab.reproduce.book_figure",
 }
 
 

@@ -53,7 +53,7 @@ def fmt(value: float | None) -> str:
 
 def print_verdict(args: argparse.Namespace, claim: str, measured: str, agrees: bool, numbers: dict) -> int:
     line = f"verdict: {claim}: {measured} -> {'AGREES' if agrees else 'DISAGREES'}"
-    if args.quick:
+    if getattr(args, "quick", False):  # the diagram reproductions have no quick mode
         line += " (quick mode: too short to be conclusive; run without --quick)"
     if args.json:
         print(json.dumps({"claim": claim, "measured": measured, "agrees": agrees, "numbers": numbers,

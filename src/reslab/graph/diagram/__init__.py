@@ -14,10 +14,12 @@ import torch.nn as nn
 
 from reslab.errors import ReslabError
 from reslab.graph.audit import Audit, audit
+from reslab.graph.design import DesignCheck, check_design, load_design
 from reslab.graph.diagram.dot import graphviz_svg, render_dot
 from reslab.graph.diagram.mermaid import render_mermaid
+from reslab.graph.diagram.overlay import overlay_design
 from reslab.graph.diagram.svg import render_svg
-from reslab.graph.diagram.view import View, build_view
+from reslab.graph.diagram.view import View, build_view, fold
 from reslab.graph.residuals import KINDS
 
 FORMATS = {".svg": "svg", ".mmd": "mermaid", ".dot": "dot"}
@@ -31,7 +33,10 @@ class Diagram:
         self.subtitle = subtitle
 
     @classmethod
-    def from_audit(cls, result: Audit, depth: int = 1, unroll: bool = False) -> Diagram:
+    def from_audit(cls, result: Audit, depth: int = 1, unroll: bool = False,
+                   design: DesignCheck | None = None) -> Diagram:
+        """The diagram of an audit; with `design` (see `reslab.graph.design.check_design`), the design's claims the
+        code lacks are drawn as dashed red skips and residuals no claim covers are highlighted."""
         if depth < 0:
             raise ReslabError(f"--depth must be 0 or more, got {depth}")
         kinds = Counter(r.kind for r in result.residuals)
@@ -40,7 +45,13 @@ class Diagram:
         subtitle = (f"{result.model} · {residuals} residual{'' if residuals == 1 else 's'}" +
                     (f" ({by_kind})" if by_kind else "") + f" · {blocks} block{'' if blocks == 1 else 's'}" +
                     f" · dead: {', '.join(result.dead) or 'none'}")
-        return cls(build_view(result, depth=depth, unroll=unroll), subtitle)
+        view = build_view(result, depth=depth, unroll=True)
+        if design is not None:  # before folding, so blocks that differ in what the design says stay apart
+            view = overlay_design(view, design)
+            done = len(design.results) - len(design.missing)
+            subtitle += (f" · design: {done} of {len(design.results)} claims implemented, "
+                         f"{len(design.unclaimed)} unclaimed")
+        return cls(view if unroll else fold(view), subtitle)
 
     def svg(self) -> str:
         return render_svg(self.view, self.subtitle)
@@ -72,9 +83,13 @@ class Diagram:
 
 
 def diagram(model: nn.Module, example_inputs: Any, depth: int = 1, unroll: bool = False,
-            target: str | None = None) -> Diagram:
-    """Trace `model` on `example_inputs` and draw it."""
-    return Diagram.from_audit(audit(model, example_inputs, target), depth=depth, unroll=unroll)
+            target: str | None = None, design: Any = None) -> Diagram:
+    """Trace `model` on `example_inputs` and draw it; with `design` (a design file or dict, see
+    `reslab.graph.design`), draw the claims the code lacks and highlight the residuals no claim covers."""
+    design = load_design(design) if design is not None else None
+    result = audit(model, example_inputs, target)
+    check = check_design(result, design) if design is not None else None
+    return Diagram.from_audit(result, depth=depth, unroll=unroll, design=check)
 
 
 __all__ = ["Diagram", "FORMATS", "diagram"]

@@ -26,6 +26,8 @@ def _node(item: Item) -> str:
     else:
         attrs.update(label=f"{item.label}\n{item.detail}", shape="box", style="rounded,filled", fillcolor="#eaf1fb",
                      color="#4a6fa5")
+    if item.unclaimed:
+        attrs.update(color="#7b2cbf", penwidth="2", tooltip="residual not claimed by the design")
     if item.dead:
         attrs.update(style=attrs.get("style", "") + ",dashed", fillcolor="#efefef", color="#aaaaaa",
                      fontcolor="#999999", label=attrs["label"] + " (dead)")
@@ -45,8 +47,13 @@ def render_dot(view: View) -> str:
         attrs = {}
         if edge.label:
             attrs["label"] = edge.label
-        if edge.skip:
-            attrs.update(label=f"skip ({edge.skip})", color="#d9822b", penwidth="1.6", fontcolor="#b0601a")
+        if edge.claim:
+            attrs.update(label=f"claimed, missing: {edge.claim}", style="dashed", color="#d62728", penwidth="1.6",
+                         fontcolor="#d62728")
+        elif edge.skip:
+            colour = "#7b2cbf" if edge.unclaimed else "#d9822b"
+            attrs.update(label=f"skip ({edge.skip})" + (", unclaimed" if edge.unclaimed else ""), color=colour,
+                         penwidth="1.6", fontcolor=colour)
         elif edge.dead:
             attrs.update(style="dashed", color="#bbbbbb")
         rendered = ", ".join(f"{k}={_quote(v)}" for k, v in attrs.items())

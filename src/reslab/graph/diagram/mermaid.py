@@ -35,8 +35,10 @@ def render_mermaid(view: View) -> str:
         lines += [f"    {_node(item)}" for item in view.items if item.group == index]
         lines.append("  end")
     for edge in view.edges:
-        if edge.skip:
-            lines.append(f"  {edge.src} -.->|skip {edge.skip}| {edge.dst}")
+        if edge.claim:
+            lines.append(f'  {edge.src} -.->|"claimed, missing: {edge.claim}"| {edge.dst}')
+        elif edge.skip:
+            lines.append(f"  {edge.src} -.->|skip {edge.skip}{', unclaimed' if edge.unclaimed else ''}| {edge.dst}")
         elif edge.label:
             lines.append(f'  {edge.src} -->|"{edge.label}"| {edge.dst}')
         else:
@@ -44,12 +46,20 @@ def render_mermaid(view: View) -> str:
     lines.append("  classDef module fill:#eaf1fb,stroke:#4a6fa5")
     lines.append("  classDef add fill:#fff4e5,stroke:#d9822b")
     lines.append("  classDef dead fill:#efefef,stroke:#aaa,stroke-dasharray:4 3,color:#999")
+    lines.append("  classDef unclaimed fill:#fff4e5,stroke:#7b2cbf,stroke-width:2px")
     for css, chosen in (("module", [i.id for i in view.items if i.kind == "module" and not i.dead]),
                         ("add", [i.id for i in view.items if i.kind == "residual" and not i.dead]),
-                        ("dead", [i.id for i in view.items if i.dead])):
+                        ("dead", [i.id for i in view.items if i.dead]),
+                        ("unclaimed", [i.id for i in view.items if i.unclaimed])):
         if chosen:
             lines.append(f"  class {','.join(chosen)} {css}")
-    skip_indices = [str(i) for i, edge in enumerate(view.edges) if edge.skip]
-    if skip_indices:
-        lines.append(f"  linkStyle {','.join(skip_indices)} stroke:#d9822b,stroke-width:2px")
+    for style, chosen in (("stroke:#d9822b,stroke-width:2px", [e.skip and not e.unclaimed and not e.claim
+                                                               for e in view.edges]),
+                          ("stroke:#7b2cbf,stroke-width:2px", [e.unclaimed for e in view.edges]),
+                          ("stroke:#d62728,stroke-width:2px,stroke-dasharray:6 4", [bool(e.claim)
+                                                                                   for e in view.edges])):
+        indices = [str(i) for i, picked in enumerate(chosen) if picked]
+        if indices:
+            lines.append(f"  linkStyle {','.join(indices)} {style}")
+    lines += [f"  %% {note}" for note in view.notes]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ Layout, chosen so that the residual structure is what the eye sees first:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from html import escape
 
@@ -28,6 +29,8 @@ RADIUS = 12
 SPLIT = 5  # vertical offset between an edge leaving a node's side and one arriving there
 FRAME_TITLE = 26
 LEGEND = "orange: skip edges of residual connections · grey dashed: dead (runs, but no output depends on it)"
+CLAIMED = "#d62728"  # a design's claim the code lacks
+UNCLAIMED = "#7b2cbf"  # a residual no claim of the design covers
 FONT = "ui-monospace, SFMono-Regular, Menlo, Consolas, monospace"
 
 
@@ -109,14 +112,19 @@ STYLE = (
     "<defs><marker id='arrow' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' markerHeight='7' "
     "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#555'/></marker>"
     "<marker id='arrow-skip' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' markerHeight='7' "
-    "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#d9822b'/></marker></defs>\n"
+    "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#d9822b'/></marker>"
+    "<marker id='arrow-claimed' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' markerHeight='7' "
+    "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#d62728'/></marker>"
+    "<marker id='arrow-unclaimed' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' markerHeight='7' "
+    "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#7b2cbf'/></marker></defs>\n"
     "<style>.box{fill:#eaf1fb;stroke:#4a6fa5;stroke-width:1.2}.io{fill:#f4f4f4;stroke:#777}"
     ".op{fill:#fff;stroke:#888}.add{fill:#fff4e5;stroke:#d9822b;stroke-width:1.6}"
     ".dead{fill:#efefef;stroke:#aaa;stroke-dasharray:4 3}.deadtext{fill:#999}"
     ".frame{fill:#fafafa;stroke:#b5b5b5;stroke-dasharray:6 3}.edge{fill:none;stroke:#555;stroke-width:1.2}"
     ".skip{fill:none;stroke:#d9822b;stroke-width:1.6}.deadedge{fill:none;stroke:#bbb;stroke-dasharray:4 3}"
     ".shape{fill:#777;font-size:10px}.cls{fill:#555;font-size:10px}.kind{fill:#b0601a;font-size:10px}"
-    ".title{font-weight:bold;stroke:#fafafa;stroke-width:5px;paint-order:stroke}</style>"
+    ".title{font-weight:bold;stroke:#fafafa;stroke-width:5px;paint-order:stroke}"
+    ".claimed{fill:none;stroke:#d62728;stroke-width:1.6;stroke-dasharray:6 4}.unclaimed{stroke:#7b2cbf}</style>"
 )
 
 
@@ -182,7 +190,10 @@ def _route(view: View, boxes: dict[str, Box]) -> tuple[list[Route], int, int]:
     routes = []
     for edge in sorted(view.edges, key=lambda e: (boxes[e.src].y, boxes[e.dst].y)):
         src, dst = boxes[edge.src], boxes[edge.dst]
-        if src.main and dst.main:
+        if edge.claim and src.main and dst.main:  # a claimed skip always takes a lane, even between neighbours
+            start, end = (src.top, dst.bottom) if edge.span else (src.y + SPLIT, dst.y - SPLIT)
+            routes.append(Route(edge, "right", right.take(start, end)))
+        elif src.main and dst.main:
             if next_main.get(edge.src) == edge.dst:
                 routes.append(Route(edge, "down"))
             else:  # leave below the centre and arrive above it, so consecutive skips can share a lane
@@ -225,8 +236,10 @@ def render_svg(view: View, subtitle: str = "") -> str:
                           f'fill="#4a6fa5">{badge}</text>')
     lanes = max([r.lane + 1 for r in plan.routes if r.how == "right"] + [0])
     width = max([plan.right_x0 + lanes * LANE + MARGIN + 12, MARGIN * 2 + (len(view.title) + 2) * CHAR * 1.15,
-                 MARGIN * 2 + max(len(subtitle), len(LEGEND)) * SMALL * 1.1] + [r + MARGIN for r in frame_right])
-    height = plan.height
+                 MARGIN * 2 + max(len(subtitle), *map(len, [LEGEND, *view.notes])) * SMALL * 1.1] +
+                [r + MARGIN for r in frame_right])
+    legend = [LEGEND, *view.notes]
+    height = plan.height + 14 * len(view.notes)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
         f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="{FONT}" font-size="12">',
@@ -240,35 +253,49 @@ def render_svg(view: View, subtitle: str = "") -> str:
     out += [_edge(route, plan) for route in plan.routes]
     out += titles
     out += [_node(box) for box in boxes.values()]
-    out.append(f'<text x="{MARGIN}" y="{height - 12:.0f}" class="cls">{escape(LEGEND)}</text>')
+    out += [f'<text x="{MARGIN}" y="{height - 12 - 14 * (len(legend) - 1 - i):.0f}" class="cls">{escape(line)}</text>'
+            for i, line in enumerate(legend)]
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
 
 def _edge(route: Route, plan: Layout) -> str:
+    edge = route.edge
+    points, label = _points(route, plan)
+    d = "M" + " L".join(f"{x:.1f},{y:.1f}" for x, y in points)
+    if edge.claim:  # presentation attributes as well as the class, so any SVG reader shows it dashed red
+        return (f'<path class="claimed" d="{d}" fill="none" stroke="{CLAIMED}" stroke-width="1.6" '
+                f'stroke-dasharray="6 4" marker-end="url(#arrow-claimed)"><title>claimed by the design, missing '
+                f'in the code: {escape(edge.claim)}</title></path>')
+    css = "skip" if edge.skip else "deadedge" if edge.dead else "edge"
+    if edge.unclaimed:
+        css += " unclaimed"
+    marker = ("arrow-unclaimed" if edge.unclaimed else "arrow-skip") if edge.skip else "arrow"
+    note = ", not claimed by the design" if edge.unclaimed else ""
+    title = f"<title>skip ({escape(edge.skip)}){note}</title>" if edge.skip else ""
+    return f'<path class="{css}" d="{d}" marker-end="url(#{marker})">{title}</path>{label}'
+
+
+def _points(route: Route, plan: Layout) -> tuple[list[tuple[float, float]], str]:
+    """The polyline of an edge, and its shape label (drawn beside straight edges only)."""
     edge, how = route.edge, route.how
     src, dst = plan.boxes[edge.src], plan.boxes[edge.dst]
-    css = "skip" if edge.skip else "deadedge" if edge.dead else "edge"
-    marker = "arrow-skip" if edge.skip else "arrow"
-    label = ""
+    leave, arrive = (src.top + SPLIT, dst.bottom - SPLIT) if edge.span else (src.y, dst.y)
     if how == "down":
-        points = [(src.x, src.bottom), (dst.x, dst.top)]
-        if edge.label:
-            label = (f'<text class="shape" x="{src.x + 6:.1f}" y="{src.bottom + 12:.1f}">'
-                     f'{escape(edge.label)}</text>')
-    elif how == "side-down":
-        points = [(src.x, src.bottom), (dst.x, dst.top)]
-    elif how == "right":
+        label = (f'<text class="shape" x="{src.x + 6:.1f}" y="{src.bottom + 12:.1f}">{escape(edge.label)}</text>'
+                 if edge.label else "")
+        return [(src.x, src.bottom), (dst.x, dst.top)], label
+    if how == "side-down":
+        return [(src.x, src.bottom), (dst.x, dst.top)], ""
+    if how == "right":
         x = plan.right_x0 + route.lane * LANE
-        points = [(src.right, src.y + SPLIT), (x, src.y + SPLIT), (x, dst.y - SPLIT), (dst.right, dst.y - SPLIT)]
-    else:
-        x = plan.middle_x0 + route.lane * LANE
-        start = (src.right, src.y) if not src.main else (src.left, src.y)
-        end = (dst.left, dst.y) if dst.main else (dst.right, dst.y)
-        points = [start, (x, src.y), (x, dst.y), end]
-    d = "M" + " L".join(f"{x:.1f},{y:.1f}" for x, y in points)
-    title = f"<title>skip ({escape(edge.skip)})</title>" if edge.skip else ""
-    return f'<path class="{css}" d="{d}" marker-end="url(#{marker})">{title}</path>{label}'
+        if not edge.span:
+            leave, arrive = src.y + SPLIT, dst.y - SPLIT
+        return [(src.right, leave), (x, leave), (x, arrive), (dst.right, arrive)], ""
+    x = plan.middle_x0 + route.lane * LANE
+    start = (src.right, leave) if not src.main else (src.left, leave)
+    end = (dst.left, arrive) if dst.main else (dst.right, arrive)
+    return [start, (x, leave), (x, arrive), end], ""
 
 
 def _node(box: Box) -> str:
@@ -276,8 +303,11 @@ def _node(box: Box) -> str:
     dead = " dead" if item.dead else ""
     text_class = ' class="deadtext"' if item.dead else ""
     if item.kind == "residual":
-        return (f'<g><title>residual connection ({escape(item.detail)})</title>'
-                f'<circle class="add{dead}" cx="{box.x:.1f}" cy="{box.y:.1f}" r="{RADIUS}"/>'
+        css, stroke, note = "add" + dead, "", ""
+        if item.unclaimed:
+            css, stroke, note = css + " unclaimed", f' stroke="{UNCLAIMED}"', ", not claimed by the design"
+        return (f'<g><title>residual connection ({escape(item.detail)}){note}</title>'
+                f'<circle class="{css}"{stroke} cx="{box.x:.1f}" cy="{box.y:.1f}" r="{RADIUS}"/>'
                 f'<text x="{box.x:.1f}" y="{box.y + 5:.1f}" text-anchor="middle" font-size="16" '
                 f'font-weight="bold" fill="#b0601a">+</text>'
                 f'<text class="kind" x="{box.x - RADIUS - 3:.1f}" y="{box.y + RADIUS + 6:.1f}" text-anchor="end">'
@@ -297,3 +327,19 @@ def _node(box: Box) -> str:
             f'<text x="{box.x:.1f}" y="{box.y - 2:.1f}" text-anchor="middle" font-weight="bold"{text_class}>'
             f'{escape(item.label)}</text><text class="cls" x="{box.x:.1f}" y="{box.y + 12:.1f}" '
             f'text-anchor="middle">{escape(detail)}</text></g>')
+
+
+def side_by_side(parts: list[str], gap: float = 24.0) -> str:
+    """One SVG holding the SVGs `render_svg` wrote, left to right, each as a nested <svg> at its own offset."""
+    placed, x, height = [], 0.0, 0.0
+    for text in parts:
+        match = re.search(r'<svg xmlns="http://www.w3.org/2000/svg" width="([\d.]+)" height="([\d.]+)"', text)
+        if match is None:
+            raise ValueError("side_by_side takes SVGs written by render_svg")
+        width, tall = float(match.group(1)), float(match.group(2))
+        placed.append(text.replace('<svg xmlns="http://www.w3.org/2000/svg" ', f'<svg x="{x:.0f}" y="0" ', 1))
+        x, height = x + width + gap, max(height, tall)
+    width = max(x - gap, 0.0)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+            f'viewBox="0 0 {width:.0f} {height:.0f}">\n<rect width="100%" height="100%" fill="#fff"/>\n'
+            + "".join(placed) + "</svg>\n")

@@ -33,6 +33,7 @@ class Item:
     dead: bool = False
     group: int | None = None  # index into View.groups
     path: str = ""  # module path, for modules
+    unclaimed: bool = False  # a residual add no claim of the design covers
 
 
 @dataclass
@@ -42,6 +43,9 @@ class Edge:
     label: str = ""  # tensor shape, when known
     skip: str = ""  # the residual kind, for the skip edge of a residual
     dead: bool = False
+    claim: str = ""  # a design claim the code lacks ("inside layers.*.mlp"), drawn where the design puts it
+    unclaimed: bool = False  # the skip edge of a residual no claim of the design covers
+    span: bool = False  # a claim edge from the top of `src` to the bottom of `dst` (a loop on one box)
 
 
 @dataclass
@@ -57,6 +61,7 @@ class View:
     items: list[Item]
     edges: list[Edge]
     groups: list[Group]
+    notes: list[str] = field(default_factory=list)  # legend lines beyond the standard one (a design's)
 
     def item(self, item_id: str) -> Item:
         return self._index()[item_id]
@@ -256,21 +261,24 @@ def fold(view: View) -> View:
     edges: dict[tuple[str, str], Edge] = {}
     for edge in view.edges:
         src, dst = alias.get(edge.src, edge.src), alias.get(edge.dst, edge.dst)
-        if src == dst or src not in order or dst not in order:
+        if src not in order or dst not in order or (src == dst and not edge.claim):
             continue
-        if order[src] >= order[dst] and group_of[src] is not None and group_of[src] == group_of[dst]:
+        if order[src] >= order[dst] and group_of[src] is not None and group_of[src] == group_of[dst] and \
+                not edge.claim:
             continue  # block k's output into block k+1: inside a folded frame this is the repetition itself
-        if (src, dst) not in edges:
-            edges[(src, dst)] = Edge(src, dst, edge.label, edge.skip, edge.dead)
+        key = (src, dst, edge.claim)
+        if key not in edges:
+            edges[key] = replace(edge, src=src, dst=dst)
         elif edge.skip:
-            edges[(src, dst)].skip = edge.skip
-    return View(view.title, items, list(edges.values()), keep_groups)
+            edges[key].skip = edge.skip
+    return View(view.title, items, list(edges.values()), keep_groups, view.notes)
 
 
 def _signature(view: View, items: list[Item]) -> tuple:
     index = {item.id: i for i, item in enumerate(items)}
-    internal = sorted((index[e.src], index[e.dst], e.skip) for e in view.edges if e.src in index and e.dst in index)
-    return tuple((i.kind, i.label, i.detail, i.dead) for i in items), tuple(internal)
+    internal = sorted((index[e.src], index[e.dst], e.skip, e.claim) for e in view.edges
+                      if e.src in index and e.dst in index)
+    return tuple((i.kind, i.label, i.detail, i.dead, i.unclaimed) for i in items), tuple(internal)
 
 
 def _same_list(a: str, b: str) -> bool:
