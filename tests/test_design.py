@@ -14,8 +14,8 @@ from reslab.testing import assert_design
 SVG = "{http://www.w3.org/2000/svg}"
 RED = "#d62728"
 # MiniMind's diagram, in Hugging Face Llama's module names: residuals around and inside attention and MLP.
-MINIMIND_HF = {"residuals": [{"around": "layers.*.self_attn"}, {"around": "layers.*.mlp"},
-                             {"inside": "layers.*.self_attn"}, {"inside": "layers.*.mlp"}]}
+MINIMIND_HF = {"residuals": [{"around": "model.layers.*.self_attn"}, {"around": "model.layers.*.mlp"},
+                             {"inside": "model.layers.*.self_attn"}, {"inside": "model.layers.*.mlp"}]}
 AROUND_HF = {"residuals": MINIMIND_HF["residuals"][:2]}
 
 
@@ -40,10 +40,10 @@ def test_hf_llama_lacks_minimind_inside_claims(cli, tmp_path):
     code, out, _ = cli("audit", "hf:llama", "--design", write(tmp_path / "d.json", MINIMIND_HF))
     assert code == 1
     # HF's decoder layer adds both residuals in its own forward: around attention and MLP, none inside them
-    assert re.search(r"implemented +around layers\.\*\.self_attn: 2 of 2 modules, 2 residuals", out)
-    assert re.search(r"implemented +around layers\.\*\.mlp: 2 of 2 modules, 2 residuals", out)
-    assert re.search(r"MISSING +inside layers\.\*\.self_attn: 0 of 2 modules, 0 residuals", out)
-    assert re.search(r"MISSING +inside layers\.\*\.mlp: 0 of 2 modules", out)
+    assert re.search(r"implemented +around model\.layers\.\*\.self_attn: 2 of 2 modules, 2 residuals", out)
+    assert re.search(r"implemented +around model\.layers\.\*\.mlp: 2 of 2 modules, 2 residuals", out)
+    assert re.search(r"MISSING +inside model\.layers\.\*\.self_attn: 0 of 2 modules, 0 residuals", out)
+    assert re.search(r"MISSING +inside model\.layers\.\*\.mlp: 0 of 2 modules", out)
     assert "2 of 4 claims implemented, 0 unclaimed residuals" in out and "design and code differ" in out
 
 
@@ -55,8 +55,8 @@ def test_design_json_is_one_document(cli, tmp_path):
     design = result["design"]
     assert design["matches"] is False and design["unclaimed"] == []
     assert [c["implemented"] for c in design["claims"]] == [True, True, False, False]
-    assert design["claims"][2]["lacking"] == ["layers.0.self_attn", "layers.1.self_attn"]
-    assert design["claims"][0]["found"] == {"layers.0.self_attn": 1, "layers.1.self_attn": 1}
+    assert design["claims"][2]["lacking"] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert design["claims"][0]["found"] == {"model.layers.0.self_attn": 1, "model.layers.1.self_attn": 1}
 
 
 def test_matching_design_exits_0(cli, tmp_path):
@@ -65,21 +65,21 @@ def test_matching_design_exits_0(cli, tmp_path):
 
 
 def test_residuals_no_claim_covers_are_listed(cli, tmp_path):
-    design = {"residuals": [{"around": "layers.*.self_attn"}]}
+    design = {"residuals": [{"around": "model.layers.*.self_attn"}]}
     code, out, _ = cli("audit", "hf:llama", "--design", write(tmp_path / "d.json", design))
     assert code == 1
     unclaimed = [line for line in out.splitlines() if "UNCLAIMED" in line]
     assert len(unclaimed) == 2 and all("mlp" in line for line in unclaimed)
-    assert "layers.0.mlp" in unclaimed[0] and "layers.1.mlp" in unclaimed[1]
+    assert "model.layers.0.mlp" in unclaimed[0] and "model.layers.1.mlp" in unclaimed[1]
 
 
 @pytest.mark.parametrize("claim, why", [
-    ({"around": "layers.*.mlp", "count": 2}, "claimed 2 each"),  # one residual each, not two
-    ({"around": "layers.*.mlp", "kind": "scaled"}, "0 of 2 modules"),  # HF Llama's skips are plain identity
+    ({"around": "model.layers.*.mlp", "count": 2}, "claimed 2 each"),  # one residual each, not two
+    ({"around": "model.layers.*.mlp", "kind": "scaled"}, "0 of 2 modules"),  # HF Llama's skips are plain identity
     ({"inside": "encoder.*"}, "no module matches 'encoder.*'"),
 ])
 def test_counts_kinds_and_unknown_modules_are_differences(cli, tmp_path, claim, why):
-    design = {"residuals": [{"around": "layers.*.self_attn"}, {"around": "layers.*.mlp"}, claim]}
+    design = {"residuals": [{"around": "model.layers.*.self_attn"}, {"around": "model.layers.*.mlp"}, claim]}
     code, out, _ = cli("audit", "hf:llama", "--design", write(tmp_path / "d.json", design))
     assert code == 1
     missing = [line for line in out.splitlines() if "MISSING" in line]
@@ -143,8 +143,8 @@ def test_written_design_generalises_layers_only_when_they_agree(cli, tmp_path):
     path = tmp_path / "design.json"
     cli("audit", "hf:llama", "--set", "num_hidden_layers=3", "--write-design", path)
     claims = json.loads(path.read_text())["residuals"]
-    assert {"around": "layers.*.self_attn", "kind": "identity", "count": 1} in claims
-    assert {"around": "layers.*.mlp", "kind": "identity", "count": 1} in claims and len(claims) == 2
+    assert {"around": "model.layers.*.self_attn", "kind": "identity", "count": 1} in claims
+    assert {"around": "model.layers.*.mlp", "kind": "identity", "count": 1} in claims and len(claims) == 2
     # the book's MLP has no shortcut around its last layer (3 -> 1): no `*`, one claim per layer that has one
     cli("audit", "mlp", "--write-design", path)
     claims = json.loads(path.read_text())["residuals"]
@@ -165,11 +165,12 @@ def test_diagram_dashes_missing_claims_at_their_module(cli, tmp_path):
     code, out, _ = cli("diagram", "hf:llama", "--design", write(tmp_path / "d.json", MINIMIND_HF), "-o", svg)
     assert code == 0 and "MISSING" in out
     dashed = claimed_paths(svg)
-    assert sorted(title(p).rpartition(": ")[2] for p in dashed) == ["inside layers.*.mlp", "inside layers.*.self_attn"]
+    assert sorted(title(p).rpartition(": ")[2] for p in dashed) == ["inside model.layers.*.mlp",
+                                                                     "inside model.layers.*.self_attn"]
     assert not any("around" in title(p) for p in dashed)  # the implemented claims are drawn as usual
     # the loop for `inside self_attn` starts and ends on the right side of the self_attn box
     root = ET.parse(svg).getroot()
-    box = next(g.find(f"{SVG}rect") for g in root.iter(f"{SVG}g") if title(g) == "layers.0.self_attn")
+    box = next(g.find(f"{SVG}rect") for g in root.iter(f"{SVG}g") if title(g) == "model.layers.0.self_attn")
     top, bottom = float(box.get("y")), float(box.get("y")) + float(box.get("height"))
     right = float(box.get("x")) + float(box.get("width"))
     loop = next(p for p in dashed if "self_attn" in title(p))
@@ -206,7 +207,7 @@ def test_missing_around_claim_skips_over_the_module(cli, tmp_path):
 
 def test_unclaimed_residuals_are_highlighted(cli, tmp_path):
     svg = tmp_path / "out.svg"
-    design = write(tmp_path / "d.json", {"residuals": [{"around": "layers.*.self_attn"}]})
+    design = write(tmp_path / "d.json", {"residuals": [{"around": "model.layers.*.self_attn"}]})
     cli("diagram", "hf:llama", "--design", design, "-o", svg, "--unroll")
     root = ET.parse(svg).getroot()
     circles = [c.get("class") for c in root.iter(f"{SVG}circle")]
@@ -217,8 +218,8 @@ def test_unclaimed_residuals_are_highlighted(cli, tmp_path):
 
 
 @pytest.mark.parametrize("suffix, expected", [
-    (".mmd", ['-.->|"claimed, missing: inside layers.*.self_attn"|', "stroke:#d62728", "stroke-dasharray"]),
-    (".dot", ['label="claimed, missing: inside layers.*.mlp"', 'style="dashed", color="#d62728"']),
+    (".mmd", ['-.->|"claimed, missing: inside model.layers.*.self_attn"|', "stroke:#d62728", "stroke-dasharray"]),
+    (".dot", ['label="claimed, missing: inside model.layers.*.mlp"', 'style="dashed", color="#d62728"']),
 ])
 def test_mermaid_and_dot_show_missing_claims(cli, tmp_path, suffix, expected):
     out = tmp_path / f"out{suffix}"
