@@ -44,7 +44,7 @@ def build_step(model_name: str, scheme: str, options: dict, config: dict, batch:
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> None:
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -59,7 +59,7 @@ def test_main_path_is_one_straight_column_through_the_sublayers():
     view = meta_diagram(layers=2).view
     path = [view.item(i).label for i in main_path(view)]
     assert path == ["input", "tok_emb", "add", "attn_residual.norm", "attn", "+", "ffn_residual.norm", "ffn", "+",
-                    "norm", "head", "output"]
+                    "norm", "head", "logits"]  # the ModelOutput field
     svg = parse(meta_diagram(layers=2).svg())
     centres = {round(float(c.get("cx"))) for c in svg.iter(f"{SVG}circle")}
     assert len(centres) == 1  # every add sits on the main column

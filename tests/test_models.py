@@ -30,7 +30,7 @@ def test_shapes_come_from_config(name):
     assert len(model.blocks) == 3
     assert model.tok_emb.weight.shape == (17, 48)
     for batch, seq in [(1, 1), (2, 24), (5, 7)]:
-        assert model(torch.randint(0, 17, (batch, seq))).shape == (batch, seq, 17)
+        assert model(torch.randint(0, 17, (batch, seq))).logits.shape == (batch, seq, 17)
 
 
 def test_tiny_defaults_match_the_article():
@@ -67,7 +67,7 @@ def test_llama_gqa_rope_qknorm():
     idx = torch.randint(0, 65, (1, 10))
     changed = idx.clone()
     changed[0, 7] = (changed[0, 7] + 1) % 65
-    torch.testing.assert_close(model(idx)[:, :7], model(changed)[:, :7])
+    torch.testing.assert_close(model(idx).logits[:, :7], model(changed).logits[:, :7])
 
 
 @pytest.mark.parametrize("name", ["tiny", "gpt", "llama"])
@@ -76,7 +76,7 @@ def test_models_are_causal(name):
     idx = torch.randint(0, 65, (2, 12))
     changed = idx.clone()
     changed[:, 9:] = (changed[:, 9:] + 3) % 65
-    torch.testing.assert_close(model(idx)[:, :9], model(changed)[:, :9])
+    torch.testing.assert_close(model(idx).logits[:, :9], model(changed).logits[:, :9])
 
 
 def test_generate_and_filters():

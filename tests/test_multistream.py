@@ -38,7 +38,7 @@ def test_hc_with_one_stream_is_pre_ln_for_the_same_weights(model, dynamic):
     assert not unexpected
     assert missing and all("_residual." in name for name in missing)  # only HC's own coefficients
     idx = tokens()
-    torch.testing.assert_close(hc(idx), pre(idx), atol=1e-6, rtol=0)
+    torch.testing.assert_close(hc(idx).logits, pre(idx).logits, atol=1e-6, rtol=0)
 
 
 def norm_inputs(model, idx) -> list[torch.Tensor]:
@@ -86,7 +86,7 @@ def test_mhc_stream_mixes_in_a_model_are_doubly_stochastic(steps):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     idx = tokens()
     for _ in range(steps):  # move the coefficients away from their init
-        F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+        F.cross_entropy(model(idx).logits.flatten(0, 1), idx.flatten()).backward()
         optimizer.step()
         optimizer.zero_grad()
     metrics = probed_forward(model, idx)
@@ -111,7 +111,7 @@ def test_gradients_reach_every_learned_coefficient(scheme, options):
             if ("_residual." in name or name.startswith("stream.")) and not p.any():
                 p.normal_(0.0, 0.02)
     idx = tokens()
-    F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+    F.cross_entropy(model(idx).logits.flatten(0, 1), idx.flatten()).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
@@ -151,8 +151,8 @@ def test_value_residual_mixes_the_first_layers_values():
     for model in (own_values, halfway):
         model.load_state_dict(pre.state_dict())  # the fixed mix adds no parameter
     idx = tokens()
-    torch.testing.assert_close(own_values(idx), pre(idx), atol=1e-6, rtol=0)  # lerp(v_1, v, 1) = v
-    assert (halfway(idx) - pre(idx)).abs().max() > 1e-3
+    torch.testing.assert_close(own_values(idx).logits, pre(idx).logits, atol=1e-6, rtol=0)  # lerp(v_1, v, 1) = v
+    assert (halfway(idx).logits - pre(idx).logits).abs().max() > 1e-3
     learned = reslab.build_model("llama", residual="value-residual", residual_options={"value_mix_learned": True},
                                  **{**SMALL, "layers": 3})
     mixes = [(layer, site.mix) for layer, index, site in learned.residual_sites() if index == 0]

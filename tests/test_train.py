@@ -117,7 +117,7 @@ def test_kill_9_leaves_a_loadable_checkpoint_and_resume_matches(corpus, tmp_path
     step = json.loads((run / "state.json").read_text())["step"]
     assert 30 <= step < 400
     model, _ = load_run_model(run)  # the checkpoint on disk is whole
-    assert model(torch.zeros(1, 4, dtype=torch.long)).shape[-1] == model.config.vocab_size
+    assert model(torch.zeros(1, 4, dtype=torch.long)).logits.shape[-1] == model.config.vocab_size
     resumed = subprocess.run([sys.executable, "-m", "reslab", "train", "--resume", str(run), "--no-progress"],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

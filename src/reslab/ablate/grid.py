@@ -167,6 +167,9 @@ def _check_ablation_dir(out_dir: Path, record: dict[str, Any]) -> None:
             raise ReslabError(f"{out_dir} is not empty and is not an ablation directory; choose another --out")
         return
     saved = read_json(path)
+    from reslab.train.config import TrainConfig
+
+    saved["train"] = {**TrainConfig().to_dict(), **(saved.get("train") or {})}  # fields added since: defaults
     for key in ("model", "model_overrides"):
         if saved.get(key) != record[key]:
             raise ReslabError(f"{out_dir} holds an ablation with {key} {saved.get(key)}, not {record[key]}; "

@@ -28,8 +28,15 @@ def make_config(name: str, **overrides):
 
 
 def build_model(name: str, **overrides) -> nn.Module:
-    """Build model `name` ('mlp', 'tiny', 'gpt', 'llama') with config fields overridden by keyword."""
-    return get_model_class(name)(make_config(name, **overrides))
+    """Build model `name` ('mlp', 'tiny', 'gpt', 'llama') with config fields overridden by keyword.
+
+    A language model is checked against `reslab.contracts` once, here: a missing member is one error line."""
+    model = get_model_class(name)(make_config(name, **overrides))
+    if name in TRANSFORMERS:
+        from reslab.contracts import check_language_model
+
+        check_language_model(model)
+    return model
 
 
 def list_models() -> list[str]:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reslab.contracts import attention_sublayers
 from reslab.checks import BETA, NON_NEGATIVE, POSITIVE, Range, check_field_type, check_numbers
 from reslab.errors import ReslabError, check_positive
 from reslab.residual import get_scheme
@@ -86,7 +87,8 @@ def divisors(n: int) -> str:
 
 
 class LanguageModel(nn.Module):
-    """Base of the transformer LMs: `forward(idx) -> logits`; subclasses build `blocks` and the rest."""
+    """Base of the transformer LMs: `forward(idx) -> ModelOutput`; subclasses build `blocks` and the rest, and
+    provide what `reslab.contracts` declares (checked when the model is built)."""
 
     config_class: ClassVar[type[TransformerConfig]]
     blocks: nn.ModuleList
@@ -125,7 +127,7 @@ class LanguageModel(nn.Module):
         """
         seq_len = seq_len or self.config.context
         matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        attention = sum(12 * block.attn.heads * block.attn.head_dim * seq_len for block in self.blocks)
+        attention = sum(12 * attn.heads * attn.head_dim * seq_len for attn in attention_sublayers(self))
         return 6.0 * matmul_weights + attention
 
     def residual_sites(self):
@@ -150,7 +152,7 @@ class LanguageModel(nn.Module):
     ) -> torch.Tensor:
         """Autoregressive sampling from `idx` (batch, seq), cropping to the context window."""
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.context:])[:, -1, :].float()
+            logits = self(idx[:, -self.config.context:]).logits[:, -1, :].float()
             if temperature <= 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from reslab.errors import unknown
+from reslab.contracts import ModelOutput
 from reslab.models.base import LanguageModel, TransformerConfig
 from reslab.nn import ACTIVATIONS, MLP, Block, CausalSelfAttention, make_norm
 from reslab.residual import get_scheme
@@ -60,10 +61,10 @@ class GPT(LanguageModel):
             self.head.weight = self.tok_emb.weight
         self.init_weights(scaled_residual_init=config.scaled_init)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor) -> ModelOutput:
         self.check_length(idx.shape[1])
         positions = torch.arange(idx.shape[1], device=idx.device)
         stream = self.stream.widen(self.drop(self.tok_emb(idx) + self.pos_emb(positions)))
         for block in self.blocks:
             stream = block(stream)
-        return self.head(self.norm(self.stream.reduce(stream)))
+        return ModelOutput(self.head(self.norm(self.stream.reduce(stream))))

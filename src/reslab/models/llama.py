@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from reslab.errors import ReslabError, check_positive
+from reslab.contracts import ModelOutput
 from reslab.models.base import LanguageModel, TransformerConfig
 from reslab.nn import Block, CausalSelfAttention, SwiGLU, make_norm
 from reslab.residual import get_scheme
@@ -75,8 +76,8 @@ class Llama(LanguageModel):
             self.head.weight = self.tok_emb.weight
         self.init_weights(scaled_residual_init=False)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor) -> ModelOutput:
         stream = self.stream.widen(self.drop(self.tok_emb(idx)))
         for block in self.blocks:
             stream = block(stream)
-        return self.head(self.norm(self.stream.reduce(stream)))
+        return ModelOutput(self.head(self.norm(self.stream.reduce(stream))))

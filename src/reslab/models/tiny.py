@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from reslab.contracts import ModelOutput
 from reslab.models.base import LanguageModel, TransformerConfig
 from reslab.nn import Block, CausalSelfAttention, ReluFFN, make_norm
 from reslab.residual import get_scheme
@@ -44,10 +45,10 @@ class TinyTransformer(LanguageModel):
         self.head = nn.Linear(config.width, config.vocab_size, bias=config.bias)
         self.init_weights(scaled_residual_init=False)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor) -> ModelOutput:
         self.check_length(idx.shape[1])
         positions = torch.arange(idx.shape[1], device=idx.device)
         stream = self.stream.widen(self.tok_emb(idx) + self.pos_emb(positions))
         for block in self.blocks:
             stream = block(stream)
-        return self.head(self.norm(self.stream.reduce(stream)))
+        return ModelOutput(self.head(self.norm(self.stream.reduce(stream))))

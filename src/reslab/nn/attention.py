@@ -15,6 +15,8 @@ from reslab.nn.rope import RotaryEmbedding
 
 
 class CausalSelfAttention(nn.Module):
+    is_attention = True  # reslab.contracts: provides heads and head_dim (FLOP counting)
+
     def __init__(
         self,
         width: int,

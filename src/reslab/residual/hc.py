@@ -31,6 +31,8 @@ class HyperConnections(MultiStreamSite):
     paper = "Zhu et al. 2025, Hyper-Connections (arXiv 2409.19606)"
     option_defaults = {**MultiStreamSite.option_defaults, "hc_dynamic": False}
 
+    decayed_parameters = ("dynamic_proj",)  # reslab.contracts: a projection of the stream, decayed like one
+
     def __init__(self, spec: SiteSpec):
         super().__init__(spec)
         n = self.num_streams

@@ -106,6 +106,8 @@ class ManifoldHyperConnections(MultiStreamSite):
     paper = "DeepSeek-AI 2025, mHC: Manifold-Constrained Hyper-Connections (arXiv 2512.24880)"
     option_defaults = {**MultiStreamSite.option_defaults, "sinkhorn_iters": 20}
 
+    decayed_parameters = ("dynamic_proj",)  # reslab.contracts: a projection of the streams, decayed like one
+
     def __init__(self, spec: SiteSpec):
         super().__init__(spec)
         n = self.num_streams

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from reslab.checks import (BETA, COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, Range, check_field_type,
@@ -22,24 +22,25 @@ RANGES: dict[str, Range] = {
 }
 DEVICE_HELP = "choose auto, cpu, cuda or cuda:N"
 
-# Fields that may change when a run is resumed; every other field must match the run's config.json.
-RESUMABLE_FIELDS = frozenset(
-    {"steps", "stop_at", "compile", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device",
-     "print_grad_norms", "progress",
-     "grad_accum", "fsdp", "dist_timeout"}  # these three change how a step runs, not what it computes
-)
+def runtime(default: Any, **kwargs) -> Any:
+    """A field of the runtime: how a run is carried out, which may change when it is resumed (or an ablation is run
+    again); every other field is the experiment, which must match the run's config.json."""
+    return field(default=default, metadata={"runtime": True}, **kwargs)
 
 
 @dataclass
 class TrainConfig:
+    """The training config, in two parts told apart by each field's `runtime` mark: the experiment (what is
+    computed: must match on resume) and the runtime (how and how long: may change)."""
+
     model: str = "tiny"
     data: str = "shakespeare"  # "shakespeare", "tinyshakespeare" or a path to a UTF-8 text file
     tokenizer: str = "char"  # "char" or "bpe"
     vocab_size: int | None = None  # BPE vocabulary size (char: from the corpus)
-    steps: int = 2000
-    stop_at: int | None = None  # checkpoint and exit after this step (the schedule still runs to `steps`)
+    steps: int = runtime(2000)  # a resumed run may be extended
+    stop_at: int | None = runtime(None)  # checkpoint and exit after this step (the schedule still runs to `steps`)
     batch: int = 32  # the global batch: per-rank batch x world size x grad_accum
-    grad_accum: int = 1  # micro-batches per step (gradients summed); same loss curve, less activation memory
+    grad_accum: int = runtime(1)  # micro-batches per step (gradients summed): the same curve, less memory
     lr: float = 1e-3
     min_lr: float | None = None  # cosine floor; default lr / 10 (nanoGPT)
     warmup: int = 100
@@ -49,19 +50,20 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     optimizer: str = "adamw"  # "adamw" or "muon" (Muon for hidden matrices, AdamW for the rest)
     muon_lr: float = 0.02
+    aux_weights: dict[str, float] = field(default_factory=dict)  # auxiliary loss name -> weight (default: model's)
     dtype: str = "fp32"  # "fp32" or "bf16" (autocast; fp32 master weights)
-    compile: bool = False  # torch.compile the model (falls back to eager where unavailable)
+    compile: bool = runtime(False)  # torch.compile the model (falls back to eager where unavailable)
     seed: int = 1337
-    device: str = "auto"  # auto: cuda if present, else cpu
-    eval_interval: int = 250
-    eval_batches: int = 20
-    log_interval: int = 50
-    checkpoint_interval: int = 500
+    device: str = runtime("auto")  # auto: cuda if present, else cpu
+    eval_interval: int = runtime(250)
+    eval_batches: int = runtime(20)
+    log_interval: int = runtime(50)
+    checkpoint_interval: int = runtime(500)
     diagnostics: bool = True
-    print_grad_norms: bool = False
-    progress: bool = True
-    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state with FSDP2 (else DDP)
-    dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before the job fails
+    print_grad_norms: bool = runtime(False)
+    progress: bool = runtime(True)
+    fsdp: bool = runtime(False)  # under torchrun: shard parameters, gradients and optimizer state with FSDP2
+    dist_timeout: float = runtime(600.0)  # seconds a collective waits for the other ranks before the job fails
 
     def validate(self) -> None:
         check_numbers(self.to_dict(), RANGES)
@@ -87,6 +89,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def experiment(self) -> dict[str, Any]:
+        """The fields that define what the run computes (must match when it is resumed)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_FIELDS}
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         hints = typing.get_type_hints(cls)
@@ -109,3 +115,7 @@ def check_device_name(name: str) -> None:
             raise ReslabError(f"--device {name}: this machine has {have}; use --device auto or cpu")
     if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ReslabError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
+
+
+# The runtime fields, as declared on TrainConfig: what `train --resume` (and an ablation run again) may change.
+RESUMABLE_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("runtime"))

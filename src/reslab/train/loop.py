@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
-import signal
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,21 +17,18 @@ from typing import Any
 import torch
 
 from reslab import __version__
-from reslab.data import BatchSampler, Tokenizer, build_tokenizer, encode_corpus, load_text, load_tokenizer, split_tokens
+from reslab.data import Tokenizer, build_tokenizer, encode_corpus, load_text, load_tokenizer, split_tokens
 from reslab.errors import ReslabError
-from reslab.faults import failpoint
 from reslab.memory import check_fits
-from reslab.models import build_model, make_config
-from reslab.rundir import CHECKPOINT, CONFIG, METRICS, SUMMARY, MetricsFile, RunDir
-from reslab.train.checkpoint import (checkpoint_step, check_model_tensors, check_optimizer_tensors, check_rng_tensors,
-                                     check_training_state, model_tensors, read_checkpoint)
+from reslab.models import make_config
+from reslab.rundir import CHECKPOINT, CONFIG, METRICS, SUMMARY, RunDir
+from reslab.train.checkpoint import checkpoint_step
 from reslab.train.config import RESUMABLE_FIELDS, TrainConfig, check_device_name
 from reslab.train.distributed import check_launch, connect
 from reslab.train.progress import Reporter
-from reslab.train.schedule import build_optimizer, lr_at
-from reslab.train.step import TrainStep
+from reslab.train.trainer import Interrupted, NonFiniteLoss, StopSignal, Trainer, estimate_loss
 
-__all__ = ["METRICS", "SUMMARY", "Interrupted", "NonFiniteLoss", "RunSetup", "prepare", "train"]
+__all__ = ["METRICS", "SUMMARY", "Interrupted", "NonFiniteLoss", "RunSetup", "estimate_loss", "prepare", "train"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,259 +164,6 @@ def _init_run_dir(setup: RunSetup, run: RunDir) -> None:
     setup.tokenizer.save(run.path)
 
 
-@torch.no_grad()
-def estimate_loss(step: TrainStep, tokens: torch.Tensor, batch: int, context: int, batches: int, seed: int,
-                  device: torch.device) -> float:
-    """Mean loss over `batches` batches drawn from a fixed seed: the same batches at every evaluation.
-
-    Uses the training step's forward (compiled, autocast) in eval mode, so it measures the model being trained.
-    """
-    was_training = step.model.training
-    step.model.eval()
-    sampler = BatchSampler(tokens, batch, context, torch.Generator().manual_seed(seed), device)
-    total = torch.zeros((), device=device)
-    for _ in range(batches):
-        x, y = sampler.sample()
-        total += step.loss(step.world.rows(x), step.world.rows(y))  # each rank its share; the mean over ranks below
-    step.model.train(was_training)
-    return step.world.mean(total).item() / batches
-
-
-def _rng_state(batch_generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"torch": torch.get_rng_state(), "batch": batch_generator.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _restore_rng(state: dict[str, torch.Tensor], batch_generator: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["rng.torch"])
-    batch_generator.set_state(state["rng.batch"])
-    if device.type == "cuda" and "rng.cuda" in state:
-        torch.cuda.set_rng_state(state["rng.cuda"], device)
-
-
-class NonFiniteLoss(ReslabError):
-    pass
-
-
-class Interrupted(ReslabError):
-    """Ctrl-C (or SIGTERM) stopped the run at the end of a step, after checkpointing it; the CLI exits 130."""
-
-
-class StopSignal:
-    """Ctrl-C / SIGTERM ask the run to stop at the end of the current step (so a checkpoint pairs the weights of
-    step N with the RNG state of step N, and no write is cut); a second Ctrl-C stops at once, keeping the last
-    checkpoint. Only in a one-process run's main thread: ranks of a job must stop together, so they stop at once."""
-
-    def __init__(self, enabled: bool, console=None):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.console = console
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignal:
-        if self.enabled:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        if self.console is not None:
-            self.console.print("stopping at the end of this step (Ctrl-C again to stop at once)")
-
-
-class LogWindow:
-    """The steps since the last log record: their summed loss (on the device: no host sync per step), and time."""
-
-    def __init__(self, device: torch.device, loss_sum: float = 0.0, steps: int = 0):
-        self.loss_sum = torch.full((), float(loss_sum), device=device)
-        self.steps = steps
-        self.started = time.perf_counter()
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss
-        self.steps += 1
-
-    def close(self, state: dict[str, Any], tokens_per_step: int) -> tuple[float, float, int]:
-        """(mean loss, seconds, steps) of the window; its time and tokens go into `state`; it starts empty."""
-        elapsed, steps = time.perf_counter() - self.started, self.steps
-        mean = self.loss_sum.item() / max(steps, 1)
-        state["train_seconds"] += elapsed
-        state["tokens_seen"] += steps * tokens_per_step
-        self.loss_sum.zero_()
-        self.steps = 0
-        return mean, elapsed, steps
-
-    def saved(self) -> dict[str, Any]:
-        """What a checkpoint keeps of an open window, so a resumed run logs the same mean loss."""
-        return {"window_loss_sum": self.loss_sum.item(), "window_steps": self.steps}
-
-
-class Trainer:
-    """One training run, from a validated `RunSetup`: built, restored when resuming, then `run()`."""
-
-    def __init__(self, setup: RunSetup, world, reporter: Reporter):
-        self.setup, self.config, self.world, self.reporter = setup, setup.config, world, reporter
-        self.run_dir = RunDir(setup.run_dir)
-        self.device = world.device
-        torch.manual_seed(self.config.seed)
-        self.model = build_model(setup.model_name, **setup.model_config).to(self.device)
-        self.parameters = sum(p.numel() for p in self.model.parameters())
-        resumed = self._read_resume_checkpoint() if setup.resume else None  # checked before anything is changed
-        parallel = world.parallelize(self.model)  # DDP wrapper, FSDP2-sharded model, or the model itself
-        self.optimizer = build_optimizer(self.config, self.model, self.device)
-        self.train_step = TrainStep(parallel, self.optimizer, self.config.grad_clip, self.device, self.config.dtype,
-                                    self.config.compile, micro_batches=self.config.grad_accum,
-                                    console=reporter.console, world=world)
-        self.batch_generator = torch.Generator().manual_seed(self.config.seed)
-        self.context = setup.model_config["context"]
-        self.sampler = BatchSampler(setup.train_tokens, self.config.batch, self.context, self.batch_generator,
-                                    self.device)
-        self.state: dict[str, Any] = {"step": 0, "best_val_loss": None, "train_seconds": 0.0, "tokens_seen": 0}
-        if resumed is not None:
-            self._restore(*resumed)
-        self.step = self.state["step"]
-        self.last_checkpoint = self.step
-        self.window = LogWindow(self.device, self.state.pop("window_loss_sum", 0.0), self.state.pop("window_steps", 0))
-        self.rng = _rng_state(self.batch_generator, self.device)  # the RNG state that goes with `self.step`
-        self.last_val: float | None = None
-
-    # -- resume ----------------------------------------------------------------------------------------------
-
-    def _read_resume_checkpoint(self):
-        path = self.run_dir / CHECKPOINT
-        tensors, meta = read_checkpoint(path)
-        model_part = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        check_model_tensors(model_part, model_tensors(self.model), path)
-        check_rng_tensors(tensors, _rng_state(torch.Generator(), self.device), path)
-        check_training_state(meta, path)
-        optimizer_part = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
-        rng_part = {k: v for k, v in tensors.items() if k.startswith("rng.")}
-        return model_part, optimizer_part, rng_part, meta
-
-    def _restore(self, model_part, optimizer_part, rng_part, meta) -> None:
-        check_optimizer_tensors(optimizer_part, meta["optimizer"], self.optimizer, self.run_dir / CHECKPOINT)
-        self.world.load_model(self.model, model_part)
-        self.world.load_optimizer(self.optimizer, optimizer_part, meta["optimizer"])
-        _restore_rng(rng_part, self.batch_generator, self.device)
-        self.state.update(meta["state"])
-        if self.world.is_main:  # only rank 0 writes the run directory
-            self.run_dir.remove_temp_files()
-            self.run_dir.truncate_metrics(self.state["step"])
-        self.reporter.note(f"resuming {self.run_dir.path} at step {self.state['step']}")
-
-    # -- the loop --------------------------------------------------------------------------------------------
-
-    def run(self, stop: StopSignal) -> None:
-        """Train to `--steps` (or `--stop-at`), checkpointing on the way; a stop request ends it after a step."""
-        config = self.config
-        end = min(config.steps, config.stop_at or config.steps)
-        self.reporter.start(config.steps, self.step, f"{self.setup.model_name} / "
-                                                     f"{self.setup.model_config.get('residual', '')}")
-        self.model.train()
-        while self.step < end:
-            self._one_step(end)
-            if stop.requested and self.step < end:
-                if self.last_checkpoint < self.step:
-                    self._checkpoint()
-                raise Interrupted(f"interrupted at step {self.step}; checkpoint saved, "
-                                  f"continue with: reslab train --resume {self.run_dir.path}")
-
-    def _one_step(self, end: int) -> None:
-        config = self.config
-        lr = lr_at(self.step, config.lr, config.floor_lr, config.warmup, config.steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        step = self.step + 1
-        log_now = step % config.log_interval == 0 or step == config.steps
-        eval_now = step % config.eval_interval == 0 or step == config.steps
-        x, y = self.sampler.sample()
-        result = self.train_step(x, y, diagnostics=log_now and config.diagnostics)
-        self.window.add(result.loss)
-        self.step = step
-        self.rng = _rng_state(self.batch_generator, self.device)
-        record = self._log_record(lr, result) if log_now else None
-        if eval_now:
-            self._evaluate(record)
-        elif record is not None:
-            self.metrics.write(record)
-            self.reporter.update(step, record["loss"], self.last_val, record["tokens_per_second"])
-        if step % config.checkpoint_interval == 0 or step in (config.steps, end):
-            self._checkpoint()
-        if log_now or eval_now:
-            self.window.started = time.perf_counter()
-
-    def _log_record(self, lr: float, result) -> dict[str, Any]:
-        mean_loss, elapsed, steps = self.window.close(self.state, self.config.batch * self.context)
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLoss(f"loss became {mean_loss} by step {self.step} (checked every "
-                                f"{self.config.log_interval} steps); {self._kept()}")
-        tokens = steps * self.config.batch * self.context
-        record: dict[str, Any] = {"step": self.step, "loss": mean_loss, "lr": lr,
-                                  "tokens_per_second": tokens / max(elapsed, 1e-9),
-                                  "train_seconds": self.state["train_seconds"]}
-        if result.norms is not None:
-            record.update(result.norms.to_metrics())
-            record.update(result.probe.to_metrics(reduce=self.world.sum))  # sums over ranks: the global batch
-            sites = [site for _, _, site in self.model.residual_sites()]
-            record.update(type(sites[0]).scheme_metrics(sites, self.world))  # every rank takes part
-            if self.config.print_grad_norms:
-                self.reporter.grad_norms(self.step, result.norms.per_parameter, result.norms.total)
-        return record
-
-    def _evaluate(self, record: dict[str, Any] | None) -> None:
-        config = self.config
-        if self.window.steps:  # an eval step that is not a log step: close the window first
-            self.window.close(self.state, config.batch * self.context)
-        failpoint("eval")
-        self.last_val = estimate_loss(self.train_step, self.setup.val_tokens, config.batch, self.context,
-                                      config.eval_batches, config.seed + 1, self.device)
-        train_eval = estimate_loss(self.train_step, self.setup.train_tokens, config.batch, self.context,
-                                   config.eval_batches, config.seed + 2, self.device)
-        if self.state["best_val_loss"] is None or self.last_val < self.state["best_val_loss"]:
-            self.state["best_val_loss"] = self.last_val
-        self.state["last_val_loss"], self.state["last_train_loss"] = self.last_val, train_eval
-        record = record or {"step": self.step}
-        record.update({"val_loss": self.last_val, "train_loss_eval": train_eval})
-        self.metrics.write(record)
-        self.reporter.update(self.step, record.get("loss"), self.last_val, record.get("tokens_per_second"),
-                             eval_done=True)
-
-    def _checkpoint(self) -> None:
-        """Save step `self.step` with its RNG state; never weights that are not finite (the last good one stays)."""
-        if not math.isfinite(self.window.loss_sum.item()):
-            raise NonFiniteLoss(f"loss became non-finite by step {self.step}; {self._kept()}")
-        if not self.world.all_finite(self.model):
-            raise NonFiniteLoss(f"the weights became non-finite by step {self.step}; {self._kept()}")
-        failpoint("checkpoint")
-        self.world.save_checkpoint(self.run_dir.path, self.model, self.optimizer, self.rng,
-                                   {**self.state, **self.window.saved(), "step": self.step})
-        self.last_checkpoint = self.step
-
-    def _kept(self) -> str:
-        where = (f"the last good checkpoint (step {self.last_checkpoint}) is kept in {self.run_dir.path}"
-                 if self.last_checkpoint else "no checkpoint had been written yet")
-        return f"training stopped; {where}; lower --lr or set --grad-clip"
-
-    # -- outputs ---------------------------------------------------------------------------------------------
-
-    def open_outputs(self) -> None:
-        self.writer = _tensorboard_writer(self.run_dir.path) if self.world.is_main else None
-        self.metrics = MetricsLog(self.run_dir.open_metrics() if self.world.is_main else None, self.writer)
-
-    def close_outputs(self) -> None:
-        self.reporter.stop()
-        self.metrics.close()
-
-
 def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run (or continue) the training described by `setup`; returns the summary written to summary.json.
 
@@ -441,12 +181,8 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
             _init_run_dir(setup, run)
         if trainer.step >= config.steps:
             return _already_finished(trainer)
-        trainer.open_outputs()
-        try:
-            with StopSignal(enabled=not world.distributed, console=reporter.console) as stop:
-                trainer.run(stop)
-        finally:
-            trainer.close_outputs()
+        with StopSignal(enabled=not world.distributed, console=reporter.console) as stop:
+            trainer.run(stop)
         trainer.state["step"] = trainer.step
         if trainer.step < config.steps:
             return {"stopped_at": trainer.step}
@@ -474,44 +210,6 @@ def _already_finished(trainer: Trainer) -> dict[str, Any]:
         summary = _summary(trainer.setup, state, trainer.parameters, run)
         run.write_summary(summary)
     return summary
-
-
-class MetricsLog:
-    """Where a log record goes: metrics.jsonl (rank 0) and TensorBoard (when installed)."""
-
-    def __init__(self, metrics_file: MetricsFile | None, writer):
-        self.file, self.writer = metrics_file, writer
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.file is not None:
-            self.file.write(record)
-        if self.writer is not None:
-            _write_tensorboard(self.writer, record)
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _write_tensorboard(writer, record: dict[str, Any]) -> None:
-    step = record["step"]
-    for key in ("loss", "val_loss", "train_loss_eval", "lr", "tokens_per_second", "grad_norm_total",
-                "first_layer_grad_share"):
-        if record.get(key) is not None:
-            writer.add_scalar(key, record[key], step)
-    for key in ("stream_rms", "drift", "block_grad_norms"):
-        for layer, value in enumerate(record.get(key) or []):
-            writer.add_scalar(f"{key}/block{layer}", value, step)
-
-
-def _tensorboard_writer(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # optional extra: reslab[tensorboard]
-        return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def _summary(setup: RunSetup, state: dict[str, Any], parameters: int, run: RunDir) -> dict[str, Any]:

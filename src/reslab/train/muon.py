@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch.optim.adamw import adamw
 
+from reslab.contracts import parameter_groups
+
 # Quintic Newton-Schulz coefficients chosen (by Muon's authors) to push singular values towards 1 fast, not exactly.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -42,14 +44,12 @@ def orthogonalize(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
     return orthogonalize_batch(update.unsqueeze(0), steps, dtype).squeeze(0)
 
 
-def muon_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(hidden matrices for Muon, everything else for AdamW). Hidden = 2-D weights inside the blocks."""
-    hidden, other = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (hidden if param.dim() == 2 and ".blocks." in f".{name}" else other).append(param)
-    return hidden, other
+def muon_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """(hidden matrices for Muon, other decayed parameters, undecayed ones), as the modules declare them
+    (`reslab.contracts.parameter_groups`): hidden = the nn.Linear weights inside the blocks, less `not_for_muon`."""
+    split = parameter_groups(model)
+    muon = {id(p) for p in split.muon}
+    return split.muon, [p for p in split.decay if id(p) not in muon], split.no_decay
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -63,9 +63,7 @@ class MuonAdamW(torch.optim.Optimizer):
                  betas: tuple[float, float], momentum: float = 0.95, eps: float = 1e-8,
                  ns_dtype: torch.dtype | None = None):
         self.ns_dtype = ns_dtype
-        hidden, other = muon_parameters(model)
-        decay = [p for p in other if p.dim() >= 2]
-        no_decay = [p for p in other if p.dim() < 2]
+        hidden, decay, no_decay = muon_parameters(model)
         groups = [
             {"params": hidden, "kind": "muon", "lr": muon_lr, "lr_scale": muon_lr / lr, "weight_decay": weight_decay},
             {"params": decay, "kind": "adamw", "lr": lr, "lr_scale": 1.0, "weight_decay": weight_decay},

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn as nn
 
+from reslab.contracts import parameter_groups
+
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to `min_lr` at `steps` (nanoGPT's schedule)."""
@@ -20,11 +22,10 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                 device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases or scalar gates), fused where supported."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW with weight decay where modules declare it (`reslab.contracts.parameter_groups`: linear and embedding
+    weights, not norms, biases or residual coefficients), fused where supported."""
+    split = parameter_groups(model)
+    groups = [{"params": split.decay, "weight_decay": weight_decay}, {"params": split.no_decay, "weight_decay": 0.0}]
     # fused AdamW runs one kernel for all parameters (CUDA and, since torch 2.4, CPU); foreach is the fallback.
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -37,15 +37,27 @@ def bf16_supported(device: torch.device) -> bool:
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # detached, on the device: read it (a host sync) only when needed
+    loss: torch.Tensor  # the cross-entropy, detached, on the device: read it (a host sync) only when needed
     norms: GradientNorms | None = None
     probe: StreamProbe | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # each auxiliary loss, unweighted, detached
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # the model's extra metrics (last micro-batch)
+
+
+@dataclass
+class Losses:
+    """One forward's losses: the cross-entropy (what is logged and evaluated) and what is minimised."""
+
+    cross_entropy: torch.Tensor
+    total: torch.Tensor  # cross-entropy + sum of weight x auxiliary loss
+    aux: dict[str, torch.Tensor]
+    metrics: dict[str, torch.Tensor]
 
 
 class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, device: torch.device,
                  dtype: str = "fp32", compile: bool = False, micro_batches: int = 1, console=None,
-                 world: World | None = None):
+                 world: World | None = None, aux_weights: dict[str, float] | None = None):
         self.model = unwrap(model)  # the bare model (probes, norms, clipping) when `model` is a DDP wrapper
         self.parallel = model  # forward and backward go through it, so gradients are synced over ranks
         self.world = world or current()
@@ -53,6 +65,7 @@ class TrainStep:
         self.grad_clip = grad_clip
         self.micro_batches = micro_batches
         self.console = console
+        self.aux_weights = dict(aux_weights or {})  # auxiliary loss name -> weight (1.0 when not named)
         if dtype not in DTYPES:
             raise ReslabError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
         if dtype == "bf16" and not bf16_supported(device):
@@ -67,24 +80,37 @@ class TrainStep:
             self.forward, self.compiled = compile_model(model, console)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, forward=None) -> torch.Tensor:
+        """The cross-entropy of the next token (what evaluation measures)."""
+        return self.losses(x, y, forward).cross_entropy
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor, forward=None) -> Losses:
+        """Cross-entropy plus the model's auxiliary losses (`ModelOutput.aux_losses`), each with its weight."""
         with self.autocast:
-            logits = (forward or self.forward)(x)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            out = (forward or self.forward)(x)
+        cross_entropy = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+        aux = {name: value.float() for name, value in out.aux_losses.items()}
+        total = cross_entropy
+        for name, value in aux.items():
+            total = total + self.aux_weights.get(name, 1.0) * value
+        return Losses(cross_entropy, total, aux, out.metrics)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, diagnostics: bool = False) -> StepResult:
         probe = StreamProbe() if diagnostics else None
         total = torch.zeros((), device=x.device)
+        aux: dict[str, torch.Tensor] = {}
         started = time.perf_counter()
         for xs, ys in self.world.micro_batches(self.parallel, x, y, self.micro_batches):  # this rank's rows
             if probe is not None:  # eager, so the probe sees every site (compiled graphs skip Python hooks)
                 with probe.attached(self.model):
-                    loss = self.loss(xs, ys, self.parallel)
+                    losses = self.losses(xs, ys, self.parallel)
             elif self.compiled and not self.compile_seconds:
-                loss = self._first_compiled_loss(xs, ys)
+                losses = self._first_compiled_losses(xs, ys)
             else:
-                loss = self.loss(xs, ys)
-            (loss / self.micro_batches).backward()
-            total += loss.detach()
+                losses = self.losses(xs, ys)
+            (losses.total / self.micro_batches).backward()
+            total += losses.cross_entropy.detach()
+            for name, value in losses.aux.items():
+                aux[name] = aux.get(name, 0.0) + value.detach() / self.micro_batches
         if self.compiled and not self.compile_seconds:
             self.compile_seconds = time.perf_counter() - started  # the first call compiles
         norms = None
@@ -95,19 +121,21 @@ class TrainStep:
         failpoint("step")  # the fault tests' "inside a step": gradients computed, weights not yet updated
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(self.world.mean(total / self.micro_batches), norms, probe)  # the global batch's loss
+        aux = {name: self.world.mean(value) for name, value in aux.items()}
+        metrics = {name: value.detach() for name, value in losses.metrics.items()}
+        return StepResult(self.world.mean(total / self.micro_batches), norms, probe, aux, metrics)  # global batch
 
 
-    def _first_compiled_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _first_compiled_losses(self, x: torch.Tensor, y: torch.Tensor) -> Losses:
         """Compilation happens on the first call; if it fails there, say so once and continue eager."""
         try:
-            return self.loss(x, y)
+            return self.losses(x, y)
         except Exception as error:  # noqa: BLE001 (any compiler failure means: run eager)
             message = str(error).strip().splitlines()[0] if str(error).strip() else ""
             if self.console is not None:
                 self.console.print(f"torch.compile failed ({type(error).__name__}: {message[:200]}); running eager")
             self.forward, self.compiled = self.parallel, False
-            return self.loss(x, y)
+            return self.losses(x, y)
 
 
 def compile_model(model: nn.Module, console=None):
