@@ -1,0 +1,65 @@
+"""Local Hugging Face checkpoints: a save_pretrained directory (config.json plus safetensors) to a reslab model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from reslab.errors import ReslabError
+from reslab.interop.base import require_transformers
+from reslab.interop.convert import build_loaded
+
+
+def load_hf_checkpoint(directory: str | Path) -> nn.Module:
+    """A reslab model from a local HF checkpoint directory: config.json plus *.safetensors (sharded or not).
+
+    Offline by design: nothing is fetched. Pickled weights (pytorch_model.bin) are refused since unpickling can
+    run arbitrary code.
+    """
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ReslabError(f"{directory} has no config.json; give the directory written by save_pretrained")
+    files = safetensors_files(directory)
+    return build_loaded(read_hf_config(directory), dict(_read_tensors(files)))
+
+
+def read_hf_config(directory: Path) -> Any:
+    """The directory's config.json parsed by transformers (which fills in each model type's defaults)."""
+    transformers = require_transformers("reading a Hugging Face config")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except (ValueError, KeyError, OSError) as error:
+        raise ReslabError(f"cannot read {directory / 'config.json'}: {error}") from None
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint: those its shard index names, else model.safetensors, else *.safetensors."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [directory / shard for shard in shards]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise ReslabError(f"{index.name} names {absent[0]}, which does not exist; copy the complete checkpoint")
+        return files
+    single = directory / "model.safetensors"
+    files = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    if pickled:
+        raise ReslabError(f"{directory} holds {pickled[0]} but reslab loads safetensors only (pickle can run code); "
+                          "re-save it with save_pretrained(directory, safe_serialization=True)")
+    raise ReslabError(f"{directory} has no *.safetensors weights")
+
+
+def _read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    for file in files:
+        yield from load_file(str(file)).items()
