@@ -147,18 +147,19 @@ class RunDir:
 
     # -- config ----------------------------------------------------------------------------------------------
 
-    def read_config(self) -> dict[str, Any]:
-        """config.json, checked to be reslab's (an object with model, model_config, train, data)."""
+    def read_config(self, required: tuple[str, ...] = CONFIG_KEYS) -> dict[str, Any]:
+        """config.json, checked to be reslab's: an object with the `required` keys (by default all four a run
+        needs to resume; the audit needs only model and model_config)."""
         path = self / CONFIG
         if self.path.exists() and not self.path.is_dir():
             raise ReslabError(f"{self.path} is not a directory; give a reslab run directory")
         if not path.is_file():
-            raise ReslabError(f"{self.path} is not a reslab run directory (no {CONFIG})")
+            raise ReslabError(f"{self.path} is not a reslab run directory: it has no {CONFIG}")
         config = _read_json_file(path, "config")
-        if not isinstance(config, dict) or any(k not in config for k in CONFIG_KEYS):
-            raise DamagedRunError(f"{path} is not a reslab run config (an object with {', '.join(CONFIG_KEYS)}); "
+        if not isinstance(config, dict) or any(k not in config for k in required):
+            raise DamagedRunError(f"{path} is not a reslab run config (an object with {', '.join(required)}); "
                                   "restore it from a copy, or start the run again with --overwrite")
-        if not isinstance(config["model_config"], dict) or not isinstance(config["train"], dict):
+        if not isinstance(config["model_config"], dict) or not isinstance(config.get("train", {}), dict):
             raise DamagedRunError(f"{path}: model_config and train must be objects; restore the file from a copy")
         return config
 

@@ -137,16 +137,10 @@ def example_inputs(model: nn.Module, device: str) -> tuple:
 
 def run_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
     """(model name, config fields) of a run directory, read from its config.json."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise ReslabError(f"{run_dir} has no config.json; a run directory holds the config.json of its run")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as error:
-        raise ReslabError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict) or "model" not in config:
-        raise ReslabError(f"{path} names no model; expected {{\"model\": NAME, \"model_config\": {{...}}}}")
-    return config["model"], dict(config.get("model_config") or {})
+    from reslab.rundir import RunDir
+
+    config = RunDir(run_dir).read_config(required=("model", "model_config"))  # the one reader of config.json
+    return config["model"], dict(config["model_config"])
 
 
 def _run_dir(run_dir: Path, overrides: dict[str, Any], device: str) -> tuple[nn.Module, tuple]:

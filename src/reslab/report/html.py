@@ -383,6 +383,17 @@ def _figure_html(plot: Plot) -> str:
             f"<figcaption><b>{esc(plot.title)}.</b> {esc(plot.caption)}</figcaption></figure>")
 
 
+def _plots_section(plots: list[Plot]) -> str:
+    """The figures, and a note naming what could not be plotted for want of data."""
+    if not plots:
+        return '<p class="note">No metrics were logged, so there is nothing to plot.</p>'
+    missing = [name for name in ("loss.png", "grads.png", "profile.png") if name not in {p.name for p in plots}]
+    note = (f'<p class="note">Not plotted, because no run recorded the data: {esc(", ".join(missing))} '
+            "(runs trained with <code>--no-diagnostics</code> log no gradient or stream probes).</p>"
+            if missing else "")
+    return "".join(_figure_html(plot) for plot in plots) + note
+
+
 def render(ablation: Ablation, plots: list[Plot]) -> str:
     """The whole report as one HTML string."""
     from reslab import __version__
@@ -400,11 +411,6 @@ def render(ablation: Ablation, plots: list[Plot]) -> str:
     steps = ablation.steps
     uniform = (f" = {math.log(ablation.vocab_size):.2f} here (vocabulary {ablation.vocab_size})"
                if ablation.vocab_size else "")
-    missing = [name for name, label in (("loss.png", "loss"), ("grads.png", "gradient"), ("profile.png", "stream"))
-               if name not in {p.name for p in plots}]
-    missing_note = (f'<p class="note">Not plotted, because no run recorded the data: {esc(", ".join(missing))} '
-                    "(runs trained with <code>--no-diagnostics</code> log no gradient or stream probes).</p>"
-                    if missing else "")
     generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     parts = [
         "<!DOCTYPE html>",
@@ -427,9 +433,7 @@ def render(ablation: Ablation, plots: list[Plot]) -> str:
         '<a href="#how-to-read">How to read this</a>.</p>',
         _summary_table(rows, colours),
         '<h2 id="plots">Plots</h2>',
-        "".join(_figure_html(plot) for plot in plots) or '<p class="note">No metrics were logged, so there is '
-                                                           "nothing to plot.</p>",
-        missing_note if plots else "",
+        _plots_section(plots),
         '<h2 id="how-to-read">How to read this</h2>',
         HOW_TO_READ.replace("{uniform}", esc(uniform)),
         '<h2 id="schemes">Schemes</h2>',
