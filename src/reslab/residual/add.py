@@ -12,6 +12,7 @@ class PlainAdd(ResidualSite):
     name = "add"
     formula = "x = x + F(x)"
     paper = "He et al. 2016, Deep Residual Learning (arXiv 1512.03385)"
+    additive_stream = True  # x_L = x_0 + sum of every F written: decomposable (reslab.lens)
     final_norm = False
 
     def __init__(self, spec: SiteSpec):

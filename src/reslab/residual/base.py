@@ -64,6 +64,7 @@ class ResidualSite(nn.Module):
     paper: ClassVar[str]
     final_norm: ClassVar[bool] = True  # does the model normalise the stream before its head?
     has_skip: ClassVar[bool] = True  # False only for schemes without an identity path (`none`)
+    additive_stream: ClassVar[bool] = False  # True: the final stream is exactly embedding + every write (reslab.lens)
     option_defaults: ClassVar[dict[str, Any]] = {}  # the scheme's hyper-parameters and their defaults
 
     def __init__(self, spec: SiteSpec):

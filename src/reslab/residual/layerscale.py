@@ -14,6 +14,7 @@ class LayerScale(ResidualSite):
     name = "layerscale"
     formula = "x = x + diag(l) * F(LN(x))"
     paper = "Touvron et al. 2021, CaiT (arXiv 2103.17239)"
+    additive_stream = True  # x_L = x_0 + sum of every F written: decomposable (reslab.lens)
     option_defaults = {"layerscale_init": None}  # None: CaiT's rule by depth
 
     def __init__(self, spec: SiteSpec):

@@ -14,6 +14,7 @@ class PreLN(ResidualSite):
     name = "pre"
     formula = "x = x + F(LN(x))"
     paper = "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture (arXiv 2002.04745)"
+    additive_stream = True  # x_L = x_0 + sum of every F written: decomposable (reslab.lens)
 
     def __init__(self, spec: SiteSpec):
         super().__init__(spec)

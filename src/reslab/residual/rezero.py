@@ -14,6 +14,7 @@ class ReZero(ResidualSite):
     name = "rezero"
     formula = "x = x + a * F(x),  a = 0 at init"
     paper = "Bachlechner et al. 2020, ReZero is All You Need (arXiv 2003.04887)"
+    additive_stream = True  # x_L = x_0 + sum of every F written: decomposable (reslab.lens)
     final_norm = False
     option_defaults = {"rezero_init": 0.0}
 

@@ -13,6 +13,7 @@ class SandwichLN(ResidualSite):
     name = "sandwich"
     formula = "x = x + LN2(F(LN1(x)))"
     paper = "Ding et al. 2021, CogView (arXiv 2105.13290)"
+    additive_stream = True  # x_L = x_0 + sum of every F written: decomposable (reslab.lens)
 
     def __init__(self, spec: SiteSpec):
         super().__init__(spec)

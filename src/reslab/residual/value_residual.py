@@ -39,6 +39,7 @@ class ValueResidual(ResidualSite):
     name = "value-residual"
     formula = "x = x + F(LN(x)),  v = lerp(v_1, v, m)"
     paper = "Zhou et al. 2024, ResFormer: Value Residual Learning (arXiv 2410.17897)"
+    additive_stream = True  # x_L = x_0 + sum of every F written: decomposable (reslab.lens)
     option_defaults = {"value_mix": 0.5, "value_mix_learned": False}
 
     def __init__(self, spec: SiteSpec):

@@ -1,0 +1,111 @@
+"""The logit lens (nostalgebraist 2020): decode the stream after the embedding and after every sublayer with the
+model's own final norm and head, and measure each decoded distribution against the next token and against the
+model's output.
+
+For every entry l (the embedding, then each sublayer's site, in forward order) and evaluated position t:
+
+    logits_l = head(norm(reduce(stream_l)))          reduce: the model's stream adapter (identity for one stream)
+    loss     = -log p_l(next token)
+    entropy  = -sum_v p_l(v) log p_l(v)
+    top-1    = [argmax p_l == argmax p_final]
+    KL       = sum_v p_final(v) (log p_final(v) - log p_l(v))    KL(final || lens), as the tuned-lens paper
+
+The last entry is the model's output itself (its KL is 0 and its top-1 agreement 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from reslab.residual.base import StreamAdapter
+from reslab.lens.capture import capture_forward, decode, inputs_and_targets, site_names
+from reslab.lens.decompose import Decomposition, decomposition_from, refusal
+
+METRICS = ("loss", "entropy", "agreement", "kl")
+
+
+@dataclass
+class LensResult:
+    """The logit lens of one batch. Means are over evaluated tokens; `per_position[metric]` is (entries, batch,
+    positions). `stream` says how the stream was read at each site; `decomposition` is the final stream split into
+    its writes (None for schemes whose stream is not a sum, with the reason in `refused`)."""
+
+    names: list[str]
+    loss: list[float]
+    entropy: list[float]
+    agreement: list[float]
+    kl: list[float]
+    per_position: dict[str, torch.Tensor]
+    scheme: str
+    stream: str
+    tokens: int
+    decomposition: Decomposition | None = None
+    refused: str | None = None
+    logits: torch.Tensor | None = field(default=None, repr=False)  # (entries, batch, positions, vocab) if kept
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per entry: name and the four means."""
+        return [{"name": name, **{metric: getattr(self, metric)[i] for metric in METRICS}}
+                for i, name in enumerate(self.names)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able numbers: the table, how the stream was read, and the decomposition's means."""
+        record = {"scheme": self.scheme, "stream": self.stream, "tokens": self.tokens, "layers": self.rows()}
+        if self.decomposition is not None:
+            record["decomposition"] = self.decomposition.to_dict()
+        else:
+            record["decomposition_refused"] = self.refused
+        return record
+
+
+def lens_metrics(logits: torch.Tensor, final_logp: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The four per-position metrics of one decoded entry (all (batch, positions))."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    final_p = final_logp.exp()
+    return {
+        "loss": -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
+        "entropy": -(logp.exp() * logp).sum(-1),
+        "agreement": (logp.argmax(-1) == final_logp.argmax(-1)).float(),
+        "kl": (final_p * (final_logp - logp)).sum(-1),
+    }
+
+
+def describe_stream(model: nn.Module) -> str:
+    """How the lens read the stream, in words: plain, or reduced by the scheme's stream adapter."""
+    norm = "the head (the scheme has no final norm)" if isinstance(model.norm, nn.Identity) else "the final norm and head"
+    adapter = type(model.stream)
+    if adapter is StreamAdapter:
+        return f"the residual stream at each site's output, decoded by {norm}"
+    summary = f": {adapter.__doc__.strip().splitlines()[0]}" if adapter.__doc__ else ""
+    return (f"the stream at each site's output as the scheme carries it, reduced to one by the model's stream "
+            f"adapter (model.stream.reduce, {adapter.__name__}{summary}), then decoded by {norm}")
+
+
+@torch.no_grad()
+def lens(model: nn.Module, tokens, targets=None, *, keep_logits: bool = False) -> LensResult:
+    """The logit lens of `model` on `tokens` ((seq,) or (batch, seq) ids), see the module docstring.
+
+    Without `targets` each position is scored on the next token. Additive schemes also get the decomposition of the
+    final stream (`result.decomposition`); the others a one-line reason (`result.refused`)."""
+    tokens, targets, positions = inputs_and_targets(tokens, targets)
+    tokens, targets = tokens.to(next(model.parameters()).device), targets.to(next(model.parameters()).device)
+    capture, output = capture_forward(model, tokens)
+    final_logp = F.log_softmax(output[:, :positions].float(), dim=-1)
+    per_entry, kept = [], []
+    for stream in capture.streams:
+        logits = decode(model, stream)[:, :positions]
+        per_entry.append(lens_metrics(logits, final_logp, targets))
+        if keep_logits:
+            kept.append(logits.float())
+    per_position = {m: torch.stack([entry[m] for entry in per_entry]).cpu() for m in METRICS}
+    means = {m: per_position[m].flatten(1).mean(1).tolist() for m in METRICS}
+    reason = refusal(model)
+    decomposition = None if reason else decomposition_from(model, capture, output, targets, positions)
+    return LensResult(site_names(model), **means, per_position=per_position, scheme=type(capture.sites[0]).name,
+                      stream=describe_stream(model), tokens=targets.numel(), decomposition=decomposition,
+                      refused=reason, logits=torch.stack(kept) if keep_logits else None)

@@ -1,0 +1,193 @@
+"""reslab lens: the logit lens at every residual site, the decomposition of the final stream, the CLI, and the
+cross-check against TransformerLens on GPT-2."""
+
+import json
+
+import pytest
+import torch
+
+import reslab
+from reslab.errors import ReslabError
+from reslab.lens import decompose
+from reslab.residual import SCHEMES
+
+TINY = {"layers": 2, "width": 32, "heads": 2, "context": 16, "vocab_size": 40}
+ADDITIVE = ["pre", "sandwich", "rezero", "layerscale", "add", "value-residual"]
+NOT_ADDITIVE = ["post", "deepnorm", "none", "post-none", "article-edit", "hc", "mhc", "attnres"]
+
+
+def tiny_model(name="gpt", residual="pre", **overrides):
+    torch.manual_seed(0)
+    extra = {"kv_heads": 1} if name == "llama" else {}
+    if residual == "rezero":
+        extra["residual_options"] = {"rezero_init": 0.5}  # alpha = 0 would make every write zero
+    model = reslab.build_model(name, residual=residual, **TINY, **extra, **overrides)
+    perturb(model)
+    return model
+
+
+@torch.no_grad()
+def perturb(model):
+    """Norm gains and biases away from 1 and 0, so the frozen-scale algebra is exercised, not bypassed."""
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            param.add_(0.2 * torch.randn_like(param))
+
+
+def tokens(batch=2, seq=12, vocab=TINY["vocab_size"], seed=1):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("residual", list(SCHEMES))
+def test_lens_runs_for_every_scheme_and_its_last_entry_is_the_output(residual):
+    model = tiny_model("gpt", residual)
+    ids = tokens()
+    result = reslab.lens(model, ids, keep_logits=True)
+    assert result.names == ["embed", "0.attn", "0.ffn", "1.attn", "1.ffn"]
+    assert result.per_position["loss"].shape == (5, 2, 11) and result.tokens == 22
+    output = model(ids).logits[:, :-1]
+    assert torch.allclose(result.logits[-1], output, atol=1e-6, rtol=0)
+    assert result.kl[-1] == pytest.approx(0.0, abs=1e-6) and result.agreement[-1] == 1.0
+    expected_loss = torch.nn.functional.cross_entropy(output.flatten(0, 1), ids[:, 1:].flatten()).item()
+    assert result.loss[-1] == pytest.approx(expected_loss, abs=1e-5)
+    assert all(torch.isfinite(v).all() for v in result.per_position.values())
+    assert min(result.kl) >= -1e-6 and not torch.equal(result.logits[0], result.logits[-1])
+    assert (result.decomposition is None) == (residual not in ADDITIVE) == (result.refused is not None)
+
+
+def test_multistream_lens_reduces_the_widened_stream_with_the_models_adapter():
+    model = tiny_model("gpt", "hc", residual_options={"streams": 3})
+    result = reslab.lens(model, tokens(), keep_logits=True)
+    assert "model.stream.reduce" in result.stream and "ParallelStreams" in result.stream
+    # the embedding entry reads the n copies summed: head(norm(3 e)), not head(norm(e))
+    with torch.no_grad():
+        ids = tokens()
+        e = model.tok_emb(ids) + model.pos_emb(torch.arange(ids.shape[1]))
+        expected = model.head(model.norm(3 * e))[:, :-1]
+    assert torch.allclose(result.logits[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_decomposition_sums_to_the_models_logit_for_pre_ln(name):
+    model = tiny_model(name, "pre", **({"bias": True} if name == "gpt" else {}))
+    ids = tokens()
+    parts = decompose(model, ids)
+    assert parts.names[0] == "embed" and len(parts.names) == 5
+    assert parts.norm == ("layernorm" if name == "gpt" else "rmsnorm")
+    logits = model(ids).logits[:, :-1]
+    target = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(parts.target_logit, target)
+    assert torch.allclose(parts.contributions.sum(0) + parts.bias, target, atol=1e-4, rtol=0)
+    assert parts.sum_error < 1e-4 and parts.stream_error < 1e-5
+    if name == "gpt":  # LayerNorm with a bias: the bias term is really there
+        assert parts.bias.abs().max() > 1e-3
+    else:
+        assert torch.equal(parts.bias, torch.zeros_like(parts.bias))
+    assert (parts.contributions.abs().flatten(1).amax(1) > 1e-4).all()  # every component writes something
+
+
+@pytest.mark.parametrize("residual", ADDITIVE)
+def test_decomposition_sums_for_every_additive_scheme(residual):
+    model = tiny_model("llama", residual)
+    parts = decompose(model, tokens())
+    assert parts.sum_error < 1e-4 and parts.stream_error < 1e-4
+    assert parts.writes.shape == (5, 2, 12, TINY["width"])
+
+
+@pytest.mark.parametrize("residual", NOT_ADDITIVE)
+def test_decomposition_is_refused_in_one_line_for_schemes_whose_stream_is_not_a_sum(residual):
+    model = tiny_model("gpt", residual)
+    with pytest.raises(ReslabError) as error:
+        decompose(model, tokens())
+    message = str(error.value)
+    assert "\n" not in message and repr(residual) in message and "not" in message
+    result = reslab.lens(model, tokens())
+    assert result.refused == message and result.decomposition is None
+    assert "decomposition_refused" in json.loads(json.dumps(result.to_dict()))
+
+
+def test_bad_tokens_are_one_line_errors():
+    model = tiny_model()
+    with pytest.raises(ReslabError, match="at least 2 tokens"):
+        reslab.lens(model, [3])
+    with pytest.raises(ReslabError, match="integer token ids"):
+        reslab.lens(model, torch.zeros(2, 3))
+    with pytest.raises(ReslabError, match="no 'stream'"):
+        reslab.lens(torch.nn.Linear(2, 2), [1, 2])
+
+
+def test_the_probe_slot_is_restored_after_the_lens():
+    model = tiny_model()
+    sentinel = object()
+    sites = [site for _, _, site in model.residual_sites()]
+    for site in sites:
+        site.probe = sentinel
+    sites[0].probe = None
+    model.train()
+    reslab.lens(model, tokens())
+    assert sites[0].probe is None and all(site.probe is sentinel for site in sites[1:]) and model.training
+    assert not any(site._forward_hooks or site._forward_pre_hooks for site in sites)
+
+
+# --- cross-check against TransformerLens on GPT-2 (random weights from a tiny GPT2Config; nothing downloaded) --------
+
+
+def tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=16, vocab_size=50,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.1,
+                                     bos_token_id=0, eos_token_id=0)
+    hf_model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # LN gains and all biases away from their init, so folding and biases are exercised
+        for name, param in hf_model.named_parameters():
+            if param.dim() == 1 or name.endswith(".bias"):
+                param.add_(0.3 * torch.randn_like(param))
+    return hf_model
+
+
+def hooked_gpt2(hf_model):
+    """TransformerLens' HookedTransformer from an in-memory HF GPT-2, its config given explicitly (no download), with
+    TransformerLens' default processing (LN weights folded, writing weights centred) but an uncentred unembedding,
+    so its logits are the model's own."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    c = hf_model.config
+    cfg = HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, n_heads=c.n_head,
+                                  d_head=c.n_embd // c.n_head, d_mlp=4 * c.n_embd, d_vocab=c.vocab_size,
+                                  act_fn="gelu_new", normalization_type="LN", eps=c.layer_norm_epsilon,
+                                  original_architecture="GPT2LMHeadModel", default_prepend_bos=False)
+    model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(convert_gpt2_weights(hf_model, cfg), fold_ln=True,
+                                      center_writing_weights=True, center_unembed=False, fold_value_biases=True)
+    return model.eval()
+
+
+def test_lens_and_decomposition_match_transformer_lens_on_gpt2():
+    hf_model = tiny_gpt2()
+    from reslab.interop import from_hf
+
+    model = from_hf(hf_model)
+    hooked = hooked_gpt2(hf_model)
+    ids = tokens(batch=2, seq=10, vocab=50, seed=3)
+    targets = tokens(batch=2, seq=10, vocab=50, seed=4)
+    with torch.no_grad():
+        tl_logits, cache = hooked.run_with_cache(ids)
+        assert torch.allclose(tl_logits, hf_model(ids).logits, atol=1e-4)
+        # logit lens: every accumulated stream (resid_pre and resid_mid of each block, then the final one), through
+        # ln_final with its statistics recomputed per stream, then the unembedding (folded LN gain and bias in it)
+        accumulated, labels = cache.accumulated_resid(incl_mid=True, apply_ln=True, return_labels=True)
+        tl_lens = hooked.unembed(accumulated)
+        # direct logit attribution of each component of the final stream, ln_final's scale frozen
+        components, names = cache.decompose_resid(return_labels=True)
+        tl_attrs = cache.logit_attrs(components, tokens=targets)
+    result = reslab.lens(model, ids, targets, keep_logits=True)
+    assert len(labels) == len(result.names) == 7
+    assert torch.allclose(result.logits, tl_lens, atol=1e-4, rtol=0)
+    parts = result.decomposition
+    assert names[:2] == ["embed", "pos_embed"] and len(names) == len(parts.names) + 1
+    tl_by_component = torch.cat([tl_attrs[:2].sum(0, keepdim=True), tl_attrs[2:]])  # reslab's embed = token + position
+    assert torch.allclose(parts.contributions, tl_by_component, atol=1e-4, rtol=0)
+    # TransformerLens leaves the biases out of logit_attrs (folded into b_U); reslab reports them as `bias`
+    assert torch.allclose(tl_attrs.sum(0) + parts.bias, parts.target_logit, atol=1e-4, rtol=0)
