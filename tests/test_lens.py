@@ -191,3 +191,61 @@ def test_lens_and_decomposition_match_transformer_lens_on_gpt2():
     assert torch.allclose(parts.contributions, tl_by_component, atol=1e-4, rtol=0)
     # TransformerLens leaves the biases out of logit_attrs (folded into b_U); reslab reports them as `bias`
     assert torch.allclose(tl_attrs.sum(0) + parts.bias, parts.target_logit, atol=1e-4, rtol=0)
+
+
+# --- the command line ---------------------------------------------------------------------------------------------
+
+TRAIN_FLAGS = ["--model", "gpt", "--layers", "2", "--width", "32", "--heads", "2", "--context", "32", "--steps", "20",
+               "--batch", "4", "--warmup", "2", "--eval-interval", "10", "--eval-batches", "2", "--log-interval", "10",
+               "--checkpoint-interval", "20", "--no-progress", "--no-diagnostics"]
+
+
+@pytest.fixture
+def trained_run(cli, corpus, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = cli("train", *TRAIN_FLAGS, "--data", corpus, "--out", run)
+    assert code == 0, err
+    return run
+
+
+def test_cli_lens_on_a_trained_run(cli, trained_run, tmp_path):
+    code, out, err = cli("lens", trained_run, "--prompt", "ROMEO:\nthe king and the queen", "--plot", tmp_path / "p")
+    assert code == 0, err
+    assert "trained 20 steps" in out and "embed" in out and "1.ffn" in out and "DLA" in out
+    assert (tmp_path / "p" / "lens.png").stat().st_size > 1000
+    assert (tmp_path / "p" / "contributions.png").stat().st_size > 1000
+    code, out, err = cli("lens", trained_run, "--tokens", "64", "--json")  # the run's validation split
+    assert code == 0, err
+    record = json.loads(out)
+    assert "validation split" in record["text"] and record["tokens"] == 64
+    layers = record["layers"]
+    assert [row["name"] for row in layers] == ["embed", "0.attn", "0.ffn", "1.attn", "1.ffn"]
+    assert layers[-1]["kl"] == pytest.approx(0, abs=1e-6) and layers[-1]["agreement"] == 1.0
+    assert record["decomposition"]["sum_error"] < 1e-4
+    assert layers[-1]["loss"] < layers[0]["loss"]  # 20 steps already teach the stream something the embedding lacks
+
+
+def test_cli_lens_on_a_built_in_model(cli):
+    code, out, err = cli("lens", "llama", "--residual", "hc", "--layers", "2", "--width", "32", "--heads", "2",
+                         "--kv-heads", "1", "--tokens", "20")
+    assert code == 0, err
+    assert "random weights" in out and "model.stream.reduce" in out and "decomposition refused" in out
+    assert out.count("\n") >= 8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nowhere"], "neither a run directory nor a built-in transformer"),
+    (["gpt", "--tokens", "0"], "--tokens"),
+    (["gpt", "--prompt", "a"], "at least 2"),
+    (["gpt", "--prompt", "ab", "--data", "x.txt"], "choose one"),
+    (["gpt", "--model", "llama"], "drop --model"),
+    (["gpt", "--prompt", "".join(chr(0x4e00 + i) for i in range(100))], "distinct characters"),
+])
+def test_cli_lens_bad_input_is_one_line(cli, argv, message):
+    code, out, err = cli("lens", *argv)
+    assert code == 2 and message in err and err.count("\n") == 1 and out == ""
+
+
+def test_cli_lens_refuses_model_flags_on_a_run(cli, trained_run):
+    code, _, err = cli("lens", trained_run, "--layers", "3")
+    assert code == 2 and "drop --layers" in err and err.count("\n") == 1

@@ -1,0 +1,82 @@
+"""`reslab lens TARGET`: the logit lens by layer of a trained run or a built-in model, as a table, JSON or plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from reslab.checks import COUNT, SEED, check_numbers
+from reslab.cli_args import BOOL_FLAGS, MODEL_FLAGS, SCHEME_FLAGS, add_model_arguments
+from reslab.errors import ReslabError
+
+LENS_RANGES = {"tokens": COUNT, "seed": SEED}
+
+
+def register(commands) -> None:
+    lens = commands.add_parser("lens", help="what the residual stream carries, layer by layer: logit lens and "
+                               "direct logit attribution")
+    lens.add_argument("target", help="a run directory, or a built-in model name (random weights; model flags apply)")
+    lens.add_argument("--prompt", help="text to read the model on")
+    lens.add_argument("--data", help="a corpus name or UTF-8 text file to read the model on (default: a run's "
+                      "validation split; random ids for a built-in model)")
+    lens.add_argument("--tokens", type=int, default=256, help="evaluated tokens at most (default 256)")
+    lens.add_argument("--seed", type=int, default=0, help="seed of the random ids for a built-in model (default 0)")
+    lens.add_argument("--json", action="store_true", help="print the result as JSON")
+    lens.add_argument("--plot", type=Path, metavar="DIR", help="write lens.png and contributions.png to DIR")
+    lens.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    add_model_arguments(lens)
+    lens.set_defaults(handler=cmd_lens)
+
+
+def lens_input(args: argparse.Namespace):
+    """The model and tokens TARGET and the flags name (a run directory or a built-in transformer)."""
+    from reslab.lens.inputs import builtin_input, run_input
+    from reslab.models import TRANSFORMERS
+    from reslab.train.loop import resolve_device
+
+    device = resolve_device(args.device)
+    target = Path(args.target)
+    if target.is_dir():
+        given = model_flags_given(args)
+        if given:
+            raise ReslabError(f"model flags apply to a built-in model, not to a run directory; drop {given[0]}")
+        return run_input(target, args.prompt, args.data, args.tokens, device)
+    if args.target not in TRANSFORMERS:
+        raise ReslabError(f"{args.target} is neither a run directory nor a built-in transformer "
+                          f"({', '.join(TRANSFORMERS)})")
+    if args.model is not None and args.model != args.target:
+        raise ReslabError(f"TARGET names the model; drop --model {args.model}")
+    from reslab.cli_args import model_from_args
+
+    args.model = args.target
+    model = model_from_args(args)
+    return builtin_input(model, args.target, args.prompt, args.data, args.tokens, args.seed, device)
+
+
+def model_flags_given(args: argparse.Namespace) -> list[str]:
+    flags = ["--model", "--residual", *MODEL_FLAGS, *SCHEME_FLAGS, *(f"--{flag}" for flag in BOOL_FLAGS)]
+    return [flag for flag in flags if getattr(args, flag[2:].replace("-", "_"), None) is not None]
+
+
+def cmd_lens(args: argparse.Namespace) -> int:
+    from reslab.lens import lens
+    from reslab.lens.report import lens_notes, lens_table, plot_lens
+
+    check_numbers(vars(args), LENS_RANGES)
+    given = lens_input(args)
+    result = lens(given.model, given.inputs, given.targets)
+    plots = plot_lens(result, args.plot) if args.plot else []
+    if args.json:
+        record = {"target": given.target, "text": given.text, **result.to_dict(), "plots": [str(p) for p in plots]}
+        print(json.dumps(record, indent=2))
+        return 0
+    print(f"lens: {given.target}")
+    print(f"on {result.tokens} tokens of {given.text}, {given.inputs.shape[0]} window(s) of "
+          f"{given.inputs.shape[1]}")
+    print(lens_table(result))
+    for note in lens_notes(result):
+        print(note)
+    for path in plots:
+        print(f"wrote {path}")
+    return 0

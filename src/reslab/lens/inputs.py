@@ -1,0 +1,93 @@
+"""What `reslab lens` looks at: a trained run or a built-in model, and the tokens to read it on.
+
+Tokens come from `--prompt`, from `--data` (a corpus name or a text file) or, for a run, from the start of its own
+validation split; they are cut into windows of at most the model's context, each position scored on the next token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from reslab.errors import ReslabError
+
+
+@dataclass
+class LensInput:
+    model: nn.Module
+    inputs: torch.Tensor  # (windows, positions)
+    targets: torch.Tensor  # (windows, positions): the next token of each input
+    target: str  # what model, in words
+    text: str  # which tokens, in words
+
+
+def windows(ids: torch.Tensor, context: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `limit` (input, next token) pairs from a 1-D id sequence, as rows of at most `context` positions; a
+    sequence longer than one window is cut into whole windows (the remainder is dropped)."""
+    ids = ids[:limit + 1]
+    if len(ids) < 2:
+        raise ReslabError(f"the text gives {len(ids)} token(s); the lens needs at least 2 (a position and its next "
+                          "token); give a longer --prompt or --data")
+    pairs = len(ids) - 1
+    if pairs <= context:
+        return ids[:-1].unsqueeze(0), ids[1:].unsqueeze(0)
+    rows = pairs // context
+    return ids[:rows * context].view(rows, context), ids[1:rows * context + 1].view(rows, context)
+
+
+def read_text(prompt: str | None, data: str | None) -> tuple[str | None, str]:
+    """(text, description) from --prompt or --data; (None, '') when neither is given."""
+    if prompt is not None and data is not None:
+        raise ReslabError("--prompt and --data both give the text; choose one")
+    if prompt is not None:
+        return prompt, f"--prompt ({len(prompt)} characters)"
+    if data is not None:
+        from reslab.data import load_text
+
+        return load_text(data)
+    return None, ""
+
+
+def run_input(run_dir: Path, prompt: str | None, data: str | None, limit: int, device: torch.device) -> LensInput:
+    """A trained run, read on the given text or on its validation split (its tokenizer, its context)."""
+    from reslab.data import encode_corpus, load_text, load_tokenizer, split_tokens
+    from reslab.train.checkpoint import checkpoint_step, load_run_model
+
+    model, config = load_run_model(run_dir, device)
+    tokenizer = load_tokenizer(run_dir)
+    text, description = read_text(prompt, data)
+    if text is None:
+        corpus, source = load_text(config.get("train", {}).get("data"))
+        ids = split_tokens(encode_corpus(tokenizer, corpus))[1]
+        description = f"the run's validation split ({source})"
+    else:
+        ids = encode_corpus(tokenizer, text)
+    x, y = windows(ids, model.config.context, limit)
+    step = checkpoint_step(Path(run_dir) / "checkpoint.safetensors")
+    target = f"run {run_dir} ({config['model']}, {model.config.residual}, trained {step} steps)"
+    return LensInput(model, x.to(device), y.to(device), target, description)
+
+
+def builtin_input(model: nn.Module, name: str, prompt: str | None, data: str | None, limit: int, seed: int,
+                  device: torch.device) -> LensInput:
+    """A built-in model with random weights, read on the given text (char ids) or on random token ids."""
+    from reslab.data import CharTokenizer, encode_corpus
+
+    vocab, context = model.config.vocab_size, model.config.context
+    text, description = read_text(prompt, data)
+    if text is None:
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (limit + 1,), generator=generator)
+        description = f"random token ids (seed {seed})"
+    else:
+        tokenizer = CharTokenizer.train(text)
+        if tokenizer.vocab_size > vocab:
+            raise ReslabError(f"the text has {tokenizer.vocab_size} distinct characters but the model's vocabulary "
+                              f"has {vocab}; give a shorter text or a trained run")
+        ids = encode_corpus(tokenizer, text)
+    x, y = windows(ids, context, limit)
+    target = f"{name} ({model.config.residual}), random weights: an untrained model, nothing learned to read"
+    return LensInput(model.to(device).eval(), x.to(device), y.to(device), target, description)
