@@ -129,6 +129,23 @@ def test_the_probe_slot_is_restored_after_the_lens():
     assert not any(site._forward_hooks or site._forward_pre_hooks for site in sites)
 
 
+def test_tuned_lens_starts_as_the_logit_lens_and_fitting_lowers_its_kl():
+    from reslab.lens.tuned import TunedLens, fit_tuned_lens
+
+    model = tiny_model("llama", "pre")
+    ids = tokens(batch=4, seq=16, seed=5)
+    untrained = reslab.lens(model, ids, tuned=TunedLens(TINY["width"], 4))
+    assert untrained.tuned["kl"] == pytest.approx(untrained.kl, abs=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    tuned, losses = fit_tuned_lens(model, lambda: torch.randint(0, 40, (4, 16), generator=generator), steps=30,
+                                   lr=1e-2)
+    assert losses[-1] < 0.7 * losses[0]
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    fitted = reslab.lens(model, ids, tuned=tuned)
+    assert sum(fitted.tuned["kl"][:-1]) < 0.9 * sum(fitted.kl[:-1])  # on tokens it was not fitted on
+    assert fitted.tuned["kl"][-1] == fitted.kl[-1] and fitted.rows()[0]["tuned_kl"] == fitted.tuned["kl"][0]
+
+
 # --- cross-check against TransformerLens on GPT-2 (random weights from a tiny GPT2Config; nothing downloaded) --------
 
 
@@ -214,6 +231,9 @@ def test_cli_lens_on_a_trained_run(cli, trained_run, tmp_path):
     assert "trained 20 steps" in out and "embed" in out and "1.ffn" in out and "DLA" in out
     assert (tmp_path / "p" / "lens.png").stat().st_size > 1000
     assert (tmp_path / "p" / "contributions.png").stat().st_size > 1000
+    code, out, err = cli("lens", trained_run, "--tokens", "64", "--tuned", "--tuned-steps", "5", "--tuned-batch", "2")
+    assert code == 0, err
+    assert "tuned lens: 5 steps" in out and "tuned KL" in out
     code, out, err = cli("lens", trained_run, "--tokens", "64", "--json")  # the run's validation split
     assert code == 0, err
     record = json.loads(out)
@@ -239,6 +259,7 @@ def test_cli_lens_on_a_built_in_model(cli):
     (["gpt", "--prompt", "a"], "at least 2"),
     (["gpt", "--prompt", "ab", "--data", "x.txt"], "choose one"),
     (["gpt", "--model", "llama"], "drop --model"),
+    (["gpt", "--tuned"], "give a run directory"),
     (["gpt", "--prompt", "".join(chr(0x4e00 + i) for i in range(100))], "distinct characters"),
 ])
 def test_cli_lens_bad_input_is_one_line(cli, argv, message):

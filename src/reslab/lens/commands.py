@@ -10,7 +10,7 @@ from reslab.checks import COUNT, SEED, check_numbers
 from reslab.cli_args import BOOL_FLAGS, MODEL_FLAGS, SCHEME_FLAGS, add_model_arguments
 from reslab.errors import ReslabError
 
-LENS_RANGES = {"tokens": COUNT, "seed": SEED}
+LENS_RANGES = {"tokens": COUNT, "seed": SEED, "tuned_steps": COUNT, "tuned_batch": COUNT}
 
 
 def register(commands) -> None:
@@ -22,6 +22,10 @@ def register(commands) -> None:
                       "validation split; random ids for a built-in model)")
     lens.add_argument("--tokens", type=int, default=256, help="evaluated tokens at most (default 256)")
     lens.add_argument("--seed", type=int, default=0, help="seed of the random ids for a built-in model (default 0)")
+    lens.add_argument("--tuned", action="store_true", help="also fit a tuned lens (one affine translator per layer) "
+                      "on the run's training split and report it beside the logit lens")
+    lens.add_argument("--tuned-steps", type=int, default=100, help="tuned lens optimisation steps (default 100)")
+    lens.add_argument("--tuned-batch", type=int, default=8, help="tuned lens sequences per step (default 8)")
     lens.add_argument("--json", action="store_true", help="print the result as JSON")
     lens.add_argument("--plot", type=Path, metavar="DIR", help="write lens.png and contributions.png to DIR")
     lens.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
@@ -41,10 +45,12 @@ def lens_input(args: argparse.Namespace):
         given = model_flags_given(args)
         if given:
             raise ReslabError(f"model flags apply to a built-in model, not to a run directory; drop {given[0]}")
-        return run_input(target, args.prompt, args.data, args.tokens, device)
+        return run_input(target, args.prompt, args.data, args.tokens, device, with_train=args.tuned)
     if args.target not in TRANSFORMERS:
         raise ReslabError(f"{args.target} is neither a run directory nor a built-in transformer "
                           f"({', '.join(TRANSFORMERS)})")
+    if args.tuned:
+        raise ReslabError("--tuned fits on a run's training data; give a run directory as TARGET")
     if args.model is not None and args.model != args.target:
         raise ReslabError(f"TARGET names the model; drop --model {args.model}")
     from reslab.cli_args import model_from_args
@@ -52,6 +58,23 @@ def lens_input(args: argparse.Namespace):
     args.model = args.target
     model = model_from_args(args)
     return builtin_input(model, args.target, args.prompt, args.data, args.tokens, args.seed, device)
+
+
+def fit_tuned(given, args: argparse.Namespace):
+    """A tuned lens fitted on random windows of the run's training split (seeded by --seed)."""
+    import torch
+
+    from reslab.data import BatchSampler
+    from reslab.lens.tuned import fit_tuned_lens
+
+    generator = torch.Generator().manual_seed(args.seed)
+    sampler = BatchSampler(given.train_tokens, args.tuned_batch, given.model.config.context, generator,
+                           split_name="training")
+    tuned, losses = fit_tuned_lens(given.model, lambda: sampler.sample()[0], args.tuned_steps, seed=args.seed)
+    if not args.json:
+        print(f"tuned lens: {args.tuned_steps} steps on the run's training split, summed KL {losses[0]:.4f} -> "
+              f"{losses[-1]:.4f}")
+    return tuned
 
 
 def model_flags_given(args: argparse.Namespace) -> list[str]:
@@ -65,7 +88,8 @@ def cmd_lens(args: argparse.Namespace) -> int:
 
     check_numbers(vars(args), LENS_RANGES)
     given = lens_input(args)
-    result = lens(given.model, given.inputs, given.targets)
+    tuned = fit_tuned(given, args) if args.tuned else None
+    result = lens(given.model, given.inputs, given.targets, tuned=tuned)
     plots = plot_lens(result, args.plot) if args.plot else []
     if args.json:
         record = {"target": given.target, "text": given.text, **result.to_dict(), "plots": [str(p) for p in plots]}

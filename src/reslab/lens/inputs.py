@@ -22,6 +22,7 @@ class LensInput:
     targets: torch.Tensor  # (windows, positions): the next token of each input
     target: str  # what model, in words
     text: str  # which tokens, in words
+    train_tokens: torch.Tensor | None = None  # a run's training split (1-D), when asked for (the tuned lens)
 
 
 def windows(ids: torch.Tensor, context: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,24 +52,28 @@ def read_text(prompt: str | None, data: str | None) -> tuple[str | None, str]:
     return None, ""
 
 
-def run_input(run_dir: Path, prompt: str | None, data: str | None, limit: int, device: torch.device) -> LensInput:
-    """A trained run, read on the given text or on its validation split (its tokenizer, its context)."""
+def run_input(run_dir: Path, prompt: str | None, data: str | None, limit: int, device: torch.device,
+              with_train: bool = False) -> LensInput:
+    """A trained run, read on the given text or on its validation split (its tokenizer, its context); with
+    `with_train`, its training split too."""
     from reslab.data import encode_corpus, load_text, load_tokenizer, split_tokens
     from reslab.train.checkpoint import checkpoint_step, load_run_model
 
     model, config = load_run_model(run_dir, device)
     tokenizer = load_tokenizer(run_dir)
     text, description = read_text(prompt, data)
-    if text is None:
+    train = val = None
+    if text is None or with_train:
         corpus, source = load_text(config.get("train", {}).get("data"))
-        ids = split_tokens(encode_corpus(tokenizer, corpus))[1]
-        description = f"the run's validation split ({source})"
+        train, val = split_tokens(encode_corpus(tokenizer, corpus))
+    if text is None:
+        ids, description = val, f"the run's validation split ({source})"
     else:
         ids = encode_corpus(tokenizer, text)
     x, y = windows(ids, model.config.context, limit)
     step = checkpoint_step(Path(run_dir) / "checkpoint.safetensors")
     target = f"run {run_dir} ({config['model']}, {model.config.residual}, trained {step} steps)"
-    return LensInput(model, x.to(device), y.to(device), target, description)
+    return LensInput(model, x.to(device), y.to(device), target, description, train if with_train else None)
 
 
 def builtin_input(model: nn.Module, name: str, prompt: str | None, data: str | None, limit: int, seed: int,

@@ -47,10 +47,13 @@ class LensResult:
     decomposition: Decomposition | None = None
     refused: str | None = None
     logits: torch.Tensor | None = field(default=None, repr=False)  # (entries, batch, positions, vocab) if kept
+    tuned: dict[str, list[float]] | None = None  # the tuned lens's means by metric, when one was given
 
     def rows(self) -> list[dict[str, Any]]:
-        """One dict per entry: name and the four means."""
-        return [{"name": name, **{metric: getattr(self, metric)[i] for metric in METRICS}}
+        """One dict per entry: name and the four means (and the tuned lens's, as tuned_<metric>)."""
+        tuned = self.tuned or {}
+        return [{"name": name, **{metric: getattr(self, metric)[i] for metric in METRICS},
+                 **{f"tuned_{metric}": values[i] for metric, values in tuned.items()}}
                 for i, name in enumerate(self.names)]
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,25 +90,31 @@ def describe_stream(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def lens(model: nn.Module, tokens, targets=None, *, keep_logits: bool = False) -> LensResult:
+def lens(model: nn.Module, tokens, targets=None, *, keep_logits: bool = False, tuned: nn.Module | None = None
+         ) -> LensResult:
     """The logit lens of `model` on `tokens` ((seq,) or (batch, seq) ids), see the module docstring.
 
     Without `targets` each position is scored on the next token. Additive schemes also get the decomposition of the
-    final stream (`result.decomposition`); the others a one-line reason (`result.refused`)."""
+    final stream (`result.decomposition`); the others a one-line reason (`result.refused`). With a `tuned` lens
+    (`reslab.lens.tuned.fit_tuned_lens`) its metrics are reported beside the logit lens's (`result.tuned`)."""
     tokens, targets, positions = inputs_and_targets(tokens, targets)
     tokens, targets = tokens.to(next(model.parameters()).device), targets.to(next(model.parameters()).device)
     capture, output = capture_forward(model, tokens)
     final_logp = F.log_softmax(output[:, :positions].float(), dim=-1)
-    per_entry, kept = [], []
-    for stream in capture.streams:
+    per_entry, per_entry_tuned, kept = [], [], []
+    for entry, stream in enumerate(capture.streams):
         logits = decode(model, stream)[:, :positions]
         per_entry.append(lens_metrics(logits, final_logp, targets))
+        if tuned is not None:
+            translated = model.head(model.norm(tuned(entry, model.stream.reduce(stream))))[:, :positions]
+            per_entry_tuned.append(lens_metrics(translated, final_logp, targets))
         if keep_logits:
             kept.append(logits.float())
     per_position = {m: torch.stack([entry[m] for entry in per_entry]).cpu() for m in METRICS}
     means = {m: per_position[m].flatten(1).mean(1).tolist() for m in METRICS}
+    tuned_means = {m: [e[m].mean().item() for e in per_entry_tuned] for m in METRICS} if tuned is not None else None
     reason = refusal(model)
     decomposition = None if reason else decomposition_from(model, capture, output, targets, positions)
     return LensResult(site_names(model), **means, per_position=per_position, scheme=type(capture.sites[0]).name,
                       stream=describe_stream(model), tokens=targets.numel(), decomposition=decomposition,
-                      refused=reason, logits=torch.stack(kept) if keep_logits else None)
+                      refused=reason, logits=torch.stack(kept) if keep_logits else None, tuned=tuned_means)

@@ -14,13 +14,17 @@ def lens_table(result: LensResult) -> str:
     """One row per entry: loss, entropy, top-1 agreement with the output, KL to the output, and (additive
     schemes) the mean direct logit contribution of that component to the correct token."""
     parts = result.decomposition
-    header = f"{'after':<10} {'loss':>8} {'entropy':>8} {'top-1':>7} {'KL':>8}" + (f" {'DLA':>8}" if parts else "")
+    header = f"{'after':<10} {'loss':>8} {'entropy':>8} {'top-1':>7} {'KL':>8}"
+    header += f" {'DLA':>8}" if parts else ""
+    header += f" {'tuned loss':>10} {'tuned KL':>8}" if result.tuned else ""
     lines = [header, "-" * len(header)]
     contributions = parts.mean_contributions() if parts else []
     for i, row in enumerate(result.rows()):
         line = (f"{row['name']:<10} {row['loss']:8.4f} {row['entropy']:8.4f} {row['agreement']:7.3f} "
                 f"{row['kl']:8.4f}")
-        lines.append(line + (f" {contributions[i]:8.4f}" if parts else ""))
+        line += f" {contributions[i]:8.4f}" if parts else ""
+        line += f" {row['tuned_loss']:10.4f} {row['tuned_kl']:8.4f}" if result.tuned else ""
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -57,7 +61,10 @@ def _by_layer(result: LensResult):
     axes = figure.subplots(1, 3)
     steps = range(len(result.names))
     for ax, metric, label in zip(axes, ("loss", "entropy", "kl"), ("next-token loss", "entropy", "KL(final || lens)")):
-        ax.plot(steps, getattr(result, metric), marker="o")
+        ax.plot(steps, getattr(result, metric), marker="o", label="logit lens")
+        if result.tuned:
+            ax.plot(steps, result.tuned[metric], marker="s", label="tuned lens")
+            ax.legend(fontsize=7)
         ax.set_title(label)
         ax.set_xticks(list(steps), result.names, rotation=60, fontsize=7)
         ax.grid(alpha=0.3)
