@@ -270,3 +270,17 @@ def test_cli_lens_bad_input_is_one_line(cli, argv, message):
 def test_cli_lens_refuses_model_flags_on_a_run(cli, trained_run):
     code, _, err = cli("lens", trained_run, "--layers", "3")
     assert code == 2 and "drop --layers" in err and err.count("\n") == 1
+
+
+def test_the_lens_library_never_imports_the_cli():
+    import ast
+    from pathlib import Path
+
+    package = Path(reslab.__file__).parent / "lens"
+    for path in package.glob("*.py"):
+        if path.name == "commands.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith(("reslab.cli", "reslab.train.commands")) for n in names), path.name
