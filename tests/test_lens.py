@@ -284,3 +284,22 @@ def test_the_lens_library_never_imports_the_cli():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.startswith(("reslab.cli", "reslab.train.commands")) for n in names), path.name
+
+
+def test_reproduce_refine_not_replace_quick(cli, corpus, tmp_path):
+    code, out, err = cli("reproduce", "refine-not-replace", "--quick", "--json", "--jobs", "1", "--data", corpus,
+                         "--out", tmp_path / "out")
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result["numbers"]) == {f"{s}-L{d}" for s in ("pre", "none", "post") for d in (2, 4)}
+    assert ("-> AGREES" in result["verdict"]) == result["agrees"]
+    for key, value in result["numbers"].items():
+        assert len(value["block_losses"]) == int(key.rsplit("L", 1)[1]) and -1 <= value["survival"] <= 1
+    # the last block's lens loss is the trained model's own validation loss on the same windows
+    from reslab.lens.inputs import run_input
+
+    given = run_input(tmp_path / "out" / "runs" / "pre-L4-s0", None, None, 512, torch.device("cpu"))
+    with torch.no_grad():
+        logits = given.model(given.inputs).logits
+    own = torch.nn.functional.cross_entropy(logits.flatten(0, 1), given.targets.flatten()).item()
+    assert result["numbers"]["pre-L4"]["block_losses"][-1] == pytest.approx(own, abs=1e-3)
