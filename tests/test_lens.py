@@ -303,3 +303,12 @@ def test_reproduce_refine_not_replace_quick(cli, corpus, tmp_path):
         logits = given.model(given.inputs).logits
     own = torch.nn.functional.cross_entropy(logits.flatten(0, 1), given.targets.flatten()).item()
     assert result["numbers"]["pre-L4"]["block_losses"][-1] == pytest.approx(own, abs=1e-3)
+    # the ablation report gains a lens panel from the runs' checkpoints, beside its own plots
+    code, _, err = cli("report", tmp_path / "out")
+    assert code == 0, err
+    assert (tmp_path / "out" / "plots" / "lens.png").stat().st_size > 10_000
+    assert "Logit lens by block" in (tmp_path / "out" / "report.html").read_text()
+    from reslab.lens.ablation import block_losses
+
+    losses = block_losses(tmp_path / "out" / "runs" / "pre-L4-s0", tokens=512)
+    assert len(losses) == 5 and losses[1:] == pytest.approx(result["numbers"]["pre-L4"]["block_losses"], abs=1e-3)

@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reslab.residual.base import StreamAdapter
 from reslab.lens.capture import capture_forward, decode, inputs_and_targets, site_names
 from reslab.lens.decompose import Decomposition, decomposition_from, refusal
+from reslab.residual.base import StreamAdapter
 
 METRICS = ("loss", "entropy", "agreement", "kl")
 
@@ -80,7 +80,8 @@ def lens_metrics(logits: torch.Tensor, final_logp: torch.Tensor, targets: torch.
 
 def describe_stream(model: nn.Module) -> str:
     """How the lens read the stream, in words: plain, or reduced by the scheme's stream adapter."""
-    norm = "the head (the scheme has no final norm)" if isinstance(model.norm, nn.Identity) else "the final norm and head"
+    no_norm = isinstance(model.norm, nn.Identity)
+    norm = "the head (the scheme has no final norm)" if no_norm else "the final norm and head"
     adapter = type(model.stream)
     if adapter is StreamAdapter:
         return f"the residual stream at each site's output, decoded by {norm}"

@@ -393,6 +393,8 @@ def make_plots(ablation: Ablation) -> list[Plot]:
     """Write every plot the data allows under DIR/plots/; returns those written (stale ones are removed)."""
     import matplotlib
 
+    from reslab.lens.ablation import plot_lens_by_block
+
     directory = ablation.path / PLOTS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     colours = scheme_colours(ablation.schemes)
@@ -413,6 +415,10 @@ def make_plots(ablation: Ablation) -> list[Plot]:
         ("amax.png", plot_amax, "Amax gain (hyper-connections)",
          "HC / mHC only: the largest absolute row sum (forward) or column sum (backward) of the product of the "
          "residual mixing matrices over depth. Near 1 is stable; large values amplify signals and gradients."),
+        ("lens.png", plot_lens_by_block, "Logit lens by block",  # reslab.lens: reads each run's checkpoint
+         "For the first seed's finished runs: the next-token loss of the stream after the embedding and after each "
+         "block, decoded by the model's own final norm and head (the logit lens, `reslab lens RUN` for one run), on "
+         "the run's validation split. Falling block by block: each block refines the prediction."),
     ]
     written = []
     with matplotlib.rc_context(STYLE):
