@@ -272,6 +272,13 @@ def test_cli_lens_refuses_model_flags_on_a_run(cli, trained_run):
     assert code == 2 and "drop --layers" in err and err.count("\n") == 1
 
 
+def test_reslab_lens_stays_the_function_after_its_package_modules_are_imported():
+    import reslab.lens.commands  # noqa: F401
+    import reslab.lens.tuned  # noqa: F401
+
+    assert callable(reslab.lens) and reslab.lens(tiny_model(), [1, 2, 3]).names[0] == "embed"
+
+
 def test_the_lens_library_never_imports_the_cli():
     import ast
     from pathlib import Path
