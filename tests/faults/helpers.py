@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from reslab.rundir import TIMING_KEYS as TIMING  # the only fields two equal runs may differ in
+
 # A run small enough to train in about a second, with dropout (so the RNG state matters to exact resume), several
 # log, eval and checkpoint steps, and a tail after the last checkpoint before the end.
 RUN = ["--model", "tiny", "--width", "32", "--heads", "2", "--context", "16", "--batch", "8", "--dropout", "0.1",
        "--eval-batches", "2", "--no-progress", "--steps", "24", "--log-interval", "4", "--eval-interval", "8",
        "--checkpoint-interval", "5", "--warmup", "3", "--lr", "3e-3"]
-TIMING = ("tokens_per_second", "train_seconds")
 
 
 def reslab_process(args: list, env: dict | None = None, preexec_fn=None, timeout: float = 120,
