@@ -25,7 +25,7 @@ def run_grid(name: str, args: argparse.Namespace, model: str, residuals: list[st
     """Run (or continue) the grid under runs/reproduce/NAME and return {(residual, layers): summary row}."""
     from reslab.ablate.grid import run_ablation
     from reslab.ablate.summary import summary_table
-    from reslab.train.commands import normalise_data
+    from reslab.data.corpus import normalise_data
 
     out = args.out or Path("runs") / "reproduce" / (name + ("-quick" if args.quick else ""))
     train = {**train_overrides}
