@@ -11,8 +11,6 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 FILES = sorted(SRC.rglob("*.py"))
 MAX_FUNCTION_LINES = 59
-# Files that other work in progress is splitting (issue 14), still with a function of 60 lines or more.
-BEING_SPLIT = {"reslab/report/html.py"}
 
 
 def module_name(path: Path) -> str:
@@ -131,10 +129,6 @@ def _long_functions(path: Path) -> list[str]:
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(path, id=str(path.relative_to(SRC)),
-                 marks=[pytest.mark.xfail(strict=False, reason="being split by other work")]
-                 if str(path.relative_to(SRC)) in BEING_SPLIT else [])
-    for path in FILES])
+@pytest.mark.parametrize("path", [pytest.param(path, id=str(path.relative_to(SRC))) for path in FILES])
 def test_no_function_is_60_lines_or_longer(path):
     assert not _long_functions(path), _long_functions(path)

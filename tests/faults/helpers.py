@@ -43,9 +43,12 @@ def stray_temp_files(run: Path) -> list[str]:
 
 def tree(directory: Path) -> dict[str, bytes | None]:
     """Every file and directory under `directory` with its bytes: equal before and after means nothing changed.
-    (A run's lock file is compared by presence only: it records the pid of the last process that held it.)"""
+    (A run's lock file is compared by presence only: it records the pid of the last process that held it. The temp
+    file of a write in progress by another process is left out: it exists only until that write's rename.)"""
     found: dict[str, bytes | None] = {}
     for path in sorted(Path(directory).rglob("*")):
+        if path.name.endswith(".tmp"):
+            continue
         key = str(path.relative_to(directory))
         readable = path.is_file() and not path.is_symlink() and path.name != ".reslab-lock"
         found[key] = path.read_bytes() if readable else None
