@@ -95,3 +95,17 @@ def test_bad_grid_fails_before_training(cli, corpus, tmp_path, flags, message):
     code, _, err = cli("ablate", "--steps", "5", "--data", corpus, "--out", tmp_path / "abl", *flags)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "abl" / "runs").exists()
+
+
+def test_rerun_accepts_what_train_resume_accepts(cli, corpus, tmp_path):
+    """The runtime fields (how a run is carried out) may change when a grid is run again, as on `train --resume`;
+    the experiment's fields may not."""
+    out = tmp_path / "abl"
+    small = [*GRID[:GRID.index("--seeds")], "--seeds", "0", "--no-report", "--residual", "pre", "--data", corpus,
+             "--out", out, "--jobs", "1"]
+    assert cli(*small)[0] == 0
+    runtime = ["--log-interval", "3", "--eval-interval", "7", "--grad-accum", "2", "--eval-batches", "1"]
+    code, _, err = cli(*small, *runtime)
+    assert code == 0 and "1 already done, 0 to train" in err, err
+    code, _, err = cli(*small, "--lr", "0.5")
+    assert code == 2 and "lr" in err

@@ -272,11 +272,17 @@ def test_cli_lens_refuses_model_flags_on_a_run(cli, trained_run):
     assert code == 2 and "drop --layers" in err and err.count("\n") == 1
 
 
-def test_reslab_lens_stays_the_function_after_its_package_modules_are_imported():
-    import reslab.lens.commands  # noqa: F401
-    import reslab.lens.tuned  # noqa: F401
+@pytest.mark.parametrize("first", ["import reslab", "from reslab.lens import decompose", "import reslab.lens.tuned"])
+def test_reslab_lens_is_callable_whatever_was_imported_first(first):
+    import subprocess
+    import sys
 
-    assert callable(reslab.lens) and reslab.lens(tiny_model(), [1, 2, 3]).names[0] == "embed"
+    code = (f"{first}\nimport reslab, torch\nimport reslab.lens.commands\n"
+            "m = reslab.build_model('gpt', layers=1, width=16, heads=2, vocab_size=20)\n"
+            "print(reslab.lens(m, [1, 2, 3]).names)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['embed', '0.attn', '0.ffn']"
 
 
 def test_the_lens_library_never_imports_the_cli():

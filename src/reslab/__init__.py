@@ -1,9 +1,26 @@
 """reslab: small transformer language models whose residual connection is a swappable, measured part."""
 
+from importlib import import_module
+
 from reslab.errors import ReslabError
-from reslab.lens import lens  # reslab.lens(model, tokens); the package's other names: `from reslab.lens import ...`
-from reslab.models import build_model, list_models, make_config
-from reslab.residual import get_scheme, list_schemes
 
 __version__ = "0.1.0"
-__all__ = ["ReslabError", "__version__", "build_model", "get_scheme", "lens", "list_models", "list_schemes", "make_config"]
+__all__ = ["ReslabError", "__version__", "build_model", "get_scheme", "lens", "list_models", "list_schemes",
+           "make_config"]
+
+# name -> module: loaded on first use (PEP 562), so `import reslab` and the command line start without torch
+_LAZY = {"build_model": "reslab.models", "list_models": "reslab.models", "make_config": "reslab.models",
+         "get_scheme": "reslab.residual", "list_schemes": "reslab.residual",
+         "lens": "reslab.lens"}  # the function reslab.lens(model, tokens); its package is callable the same way
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'reslab' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

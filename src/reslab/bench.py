@@ -11,16 +11,20 @@ import argparse
 import json
 import statistics
 import time
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from reslab.cli_args import add_model_arguments, model_name, model_overrides
 from reslab.errors import check_positive
 
+if TYPE_CHECKING:  # torch is imported where it is used, so `reslab bench --help` starts fast
+    import torch
 
-def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 20) -> float:
-    """Median GFLOP/s of a square matmul: the practical ceiling a training step can approach on this machine."""
+
+def matmul_peak_gflops(dtype: torch.dtype | None = None, size: int = 1024, repeats: int = 20) -> float:
+    """Median GFLOP/s of a square matmul (default fp32): the practical ceiling a training step can approach here."""
+    import torch
+
+    dtype = dtype or torch.float32
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     for _ in range(3):
         a @ b
@@ -36,6 +40,8 @@ def bench(model: str, overrides: dict[str, Any], batch: int = 12, dtype: str = "
           optimizer: str = "adamw", diagnostics: bool = True, log_interval: int = 50, warmup: int = 10,
           iters: int = 20, windows: int = 5, device: str = "auto", seed: int = 0) -> dict[str, Any]:
     """Time training iterations; diagnostics (when on) run every `log_interval` iterations, as in training."""
+    import torch
+
     from reslab.models import build_model
     from reslab.train.config import TrainConfig
     from reslab.train.loop import resolve_device
@@ -111,6 +117,8 @@ def register(commands) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
+        import torch
+
         check_positive(threads=args.threads)
         torch.set_num_threads(args.threads)
     result = bench(model_name(args), model_overrides(args), batch=args.batch, dtype=args.dtype, compile=args.compile,

@@ -4,27 +4,65 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from reslab.errors import ReslabError
 
-# Modules that add subcommands: each has `register(commands)`, which adds its parsers with `set_defaults(handler=...)`.
-# A new subcommand is one module plus one line here.
-COMMAND_MODULES: list[str] = [
-    "reslab.train.commands",
-    "reslab.ablate.commands",
-    "reslab.bench",
-    "reslab.report.commands",
-    "reslab.graph.commands",
-    "reslab.lens.commands",
-]
+# Subcommands defined in other modules: name -> (module, the help line of `reslab --help`). The module's
+# `register(commands)` adds a subcommand's arguments and handler when that subcommand is used, so `reslab --help` and
+# `reslab list` import none of them (nor torch). A new subcommand is one module plus one line here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("reslab.train.commands", "train a model; writes a run directory"),
+    "sample": ("reslab.train.commands", "generate text from a trained run"),
+    "ablate": ("reslab.ablate.commands", "train a grid of residual schemes x depths x seeds and compare them"),
+    "bench": ("reslab.bench", "measure training speed (ms/iter, tokens/s, GFLOP/s vs peak)"),
+    "report": ("reslab.report.commands", "draw the plots and write report.html for an ablation directory"),
+    "audit": ("reslab.graph.commands", "where a model's residual connections really are, from its traced computation"),
+    "diagram": ("reslab.graph.commands", "draw a model from its traced computation (.svg, .mmd, .dot)"),
+    "lens": ("reslab.lens.commands", "what the residual stream carries, layer by layer (logit lens, attribution)"),
+}
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the problem and `--help`), exit code 2."""
+    """argparse, but a usage error is one line (the problem and `--help`), exit code 2; and a subcommand's arguments
+    can be added on first use (`fill`): when it is parsed or its help is shown."""
+
+    def __init__(self, *args, fill: Callable[[], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fill = fill
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._fill()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._fill()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._fill()
+        return super().format_help()
+
+    def _fill(self) -> None:
+        fill, self.fill = self.fill, None
+        if fill is not None:
+            fill()
+
+
+class _Declared:
+    """The `commands` a module's `register` is given: `add_parser(name)` hands back the parser already declared for
+    that name (its help line is the one in COMMANDS) instead of adding another."""
+
+    def __init__(self, commands: argparse._SubParsersAction):
+        self.commands = commands
+
+    def add_parser(self, name: str, **kwargs) -> ArgumentParser:
+        parser = self.commands.choices[name]
+        parser.fill = None  # being filled by the caller
+        return parser
 
 
 def build_parser() -> ArgumentParser:
@@ -44,20 +82,28 @@ def build_parser() -> ArgumentParser:
     listing.set_defaults(handler=cmd_list)
 
     reproduce = commands.add_parser("reproduce", help="re-run an experiment behind a published claim")
-    reproductions = reproduce.add_subparsers(dest="name", required=True, parser_class=ArgumentParser)
+    reproduce.fill = lambda: add_reproductions(reproduce)
+    for name, (module, text) in COMMANDS.items():
+        commands.add_parser(name, help=text, fill=lambda module=module: _register(module, commands))
+    return parser
+
+
+def _register(module: str, commands: argparse._SubParsersAction) -> None:
+    from importlib import import_module
+
+    import_module(module).register(_Declared(commands))
+
+
+def add_reproductions(reproduce: ArgumentParser) -> None:
+    """One subcommand per reproduction (this imports them all: they need torch)."""
     from reslab.reproduce import REPRODUCTIONS, get_reproduction
 
+    reproductions = reproduce.add_subparsers(dest="name", required=True, parser_class=ArgumentParser)
     for name in REPRODUCTIONS:
         module = get_reproduction(name)
         sub = reproductions.add_parser(name, help=module.CLAIM)
         module.add_arguments(sub)
         sub.set_defaults(handler=module.run)
-
-    from importlib import import_module
-
-    for name in COMMAND_MODULES:
-        import_module(name).register(commands)
-    return parser
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -70,17 +116,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from reslab.models import MODELS
-    from reslab.reproduce import REPRODUCTIONS
-    from reslab.residual import SCHEMES, get_scheme
+    from reslab.registry import FORMULAS, MODELS, REPRODUCTIONS, SCHEMES
 
     print("models:       " + ", ".join(MODELS))
     print("schemes:")
     name_width = max(len(name) for name in SCHEMES)
-    formula_width = max(48, *(len(get_scheme(name).formula) for name in SCHEMES))
+    formula_width = max(48, *(len(FORMULAS[name][0]) for name in SCHEMES))
     for name in SCHEMES:
-        scheme = get_scheme(name)
-        print(f"  {name:<{name_width}} {scheme.formula:<{formula_width}} {scheme.paper}")
+        formula, paper = FORMULAS[name]
+        print(f"  {name:<{name_width}} {formula:<{formula_width}} {paper}")
     print("reproduce:    " + ", ".join(REPRODUCTIONS))
     return 0
 

@@ -45,6 +45,33 @@ OWN_FILES = (CONFIG, TOKENIZER, METRICS, CHECKPOINT, STATE, SUMMARY, DIVERGED)
 CONFIG_KEYS = ("model", "model_config", "train", "data")
 
 
+# The schema of one metrics.jsonl record: every key the trainer may write, and what it holds. Readers (the report,
+# the ablation summary, the lens) rely on these names; tests/test_rundir_schema.py checks that training writes
+# nothing outside it.
+METRIC_KEYS: dict[str, str] = {
+    "step": "optimizer steps completed (every record)",
+    "loss": "mean training loss (cross-entropy) over the steps since the previous log record",
+    "lr": "learning rate of the logged step",
+    "tokens_per_second": "training throughput over the log window (timing: differs between runs)",
+    "train_seconds": "training time so far, evaluations excluded (timing: differs between runs)",
+    "val_loss": "validation loss on fixed batches (eval steps)",
+    "train_loss_eval": "training loss on fixed batches (eval steps)",
+    "grad_norms": "gradient norm of every parameter, by name",
+    "grad_norm_total": "global gradient norm, before clipping",
+    "block_grad_norms": "gradient norm of each block's parameters",
+    "first_layer_grad_share": "first block's gradient norm over the last block's",
+    "stream_rms": "RMS of the residual stream after each block",
+    "drift": "cosine between the stream entering and leaving each block",
+    "update_ratio": "per block, |F(x)| / |x| of each sublayer",
+    "amax_gain_forward": "hyper-connections: largest gain of the composed stream mixing, forward (Amax)",
+    "amax_gain_backward": "hyper-connections: the same for the backward pass",
+    "attnres_weights": "attention residuals: mean depth-attention weight of each source, per sublayer",
+    "aux_losses": "each auxiliary loss of the model (ModelOutput.aux_losses), unweighted, on log steps",
+    "model_metrics": "the model's own metrics (ModelOutput.metrics), on log steps",
+}
+TIMING_KEYS = ("tokens_per_second", "train_seconds")
+
+
 class DamagedRunError(ReslabError):
     """A file of a run directory is unreadable or not what reslab wrote; the message names the file and the fix."""
 

@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from reslab.rundir import TIMING_KEYS as TIMING  # the only fields two equal runs may differ in
+
 # A run small enough to train in about a second, with dropout (so the RNG state matters to exact resume), several
 # log, eval and checkpoint steps, and a tail after the last checkpoint before the end.
 RUN = ["--model", "tiny", "--width", "32", "--heads", "2", "--context", "16", "--batch", "8", "--dropout", "0.1",
        "--eval-batches", "2", "--no-progress", "--steps", "24", "--log-interval", "4", "--eval-interval", "8",
        "--checkpoint-interval", "5", "--warmup", "3", "--lr", "3e-3"]
-TIMING = ("tokens_per_second", "train_seconds")
 
 
 def reslab_process(args: list, env: dict | None = None, preexec_fn=None, timeout: float = 120,
@@ -42,9 +43,12 @@ def stray_temp_files(run: Path) -> list[str]:
 
 def tree(directory: Path) -> dict[str, bytes | None]:
     """Every file and directory under `directory` with its bytes: equal before and after means nothing changed.
-    (A run's lock file is compared by presence only: it records the pid of the last process that held it.)"""
+    (A run's lock file is compared by presence only: it records the pid of the last process that held it. The temp
+    file of a write in progress by another process is left out: it exists only until that write's rename.)"""
     found: dict[str, bytes | None] = {}
     for path in sorted(Path(directory).rglob("*")):
+        if path.name.endswith(".tmp"):
+            continue
         key = str(path.relative_to(directory))
         readable = path.is_file() and not path.is_symlink() and path.name != ".reslab-lock"
         found[key] = path.read_bytes() if readable else None

@@ -54,6 +54,22 @@ def default_jobs(points: int) -> int:
     return max(1, min(points, os.cpu_count() or 1))
 
 
+def executor_from_args(args: argparse.Namespace, jobs: int):
+    """The executor --executor names: local (one process, or a pool of `jobs`) or Ray, checked before anything is
+    written."""
+    from reslab.ablate.executors import RayExecutor, local_executor
+    from reslab.ablate.ray_executor import require_ray
+
+    if args.executor == "ray":
+        require_ray()
+        if args.ray_cpus <= 0 or args.ray_gpus < 0:
+            raise ReslabError(f"--ray-cpus must be positive and --ray-gpus >= 0, got {args.ray_cpus}, {args.ray_gpus}")
+        return RayExecutor(args.ray_address, args.ray_cpus, args.ray_gpus)
+    if args.ray_address is not None:
+        raise ReslabError("--ray-address applies to --executor ray; add --executor ray")
+    return local_executor(jobs)
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -74,19 +90,10 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         jobs = comma_list(args.jobs, int, "--jobs")[0]
         if jobs <= 0:
             raise ReslabError(f"--jobs must be positive, got {jobs}")
-    ray_options = None
-    if args.executor == "ray":
-        from reslab.ablate.ray_executor import require_ray
-
-        require_ray()  # before anything is written
-        if args.ray_cpus <= 0 or args.ray_gpus < 0:
-            raise ReslabError(f"--ray-cpus must be positive and --ray-gpus >= 0, got {args.ray_cpus}, {args.ray_gpus}")
-        ray_options = {"address": args.ray_address, "cpus": args.ray_cpus, "gpus": args.ray_gpus}
-    elif args.ray_address is not None:
-        raise ReslabError("--ray-address applies to --executor ray; add --executor ray")
+    executor = executor_from_args(args, jobs)
     console = Console(stderr=True, highlight=False)
-    result = run_ablation(args.out, model, residuals, layers, seeds, overrides, train, jobs=jobs,
-                          command=args.argv, console=console, executor=args.executor, ray_options=ray_options)
+    result = run_ablation(args.out, model, residuals, layers, seeds, overrides, train, executor=executor,
+                          command=args.argv, console=console)
     out = Console()
     if not out.is_terminal:
         out = Console(width=160)  # a file or pipe: do not wrap the table at 80 columns

@@ -9,100 +9,30 @@ Layout of an ablation directory:
 
 from __future__ import annotations
 
-import concurrent.futures as futures
-import multiprocessing
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reslab.ablate.executors import Executor, InlineExecutor
+from reslab.ablate.point import ABLATION, DIVERGED, GridJob, GridPoint, point_status
 from reslab.errors import ReslabError
 from reslab.io import read_json, write_json
 from reslab.rundir import LOCK, RunDir
 
-ABLATION = "ablation.json"
-DIVERGED = "diverged.json"  # written in a run directory whose loss became NaN/inf
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    residual: str
-    layers: int
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.residual}-L{self.layers}-s{self.seed}"
+__all__ = ["ABLATION", "DIVERGED", "GridPoint", "grid_points", "point_status", "run_ablation"]
 
 
 def grid_points(residuals: list[str], layers: list[int], seeds: list[int]) -> list[GridPoint]:
     return [GridPoint(r, n, s) for n in layers for r in residuals for s in seeds]
 
 
-def point_status(run_dir: Path, steps: int) -> str:
-    """'done' (summary written for these steps), 'partial' (a checkpoint to resume) or 'new'."""
-    summary = run_dir / "summary.json"
-    if summary.exists() and read_json(summary).get("steps") == steps:
-        return "done"
-    if (run_dir / DIVERGED).exists() and read_json(run_dir / DIVERGED).get("steps") == steps:
-        return "diverged"
-    if (run_dir / "checkpoint.safetensors").exists() and (run_dir / "config.json").exists():
-        return "partial"
-    return "new"
-
-
-def threads_per_job(jobs: int) -> int:
-    """Threads for each of `jobs` worker processes, so that together they do not oversubscribe the cores
-    (oversubscribed OpenMP threads spin against each other and can run many times slower)."""
-    if jobs <= 1:
-        return torch_threads()
-    return max(1, (os.cpu_count() or 1) // jobs)
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def _run_point(point: GridPoint, model: str, model_overrides: dict[str, Any], train_overrides: dict[str, Any],
-               run_dir: str, threads: int | None) -> dict[str, Any]:
-    """Train one grid point: in a worker process with `threads` threads, or inline (threads None: as configured)."""
-    import torch
-
-    from reslab.train.loop import NonFiniteLoss, prepare, train
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    run_path = Path(run_dir)
-    status = point_status(run_path, train_overrides["steps"])
-    if status == "done":
-        return read_json(run_path / "summary.json")
-    if status == "diverged":
-        return {"diverged": read_json(run_path / DIVERGED)["message"]}
-    config = {**train_overrides, "model": model, "seed": point.seed, "progress": False}
-    overrides = {**model_overrides, "residual": point.residual, "layers": point.layers}
-    if status == "partial":
-        runtime = {"progress": False, "steps": config["steps"], "stop_at": config.get("stop_at")}
-        setup = prepare({k: v for k, v in runtime.items() if v is not None}, {}, run_path, resume=True)
-    else:
-        setup = prepare(config, overrides, run_path, overwrite=run_path.exists())
-    try:
-        return train(setup)
-    except NonFiniteLoss as error:  # a diverged run is a result of the experiment, not a crash of the grid
-        write_json(run_path / DIVERGED, {"message": str(error), "steps": train_overrides["steps"]})
-        return {"diverged": str(error)}
-
-
 def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[int], seeds: list[int],
-                 model_overrides: dict[str, Any], train_overrides: dict[str, Any], jobs: int = 1,
-                 command: list[str] | None = None, console=None, executor: str = "local",
-                 ray_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                 model_overrides: dict[str, Any], train_overrides: dict[str, Any], executor: Executor | None = None,
+                 command: list[str] | None = None, console=None) -> dict[str, Any]:
     """Train every grid point not yet finished, then write summary.json / summary.csv. Returns the summary.
 
-    `executor="ray"` runs each point as a Ray task (`reslab.ablate.ray_executor`; `ray_options`: address, cpus,
-    gpus per task) instead of in `jobs` local processes.
+    `executor` trains the points (`reslab.ablate.executors`): in this process (the default), in a pool of local
+    processes, or as Ray tasks.
     """
     from reslab.models import make_config
     from reslab.train.config import TrainConfig
@@ -118,44 +48,23 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
               "seeds": seeds}, "model_overrides": model_overrides, "train": train_record}
     _check_ablation_dir(out_dir, record)
     with RunDir(out_dir).locked("reslab ablate"):  # one ablation per directory at a time
-        return _run_grid(out_dir, points, record, model, model_overrides, {**train_overrides,
-                         "steps": train_config.steps}, jobs, console, executor, ray_options)
+        job = GridJob(model, model_overrides, {**train_overrides, "steps": train_config.steps}, out_dir, time.time())
+        return _run_grid(job, points, record, executor or InlineExecutor(), console)
 
 
-def _run_grid(out_dir: Path, points: list[GridPoint], record: dict[str, Any], model: str,
-              model_overrides: dict[str, Any], train_overrides: dict[str, Any], jobs: int, console, executor: str,
-              ray_options: dict[str, Any] | None) -> dict[str, Any]:
+def _run_grid(job: GridJob, points: list[GridPoint], record: dict[str, Any], executor: Executor,
+              console) -> dict[str, Any]:
     from reslab.ablate.summary import summarize
 
-    steps = train_overrides["steps"]
-    started = time.time()
-    write_json(out_dir / ABLATION, {**record, "started": started, "finished": None})
-
-    todo = [p for p in points if point_status(out_dir / "runs" / p.name, steps) not in ("done", "diverged")]
-    how = "as Ray tasks" if executor == "ray" else f"with {jobs} job(s) x {threads_per_job(jobs)} thread(s)"
-    _say(console, f"ablation {out_dir}: {len(points)} grid points, {len(points) - len(todo)} already done, "
-                  f"{len(todo)} to train {how}")
-    args = lambda p: (p, model, model_overrides, train_overrides, str(out_dir / "runs" / p.name),  # noqa: E731
-                      threads_per_job(jobs) if jobs > 1 else None)
-    if executor == "ray":
-        from reslab.ablate.ray_executor import run_on_ray
-
-        for point, result in run_on_ray(todo, model, model_overrides, train_overrides, out_dir, started,
-                                        **(ray_options or {})):
-            _report_point(console, point, result)
-    elif jobs <= 1:
-        for point in todo:
-            _report_point(console, point, _run_point(*args(point)))
-    else:
-        context = multiprocessing.get_context("spawn")  # fork + OpenMP threads can deadlock
-        with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=die_with_parent,
-                                         initargs=(os.getpid(),)) as pool:
-            pending = {pool.submit(_run_point, *args(p)): p for p in todo}
-            for done in futures.as_completed(pending):
-                _report_point(console, pending[done], done.result())
-    summary = summarize(out_dir)
-    write_json(out_dir / ABLATION, {**record, "started": started, "finished": time.time(),
-                                    "wall_seconds": time.time() - started})
+    write_json(job.out_dir / ABLATION, {**record, "started": job.started, "finished": None})
+    todo = [p for p in points if point_status(job.run_dir(p), job.steps) not in ("done", "diverged")]
+    _say(console, f"ablation {job.out_dir}: {len(points)} grid points, {len(points) - len(todo)} already done, "
+                  f"{len(todo)} to train {executor.describe()}")
+    for point, result in executor.run(todo, job):
+        _report_point(console, point, result)
+    summary = summarize(job.out_dir)
+    write_json(job.out_dir / ABLATION, {**record, "started": job.started, "finished": time.time(),
+                                        "wall_seconds": time.time() - job.started})
     return summary
 
 
@@ -183,29 +92,6 @@ def _check_ablation_dir(out_dir: Path, record: dict[str, Any]) -> None:
         key = differing[0]
         raise ReslabError(f"{out_dir} was run with {key}={saved['train'].get(key)}, not {record['train'][key]}; "
                           "choose another --out to run a different experiment")
-
-
-def die_with_parent(parent: int) -> None:
-    """In a worker process: exit when the ablation that started it dies (even by kill -9), instead of training on
-    and idling. Linux tells the worker at once (PR_SET_PDEATHSIG); elsewhere a thread notices within a second."""
-    import signal
-    import threading
-
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _report_point(console, point: GridPoint, summary: dict[str, Any]) -> None:

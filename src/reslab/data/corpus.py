@@ -24,6 +24,16 @@ DOWNLOAD_TIMEOUT_S = 10.0
 NAMED_SOURCES = ("shakespeare", "tinyshakespeare")
 
 
+def normalise_data(data: str) -> str:
+    """A corpus name as is; a path made absolute, so the run can be resumed from any directory."""
+    if data in NAMED_SOURCES:
+        return data
+    try:
+        return str(Path(data).expanduser().resolve())
+    except (OSError, RuntimeError) as error:  # a symlink loop (RuntimeError before Python 3.13)
+        raise ReslabError(f"--data {data}: cannot resolve the path ({error}); pass a UTF-8 text file") from None
+
+
 def default_cache_dir() -> Path:
     """`$RESLAB_CACHE` if set, else `~/.cache/reslab`: one place to point at a writable disk."""
     configured = os.environ.get("RESLAB_CACHE")

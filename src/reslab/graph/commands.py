@@ -1,4 +1,4 @@
-"""The `reslab audit` and `reslab diagram` subcommands (registered through `reslab.cli.COMMAND_MODULES`)."""
+"""The `reslab audit` and `reslab diagram` subcommands (declared in `reslab.cli.COMMANDS`)."""
 
 from __future__ import annotations
 

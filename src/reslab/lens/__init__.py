@@ -7,7 +7,21 @@ The lens attaches at the residual sites (hooks on the site modules and the site'
 models are never edited. See docs/lens.md.
 """
 
+import sys
+import types
+
 from reslab.lens.decompose import Decomposition, decompose, refusal
 from reslab.lens.logit_lens import METRICS, LensResult, lens
 
 __all__ = ["METRICS", "Decomposition", "LensResult", "decompose", "lens", "refusal"]
+
+
+class _CallablePackage(types.ModuleType):
+    """`reslab.lens` is the function `lens` when reached through `reslab`'s lazy names, and this package once
+    `reslab.lens.<module>` has been imported (the import system sets the attribute); calling either runs the lens."""
+
+    def __call__(self, *args, **kwargs) -> LensResult:
+        return lens(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

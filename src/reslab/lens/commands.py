@@ -14,8 +14,8 @@ LENS_RANGES = {"tokens": COUNT, "seed": SEED, "tuned_steps": COUNT, "tuned_batch
 
 
 def register(commands) -> None:
-    lens = commands.add_parser("lens", help="what the residual stream carries, layer by layer: logit lens and "
-                               "direct logit attribution")
+    lens = commands.add_parser("lens", help="what the residual stream carries, layer by layer (logit lens, "
+                               "attribution)")
     lens.add_argument("target", help="a run directory, or a built-in model name (random weights; model flags apply)")
     lens.add_argument("--prompt", help="text to read the model on")
     lens.add_argument("--data", help="a corpus name or UTF-8 text file to read the model on (default: a run's "

@@ -1,18 +1,15 @@
 """The model zoo, by name. `build_model(name, **overrides)` builds any of them from its typed config."""
 
-from importlib import import_module
+from __future__ import annotations
 
-import torch.nn as nn
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 from reslab.errors import unknown
+from reslab.registry import MODELS, TRANSFORMERS
 
-MODELS: dict[str, str] = {
-    "mlp": "reslab.models.mlp:DeepMLP",
-    "tiny": "reslab.models.tiny:TinyTransformer",
-    "gpt": "reslab.models.gpt:GPT",
-    "llama": "reslab.models.llama:Llama",
-}
-TRANSFORMERS = ("tiny", "gpt", "llama")
+if TYPE_CHECKING:  # `reslab.models` loads torch only when a model is built, so the CLI starts fast
+    import torch.nn as nn
 
 
 def get_model_class(name: str) -> type[nn.Module]:

@@ -3,17 +3,7 @@
 from importlib import import_module
 
 from reslab.errors import unknown
-
-REPRODUCTIONS: dict[str, str] = {
-    "deep-mlp-gradients": "reslab.reproduce.deep_mlp",
-    "tiny-residual": "reslab.reproduce.tiny_residual",
-    "depth": "reslab.reproduce.depth",
-    "post-vs-pre": "reslab.reproduce.post_vs_pre",
-    "mhc-gain": "reslab.reproduce.mhc_gain",
-    "minimind-diagram": "reslab.reproduce.minimind_diagram",
-    "book-figure": "reslab.reproduce.book_figure",
-    "refine-not-replace": "reslab.reproduce.refine_not_replace",
-}
+from reslab.registry import REPRODUCTIONS
 
 
 def get_reproduction(name: str):

@@ -23,9 +23,10 @@ def add_grid_arguments(parser: argparse.ArgumentParser, full_minutes: str) -> No
 def run_grid(name: str, args: argparse.Namespace, model: str, residuals: list[str], layers: list[int],
              seeds: list[int], model_overrides: dict[str, Any], train_overrides: dict[str, Any]) -> dict:
     """Run (or continue) the grid under runs/reproduce/NAME and return {(residual, layers): summary row}."""
+    from reslab.ablate.executors import local_executor
     from reslab.ablate.grid import run_ablation
     from reslab.ablate.summary import summary_table
-    from reslab.train.commands import normalise_data
+    from reslab.data.corpus import normalise_data
 
     out = args.out or Path("runs") / "reproduce" / (name + ("-quick" if args.quick else ""))
     train = {**train_overrides}
@@ -33,7 +34,7 @@ def run_grid(name: str, args: argparse.Namespace, model: str, residuals: list[st
         train["data"] = normalise_data(args.data)
     jobs = args.jobs or max(1, min(os.cpu_count() or 1, len(residuals) * len(layers) * len(seeds)))
     console = Console(stderr=True, highlight=False)
-    result = run_ablation(out, model, residuals, layers, seeds, model_overrides, train, jobs=jobs,
+    result = run_ablation(out, model, residuals, layers, seeds, model_overrides, train, executor=local_executor(jobs),
                           command=["reslab", "reproduce", name] + (["--quick"] if args.quick else []),
                           console=console)
     if not args.json:

@@ -1,26 +1,10 @@
-"""Residual schemes, chosen by name. A new scheme is one file in this folder plus one line in `SCHEMES`."""
+"""Residual schemes, chosen by name. A new scheme is one file in this folder plus its lines in `reslab.registry`."""
 
 from importlib import import_module
 
 from reslab.errors import unknown
+from reslab.registry import SCHEMES
 from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter
-
-SCHEMES: dict[str, str] = {
-    "none": "reslab.residual.none:NoResidual",
-    "post": "reslab.residual.post:PostLN",
-    "post-none": "reslab.residual.post_none:PostNoResidual",
-    "pre": "reslab.residual.pre:PreLN",
-    "sandwich": "reslab.residual.sandwich:SandwichLN",
-    "rezero": "reslab.residual.rezero:ReZero",
-    "layerscale": "reslab.residual.layerscale:LayerScale",
-    "deepnorm": "reslab.residual.deepnorm:DeepNorm",
-    "add": "reslab.residual.add:PlainAdd",
-    "article-edit": "reslab.residual.article_edit:ArticleEdit",
-    "hc": "reslab.residual.hc:HyperConnections",
-    "mhc": "reslab.residual.mhc:ManifoldHyperConnections",
-    "attnres": "reslab.residual.attnres:AttentionResiduals",
-    "value-residual": "reslab.residual.value_residual:ValueResidual",
-}
 
 
 def get_scheme(name: str) -> type[ResidualSite]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from reslab.checks import COUNT, NON_NEGATIVE, SEED, Range, check_numbers
 from reslab.cli_args import add_model_arguments, model_name, model_overrides
-from reslab.data.corpus import NAMED_SOURCES
+from reslab.data.corpus import normalise_data
 from reslab.errors import ReslabError
 
 # flag -> (TrainConfig field, type, help). Defaults are None so we know which flags were given (for --resume).
@@ -83,16 +83,6 @@ def register(commands) -> None:
     sample.add_argument("--samples", type=int, default=1, help="independent samples (default 1)")
     sample.add_argument("--device", default="auto")
     sample.set_defaults(handler=cmd_sample)
-
-
-def normalise_data(data: str) -> str:
-    """A corpus name as is; a path made absolute, so the run can be resumed from any directory."""
-    if data in NAMED_SOURCES:
-        return data
-    try:
-        return str(Path(data).expanduser().resolve())
-    except (OSError, RuntimeError) as error:  # a symlink loop (RuntimeError before Python 3.13)
-        raise ReslabError(f"--data {data}: cannot resolve the path ({error}); pass a UTF-8 text file") from None
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,101 @@
+"""Who trains an ablation's grid points: this process, a pool of local processes, or a Ray cluster.
+
+Every executor has one interface: `run(points, job)` trains each point (`reslab.ablate.point.run_point`) and yields
+(point, summary) as each finishes, in any order; `describe()` says how, for the ablation's first line. The grid
+(`reslab.ablate.grid`) takes an executor object; only the command line picks one by name.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from reslab.ablate.point import GridJob, GridPoint, run_point
+from reslab.ablate.ray_executor import RayExecutor
+
+Results = Iterator[tuple[GridPoint, dict[str, Any]]]
+
+
+class Executor(Protocol):
+    def describe(self) -> str:
+        """How the points are trained, e.g. "with 2 job(s) x 1 thread(s)"."""
+
+    def run(self, points: list[GridPoint], job: GridJob) -> Results:
+        """Train `points`; yield (point, summary) as each finishes."""
+
+
+@dataclass(frozen=True)
+class InlineExecutor:
+    """One point after another in this process, with torch's threads as configured."""
+
+    def describe(self) -> str:
+        return f"with 1 job(s) x {threads_per_job(1)} thread(s)"
+
+    def run(self, points: list[GridPoint], job: GridJob) -> Results:
+        for point in points:
+            yield point, run_point(point, job)
+
+
+@dataclass(frozen=True)
+class ProcessExecutor:
+    """`jobs` points at a time in spawned worker processes, cores shared among them, each ending with this one."""
+
+    jobs: int
+
+    def describe(self) -> str:
+        return f"with {self.jobs} job(s) x {threads_per_job(self.jobs)} thread(s)"
+
+    def run(self, points: list[GridPoint], job: GridJob) -> Results:
+        threads = threads_per_job(self.jobs)
+        context = multiprocessing.get_context("spawn")  # fork + OpenMP threads can deadlock
+        with futures.ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=die_with_parent,
+                                         initargs=(os.getpid(),)) as pool:
+            pending = {pool.submit(run_point, point, job, None, threads): point for point in points}
+            for done in futures.as_completed(pending):
+                yield pending[done], done.result()
+
+
+def local_executor(jobs: int) -> InlineExecutor | ProcessExecutor:
+    """This process for one job, else a pool of `jobs` processes."""
+    return InlineExecutor() if jobs <= 1 else ProcessExecutor(jobs)
+
+
+def threads_per_job(jobs: int) -> int:
+    """Threads for each of `jobs` worker processes, so that together they do not oversubscribe the cores
+    (oversubscribed OpenMP threads spin against each other and can run many times slower)."""
+    if jobs <= 1:
+        import torch
+
+        return torch.get_num_threads()
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def die_with_parent(parent: int) -> None:
+    """In a worker process: exit when the ablation that started it dies (even by kill -9), instead of training on
+    and idling. Linux tells the worker at once (PR_SET_PDEATHSIG); elsewhere a thread notices within a second."""
+    import signal
+    import threading
+
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+__all__ = ["Executor", "InlineExecutor", "ProcessExecutor", "RayExecutor", "local_executor"]

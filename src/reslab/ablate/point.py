@@ -1,0 +1,90 @@
+"""One grid point of an ablation and how it is trained: what every executor (`reslab.ablate.executors`) runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reslab.io import read_json, write_json
+
+ABLATION = "ablation.json"  # the ablation directory's record: command, grid, configs, start time
+DIVERGED = "diverged.json"  # written in a run directory whose loss became NaN/inf
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    residual: str
+    layers: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.residual}-L{self.layers}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class GridJob:
+    """What every point of one ablation shares: the model, its config and training overrides, the ablation
+    directory (a point's run directory is `out_dir/runs/<point>`) and the time the ablation started, which tells
+    the driver's directory from a namesake on another machine."""
+
+    model: str
+    model_overrides: dict[str, Any]
+    train_overrides: dict[str, Any]  # with "steps"
+    out_dir: Path
+    started: float
+
+    @property
+    def steps(self) -> int:
+        return self.train_overrides["steps"]
+
+    def run_dir(self, point: GridPoint) -> Path:
+        return self.out_dir / "runs" / point.name
+
+    def is_driver_dir(self) -> bool:
+        """Whether `out_dir` is the driver's ablation directory (seen from the process this runs in)."""
+        record = self.out_dir / ABLATION
+        return record.exists() and read_json(record).get("started") == self.started
+
+
+def point_status(run_dir: Path, steps: int) -> str:
+    """'done' (summary written for these steps), 'diverged', 'partial' (a checkpoint to resume) or 'new'."""
+    summary = run_dir / "summary.json"
+    if summary.exists() and read_json(summary).get("steps") == steps:
+        return "done"
+    if (run_dir / DIVERGED).exists() and read_json(run_dir / DIVERGED).get("steps") == steps:
+        return "diverged"
+    if (run_dir / "checkpoint.safetensors").exists() and (run_dir / "config.json").exists():
+        return "partial"
+    return "new"
+
+
+def run_point(point: GridPoint, job: GridJob, run_dir: Path | None = None, threads: int | None = None
+              ) -> dict[str, Any]:
+    """Train one grid point into `run_dir` (default: its place in the ablation directory) and return its summary:
+    a finished point's is read back, a stopped one resumed. `threads`: torch threads (None: as configured)."""
+    import torch
+
+    from reslab.train.loop import NonFiniteLoss, prepare, train
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    run_path = Path(run_dir or job.run_dir(point))
+    status = point_status(run_path, job.steps)
+    if status == "done":
+        return read_json(run_path / "summary.json")
+    if status == "diverged":
+        return {"diverged": read_json(run_path / DIVERGED)["message"]}
+    config = {**job.train_overrides, "model": job.model, "seed": point.seed, "progress": False}
+    overrides = {**job.model_overrides, "residual": point.residual, "layers": point.layers}
+    if status == "partial":
+        runtime = {"progress": False, "steps": config["steps"], "stop_at": config.get("stop_at")}
+        setup = prepare({k: v for k, v in runtime.items() if v is not None}, {}, run_path, resume=True)
+    else:
+        setup = prepare(config, overrides, run_path, overwrite=run_path.exists())
+    try:
+        return train(setup)
+    except NonFiniteLoss as error:  # a diverged run is a result of the experiment, not a crash of the grid
+        write_json(run_path / DIVERGED, {"message": str(error), "steps": job.steps})
+        return {"diverged": str(error)}

@@ -1,0 +1,65 @@
+"""The names reslab offers, free of torch: models, residual schemes (with each scheme's formula and paper) and
+reproductions. `reslab --help` and `reslab list` read them without building anything; `reslab.models`,
+`reslab.residual` and `reslab.reproduce` re-export them and load the classes behind a name when it is asked for.
+"""
+
+# model name -> "module:Class"
+MODELS: dict[str, str] = {
+    "mlp": "reslab.models.mlp:DeepMLP",
+    "tiny": "reslab.models.tiny:TinyTransformer",
+    "gpt": "reslab.models.gpt:GPT",
+    "llama": "reslab.models.llama:Llama",
+}
+TRANSFORMERS = ("tiny", "gpt", "llama")
+
+# scheme name -> "module:Class"; a new scheme is one file in reslab/residual/ plus one line here and in FORMULAS
+SCHEMES: dict[str, str] = {
+    "none": "reslab.residual.none:NoResidual",
+    "post": "reslab.residual.post:PostLN",
+    "post-none": "reslab.residual.post_none:PostNoResidual",
+    "pre": "reslab.residual.pre:PreLN",
+    "sandwich": "reslab.residual.sandwich:SandwichLN",
+    "rezero": "reslab.residual.rezero:ReZero",
+    "layerscale": "reslab.residual.layerscale:LayerScale",
+    "deepnorm": "reslab.residual.deepnorm:DeepNorm",
+    "add": "reslab.residual.add:PlainAdd",
+    "article-edit": "reslab.residual.article_edit:ArticleEdit",
+    "hc": "reslab.residual.hc:HyperConnections",
+    "mhc": "reslab.residual.mhc:ManifoldHyperConnections",
+    "attnres": "reslab.residual.attnres:AttentionResiduals",
+    "value-residual": "reslab.residual.value_residual:ValueResidual",
+}
+
+# scheme name -> (formula, paper): the class attributes of the same names, for `reslab list` (a test keeps them equal)
+FORMULAS: dict[str, tuple[str, str]] = {
+    "none": ("x = F(LN(x))", "control: the skip removed, the norm kept"),
+    "post": ("x = LN(x + F(x))", "Vaswani et al. 2017, Attention Is All You Need (arXiv 1706.03762)"),
+    "post-none": ("x = LN(F(x))", "control for post-LN: the skip removed, the norm kept"),
+    "pre": ("x = x + F(LN(x))",
+            "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture (arXiv 2002.04745)"),
+    "sandwich": ("x = x + LN2(F(LN1(x)))", "Ding et al. 2021, CogView (arXiv 2105.13290)"),
+    "rezero": ("x = x + a * F(x),  a = 0 at init", "Bachlechner et al. 2020, ReZero is All You Need (arXiv 2003.04887)"),
+    "layerscale": ("x = x + diag(l) * F(LN(x))", "Touvron et al. 2021, CaiT (arXiv 2103.17239)"),
+    "deepnorm": ("x = LN(alpha * x + F(x)),  alpha = (2L)^(1/4)", "Wang et al. 2022, DeepNet (arXiv 2203.00555)"),
+    "add": ("x = x + F(x)", "He et al. 2016, Deep Residual Learning (arXiv 1512.03385)"),
+    "article-edit": ("x = LN(x)   (F(x) computed, then discarded)",
+                     "the TinyTransformer article's ablation, reproduced to show its mistake"),
+    "hc": ("h = A_m^T H;  H = A_r^T H + B^T F(LN(h))", "Zhu et al. 2025, Hyper-Connections (arXiv 2409.19606)"),
+    "mhc": ("x = H_res x + H_post^T F(LN(H_pre x))",
+            "DeepSeek-AI 2025, mHC: Manifold-Constrained Hyper-Connections (arXiv 2512.24880)"),
+    "attnres": ("h = sum_i softmax_i(w . RMSNorm(v_i)) v_i", "Kimi Team 2026, Attention Residuals (arXiv 2603.15031)"),
+    "value-residual": ("x = x + F(LN(x)),  v = lerp(v_1, v, m)",
+                       "Zhou et al. 2024, ResFormer: Value Residual Learning (arXiv 2410.17897)"),
+}
+
+# reproduction name -> module (with CLAIM, add_arguments, run)
+REPRODUCTIONS: dict[str, str] = {
+    "deep-mlp-gradients": "reslab.reproduce.deep_mlp",
+    "tiny-residual": "reslab.reproduce.tiny_residual",
+    "depth": "reslab.reproduce.depth",
+    "post-vs-pre": "reslab.reproduce.post_vs_pre",
+    "mhc-gain": "reslab.reproduce.mhc_gain",
+    "minimind-diagram": "reslab.reproduce.minimind_diagram",
+    "book-figure": "reslab.reproduce.book_figure",
+    "refine-not-replace": "reslab.reproduce.refine_not_replace",
+}
