@@ -9,6 +9,10 @@ renormalises it at every sublayer. Measured on trained models of 4 and 8 blocks,
   head reads them), i.e. how much of the early stream is still there at the end.
 Verdict: with pre-LN the lens loss falls block by block (each block at most TOLERANCE above the previous one, the
 last below the first) and the early stream survives better than without the skip.
+
+Measured (tinyshakespeare, 600 steps, means over seeds 0 and 1): AGREES. pre-L8 lens loss by block 3.50, 2.95, 2.86,
+2.78, 2.68, 2.62, 2.56, 2.52, survival 0.46; none-L8 3.89, 3.73, 4.24, 4.40, 4.56, 4.26, 4.30, 3.50 (it has not
+learned past a unigram model), survival 0.18; post-L8 4.10 ... 2.60, survival 0.38.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ LENS_TOKENS = 512
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_grid_arguments(parser, "6 minutes (3 schemes x depths 4, 8 x seeds 0, 1, 600 steps)")
+    add_grid_arguments(parser, "12 minutes (3 schemes x depths 4, 8 x seeds 0, 1, 600 steps)")
 
 
 @torch.no_grad()
