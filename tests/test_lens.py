@@ -251,6 +251,9 @@ def test_cli_lens_on_a_built_in_model(cli):
     assert code == 0, err
     assert "random weights" in out and "model.stream.reduce" in out and "decomposition refused" in out
     assert out.count("\n") >= 8
+    again = cli("lens", "gpt", "--layers", "1", "--json")[1], cli("lens", "gpt", "--layers", "1", "--json")[1]
+    assert again[0] == again[1]  # --seed fixes the random weights and ids
+    assert again[0] != cli("lens", "gpt", "--layers", "1", "--json", "--seed", "1")[1]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -21,7 +21,8 @@ def register(commands) -> None:
     lens.add_argument("--data", help="a corpus name or UTF-8 text file to read the model on (default: a run's "
                       "validation split; random ids for a built-in model)")
     lens.add_argument("--tokens", type=int, default=256, help="evaluated tokens at most (default 256)")
-    lens.add_argument("--seed", type=int, default=0, help="seed of the random ids for a built-in model (default 0)")
+    lens.add_argument("--seed", type=int, default=0, help="seed of a built-in model's random weights and ids, and of "
+                      "the tuned lens's batches (default 0)")
     lens.add_argument("--tuned", action="store_true", help="also fit a tuned lens (one affine translator per layer) "
                       "on the run's training split and report it beside the logit lens")
     lens.add_argument("--tuned-steps", type=int, default=100, help="tuned lens optimisation steps (default 100)")
@@ -53,9 +54,12 @@ def lens_input(args: argparse.Namespace):
         raise ReslabError("--tuned fits on a run's training data; give a run directory as TARGET")
     if args.model is not None and args.model != args.target:
         raise ReslabError(f"TARGET names the model; drop --model {args.model}")
+    import torch
+
     from reslab.cli_args import model_from_args
 
     args.model = args.target
+    torch.manual_seed(args.seed)  # the same random weights for the same flags
     model = model_from_args(args)
     return builtin_input(model, args.target, args.prompt, args.data, args.tokens, args.seed, device)
 
