@@ -21,7 +21,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,8 +136,12 @@ class RunDir:
         self.remove_temp_files()
         for name in OWN_FILES:
             (self / name).unlink(missing_ok=True)
-        if (self / TENSORBOARD).is_dir():
-            shutil.rmtree(self / TENSORBOARD)
+        board = self / TENSORBOARD
+        if board.is_dir() and not board.is_symlink():  # only reslab's event files; the folder if that empties it
+            for events in board.glob("events.out.tfevents.*"):
+                events.unlink(missing_ok=True)
+            if not any(board.iterdir()):
+                board.rmdir()
 
     def remove_temp_files(self) -> list[Path]:
         """Temp files a killed write left behind (never read: the real file is the old or the new one)."""
@@ -247,11 +250,14 @@ class MetricsFile:
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
         half = len(line) // 2
-        self.handle.write(line[:half])
-        self.handle.flush()
-        failpoint(f"append:{self.path.name}")  # a kill here leaves the cut-off line a real crash would
-        self.handle.write(line[half:])
-        self.handle.flush()
+        try:
+            self.handle.write(line[:half])
+            self.handle.flush()
+            failpoint(f"append:{self.path.name}")  # a kill here leaves the cut-off line a real crash would
+            self.handle.write(line[half:])
+            self.handle.flush()
+        except OSError as error:  # a full disk or a file size limit: name the file
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
 
     def close(self) -> None:
         self.handle.close()
