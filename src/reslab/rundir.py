@@ -230,11 +230,17 @@ class RunDir:
     # -- summary ---------------------------------------------------------------------------------------------
 
     def read_summary(self) -> dict[str, Any] | None:
-        path = self / SUMMARY
-        if not path.is_file():
-            return None
-        summary = _read_json_file(path, "summary")
-        return summary if isinstance(summary, dict) else None
+        """summary.json, or None when there is none; a damaged one is a DamagedRunError line."""
+        summary = self.read_json_file(SUMMARY)
+        if summary is not None and not isinstance(summary, dict):
+            raise DamagedRunError(f"{self / SUMMARY} is not a reslab summary (a JSON object); delete it to let the "
+                                  "run write it again (reslab train --resume)")
+        return summary
+
+    def read_json_file(self, name: str) -> Any:
+        """One of the run's JSON files, or None when it is not there; invalid JSON is a DamagedRunError line."""
+        path = self / name
+        return _read_json_file(path, name) if path.is_file() else None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self / SUMMARY, summary)
@@ -275,7 +281,7 @@ def _read_json_file(path: Path, what: str) -> Any:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise DamagedRunError(f"{path} is not valid JSON ({error}); restore the {what} file from a copy, "
-                              "or start the run again with --overwrite") from None
+                              "or delete it and run again") from None
 
 
 def _check_writable(path: Path) -> None:

@@ -96,7 +96,7 @@ def check_safetensors(path: Path) -> None:
     not mistaken for a pickle.
     """
     if not path.exists():
-        raise ReslabError(f"no checkpoint at {path}; is this a reslab run directory?")
+        raise ReslabError(f"no checkpoint at {path}: the run has not written one yet, or it was removed")
     if not path.is_file():
         raise ReslabError(f"{path} is not a file; a checkpoint is one safetensors file")
     with open(path, "rb") as handle:
