@@ -203,6 +203,8 @@ class RunDir:
         path = self / METRICS
         if not path.exists():
             return []
+        if not path.is_file():  # a FIFO or a directory: reading it could block or fail
+            raise DamagedRunError(f"{path} is not a regular file; move it away and resume again")
         lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
         records = []
         for number, line in enumerate(lines, 1):

@@ -32,6 +32,8 @@ BAD_FLAGS = [
     ([*TRAIN, "--dropout", "nan"], "dropout must be"),
     ([*TRAIN, "--rope-theta", "0", "--model", "llama"], "rope_theta must be"),
     ([*TRAIN, "--device", "cudafoo"], "unknown device 'cudafoo'"),
+    ([*TRAIN, "--residual", "layerscale", "--layerscale-init", "nan"], "layerscale_init must be a finite number"),
+    (["train", "--resume", "RUN_DIR", "--recipe", "fast"], "--recipe applies to new runs"),
     ([*TRAIN, "--device", "mps"], "--device mps"),
     ([*TRAIN, "--device", "cuda:7"], "--device cuda:7"),
     ([*TRAIN, "--tokenizer", "bpe", "--vocab-size", "1"], "--vocab-size must be"),
@@ -62,6 +64,7 @@ BAD_FLAGS = [
     (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "NEW", "--seeds", "a,b"], "--seeds"),
     (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "NEW", "--residual", "pre,nope"], "unknown"),
     (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "FILE"], "FILE"),
+    (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "NEW", "--layers", ""], "--layers is empty"),
     (["info", "--model", "gpt", "--width", "65536", "--heads", "64", "--layers", "2000"], "will not fit"),
     (["info", "--model", "gpt", "--dropout", "inf"], "dropout must be"),
     (["audit", "gpt", "--set", "layers=abc"], "layers must be an integer"),
@@ -72,6 +75,9 @@ BAD_FLAGS = [
     (["audit", "gpt", "--write-expect", "DIR"], "directory"),
     (["audit", "gpt", "--expect", "FILE"], "FILE"),
     (["audit", "DIR"], "DIR"),
+    (["audit", "SYNTAX:f"], "SyntaxError"),
+    (["audit", "os.path:join"], "missing 1 required positional argument"),
+    (["audit", "gpt", "--expect", "LIST"], "an expected audit is a JSON object"),
     (["diagram", "gpt", "-o", "DIR"], "diagram format"),
     (["diagram", "gpt", "-o", "FILE/out.svg"], "FILE"),
     (["diagram", "gpt", "-o", "NEW/out.gif"], "gif"),
@@ -95,7 +101,9 @@ def places(tmp_path, fault_corpus, reference):
     (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     save_file({"wte.weight": torch.zeros(4, 4)}, hf / "model.safetensors")
     (tmp_path / "empty").mkdir()
-    return {"RUN_DIR": run, "CORPUS": fault_corpus, "FIFO": tmp_path / "fifo", "LOOP": tmp_path / "loop",
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    return {"SYNTAX": tmp_path / "broken.py", "LIST": tmp_path / "list.json","RUN_DIR": run, "CORPUS": fault_corpus, "FIFO": tmp_path / "fifo", "LOOP": tmp_path / "loop",
             "FILE": tmp_path / "file.txt", "HF_DIR": hf, "DIR": tmp_path / "empty", "NEW": tmp_path / "new"}
 
 
