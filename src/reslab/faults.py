@@ -51,6 +51,6 @@ def failpoint(name: str) -> None:
     elif action == "sigint":
         os.kill(os.getpid(), signal.SIGINT)
     elif action == "enospc":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as the OS raises it from a write: no file name
     else:
         raise ValueError(f"RESLAB_FAILPOINTS: unknown action {action!r} for {name!r}")

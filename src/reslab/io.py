@@ -40,9 +40,15 @@ def atomic_write(path: Path, data: bytes | Callable[[Path], None]) -> None:
             os.close(fd)  # exactly once, whatever happened above
         if callable(data):
             data(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # a writer that recreated the file: the mode open() would give
         failpoint(f"write:{path.name}")
         _fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.filename in (None, str(tmp), tmp):  # name the file being written, not its temp file
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -21,7 +21,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,8 +136,12 @@ class RunDir:
         self.remove_temp_files()
         for name in OWN_FILES:
             (self / name).unlink(missing_ok=True)
-        if (self / TENSORBOARD).is_dir():
-            shutil.rmtree(self / TENSORBOARD)
+        board = self / TENSORBOARD
+        if board.is_dir() and not board.is_symlink():  # only reslab's event files; the folder if that empties it
+            for events in board.glob("events.out.tfevents.*"):
+                events.unlink(missing_ok=True)
+            if not any(board.iterdir()):
+                board.rmdir()
 
     def remove_temp_files(self) -> list[Path]:
         """Temp files a killed write left behind (never read: the real file is the old or the new one)."""
@@ -200,6 +203,8 @@ class RunDir:
         path = self / METRICS
         if not path.exists():
             return []
+        if not path.is_file():  # a FIFO or a directory: reading it could block or fail
+            raise DamagedRunError(f"{path} is not a regular file; move it away and resume again")
         lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
         records = []
         for number, line in enumerate(lines, 1):
@@ -227,11 +232,17 @@ class RunDir:
     # -- summary ---------------------------------------------------------------------------------------------
 
     def read_summary(self) -> dict[str, Any] | None:
-        path = self / SUMMARY
-        if not path.is_file():
-            return None
-        summary = _read_json_file(path, "summary")
-        return summary if isinstance(summary, dict) else None
+        """summary.json, or None when there is none; a damaged one is a DamagedRunError line."""
+        summary = self.read_json_file(SUMMARY)
+        if summary is not None and not isinstance(summary, dict):
+            raise DamagedRunError(f"{self / SUMMARY} is not a reslab summary (a JSON object); delete it to let the "
+                                  "run write it again (reslab train --resume)")
+        return summary
+
+    def read_json_file(self, name: str) -> Any:
+        """One of the run's JSON files, or None when it is not there; invalid JSON is a DamagedRunError line."""
+        path = self / name
+        return _read_json_file(path, name) if path.is_file() else None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self / SUMMARY, summary)
@@ -247,11 +258,14 @@ class MetricsFile:
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
         half = len(line) // 2
-        self.handle.write(line[:half])
-        self.handle.flush()
-        failpoint(f"append:{self.path.name}")  # a kill here leaves the cut-off line a real crash would
-        self.handle.write(line[half:])
-        self.handle.flush()
+        try:
+            self.handle.write(line[:half])
+            self.handle.flush()
+            failpoint(f"append:{self.path.name}")  # a kill here leaves the cut-off line a real crash would
+            self.handle.write(line[half:])
+            self.handle.flush()
+        except OSError as error:  # a full disk or a file size limit: name the file
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
 
     def close(self) -> None:
         self.handle.close()
@@ -269,7 +283,7 @@ def _read_json_file(path: Path, what: str) -> Any:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise DamagedRunError(f"{path} is not valid JSON ({error}); restore the {what} file from a copy, "
-                              "or start the run again with --overwrite") from None
+                              "or delete it and run again") from None
 
 
 def _check_writable(path: Path) -> None:

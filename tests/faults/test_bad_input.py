@@ -32,6 +32,8 @@ BAD_FLAGS = [
     ([*TRAIN, "--dropout", "nan"], "dropout must be"),
     ([*TRAIN, "--rope-theta", "0", "--model", "llama"], "rope_theta must be"),
     ([*TRAIN, "--device", "cudafoo"], "unknown device 'cudafoo'"),
+    ([*TRAIN, "--residual", "layerscale", "--layerscale-init", "nan"], "layerscale_init must be a finite number"),
+    (["train", "--resume", "RUN_DIR", "--recipe", "fast"], "--recipe applies to new runs"),
     ([*TRAIN, "--device", "mps"], "--device mps"),
     ([*TRAIN, "--device", "cuda:7"], "--device cuda:7"),
     ([*TRAIN, "--tokenizer", "bpe", "--vocab-size", "1"], "--vocab-size must be"),
@@ -62,6 +64,7 @@ BAD_FLAGS = [
     (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "NEW", "--seeds", "a,b"], "--seeds"),
     (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "NEW", "--residual", "pre,nope"], "unknown"),
     (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "FILE"], "FILE"),
+    (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "NEW", "--layers", ""], "--layers is empty"),
     (["info", "--model", "gpt", "--width", "65536", "--heads", "64", "--layers", "2000"], "will not fit"),
     (["info", "--model", "gpt", "--dropout", "inf"], "dropout must be"),
     (["audit", "gpt", "--set", "layers=abc"], "layers must be an integer"),
@@ -72,6 +75,9 @@ BAD_FLAGS = [
     (["audit", "gpt", "--write-expect", "DIR"], "directory"),
     (["audit", "gpt", "--expect", "FILE"], "FILE"),
     (["audit", "DIR"], "DIR"),
+    (["audit", "SYNTAX:f"], "SyntaxError"),
+    (["audit", "os.path:join"], "missing 1 required positional argument"),
+    (["audit", "gpt", "--expect", "LIST"], "an expected audit is a JSON object"),
     (["diagram", "gpt", "-o", "DIR"], "diagram format"),
     (["diagram", "gpt", "-o", "FILE/out.svg"], "FILE"),
     (["diagram", "gpt", "-o", "NEW/out.gif"], "gif"),
@@ -95,7 +101,9 @@ def places(tmp_path, fault_corpus, reference):
     (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     save_file({"wte.weight": torch.zeros(4, 4)}, hf / "model.safetensors")
     (tmp_path / "empty").mkdir()
-    return {"RUN_DIR": run, "CORPUS": fault_corpus, "FIFO": tmp_path / "fifo", "LOOP": tmp_path / "loop",
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    return {"SYNTAX": tmp_path / "broken.py", "LIST": tmp_path / "list.json","RUN_DIR": run, "CORPUS": fault_corpus, "FIFO": tmp_path / "fifo", "LOOP": tmp_path / "loop",
             "FILE": tmp_path / "file.txt", "HF_DIR": hf, "DIR": tmp_path / "empty", "NEW": tmp_path / "new"}
 
 
@@ -156,10 +164,43 @@ DAMAGE = {
         {first("model.", t): t[first("model.", t)].to(torch.int8)})),
     "optimizer moment wrong shape": lambda run: resave(run / "checkpoint.safetensors", lambda t: t.update(
         {first("optimizer.", t, "exp_avg"): torch.zeros(3, 5)})),
+    "optimizer moment missing": lambda run: resave(run / "checkpoint.safetensors",
+                                                   lambda t: t.pop(first("optimizer.", t, "exp_avg"))),
+    "optimizer state missing": lambda run: resave(run / "checkpoint.safetensors", lambda t: [
+        t.pop(k) for k in [k for k in t if k.startswith("optimizer.")]]),
+    "optimizer groups edited": lambda run: edit_meta(run, lambda m: m["optimizer"].update(param_groups=[{}, {}])),
+    "RNG state not a generator's": lambda run: resave(run / "checkpoint.safetensors",
+                                                      lambda t: t.update({"rng.batch": torch.zeros_like(t["rng.batch"])})),
+    "training state edited": lambda run: edit_meta(run, lambda m: m["state"].update(best_val_loss="x")),
+    "weights not finite": lambda run: resave(run / "checkpoint.safetensors", lambda t: t[first("model.", t)].fill_(
+        float("nan"))),
+    "checkpoint missing after training": lambda run: (run / "checkpoint.safetensors").unlink(),
+    "checkpoint a directory": lambda run: [(run / "checkpoint.safetensors").unlink(),
+                                           (run / "checkpoint.safetensors").mkdir()],
+    "config data record": lambda run: edit_config(run, lambda c: c.update(data={})),
+    "config model field missing": lambda run: edit_config(run, lambda c: c["model_config"].pop("context")),
 }
 
 
-TRAINING_STATE_ONLY = ("RNG state wrong size", "optimizer moment wrong shape")  # `sample` reads only the weights
+def edit_meta(run, change) -> None:
+    """Rewrite the training metadata inside the checkpoint (as a hand edit of its JSON would)."""
+    path = run / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    meta = json.loads(metadata["meta"])
+    change(meta)
+    save_file(load_file(path), path, metadata={**metadata, "meta": json.dumps(meta)})
+
+
+def edit_config(run, change) -> None:
+    config = json.loads((run / "config.json").read_text())
+    change(config)
+    (run / "config.json").write_text(json.dumps(config))
+
+
+TRAINING_STATE_ONLY = ("RNG state wrong size", "optimizer moment wrong shape", "optimizer moment missing",
+                       "optimizer state missing", "optimizer groups edited", "RNG state not a generator's",
+                       "training state edited", "config data record")  # `sample` reads only the weights
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -215,3 +256,60 @@ def test_overwrite_replaces_reslab_files_and_keeps_the_users(cli, places):
     assert code == 0, err
     assert (run / "notes.md").read_text() == "my notes on this run"
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+def test_resume_refuses_a_directory_reslab_did_not_write(cli, places, tmp_path):
+    """A user's directory whose config.json happens to have reslab's keys is still not a run to write into."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    config = json.loads((places["RUN_DIR"] / "config.json").read_text())
+    del config["reslab_version"]
+    (theirs / "config.json").write_text(json.dumps(config))
+    (theirs / "metrics.jsonl").write_text("their own log\n")
+    before = tree(theirs)
+    code, _, err = cli("train", "--resume", theirs, "--no-progress")
+    one_line_error(code, err)
+    assert "not a reslab run directory" in err and tree(theirs) == before
+
+
+def test_overwrite_keeps_the_users_files_in_tensorboard(cli, places):
+    run = places["RUN_DIR"]
+    (run / "tensorboard").mkdir(exist_ok=True)
+    (run / "tensorboard" / "my_notes.txt").write_text("precious")
+    code, _, err = cli("train", *RUN, "--data", places["CORPUS"], "--out", run, "--overwrite", "--steps", "2")
+    assert code == 0, err
+    assert (run / "tensorboard" / "my_notes.txt").read_text() == "precious"
+
+
+def test_a_moved_corpus_resumes_with_data_pointing_to_it(cli, places, tmp_path):
+    run = places["RUN_DIR"]
+    moved = tmp_path / "moved.txt"
+    moved.write_bytes(places["CORPUS"].read_bytes())
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["data"] = str(tmp_path / "gone.txt")
+    (run / "config.json").write_text(json.dumps(config))
+    code, _, err = cli("train", "--resume", run, "--steps", "26", "--no-progress")
+    one_line_error(code, err)
+    assert "--data NEW_PATH" in err
+    code, _, err = cli("train", "--resume", run, "--steps", "26", "--no-progress", "--data", moved)
+    assert code == 0, err
+    other = tmp_path / "other.txt"
+    other.write_text("different text " * 2000)
+    code, _, err = cli("train", "--resume", run, "--steps", "28", "--no-progress", "--data", other)
+    one_line_error(code, err)
+    assert "changed since" in err
+
+
+def test_an_ablation_that_failed_on_its_input_accepts_the_corrected_command(cli, places, tmp_path):
+    out = tmp_path / "grid"
+    grid = ["ablate", "--model", "tiny", "--width", "16", "--heads", "2", "--context", "16", "--batch", "4",
+            "--residual", "pre", "--layers", "1", "--seeds", "0", "--steps", "2", "--eval-batches", "1",
+            "--no-report", "--jobs", "1", "--out", out]
+    code, _, err = cli(*grid, "--data", tmp_path / "missing.txt")
+    one_line_error(code, err)
+    code, _, err = cli(*grid, "--data", places["CORPUS"])
+    assert code == 0, err
+    (out / "runs" / "pre-L1-s0" / "summary.json").write_text("{oops")
+    code, _, err = cli(*grid, "--data", places["CORPUS"])
+    one_line_error(code, err)
+    assert "summary.json" in err

@@ -77,8 +77,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from reslab.ablate.summary import summary_table
     from reslab.train.commands import train_overrides
 
-    residuals = comma_list(args.residual or DEFAULT_RESIDUALS, str, "--residual")
-    layers = comma_list(args.layers or DEFAULT_LAYERS, int, "--layers")
+    residuals = comma_list(DEFAULT_RESIDUALS if args.residual is None else args.residual, str, "--residual")
+    layers = comma_list(DEFAULT_LAYERS if args.layers is None else args.layers, int, "--layers")
     seeds = comma_list(args.seeds, int, "--seeds")
     model = model_name(args)
     overrides = model_overrides(argparse.Namespace(**{**vars(args), "residual": None, "layers": None}))

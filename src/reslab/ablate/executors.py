@@ -53,11 +53,14 @@ class ProcessExecutor:
     def run(self, points: list[GridPoint], job: GridJob) -> Results:
         threads = threads_per_job(self.jobs)
         context = multiprocessing.get_context("spawn")  # fork + OpenMP threads can deadlock
-        with futures.ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=die_with_parent,
-                                         initargs=(os.getpid(),)) as pool:
+        pool = futures.ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=die_with_parent,
+                                           initargs=(os.getpid(),))
+        try:
             pending = {pool.submit(run_point, point, job, None, threads): point for point in points}
             for done in futures.as_completed(pending):
                 yield pending[done], done.result()
+        finally:  # on Ctrl-C or a failed point: points not yet started never start; running ones finish stopping
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def local_executor(jobs: int) -> InlineExecutor | ProcessExecutor:

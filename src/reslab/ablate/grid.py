@@ -16,7 +16,7 @@ from typing import Any
 from reslab.ablate.executors import Executor, InlineExecutor
 from reslab.ablate.point import ABLATION, DIVERGED, GridJob, GridPoint, point_status
 from reslab.errors import ReslabError
-from reslab.io import read_json, write_json
+from reslab.io import write_json
 from reslab.rundir import LOCK, RunDir
 
 __all__ = ["ABLATION", "DIVERGED", "GridPoint", "grid_points", "point_status", "run_ablation"]
@@ -43,6 +43,7 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
     for point in points:
         make_config(model, **{**model_overrides, "residual": point.residual, "layers": point.layers})
     train_config = TrainConfig.from_dict({**train_overrides, "model": model})
+    _check_data(train_config.data)
     train_record = {k: v for k, v in train_config.to_dict().items() if k != "seed"}  # seeds are in the grid
     record = {"command": command or [], "model": model, "grid": {"residual": residuals, "layers": layers,
               "seeds": seeds}, "model_overrides": model_overrides, "train": train_record}
@@ -56,8 +57,8 @@ def _run_grid(job: GridJob, points: list[GridPoint], record: dict[str, Any], exe
               console) -> dict[str, Any]:
     from reslab.ablate.summary import summarize
 
-    write_json(job.out_dir / ABLATION, {**record, "started": job.started, "finished": None})
     todo = [p for p in points if point_status(job.run_dir(p), job.steps) not in ("done", "diverged")]
+    write_json(job.out_dir / ABLATION, {**record, "started": job.started, "finished": None})
     _say(console, f"ablation {job.out_dir}: {len(points)} grid points, {len(points) - len(todo)} already done, "
                   f"{len(todo)} to train {executor.describe()}")
     for point, result in executor.run(todo, job):
@@ -68,6 +69,15 @@ def _run_grid(job: GridJob, points: list[GridPoint], record: dict[str, Any], exe
     return summary
 
 
+def _check_data(source: str) -> None:
+    """A data file that cannot be read fails here, before the ablation directory is touched (a named corpus is
+    checked by the first point)."""
+    from reslab.data.corpus import NAMED_SOURCES, load_text
+
+    if source not in NAMED_SOURCES:
+        load_text(source)
+
+
 def _check_ablation_dir(out_dir: Path, record: dict[str, Any]) -> None:
     """Re-running into the same directory continues it; a different experiment must not mix into it."""
     path = out_dir / ABLATION
@@ -75,9 +85,13 @@ def _check_ablation_dir(out_dir: Path, record: dict[str, Any]) -> None:
         if out_dir.exists() and any(p.name != LOCK for p in out_dir.iterdir()):
             raise ReslabError(f"{out_dir} is not empty and is not an ablation directory; choose another --out")
         return
-    saved = read_json(path)
     from reslab.train.config import TrainConfig
 
+    saved = RunDir(out_dir).read_json_file(ABLATION)
+    if not isinstance(saved, dict) or not isinstance(saved.get("train", {}), dict):
+        raise ReslabError(f"{path} is not an ablation record (a JSON object); restore it, or choose another --out")
+    if not any((p / "config.json").exists() for p in (out_dir / "runs").glob("*")):
+        return  # no point has started (an earlier attempt failed on its input): nothing here to protect
     saved["train"] = {**TrainConfig().to_dict(), **(saved.get("train") or {})}  # fields added since: defaults
     for key in ("model", "model_overrides"):
         if saved.get(key) != record[key]:

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reslab.io import read_json, write_json
+from reslab.io import write_json
+from reslab.rundir import CHECKPOINT, CONFIG, DIVERGED, STATE, SUMMARY, RunDir
 
 ABLATION = "ablation.json"  # the ablation directory's record: command, grid, configs, start time
-DIVERGED = "diverged.json"  # written in a run directory whose loss became NaN/inf
 
 
 @dataclass(frozen=True)
@@ -45,18 +45,21 @@ class GridJob:
     def is_driver_dir(self) -> bool:
         """Whether `out_dir` is the driver's ablation directory (seen from the process this runs in)."""
         record = self.out_dir / ABLATION
-        return record.exists() and read_json(record).get("started") == self.started
+        return record.exists() and (RunDir(self.out_dir).read_json_file(ABLATION) or {}).get("started") == self.started
 
 
 def point_status(run_dir: Path, steps: int) -> str:
     """'done' (summary written for these steps), 'diverged', 'partial' (a checkpoint to resume) or 'new'."""
-    summary = run_dir / "summary.json"
-    if summary.exists() and read_json(summary).get("steps") == steps:
+    run = RunDir(run_dir)
+    summary = run.read_summary()  # a damaged one is one error line naming it
+    if summary is not None and summary.get("steps") == steps:
         return "done"
-    if (run_dir / DIVERGED).exists() and read_json(run_dir / DIVERGED).get("steps") == steps:
+    diverged = run.read_json_file(DIVERGED)
+    if isinstance(diverged, dict) and diverged.get("steps") == steps:
         return "diverged"
-    if (run_dir / "checkpoint.safetensors").exists() and (run_dir / "config.json").exists():
-        return "partial"
+    trained = any((run / name).exists() or (run / name).is_symlink() for name in (CHECKPOINT, STATE, SUMMARY))
+    if trained and (run / CONFIG).exists():
+        return "partial"  # resumed; a checkpoint lost after training is refused there, never trained over
     return "new"
 
 
@@ -73,9 +76,9 @@ def run_point(point: GridPoint, job: GridJob, run_dir: Path | None = None, threa
     run_path = Path(run_dir or job.run_dir(point))
     status = point_status(run_path, job.steps)
     if status == "done":
-        return read_json(run_path / "summary.json")
+        return RunDir(run_path).read_summary()
     if status == "diverged":
-        return {"diverged": read_json(run_path / DIVERGED)["message"]}
+        return {"diverged": str(RunDir(run_path).read_json_file(DIVERGED).get("message", ""))}
     config = {**job.train_overrides, "model": job.model, "seed": point.seed, "progress": False}
     overrides = {**job.model_overrides, "residual": point.residual, "layers": point.layers}
     if status == "partial":

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from reslab.io import atomic_write, read_json, write_json
+from reslab.rundir import CONFIG, DIVERGED, RunDir
 
 METRICS = ("final_val_loss", "best_val_loss", "first_layer_grad_share", "final_stream_rms", "mean_drift",
            "tokens_per_second")
@@ -37,13 +38,15 @@ def summarize(out_dir: Path) -> dict[str, Any]:
     steps = ablation["train"]["steps"]
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     diverged: dict[tuple[str, int], int] = {}
-    for run in sorted(p for p in (out_dir / "runs").glob("*") if (p / "config.json").exists()):
-        config = read_json(run / "config.json")
+    for path in sorted(p for p in (out_dir / "runs").glob("*") if (p / CONFIG).exists()):
+        run = RunDir(path)
+        config = run.read_config()  # one error line for a damaged run, never a traceback
         key = (config["model_config"]["residual"], config["model_config"]["layers"])
-        if (run / "summary.json").exists() and read_json(run / "summary.json").get("steps") == steps:
-            metrics = _point_metrics(read_json(run / "summary.json"))
+        summary = run.read_summary()
+        if summary is not None and summary.get("steps") == steps:
+            metrics = _point_metrics(summary)
             groups.setdefault(key, []).append({**metrics, "seed": config["train"]["seed"]})
-        elif (run / "diverged.json").exists():
+        elif (run / DIVERGED).exists():
             diverged[key] = diverged.get(key, 0) + 1
             groups.setdefault(key, [])
     rows = []

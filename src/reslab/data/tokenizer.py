@@ -218,8 +218,8 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         kind = record["kind"]
     except (ValueError, KeyError, TypeError) as err:
         raise ReslabError(f"{path} is not a reslab tokenizer file ({err}); retrain to write a new one") from err
-    if kind not in TOKENIZERS:
-        raise unknown("tokenizer kind in " + str(path) + ":", kind, TOKENIZERS)
+    if not isinstance(kind, str) or kind not in TOKENIZERS:
+        raise unknown("tokenizer kind in " + str(path) + ":", str(kind), TOKENIZERS)
     if record.get("format") != FILE_FORMAT:
         raise ReslabError(f"{path} has format {record.get('format')!r}, this reslab reads {FILE_FORMAT}; retrain")
     try:

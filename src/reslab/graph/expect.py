@@ -29,9 +29,11 @@ def load_expected(expected: Any) -> dict[str, Any]:
             raise ReslabError(f"{path} is not valid JSON: {error}") from None
     if isinstance(expected, Mapping):
         return dict(expected)
-    if isinstance(expected, Sequence):
+    if isinstance(expected, Sequence) and not isinstance(expected, str) and all(isinstance(r, Mapping)
+                                                                                 for r in expected):
         return {"residuals": list(expected)}
-    raise ReslabError(f"expected residuals as a file, a dict or a list, got {type(expected).__name__}")
+    raise ReslabError("an expected audit is a JSON object (as --write-expect writes) or a list of residual objects, "
+                      f"not {type(expected).__name__} {str(expected)[:40]}")
 
 
 def write_expected(audit_dict: Mapping[str, Any], path: str | Path) -> Path:

@@ -261,6 +261,17 @@ def _hf_inputs(model: nn.Module, config, device: str) -> dict[str, torch.Tensor]
     raise ReslabError(f"cannot make example inputs {main!r} for {type(model).__name__}; audit it as FILE.py:CALLABLE")
 
 
+def _user_code(spec: str, doing: str, run):
+    """Run the user's file or function; what it raises (a SyntaxError, a missing argument) is one error line."""
+    try:
+        return run()
+    except Exception as error:  # noqa: BLE001 - anything the user's code raises is reported, not re-raised
+        where = f" (line {error.lineno})" if isinstance(error, SyntaxError) and error.lineno else ""
+        message = str(error).splitlines()[0] if str(error) else ""
+        raise ReslabError(f"{doing} {spec} failed: {type(error).__name__}{where}: {message}; it must define a "
+                          "function taking no arguments that returns (model, example_inputs)") from None
+
+
 def _callable(spec: str) -> tuple[nn.Module, Any]:
     source, _, name = spec.rpartition(":")
     if source.endswith(".py"):
@@ -270,7 +281,7 @@ def _callable(spec: str) -> tuple[nn.Module, Any]:
         module_spec = importlib.util.spec_from_file_location(f"reslab_target_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_spec.name] = module  # dataclasses and pickling look the module up by name
-        module_spec.loader.exec_module(module)
+        _user_code(spec, "running", lambda: module_spec.loader.exec_module(module))
     else:
         try:
             module = importlib.import_module(source)
@@ -279,7 +290,7 @@ def _callable(spec: str) -> tuple[nn.Module, Any]:
     function = getattr(module, name, None)
     if not callable(function):
         raise ReslabError(f"{source} has no callable {name!r}")
-    result = function()
+    result = _user_code(spec, "calling", function)
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
         raise ReslabError(f"{spec} must return (model, example_inputs), got {type(result).__name__}")
     model, inputs = result

@@ -24,6 +24,18 @@ def make_config(name: str, **overrides):
     return get_model_class(name).config_class.from_dict(overrides)
 
 
+def check_saved_model_config(name: str, values: dict, source) -> None:
+    """A model config read back from a file: a known model, every field present, each valid (one error line)."""
+    from reslab.errors import ReslabError
+
+    if not isinstance(name, str) or name not in MODELS:
+        raise ReslabError(f"{source}: unknown model {name!r}; restore the file from a copy")
+    config = make_config(name, **values)
+    missing = sorted(set(config.to_dict()) - set(values))
+    if missing:
+        raise ReslabError(f"{source}: model_config lacks {missing[0]!r}; restore the file from a copy")
+
+
 def build_model(name: str, **overrides) -> nn.Module:
     """Build model `name` ('mlp', 'tiny', 'gpt', 'llama') with config fields overridden by keyword.
 

@@ -80,6 +80,9 @@ class ResidualSite(nn.Module):
             valid = ", ".join(sorted(cls.option_defaults)) or "none"
             raise ReslabError(f"residual scheme {cls.name!r} has no option {sorted(unknown)[0]!r}; "
                               f"its options: {valid}")
+        for name, value in given.items():  # a number must be finite: nan or inf would only fail steps later
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ReslabError(f"residual scheme {cls.name!r}: {name} must be a finite number, got {value!r}")
         return {**cls.option_defaults, **given}
 
     @classmethod

@@ -96,7 +96,7 @@ def check_safetensors(path: Path) -> None:
     not mistaken for a pickle.
     """
     if not path.exists():
-        raise ReslabError(f"no checkpoint at {path}; is this a reslab run directory?")
+        raise ReslabError(f"no checkpoint at {path}: the run has not written one yet, or it was removed")
     if not path.is_file():
         raise ReslabError(f"{path} is not a file; a checkpoint is one safetensors file")
     with open(path, "rb") as handle:
@@ -147,15 +147,16 @@ def check_model_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, to
         if got.shape != want.shape or got.dtype != want.dtype:
             raise DamagedRunError(f"{path}: tensor {name!r} is {_describe(got)}, the model expects {_describe(want)}; "
                                   "config.json and the checkpoint disagree")
+        if got.dtype.is_floating_point and not torch.isfinite(got).all():
+            raise DamagedRunError(f"{path}: tensor {name!r} holds non-finite values; the checkpoint cannot be used "
+                                  "(reslab never writes one): restore it from a copy")
 
 
 def check_optimizer_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], optimizer, path: Path) -> None:
     """Optimizer state for parameters that exist, each moment shaped like its parameter, a float dtype."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    groups = meta.get("param_groups")
-    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
-        raise DamagedRunError(f"{path}: the optimizer metadata does not match this run's optimizer "
-                              f"({len(optimizer.param_groups)} parameter groups); restore the checkpoint from a copy")
+    _check_param_groups(meta.get("param_groups"), optimizer, path)
+    _check_state_keys(tensors, optimizer, path)
     for name, tensor in tensors.items():
         parts = name.split(".", 2)
         index = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else -1
@@ -165,6 +166,34 @@ def check_optimizer_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, An
         if tuple(tensor.shape) != wanted or not tensor.dtype.is_floating_point:
             raise DamagedRunError(f"{path}: {name!r} is {_describe(tensor)}, expected shape {list(wanted)} "
                                   "float; restore the checkpoint from a copy")
+
+
+def _check_param_groups(groups: Any, optimizer, path: Path) -> None:
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if (not isinstance(groups, list) or len(groups) != len(sizes)
+            or any(not isinstance(g, dict) or not isinstance(g.get("params"), list) for g in groups)
+            or [len(g["params"]) for g in groups] != sizes):
+        raise DamagedRunError(f"{path}: the optimizer metadata does not match this run's optimizer "
+                              f"(parameter groups of {sizes} parameters); restore the checkpoint from a copy")
+
+
+def _check_state_keys(tensors: dict[str, torch.Tensor], optimizer, path: Path) -> None:
+    """Each parameter with optimizer state has all of it (the same keys as the others in its group), and a
+    trained run has state at all."""
+    keys: dict[int, set[str]] = {}
+    for name in tensors:
+        _, index, key = (name.split(".", 2) + ["", ""])[:3]
+        if index.isdigit():
+            keys.setdefault(int(index), set()).add(key)
+    if not keys:
+        raise DamagedRunError(f"{path} holds no optimizer state; restore the checkpoint from a copy")
+    start = 0
+    for group in optimizer.param_groups:
+        found = [keys[i] for i in range(start, start + len(group["params"])) if i in keys]
+        if found and any(k != found[0] for k in found):
+            raise DamagedRunError(f"{path}: the optimizer state of a parameter is incomplete; restore the "
+                                  "checkpoint from a copy")
+        start += len(group["params"])
 
 
 def check_rng_tensors(tensors: dict[str, torch.Tensor], current: dict[str, torch.Tensor], path: Path) -> None:
@@ -177,6 +206,12 @@ def check_rng_tensors(tensors: dict[str, torch.Tensor], current: dict[str, torch
             found = "missing" if got is None else _describe(got)
             raise DamagedRunError(f"{path}: RNG state {name!r} is {found}, expected {_describe(like)}; "
                                   "restore the checkpoint from a copy")
+        if name != "cuda":
+            try:  # a state of the right size can still be no valid Mersenne Twister state
+                torch.Generator().set_state(got)
+            except RuntimeError:
+                raise DamagedRunError(f"{path}: RNG state {name!r} is not a valid generator state; restore the "
+                                      "checkpoint from a copy") from None
 
 
 def _describe(tensor: torch.Tensor) -> str:
@@ -191,7 +226,12 @@ def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[n
     """The trained model of a run directory (weights from checkpoint.safetensors) and its config.json."""
     from reslab.models import build_model
 
+    from reslab.memory import check_fits
+    from reslab.models import check_saved_model_config
+
     config = read_run_config(run_dir)
+    check_saved_model_config(config["model"], config["model_config"], Path(run_dir) / CONFIG)
+    check_fits(config["model"], config["model_config"], device=torch.device(device))
     model = build_model(config["model"], **config["model_config"])
     path = Path(run_dir) / CHECKPOINT
     tensors, _ = read_checkpoint(path, prefix="model.")
@@ -225,7 +265,10 @@ def check_training_state(meta: Any, path: Path) -> None:
     step = state.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise DamagedRunError(f"{path}: its training state has step {step!r}, not a count; restore it from a copy")
-    for key in ("train_seconds", "tokens_seen", "window_loss_sum", "window_steps"):
+    for key in ("train_seconds", "tokens_seen", "window_loss_sum", "window_steps", "best_val_loss",
+                "last_val_loss", "last_train_loss"):
         value = state.get(key, 0)
+        if value is None and key.endswith("_loss"):
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DamagedRunError(f"{path}: its training state has {key} {value!r}; restore it from a copy")

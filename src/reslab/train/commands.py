@@ -127,6 +127,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ReslabError("--resume RUN_DIR continues that directory; drop --out")
         if args.overwrite:
             raise ReslabError("--resume and --overwrite contradict each other; choose one")
+        if args.recipe:
+            raise ReslabError("--recipe applies to new runs; a resumed run keeps its config: drop --recipe")
         from reslab.train.checkpoint import read_run_config
 
         saved_model = read_run_config(args.resume)["model"]

@@ -20,8 +20,8 @@ from reslab import __version__
 from reslab.data import Tokenizer, build_tokenizer, encode_corpus, load_text, load_tokenizer, split_tokens
 from reslab.errors import ReslabError
 from reslab.memory import check_fits
-from reslab.models import make_config
-from reslab.rundir import CHECKPOINT, CONFIG, METRICS, SUMMARY, RunDir
+from reslab.models import check_saved_model_config, make_config
+from reslab.rundir import CHECKPOINT, CONFIG, METRICS, STATE, SUMMARY, DamagedRunError, RunDir
 from reslab.train.checkpoint import checkpoint_step
 from reslab.train.config import RESUMABLE_FIELDS, TrainConfig, check_device_name
 from reslab.train.distributed import check_launch, connect
@@ -67,11 +67,13 @@ def prepare(config_overrides: dict[str, Any], model_overrides: dict[str, Any], r
         saved = _read_saved_config(run)
         config = _merge_for_resume(saved, config_overrides, model_overrides)
         if not run.has_checkpoint():  # killed before the first checkpoint: nothing to continue, start it again
+            _check_restartable(run)
             restart = {**config.to_dict(), "model": saved["model"]}
             return _prepare_new(restart, dict(saved["model_config"]), run, saved.get("command"), overwrite=True)
         check_launch(config)  # batch vs world size, --fsdp outside torchrun
         _check_resume_steps(run, config)
-        text, description = load_text(config.data)
+        check_fits(saved["model"], saved["model_config"], config, resolve_device(config.device))
+        text, description = _load_resume_text(config.data, run)
         if hashlib.sha256(text.encode()).hexdigest() != saved["data"]["sha256"]:
             raise ReslabError(f"the data {config.data!r} changed since run {run.path} started; resume with the same "
                               "text or start a new run")
@@ -112,15 +114,44 @@ def _finish_setup(config: TrainConfig, model_name: str, model_config: dict[str, 
                     list(command or []))
 
 
+def _check_restartable(run: RunDir) -> None:
+    """No checkpoint: fine if the run was killed before its first one (it starts again from step 0); but a
+    checkpoint that is there and unreadable, or a run that has checkpointed before, is damage, never restarted."""
+    path = run / CHECKPOINT
+    if path.is_symlink() or path.exists():
+        raise DamagedRunError(f"{path} is not a readable checkpoint file (a directory or a dangling symlink); "
+                              "restore it from a copy, or start the run again with --overwrite")
+    trained = [name for name in (STATE, SUMMARY) if (run / name).exists()]
+    if trained:
+        raise DamagedRunError(f"{path} is missing, but {run.path} has checkpointed before ({', '.join(trained)}); "
+                              "restore the checkpoint from a copy, or start the run again with --overwrite")
+
+
+def _load_resume_text(source: str, run: RunDir) -> tuple[str, str]:
+    try:
+        return load_text(source)
+    except ReslabError as error:
+        raise ReslabError(f"cannot read the run's data: {error}. If the file moved, resume with --data NEW_PATH "
+                          "(its text must be the same)") from None
+
+
 def _read_saved_config(run: RunDir) -> dict[str, Any]:
     if not run.path.is_dir():
         raise ReslabError(f"cannot resume: {run.path} is not a directory; give the run directory to continue")
+    if (run / CONFIG).exists() and not run.is_reslab_run():
+        raise ReslabError(f"cannot resume: {run.path} is not a reslab run directory (no .reslab-run marker and its "
+                          "config.json is not reslab's); reslab never writes into what it did not create")
     if not (run / CONFIG).exists():
         if run.is_reslab_run():
             raise ReslabError(f"cannot resume: {run.path} was stopped before its config was written, so there is "
                               "nothing to continue; run the same command again without --resume")
         raise ReslabError(f"cannot resume: {run.path} has no config.json; is it a reslab run directory?")
-    return run.read_config()
+    saved = run.read_config()
+    data = saved["data"]
+    if not isinstance(data, dict) or not isinstance(data.get("sha256"), str):
+        raise DamagedRunError(f"{run / CONFIG}: its data record has no sha256; restore the file from a copy")
+    check_saved_model_config(saved["model"], saved["model_config"], run / CONFIG)
+    return saved
 
 
 def _check_resume_steps(run: RunDir, config: TrainConfig) -> None:
@@ -136,7 +167,7 @@ def _merge_for_resume(saved: dict[str, Any], config_overrides: dict[str, Any],
     """The saved config with the few fields a resume may change; any other differing flag is an error."""
     values = {**saved["train"], "stop_at": None}  # a stop point applies to one invocation only
     for name, value in config_overrides.items():
-        if name in RESUMABLE_FIELDS:
+        if name in RESUMABLE_FIELDS or name == "data":  # new data is checked against the run's sha256 in prepare
             values[name] = value
         elif values.get(name) != value:
             raise ReslabError(f"--{name.replace('_', '-')} {value} differs from the run's {values.get(name)}; "
