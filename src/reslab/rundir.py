@@ -80,6 +80,10 @@ class RunDir:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        try:  # a name with bytes that are not UTF-8 (a surrogate escape) cannot be written by every writer
+            str(self.path).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ReslabError(f"the path {str(self.path)!r} is not valid UTF-8; rename it or choose another") from None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name

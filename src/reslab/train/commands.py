@@ -169,6 +169,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from reslab.train.loop import resolve_device
 
     check_numbers(vars(args), SAMPLE_RANGES)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ReslabError("--prompt holds bytes that are not valid UTF-8; give the prompt as UTF-8 text") from None
     device = resolve_device(args.device)
     model, _ = load_run_model(args.run_dir, device)
     tokenizer = load_tokenizer(args.run_dir)
