@@ -11,8 +11,9 @@ MODELS: dict[str, str] = {
     "tiny": "reslab.models.tiny:TinyTransformer",
     "gpt": "reslab.models.gpt:GPT",
     "llama": "reslab.models.llama:Llama",
+    "deepseek": "reslab.models.deepseek:DeepSeek",
 }
-TRANSFORMERS = ("tiny", "gpt", "llama")
+TRANSFORMERS = ("tiny", "gpt", "llama", "deepseek")
 
 
 def get_model_class(name: str) -> type[nn.Module]:
@@ -28,7 +29,7 @@ def make_config(name: str, **overrides):
 
 
 def build_model(name: str, **overrides) -> nn.Module:
-    """Build model `name` ('mlp', 'tiny', 'gpt', 'llama') with config fields overridden by keyword.
+    """Build model `name` ('mlp', 'tiny', 'gpt', 'llama', 'deepseek') with config fields overridden by keyword.
 
     A language model is checked against `reslab.contracts` once, here: a missing member is one error line."""
     model = get_model_class(name)(make_config(name, **overrides))
