@@ -116,3 +116,71 @@ def test_audit_finds_two_residuals_per_block_and_no_dead_expert(cli):
     result = audit(model, inputs)
     assert result.dead == [] and result.not_run == []  # ... and are neither dead nor missing: stacked, all read
     assert [len(b.residuals) for b in result.blocks] == [2, 2, 2]
+
+
+# --- Hugging Face parity ----------------------------------------------------------------------------------------
+HF_TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
+               qk_rope_head_dim=4, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+               n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+               max_position_embeddings=32, bos_token_id=None, eos_token_id=None)
+
+
+def random_hf_deepseek(**changes):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(**{**HF_TINY, **changes})
+    hf = transformers.DeepseekV3ForCausalLM(config).float().eval()
+    with torch.no_grad():  # every weight and the balance biases at random, norm gains near 1
+        for name, tensor in hf.state_dict().items():
+            if name.endswith("e_score_correction_bias"):
+                tensor.copy_(0.2 * torch.randn(tensor.shape))
+            elif tensor.is_floating_point() and "rotary" not in name:
+                tensor.copy_(0.1 * torch.randn(tensor.shape) + (1.0 if tensor.ndim == 1 else 0.0))
+    return hf
+
+
+@pytest.mark.parametrize("changes", [{}, {"rope_interleave": False, "q_lora_rank": None, "n_group": 1,
+                                          "topk_group": 1, "norm_topk_prob": False, "tie_word_embeddings": True}])
+def test_hf_deepseek_v3_logits_match_to_1e5(changes):
+    from reslab.interop import from_hf, to_hf_state_dict
+
+    hf = random_hf_deepseek(**changes)
+    ours = from_hf(hf)
+    idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = hf(idx).logits, ours(idx).logits
+    assert expected.std() > 0.1 and ours.blocks[1].ffn.router.bias.abs().sum() > 0
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    back = to_hf_state_dict(ours)  # and the way back: the very same tensors under the same names
+    assert set(back) == set(hf.state_dict()) and all(torch.equal(back[k], v) for k, v in hf.state_dict().items())
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_key_value_heads": 2}, "num_key_value_heads=2 differs"),
+    ({"attention_bias": True}, "attention_bias=True is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                          "original_max_position_embeddings": 8}}, "RoPE scaling 'yarn' is not supported"),
+])
+def test_unsupported_hf_deepseek_fields_are_refused_in_one_line(changes, message):
+    transformers = pytest.importorskip("transformers")
+    from reslab.interop import config_from_hf
+
+    with pytest.raises(reslab.ReslabError, match=message) as error:
+        config_from_hf(transformers.DeepseekV3Config(**{**HF_TINY, **changes}))
+    assert "\n" not in str(error.value)
+
+
+def test_a_saved_hf_deepseek_v3_checkpoint_with_per_expert_files_loads(tmp_path):
+    from safetensors.torch import load_file
+
+    from reslab.interop import load_hf_checkpoint
+
+    hf = random_hf_deepseek()
+    hf.save_pretrained(tmp_path)
+    stored = {k for f in tmp_path.glob("*.safetensors") for k in load_file(f)}
+    assert "model.layers.1.mlp.experts.7.up_proj.weight" in stored  # files hold one tensor per expert
+    ours = load_hf_checkpoint(tmp_path)
+    idx = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx).logits, hf(idx).logits, rtol=0, atol=1e-5)

@@ -35,6 +35,9 @@ CASES = {
     "gpt2": [dict(bias=True, tie_embeddings=True), dict(bias=True, activation="relu2", tie_embeddings=False)],
     "llama": [dict(kv_heads=2, head_dim=16, ffn_hidden=96),
               dict(kv_heads=1, head_dim=32, ffn_hidden=96, qk_norm=True, tie_embeddings=True)],
+    "deepseek": [dict(first_k_dense=1, moe_experts=8, moe_top_k=2, routed_scale=2.5, expert_groups=4, top_groups=2),
+                 dict(q_lora_rank=None, rope_interleave=False, first_k_dense=0, moe_experts=4, moe_top_k=1,
+                      moe_shared=2, norm_top_k=False, tie_embeddings=True)],
 }
 
 
