@@ -197,3 +197,27 @@ def test_llama_moe_flags_train_and_log_load_entropy_and_aux_loss(cli, corpus, tm
 def test_bad_moe_flags_are_one_line(cli, flags):
     code, _, err = cli("info", "--model", "llama", *flags)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
+
+
+def test_moe_models_need_no_find_unused_parameters_even_when_experts_get_no_token():
+    from reslab.train.distributed import _has_unused_parameters
+
+    for name, extra in (("deepseek", {}), ("llama", {"moe_experts": 8})):
+        model = reslab.build_model(name, **TINY, **extra)  # one token, top-2 of 8: six experts unrouted
+        assert not _has_unused_parameters(model, torch.device("cpu")) and model.training
+        assert all(m.counts is None for m in model.modules() if isinstance(m, MoEFeedForward))
+
+
+def test_two_processes_follow_one_process_balance_bias_included(cli, corpus, tmp_path):
+    from torchrun import assert_same_run, metrics, one_thread, torchrun
+
+    args = ["--model", "deepseek", "--layers", "2", "--width", "32", "--heads", "2", "--context", "16", "--batch",
+            "8", "--eval-batches", "2", "--eval-interval", "10", "--log-interval", "1", "--no-progress",
+            "--steps", "20", "--data", corpus]
+    with one_thread():
+        code, _, err = cli("train", *args, "--out", tmp_path / "one")
+    assert code == 0, err
+    torchrun(*args, "--out", tmp_path / "two")
+    assert_same_run(tmp_path / "one", tmp_path / "two")  # loss, evaluations and checkpoint (the bias is in it)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["model_metrics"]["balance_bias"] for r in two] == [r["model_metrics"]["balance_bias"] for r in one]
