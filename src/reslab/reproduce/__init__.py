@@ -12,6 +12,7 @@ REPRODUCTIONS: dict[str, str] = {
     "mhc-gain": "reslab.reproduce.mhc_gain",
     "minimind-diagram": "reslab.reproduce.minimind_diagram",
     "book-figure": "reslab.reproduce.book_figure",
+    "deepseek-residuals": "reslab.reproduce.deepseek_residuals",
 }
 
 
