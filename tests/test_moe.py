@@ -221,3 +221,57 @@ def test_two_processes_follow_one_process_balance_bias_included(cli, corpus, tmp
     assert_same_run(tmp_path / "one", tmp_path / "two")  # loss, evaluations and checkpoint (the bias is in it)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["model_metrics"]["balance_bias"] for r in two] == [r["model_metrics"]["balance_bias"] for r in one]
+
+
+# --- Hugging Face Mixtral and Qwen3-MoE as `llama --moe-experts` ------------------------------------------------
+HF_MOE = {"mixtral": dict(num_local_experts=4), "qwen3_moe": dict(num_experts=4, moe_intermediate_size=40,
+                                                                  norm_topk_prob=True, head_dim=16)}
+
+
+def random_hf_moe(model_type: str, **changes):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    shape = dict(vocab_size=97, hidden_size=64, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=32, bos_token_id=None,
+                 eos_token_id=None)
+    config = transformers.AutoConfig.for_model(model_type, **{**shape, **HF_MOE[model_type], **changes})
+    hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, tensor in hf.state_dict().items():
+            if tensor.is_floating_point() and "rotary" not in name:
+                tensor.copy_(0.1 * torch.randn(tensor.shape) + (1.0 if tensor.ndim == 1 else 0.0))
+    return hf
+
+
+@pytest.mark.parametrize("model_type", list(HF_MOE))
+def test_hf_mixtral_and_qwen3_moe_load_as_llama_moe_from_models_and_saved_files(model_type, tmp_path):
+    from safetensors.torch import load_file
+
+    from reslab.interop import from_hf, load_hf_checkpoint
+
+    hf = random_hf_moe(model_type)
+    hf.save_pretrained(tmp_path)
+    stored = {k for f in tmp_path.glob("*.safetensors") for k in load_file(f)}
+    assert not any("gate_up_proj" in k for k in stored)  # files hold one tensor per expert
+    idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        for ours in (from_hf(hf), load_hf_checkpoint(tmp_path)):
+            assert ours.config.moe_experts == 4 and ours.config.qk_norm == (model_type == "qwen3_moe")
+            torch.testing.assert_close(ours(idx).logits, expected, rtol=0, atol=1e-5)
+    assert expected.std() > 0.1
+
+
+@pytest.mark.parametrize("model_type, changes, message", [
+    ("qwen3_moe", {"mlp_only_layers": [0]}, "mlp_only_layers=\\[0\\] is not supported"),
+    ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step=2 is not supported"),
+    ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1 is not supported"),
+])
+def test_unsupported_hf_moe_fields_are_refused_in_one_line(model_type, changes, message):
+    transformers = pytest.importorskip("transformers")
+    from reslab.interop import config_from_hf
+
+    config = transformers.AutoConfig.for_model(model_type, **{**HF_MOE[model_type], **changes})
+    with pytest.raises(reslab.ReslabError, match=message) as error:
+        config_from_hf(config)
+    assert "\n" not in str(error.value)

@@ -11,8 +11,8 @@ optimizers, FSDP and FLOP counting rely on, and the parameter groups modules dec
 - Parameter groups are declared, not guessed: weight decay applies to the weights of `nn.Linear` and `nn.Embedding`
   and to parameters a module lists in `decayed_parameters`; Muon takes the `nn.Linear` weights inside the blocks,
   except those a module lists in `not_for_muon`. A 3-D parameter a module lists in `stacked_matrices` (MoE experts)
-  is a stack of matrices: decayed, initialised like a Linear weight, and for Muon each matrix on its own. Everything else (norm gains, biases, residual coefficients) gets
-  AdamW without decay.
+  is a stack of matrices: decayed, initialised like a Linear weight, and for Muon each matrix on its own.
+  Everything else (norm gains, biases, residual coefficients) gets AdamW without decay.
 """
 
 from __future__ import annotations

@@ -9,16 +9,15 @@ HF's forward and are not part of the weights it builds.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from reslab.interop.base import HFAdapter, Refusal, Weight, refuse, weight
+from reslab.interop.experts import stack_experts
 from reslab.interop.llama import _rope_theta
 
-PER_EXPERT = re.compile(r"(.*mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 ATTENTION = (
     weight("attn_residual.norm.weight", "input_layernorm.weight"),
     weight("attn.kv_down.weight", "self_attn.kv_a_proj_with_mqa.weight"),
@@ -98,21 +97,7 @@ class DeepSeekV3(HFAdapter):
         )
 
     def module_layout(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        """Checkpoint files hold one tensor per expert (`mlp.experts.{e}.gate_proj.weight`, ...); HF's modules, and
-        the tables, hold them stacked (`mlp.experts.gate_up_proj`: gate then up rows per expert)."""
-        per_expert: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-        rest = {}
-        for key, tensor in tensors.items():
-            match = PER_EXPERT.fullmatch(key)
-            if match:
-                per_expert.setdefault(match[1], {}).setdefault(int(match[2]), {})[match[3]] = tensor
-            else:
-                rest[key] = tensor
-        for prefix, experts in per_expert.items():
-            ordered = [experts[e] for e in sorted(experts)]
-            rest[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([e["gate_proj"], e["up_proj"]]) for e in ordered])
-            rest[f"{prefix}.down_proj"] = torch.stack([e["down_proj"] for e in ordered])
-        return rest
+        return stack_experts(tensors)  # files hold one tensor per expert, HF's modules stacks
 
     def outer_weights(self, config: Any) -> tuple[Weight, ...]:
         return (weight("tok_emb.weight", "embed_tokens.weight"), weight("norm.weight", "norm.weight"))

@@ -38,6 +38,7 @@ class LlamaConfig(TransformerConfig):
     moe_top_k: int = 2
     moe_shared: int = 0  # always-on shared experts
     moe_aux_weight: float = 0.01  # weight of the load-balancing loss (MiniMind's aux_loss_alpha)
+    moe_norm_top_k: bool = True  # renormalise the chosen probabilities to sum 1 (MiniMind, Mixtral)
 
     RANGES: ClassVar[dict[str, Range]] = {"moe_aux_weight": NON_NEGATIVE}
 
@@ -81,7 +82,7 @@ class Llama(LanguageModel):
         c = self.config
         if not c.moe_experts:
             return SwiGLU(c.width, c.hidden, dropout=c.dropout)
-        router = TopKRouter(c.width, c.moe_experts, c.moe_top_k, scoring="softmax", normalize=True)
+        router = TopKRouter(c.width, c.moe_experts, c.moe_top_k, scoring="softmax", normalize=c.moe_norm_top_k)
         return MoEFeedForward(c.width, c.hidden, c.moe_experts, c.moe_top_k, c.moe_shared, router, dropout=c.dropout)
 
     def forward(self, idx: torch.Tensor) -> ModelOutput:

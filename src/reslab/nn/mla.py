@@ -33,7 +33,8 @@ class MultiHeadLatentAttention(nn.Module):
                  dropout: float = 0.0, norm_eps: float = 1e-6):
         super().__init__()
         self.heads = self.kv_heads = heads  # every head has its own keys and values (after the up-projection)
-        self.nope, self.rope_dim, self.v_dim, self.kv_rank = qk_nope_head_dim, qk_rope_head_dim, v_head_dim, kv_lora_rank
+        self.nope, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.kv_rank = kv_lora_rank
         self.qk_dim = qk_nope_head_dim + qk_rope_head_dim
         if q_lora_rank:
             self.q_down = nn.Linear(width, q_lora_rank, bias=False)
