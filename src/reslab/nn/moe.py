@@ -65,6 +65,12 @@ class TopKRouter(nn.Module):
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         return Routing(scores, chosen, gates * self.scale)
 
+    def extra_repr(self) -> str:
+        groups = f", top {self.top_groups} of {self.groups} groups" if self.groups > 1 else ""
+        bias = ", balance bias" if self.bias is not None else ""
+        return (f"{self.scoring}, top-{self.top_k} of {self.experts}{groups}, normalised={self.normalize}, "
+                f"scale={self.scale}{bias}")
+
     def limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Group-limited routing (DeepSeek-V3): keep the `top_groups` groups whose two best scores sum highest."""
         grouped = choice.view(choice.shape[0], self.groups, -1)
@@ -99,6 +105,10 @@ class StackedExperts(nn.Module):
             outputs.append(F.linear(F.silu(gate) * up, self.down[e]))
         weighted = torch.cat(outputs) * routing.gates.flatten()[order].unsqueeze(-1).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, weighted)
+
+    def extra_repr(self) -> str:
+        experts, hidden, width = self.down.shape[0], self.down.shape[2], self.down.shape[1]
+        return f"{experts} SwiGLU experts, {width} -> {hidden} -> {width}, top-{self.top_k}"
 
     def active_weights(self) -> int:
         """Matmul weights one token uses (FLOP counting): k experts' matrices."""
