@@ -3,8 +3,9 @@ SwiGLU FFN, pre-norm, optional tied embeddings and optional per-head QK RMSNorm 
 
 Touvron et al. 2023 (arXiv 2302.13971); Qwen3 technical report (arXiv 2505.09388) for QK-norm. With
 `moe_experts > 0` every FFN is MiniMind's mixture of experts (`reslab.nn.moe`): a softmax router, top-k with the
-chosen probabilities renormalised, `moe_shared` always-on experts, and the Switch / MiniMind load-balancing loss
-weighted by `moe_aux_weight` (Fedus et al. 2021, arXiv 2101.03961).
+chosen probabilities renormalised, `moe_shared` always-on experts, and the Switch load-balancing loss
+`E sum_i f_i P_i` per sequence as MiniMind computes it (`seq_aux`), weighted by `moe_aux_weight` (Fedus et al.
+2021, arXiv 2101.03961).
 """
 
 from dataclasses import dataclass
@@ -83,7 +84,8 @@ class Llama(LanguageModel):
         if not c.moe_experts:
             return SwiGLU(c.width, c.hidden, dropout=c.dropout)
         router = TopKRouter(c.width, c.moe_experts, c.moe_top_k, scoring="softmax", normalize=c.moe_norm_top_k)
-        return MoEFeedForward(c.width, c.hidden, c.moe_experts, c.moe_top_k, c.moe_shared, router, dropout=c.dropout)
+        return MoEFeedForward(c.width, c.hidden, c.moe_experts, c.moe_top_k, c.moe_shared, router, per_sequence=True,
+                              dropout=c.dropout)  # per sequence: MiniMind's default (seq_aux)
 
     def forward(self, idx: torch.Tensor) -> ModelOutput:
         stream = self.stream.widen(self.drop(self.tok_emb(idx)))

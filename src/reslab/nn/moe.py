@@ -8,7 +8,8 @@ Two shapes, one module:
   **auxiliary-loss-free balancing** of Wang et al. 2024 (arXiv 2408.15664): after each optimizer step
   `b += rate * sign(mean_load - load)`, plus a small sequence-wise balance loss.
 - MiniMind / Switch (Fedus et al. 2021, arXiv 2101.03961): softmax router, top-k, the auxiliary loss
-  `E * sum_i f_i P_i` (f_i: share of the routed assignments that went to expert i, P_i: mean router probability).
+  `E * sum_i f_i P_i` (f_i: share of the routed assignments that went to expert i, P_i: mean router probability),
+  over the batch (Switch) or per sequence and averaged (MiniMind's `seq_aux`, DeepSeek-V3's sequence-wise loss).
 
 Routing is sort-and-group: the (token, slot) assignments are sorted by expert and each expert runs one matmul on
 its contiguous slice; no loop over tokens. Experts are stacked 3-D parameters (experts, out, in), HF's layout; an
@@ -125,8 +126,8 @@ class MoEFeedForward(nn.Module):
     """Shared experts (always on) plus routed experts: `y = shared(x) + sum_{i in topk} g_i expert_i(x)`.
 
     The sublayer of a residual site like any FFN; after each forward it holds its balance loss and diagnostics
-    until the model collects them (`collect_moe`). `per_sequence` balance loss: DeepSeek-V3's sequence-wise
-    variant (f and P per sequence, averaged); otherwise over the whole batch (Switch, MiniMind).
+    until the model collects them (`collect_moe`). `per_sequence` balance loss: f and P per sequence, averaged
+    (DeepSeek-V3's sequence-wise loss, MiniMind's `seq_aux`); otherwise over the whole batch (Switch).
     """
 
     not_for_muon = ("router",)  # reslab.contracts: the router's rows are per-expert scores, not a hidden matrix
