@@ -275,3 +275,17 @@ def test_unsupported_hf_moe_fields_are_refused_in_one_line(model_type, changes, 
     with pytest.raises(reslab.ReslabError, match=message) as error:
         config_from_hf(config)
     assert "\n" not in str(error.value)
+
+
+def test_gradient_accumulation_follows_one_batch_balance_bias_included(cli, corpus, tmp_path):
+    """Expert counts add up over micro-batches; the bias moves once per optimizer step, as with one batch."""
+    args = ["--model", "deepseek", "--layers", "2", "--width", "32", "--heads", "2", "--context", "16", "--batch",
+            "8", "--eval-batches", "2", "--log-interval", "2", "--no-progress", "--steps", "8", "--data", corpus]
+    runs = {}
+    for accum in ("1", "4"):
+        code, _, err = cli("train", *args, "--grad-accum", accum, "--out", tmp_path / accum)
+        assert code == 0, err
+        runs[accum] = [json.loads(line) for line in (tmp_path / accum / "metrics.jsonl").read_text().splitlines()]
+    for one, four in zip(runs["1"], runs["4"], strict=True):
+        assert four["loss"] == pytest.approx(one["loss"], abs=1e-5)
+        assert four["model_metrics"]["balance_bias"] == one["model_metrics"]["balance_bias"]
