@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from reslab.nn.attention import causal_attention
 from reslab.nn.norms import RMSNorm
 from reslab.nn.rope import RotaryEmbedding
 
@@ -74,8 +74,7 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(batch, self.heads, seq, self.rope_dim)], dim=-1)
         if self.value_mix is not None:
             v = self.value_mix(v)
-        dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=self.qk_dim ** -0.5)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0, scale=self.qk_dim ** -0.5)
         return self.out_dropout(self.out(y.transpose(1, 2).reshape(batch, seq, self.heads * self.v_dim)))
 
     @property
