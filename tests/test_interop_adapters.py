@@ -34,7 +34,13 @@ SIZES = dict(vocab_size=101, context=32, width=64, layers=2, heads=4)
 CASES = {
     "gpt2": [dict(bias=True, tie_embeddings=True), dict(bias=True, activation="relu2", tie_embeddings=False)],
     "llama": [dict(kv_heads=2, head_dim=16, ffn_hidden=96),
-              dict(kv_heads=1, head_dim=32, ffn_hidden=96, qk_norm=True, tie_embeddings=True)],
+              dict(kv_heads=1, head_dim=32, ffn_hidden=96, qk_norm=True, tie_embeddings=True),
+              dict(kv_heads=2, head_dim=16, ffn_hidden=48, moe_experts=4, moe_top_k=2),  # Mixtral
+              dict(kv_heads=2, head_dim=16, ffn_hidden=48, moe_experts=4, moe_top_k=2, qk_norm=True,
+                   moe_norm_top_k=False)],  # Qwen3-MoE
+    "deepseek": [dict(first_k_dense=1, moe_experts=8, moe_top_k=2, routed_scale=2.5, expert_groups=4, top_groups=2),
+                 dict(q_lora_rank=None, rope_interleave=False, first_k_dense=0, moe_experts=4, moe_top_k=1,
+                      moe_shared=2, norm_top_k=False, tie_embeddings=True)],
 }
 
 

@@ -8,7 +8,7 @@ from conftest import make_corpus
 from reslab.cli import main
 
 KEYS = {"tiny-residual": {"residual", "article_edit", "no_residual"}, "depth": {"none", "pre"},
-        "post-vs-pre": {"post", "pre", "deepnorm"}}
+        "post-vs-pre": {"post", "pre", "deepnorm"}, "deepseek-residuals": {"pre", "post", "none", "mhc"}}
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,10 @@ MODEL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--context": ("context", int, "context length in tokens"),
     "--dropout": ("dropout", float, "dropout probability"),
     "--rope-theta": ("rope_theta", float, "RoPE base (llama)"),
+    "--moe-experts": ("moe_experts", int, "routed experts per MoE layer (llama: 0 = dense FFN; deepseek)"),
+    "--moe-top-k": ("moe_top_k", int, "experts each token is routed to (llama, deepseek)"),
+    "--moe-shared": ("moe_shared", int, "always-on shared experts (llama, deepseek)"),
+    "--moe-aux-weight": ("moe_aux_weight", float, "weight of the MoE load-balancing loss (llama, deepseek)"),
     "--activation": ("activation", str, "MLP activation (gpt): gelu-tanh (GPT-2, default), gelu (nanoGPT), relu, "
                      "relu2 (modded-nanogpt)"),
 }

@@ -10,8 +10,9 @@ optimizers, FSDP and FLOP counting rely on, and the parameter groups modules dec
   when the model is built, and names the first missing member.
 - Parameter groups are declared, not guessed: weight decay applies to the weights of `nn.Linear` and `nn.Embedding`
   and to parameters a module lists in `decayed_parameters`; Muon takes the `nn.Linear` weights inside the blocks,
-  except those a module lists in `not_for_muon`. Everything else (norm gains, biases, residual coefficients) gets
-  AdamW without decay.
+  except those a module lists in `not_for_muon`. A 3-D parameter a module lists in `stacked_matrices` (MoE experts)
+  is a stack of matrices: decayed, initialised like a Linear weight, and for Muon each matrix on its own.
+  Everything else (norm gains, biases, residual coefficients) gets AdamW without decay.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class ParameterGroups:
 
     decay: list[nn.Parameter]
     no_decay: list[nn.Parameter]
-    muon: list[nn.Parameter]  # hidden matrices (a subset of `decay`)
+    muon: list[nn.Parameter]  # hidden matrices, or stacks of them (a subset of `decay`)
 
 
 def _declared(module: nn.Module, declaration: str) -> set[int]:
@@ -94,11 +95,13 @@ def parameter_groups(model: nn.Module) -> ParameterGroups:
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
             decayed.add(id(module.weight))
-        decayed.update(_declared(module, "decayed_parameters"))
+        decayed.update(_declared(module, "decayed_parameters") | _declared(module, "stacked_matrices"))
         excluded_from_muon.update(_declared(module, "not_for_muon"))
     hidden: set[int] = set()
     for block in getattr(model, "blocks", ()):
         hidden.update(id(m.weight) for m in block.modules() if isinstance(m, nn.Linear))
+        for module in block.modules():
+            hidden.update(_declared(module, "stacked_matrices"))
     params = [p for p in model.parameters() if p.requires_grad]
     return ParameterGroups(
         decay=[p for p in params if id(p) in decayed],

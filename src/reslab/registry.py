@@ -9,8 +9,9 @@ MODELS: dict[str, str] = {
     "tiny": "reslab.models.tiny:TinyTransformer",
     "gpt": "reslab.models.gpt:GPT",
     "llama": "reslab.models.llama:Llama",
+    "deepseek": "reslab.models.deepseek:DeepSeek",
 }
-TRANSFORMERS = ("tiny", "gpt", "llama")
+TRANSFORMERS = ("tiny", "gpt", "llama", "deepseek")
 
 # scheme name -> "module:Class"; a new scheme is one file in reslab/residual/ plus one line here and in FORMULAS
 SCHEMES: dict[str, str] = {
@@ -62,4 +63,5 @@ REPRODUCTIONS: dict[str, str] = {
     "minimind-diagram": "reslab.reproduce.minimind_diagram",
     "book-figure": "reslab.reproduce.book_figure",
     "refine-not-replace": "reslab.reproduce.refine_not_replace",
+    "deepseek-residuals": "reslab.reproduce.deepseek_residuals",
 }

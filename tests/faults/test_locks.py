@@ -52,9 +52,11 @@ def test_a_second_process_on_a_run_is_refused_and_the_lock_dies_with_its_holder(
 
 
 def _checkpoint_step(run: Path) -> int:
-    import json
+    """The step of the checkpoint itself (state.json, its readable copy, is written just after it: a kill may land
+    between the two)."""
+    from reslab.train.checkpoint import checkpoint_step
 
-    return json.loads((run / "state.json").read_text())["step"]
+    return checkpoint_step(run / "checkpoint.safetensors")
 
 
 def _children(pid: int) -> list[int]:

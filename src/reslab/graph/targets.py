@@ -117,6 +117,17 @@ def load_target(spec: str, overrides: dict[str, Any] | None = None, device: str 
 
 
 def _builtin(name: str, overrides: dict[str, Any], device: str) -> tuple[nn.Module, tuple]:
+    """A built-in model; one whose forward reads tensor values (MoE routing) is built again on CPU, with a note,
+    as hf: models are, when it is small enough to."""
+    model, inputs = _build_builtin(name, overrides, device)
+    if device == "meta" and sum(p.numel() for p in model.parameters()) <= CPU_RETRY_PARAMS and not _runs(model, inputs):
+        print(f"note: {name} reads tensor values in its forward, which the meta device cannot; traced on cpu with "
+              "random weights", file=sys.stderr)
+        model, inputs = _build_builtin(name, overrides, "cpu")
+    return model, inputs
+
+
+def _build_builtin(name: str, overrides: dict[str, Any], device: str) -> tuple[nn.Module, tuple]:
     from reslab.models import build_model
 
     with torch.device(device):
@@ -223,11 +234,11 @@ def _hf_auto_class(model_type: str, config):
     return transformers.AutoModel
 
 
-def _runs(model: nn.Module, inputs: dict) -> bool:
+def _runs(model: nn.Module, inputs: dict | tuple) -> bool:
     """Does the forward run on meta? (It costs no memory there.)"""
     try:
         with torch.no_grad():
-            model(**inputs)
+            model(**inputs) if isinstance(inputs, dict) else model(*inputs)
     except Exception:
         return False
     return True

@@ -4,15 +4,17 @@ Why this exists: reslab's GPT-2 and Llama-family models are only a trustworthy l
 reference implementations compute. Loading real weights proves it (the tests compare logits with `transformers`),
 and it lets users study the residual stream of published checkpoints with reslab's probes.
 
-Supported: GPT-2 (`gpt2`) as reslab's `gpt`; Llama (`llama`), Mistral without a sliding window (`mistral`) and
-Qwen3 (`qwen3`, with QK-norm) as reslab's `llama`. Anything the reslab model would compute differently (biases
-it lacks, RoPE scaling, sliding windows, another activation) is refused with a ReslabError instead of being
-loaded into a model that silently disagrees with the original.
+Supported: GPT-2 (`gpt2`) as reslab's `gpt`; Llama (`llama`), Mistral without a sliding window (`mistral`),
+Qwen3 (`qwen3`, with QK-norm), Mixtral (`mixtral`) and Qwen3-MoE (`qwen3_moe`) as reslab's `llama` (the last two
+with `moe_experts`); DeepSeek-V3 (`deepseek_v3`) as reslab's `deepseek`. Anything the reslab model would compute
+differently (biases it lacks, RoPE scaling, sliding windows, another activation) is refused with a ReslabError
+instead of being loaded into a model that silently disagrees with the original.
 
 Checkpoints are read from safetensors only (never pickle), from a local directory only (never the network).
 `transformers` is imported lazily, only where a config has to be parsed or built.
 
-Layout, and the rule: one adapter per model family (`gpt2.py`, `llama.py`) holds everything that family knows:
+Layout, and the rule: one adapter per model family (`gpt2.py`, `llama.py`, `deepseek.py`) holds everything that
+family knows:
 its HF model types, config mapping both ways, refused fields and weight-name tables. The contract is `base.py`,
 the registry `registry.py`. The generic code (`convert.py`: configs and state dicts; `checkpoint.py`: directories
 and safetensors) never branches on a model or family name; if it seems to need to, the adapter contract lacks

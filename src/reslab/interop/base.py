@@ -7,9 +7,11 @@ and follows its tables; it never asks which family it is converting.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+import torch
 
 from reslab.errors import ReslabError
 
@@ -91,12 +93,21 @@ class HFAdapter:
         """The weights of one block, names relative to `blocks.{i}.` and `hf_layer`."""
         raise NotImplementedError
 
+    def module_layout(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """HF tensors as a checkpoint file may store them -> as the HF modules hold them (the names the tables
+        use). The identity, unless a family's files differ from its modules (per-expert files, stacked experts)."""
+        return tensors
+
+    def layer_weights(self, config: Any, layer: int) -> tuple[Weight, ...]:
+        """The weights of block `layer`: `block_weights` for every block, unless a family's blocks differ (dense
+        and MoE blocks in DeepSeek-V3)."""
+        return self.block_weights(config)
+
     def weight_table(self, config: Any) -> list[Weight]:
         """Every weight but the LM head, blocks expanded, HF names without `hf_prefix`."""
         table = list(self.outer_weights(config))
-        block = self.block_weights(config)
         for i in range(config.layers):
-            table += [w.prefixed(f"blocks.{i}.", self.hf_layer.format(i=i)) for w in block]
+            table += [w.prefixed(f"blocks.{i}.", self.hf_layer.format(i=i)) for w in self.layer_weights(config, i)]
         return table
 
 

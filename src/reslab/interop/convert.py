@@ -68,7 +68,7 @@ def convert_state_dict(name: str, overrides: Mapping[str, Any],
 
 
 def _to_reslab(adapter: HFAdapter, config: Any, hf_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    weights = _Weights(hf_tensors, adapter.hf_prefix)
+    weights = _Weights(adapter.module_layout(hf_tensors), adapter.hf_prefix)
     state = {}
     for w in adapter.weight_table(config):
         parts = [weights.take(key) for key in w.hf]

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from reslab.errors import ReslabError
 from reslab.interop.base import HFAdapter
+from reslab.interop.deepseek import DeepSeekV3
 from reslab.interop.gpt2 import GPT2
 from reslab.interop.llama import Llama
 from reslab.models import get_model_class
@@ -15,6 +16,7 @@ from reslab.models import get_model_class
 ADAPTERS: dict[str, HFAdapter] = {
     "gpt2": GPT2(),
     "llama": Llama(),
+    "deepseek": DeepSeekV3(),
 }
 
 

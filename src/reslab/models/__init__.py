@@ -37,7 +37,7 @@ def check_saved_model_config(name: str, values: dict, source) -> None:
 
 
 def build_model(name: str, **overrides) -> nn.Module:
-    """Build model `name` ('mlp', 'tiny', 'gpt', 'llama') with config fields overridden by keyword.
+    """Build model `name` ('mlp', 'tiny', 'gpt', 'llama', 'deepseek') with config fields overridden by keyword.
 
     A language model is checked against `reslab.contracts` once, here: a missing member is one error line."""
     model = get_model_class(name)(make_config(name, **overrides))

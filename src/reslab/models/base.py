@@ -9,6 +9,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from reslab.contracts import attention_sublayers
 from reslab.checks import BETA, NON_NEGATIVE, POSITIVE, Range, check_field_type, check_numbers
 from reslab.errors import ReslabError, check_positive
+from reslab.nn import Block, make_norm
 from reslab.residual import get_scheme
 
 
@@ -106,11 +108,30 @@ class LanguageModel(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            for name in getattr(module, "stacked_matrices", ()):  # a stack of matrices (MoE experts)
+                nn.init.normal_(getattr(module, name), 0.0, std)
         for block in self.blocks:
             for site, sublayer in block.sites():
                 if scaled_residual_init:
                     nn.init.normal_(sublayer.output_projection.weight, 0.0, std / math.sqrt(2 * len(self.blocks)))
                 site.init_branch(sublayer)
+
+    def build_rmsnorm_stack(self, sublayers: Callable[[int], tuple[nn.Module, nn.Module]]) -> None:
+        """The Llama-style skeleton: token embedding (no positions), dropout, the scheme's stream adapter, one
+        `Block` per layer from `sublayers(layer) -> (attention, FFN)`, a final RMSNorm (if the scheme has one) and
+        the LM head, tied to the embedding with `config.tie_embeddings`."""
+        config = self.config
+        scheme = get_scheme(config.residual)
+        norm = make_norm("rmsnorm", eps=config.norm_eps)
+        self.tok_emb = nn.Embedding(config.vocab_size, config.width)
+        self.drop = nn.Dropout(config.dropout)
+        self.stream = scheme.stream_adapter(config.width, config.layers, config.residual_options)
+        self.blocks = nn.ModuleList(Block(*sublayers(layer), scheme, layer, config.layers, config.width, norm,
+                                          config.residual_options) for layer in range(config.layers))
+        self.norm = norm(config.width) if scheme.final_norm else nn.Identity()
+        self.head = nn.Linear(config.width, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
 
     def num_parameters(self, exclude_positions: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
@@ -122,13 +143,23 @@ class LanguageModel(nn.Module):
         """Training FLOPs per token (forward + backward), the PaLM / nanoGPT estimate:
 
         6 * N_matmul + 12 * L * (heads * head_dim) * T, where N_matmul counts the weights of every Linear layer (the
-        LM head included, tied or not; embeddings, norms and biases excluded, being lookups or elementwise), and the
-        second term is the attention score and value matmuls over a context of T tokens (causal masking not halved).
+        LM head included, tied or not; embeddings, norms and biases excluded, being lookups or elementwise) plus the
+        weights a token actually uses of modules that declare `active_weights()` (MoE experts: top-k of them), and
+        the second term is the attention score and value matmuls over a context of T tokens (causal masking not
+        halved).
         """
         seq_len = seq_len or self.config.context
         matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        matmul_weights += sum(m.active_weights() for m in self.modules() if hasattr(m, "active_weights"))
         attention = sum(12 * attn.heads * attn.head_dim * seq_len for attn in attention_sublayers(self))
         return 6.0 * matmul_weights + attention
+
+    def update_balance(self, reduce=None) -> None:
+        """Called by the trainer after each optimizer step: MoE layers move their routing bias from the step's
+        expert counts (DeepSeek-V3's auxiliary-loss-free balancing; `reduce` sums the counts over ranks)."""
+        for module in self.modules():
+            if hasattr(module, "update_bias"):
+                module.update_bias(reduce)
 
     def residual_sites(self):
         """(block index, sublayer index, site) for every place a sublayer meets the stream."""

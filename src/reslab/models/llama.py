@@ -1,19 +1,25 @@
 """The Llama family as small models use it (MiniMind, Llama 2/3, Qwen3): RMSNorm, RoPE, grouped-query attention,
 SwiGLU FFN, pre-norm, optional tied embeddings and optional per-head QK RMSNorm (Qwen3).
 
-Touvron et al. 2023 (arXiv 2302.13971); Qwen3 technical report (arXiv 2505.09388) for QK-norm.
+Touvron et al. 2023 (arXiv 2302.13971); Qwen3 technical report (arXiv 2505.09388) for QK-norm. With
+`moe_experts > 0` every FFN is MiniMind's mixture of experts (`reslab.nn.moe`): a softmax router, top-k with the
+chosen probabilities renormalised, `moe_shared` always-on experts, and the Switch load-balancing loss
+`E sum_i f_i P_i` per sequence as MiniMind computes it (`seq_aux`), weighted by `moe_aux_weight` (Fedus et al.
+2021, arXiv 2101.03961).
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
+from reslab.checks import NON_NEGATIVE, Range
 from reslab.errors import ReslabError, check_positive
 from reslab.contracts import ModelOutput
 from reslab.models.base import LanguageModel, TransformerConfig
-from reslab.nn import Block, CausalSelfAttention, SwiGLU, make_norm
-from reslab.residual import get_scheme
+from reslab.nn import CausalSelfAttention, SwiGLU
+from reslab.nn.moe import MoEFeedForward, TopKRouter, collect_moe
 
 
 @dataclass
@@ -29,11 +35,23 @@ class LlamaConfig(TransformerConfig):
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
     residual: str = "pre"
+    moe_experts: int = 0  # 0: a dense SwiGLU FFN; otherwise routed experts of ffn_hidden each
+    moe_top_k: int = 2
+    moe_shared: int = 0  # always-on shared experts
+    moe_aux_weight: float = 0.01  # weight of the load-balancing loss (MiniMind's aux_loss_alpha)
+    moe_norm_top_k: bool = True  # renormalise the chosen probabilities to sum 1 (MiniMind, Mixtral)
+
+    RANGES: ClassVar[dict[str, Range]] = {"moe_aux_weight": NON_NEGATIVE}
 
     def validate(self) -> None:
         super().validate()
         check_positive(kv_heads=self.kv_heads, head_dim=self.head_dim, ffn_hidden=self.ffn_hidden,
-                       rope_theta=self.rope_theta)
+                       rope_theta=self.rope_theta, moe_top_k=self.moe_top_k)
+        if self.moe_experts < 0 or self.moe_shared < 0:
+            raise ReslabError("moe_experts and moe_shared must be >= 0")
+        if self.moe_experts and self.moe_top_k > self.moe_experts:
+            raise ReslabError(f"moe_top_k {self.moe_top_k} exceeds the {self.moe_experts} experts; "
+                              "choose moe_top_k <= moe_experts")
         if self.heads % self.kv_heads:
             choices = ", ".join(str(d) for d in range(1, self.heads + 1) if self.heads % d == 0)
             raise ReslabError(f"heads {self.heads} is not divisible by kv_heads {self.kv_heads}; "
@@ -53,31 +71,25 @@ class Llama(LanguageModel):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        scheme = get_scheme(config.residual)
-        norm = make_norm("rmsnorm", eps=config.norm_eps)
-        self.tok_emb = nn.Embedding(config.vocab_size, config.width)
-        self.drop = nn.Dropout(config.dropout)
-        self.stream = scheme.stream_adapter(config.width, config.layers, config.residual_options)
-        self.blocks = nn.ModuleList(
-            Block(
-                CausalSelfAttention(
-                    config.width, config.heads, config.kv_heads, config.head_dim, bias=False,
-                    dropout=config.dropout, rope_theta=config.rope_theta, qk_norm=config.qk_norm,
-                    norm_eps=config.norm_eps,
-                ),
-                SwiGLU(config.width, config.hidden, dropout=config.dropout),
-                scheme, layer, config.layers, config.width, norm, config.residual_options,
-            )
-            for layer in range(config.layers)
-        )
-        self.norm = norm(config.width) if scheme.final_norm else nn.Identity()
-        self.head = nn.Linear(config.width, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.head.weight = self.tok_emb.weight
+        if config.moe_experts:
+            self.aux_loss_weights = {"moe_balance": config.moe_aux_weight}
+        self.build_rmsnorm_stack(lambda layer: (CausalSelfAttention(
+            config.width, config.heads, config.kv_heads, config.head_dim, bias=False, dropout=config.dropout,
+            rope_theta=config.rope_theta, qk_norm=config.qk_norm, norm_eps=config.norm_eps,
+        ), self.feed_forward()))
         self.init_weights(scaled_residual_init=False)
+
+    def feed_forward(self) -> nn.Module:
+        c = self.config
+        if not c.moe_experts:
+            return SwiGLU(c.width, c.hidden, dropout=c.dropout)
+        router = TopKRouter(c.width, c.moe_experts, c.moe_top_k, scoring="softmax", normalize=c.moe_norm_top_k)
+        return MoEFeedForward(c.width, c.hidden, c.moe_experts, c.moe_top_k, c.moe_shared, router, per_sequence=True,
+                              dropout=c.dropout)  # per sequence: MiniMind's default (seq_aux)
 
     def forward(self, idx: torch.Tensor) -> ModelOutput:
         stream = self.stream.widen(self.drop(self.tok_emb(idx)))
         for block in self.blocks:
             stream = block(stream)
-        return ModelOutput(self.head(self.norm(self.stream.reduce(stream))))
+        logits = self.head(self.norm(self.stream.reduce(stream)))
+        return ModelOutput(logits, *collect_moe(self)) if self.config.moe_experts else ModelOutput(logits)

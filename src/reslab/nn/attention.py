@@ -64,16 +64,7 @@ class CausalSelfAttention(nn.Module):
         return self.out_dropout(self.out(y))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        dropout = self.dropout if self.training else 0.0
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # torch's CPU flash attention runs 4.6x slower in bf16 than in fp32 (forward + backward at nanoGPT's
-            # CPU shape, torch 2.13), and attention is a small share of the FLOPs: run it in fp32.
-            with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, dropout_p=dropout,
-                                                   enable_gqa=self.kv_heads != self.heads)
-            return y.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                              enable_gqa=self.kv_heads != self.heads)
+        return causal_attention(q, k, v, self.dropout if self.training else 0.0, gqa=self.kv_heads != self.heads)
 
     @property
     def output_projection(self) -> nn.Linear:
@@ -84,3 +75,16 @@ class CausalSelfAttention(nn.Module):
         """The branch's weight matrices by role (views into the fused qkv), for schemes that set their own init."""
         q, k, v = self.qkv.weight.split(self.split_sizes, dim=0)
         return [("q", q), ("k", k), ("v", v), ("out", self.out.weight)]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
+                     scale: float | None = None, gqa: bool = False) -> torch.Tensor:
+    """Causal scaled dot-product attention over (batch, heads, seq, dim) tensors."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # torch's CPU flash attention runs 4.6x slower in bf16 than in fp32 (forward + backward at nanoGPT's
+        # CPU shape, torch 2.13), and attention is a small share of the FLOPs: run it in fp32.
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, dropout_p=dropout,
+                                               scale=scale, enable_gqa=gqa)
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale, enable_gqa=gqa)

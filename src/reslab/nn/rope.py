@@ -7,11 +7,15 @@ import torch.nn as nn
 class RotaryEmbedding(nn.Module):
     """Rotates query/key channel pairs (i, i + d/2) by angle pos * theta^(-2i/d).
 
-    The cos/sin tables are computed lazily for the sequence length seen and cached (not saved in checkpoints).
+    `interleaved`: the pairs are (2i, 2i + 1) instead, as DeepSeek's reference code lays them out; the rotated pairs
+    are returned in the half-split layout (even channels first), which leaves q . k unchanged when both are rotated
+    (HF's `rope_interleave`). The cos/sin tables are computed lazily for the sequence length seen and cached (not
+    saved in checkpoints).
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, interleaved: bool = False):
         super().__init__()
+        self.interleaved = interleaved
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -33,5 +37,8 @@ class RotaryEmbedding(nn.Module):
         """x: (batch, heads, seq, head_dim)."""
         cos, sin = self.tables(x.shape[-2], x.device, x.dtype)
         half = x.shape[-1] // 2
+        if self.interleaved:
+            cos, sin, even, odd = cos[..., :half], sin[..., :half], x[..., 0::2], x[..., 1::2]
+            return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin

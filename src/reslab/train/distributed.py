@@ -328,12 +328,17 @@ def _has_unused_parameters(model: nn.Module, device: torch.device) -> bool:
     them without a gradient, as one process would; other models skip that cost. Found with one forward and
     backward of a single token, with the random state put back afterwards.
     """
+    training = model.training
+    model.eval()  # no dropout and no MoE load counting; which parameters are used does not depend on it
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
-            model(torch.zeros(1, 1, dtype=torch.long, device=device)).float().sum().backward()
+            out = model(torch.zeros(1, 1, dtype=torch.long, device=device))
+            getattr(out, "logits", out).float().sum().backward()  # language models return a ModelOutput
         except Exception:  # noqa: BLE001 (a model that takes other input: let DDP look at every step)
             model.zero_grad(set_to_none=True)
             return True
+        finally:
+            model.train(training)
     unused = any(p.grad is None for p in model.parameters() if p.requires_grad)
     model.zero_grad(set_to_none=True)
     return unused

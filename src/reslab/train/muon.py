@@ -97,13 +97,15 @@ class MuonAdamW(torch.optim.Optimizer):
         updates = torch._foreach_lerp(grads, buffers, group["momentum"])  # Nesterov
         torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
         by_shape: dict[torch.Size, list[int]] = {}
-        for i, p in enumerate(params):
-            by_shape.setdefault(p.shape, []).append(i)
+        for i, p in enumerate(params):  # a 3-D parameter (stacked MoE experts) is a batch of its matrices
+            by_shape.setdefault(p.shape[-2:], []).append(i)
         for shape, members in by_shape.items():
-            stack = orthogonalize_batch(torch.stack([updates[i] for i in members]), dtype=ns_dtype)
+            stack = orthogonalize_batch(torch.cat([updates[i].view(-1, *shape) for i in members]), dtype=ns_dtype)
             # Scale so the update's RMS matches across shapes: tall matrices get sqrt(rows / cols).
             scale = math.sqrt(max(1.0, shape[0] / shape[1]))
-            torch._foreach_add_([params[i] for i in members], list(stack.unbind(0)), alpha=-group["lr"] * scale)
+            parts = stack.split([params[i].numel() // shape.numel() for i in members])
+            torch._foreach_add_([params[i] for i in members], [part.view_as(params[i]) for i, part in
+                                                                zip(members, parts)], alpha=-group["lr"] * scale)
 
     def _adamw(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]

@@ -121,6 +121,9 @@ class TrainStep:
         failpoint("step")  # the fault tests' "inside a step": gradients computed, weights not yet updated
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        balance = getattr(self.model, "update_balance", None)
+        if balance is not None:  # MoE routing bias, from this step's expert counts summed over ranks
+            balance(self.world.sum)
         aux = {name: self.world.mean(value) for name, value in aux.items()}
         metrics = {name: value.detach() for name, value in losses.metrics.items()}
         return StepResult(self.world.mean(total / self.micro_batches), norms, probe, aux, metrics)  # global batch
