@@ -16,6 +16,7 @@ COMMAND_MODULES: list[str] = [
     "reslab.bench",
     "reslab.report.commands",
     "reslab.graph.commands",
+    "reslab.data.commands",
 ]
 
 
