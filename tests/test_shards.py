@@ -279,7 +279,10 @@ def test_an_interrupted_prepare_resumes_and_keeps_its_finished_shards(text, tmp_
     assert not list((tmp_path / "data").glob(".*.tmp")) and not (tmp_path / "data" / "prepare-state.json").exists()
 
 
-def test_parallel_workers_write_the_same_shards(text, tmp_path):
+def test_parallel_workers_write_the_same_shards(text, tmp_path, monkeypatch):
+    import reslab.data.prepare
+
+    monkeypatch.setattr(reslab.data.prepare, "PARALLEL_BYTES", 1)  # workers even for a small text
     one = prepare_data([text], tmp_path / "one", small_options(workers=1))
     two = prepare_data([text], tmp_path / "two", small_options(workers=2))
     assert one["fingerprint"] == two["fingerprint"]

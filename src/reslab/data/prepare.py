@@ -42,7 +42,7 @@ from reslab.io import atomic_write, read_json, remove_temp_files, write_json
 
 STATE = "prepare-state.json"
 DEFAULT_SHARD_TOKENS = 1 << 24  # 32 MiB of uint16 per shard: the most a prepare holds in memory
-PARALLEL_BYTES = 16 << 20  # a cached text below this is encoded in this process (starting workers costs more)
+PARALLEL_BYTES = 16 << 20  # one worker process per this much text, at most --workers (a worker costs ~1 s to start)
 
 
 @dataclass
@@ -256,7 +256,8 @@ class _Encoder:
 def _encode_all(files: list[Path], out: Path, tokenizer: Tokenizer, options: PrepareOptions,
                 state: dict[str, Any]) -> None:
     progress = _Progress(files, state, options.progress)
-    encoder = _Encoder(tokenizer, options.workers, dtype_for(tokenizer.vocab_size))
+    workers = min(options.workers, max(1, sum(progress.sizes) // PARALLEL_BYTES))  # a worker costs a second to start
+    encoder = _Encoder(tokenizer, workers, dtype_for(tokenizer.vocab_size))
     writer = _ShardWriter(out, state, options.shard_tokens)
     index, offset, skip = state["position"]
     try:
@@ -393,8 +394,7 @@ def cached_text(path: Path, kind: str, vocab_size: int | None, expect_sha256: st
     key = f"{sha[:32]}-{kind}{vocab_size if kind == 'bpe' else ''}"
     out = default_cache_dir() / "tokens" / key
     size = path.stat().st_size
-    options = PrepareOptions(tokenizer=kind, vocab_size=vocab_size, flag="--data",
-                             workers=max(1, min(os.cpu_count() or 1, size // PARALLEL_BYTES)),
+    options = PrepareOptions(tokenizer=kind, vocab_size=vocab_size, flag="--data", workers=os.cpu_count() or 1,
                              progress=size > PARALLEL_BYTES and sys.stderr.isatty())
     try:
         with _locked(out.with_name(key + ".lock")):
