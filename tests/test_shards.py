@@ -411,3 +411,20 @@ def test_sources_may_be_directories_and_globs_and_a_tokenizer_file(cli, text, tm
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-hub"))
     code, _, err = cli("data", "prepare", text, "--out", tmp_path / "g", "--tokenizer", "gpt2")
     assert code == 2 and "not on this machine" in err and not (tmp_path / "g").exists()
+
+
+def test_a_run_on_shards_stopped_and_resumed_ends_like_an_uninterrupted_one(cli, text, tmp_path):
+    prepare_data([text], tmp_path / "data", small_options(shard_tokens=3000))
+    args = [*FAST, "--data", tmp_path / "data", "--steps", "16", "--log-interval", "4", "--eval-interval", "8",
+            "--checkpoint-interval", "5"]
+    assert cli("train", *args, "--out", tmp_path / "whole")[0] == 0
+    code, out, err = cli("train", *args, "--out", tmp_path / "split", "--stop-at", "7")
+    assert code == 0 and "stopped at step 7" in out, err
+    assert cli("train", "--resume", tmp_path / "split", "--no-progress")[0] == 0
+
+    def records(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_second", "train_seconds")}
+                for line in lines]
+
+    assert records("split") == records("whole") and len(records("whole")) == 4

@@ -42,7 +42,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise ReslabError(f"--bpe-sample-mb must be positive, got {args.bpe_sample_mb}")
     options = PrepareOptions(
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, workers=args.workers,
-        shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, val_fraction=args.val_fraction,
+        shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens, val_fraction=args.val_fraction,
         bpe_sample_bytes=None if args.bpe_sample_mb is None else int(args.bpe_sample_mb * 1e6),
         progress=not args.no_progress)
     manifest = prepare_data(args.sources, args.out, options)

@@ -103,7 +103,7 @@ class TokenSpan:
 
 
 def max_id(path: Path, dtype: np.dtype, offset: int = 0) -> int:
-    """The largest id in a token file, read in pieces into one reused buffer (never mapped, never whole)."""
+    """The largest id in a token file, read in pieces of SCAN_BYTES (never mapped, never whole in memory)."""
     top = -1
     with open(path, "rb") as handle:
         handle.seek(offset)
