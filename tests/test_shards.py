@@ -428,3 +428,14 @@ def test_a_run_on_shards_stopped_and_resumed_ends_like_an_uninterrupted_one(cli,
                 for line in lines]
 
     assert records("split") == records("whole") and len(records("whole")) == 4
+
+
+def test_a_run_on_bpe_shards_killed_before_its_first_checkpoint_resumes(text, tmp_path):
+    prepare_data([text], tmp_path / "data", small_options(tokenizer="bpe", vocab_size=300))
+    args = ["train", *FAST, "--steps", "3", "--data", tmp_path / "data", "--out", tmp_path / "run"]
+    killed = reslab_process(*args, env={"RESLAB_FAILPOINTS": "write:tokenizer.json@1=kill"})
+    assert killed.returncode == -9 and (tmp_path / "run" / "config.json").exists()
+    resumed = reslab_process("train", "--resume", tmp_path / "run", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    code = reslab_process(*args[:-2], "--out", tmp_path / "other", "--tokenizer", "char")
+    assert code.returncode == 2 and "prepared with the bpe tokenizer" in code.stderr

@@ -77,17 +77,18 @@ def prepare(config_overrides: dict[str, Any], model_overrides: dict[str, Any], r
         check_resumable(data, tokenizer, saved["data"], run.path, config.data)
         return _finish_setup(config, saved["model"], dict(saved["model_config"]), data, run, True, command)
     run.check_new(overwrite)
-    return _prepare_new(config_overrides, model_overrides, run, command, overwrite)
+    return _prepare_new(config_overrides, model_overrides, run, command, overwrite, flags_given=True)
 
 
 def _prepare_new(config_overrides: dict[str, Any], model_overrides: dict[str, Any], run: RunDir,
-                 command: list[str] | None, overwrite: bool) -> RunSetup:
+                 command: list[str] | None, overwrite: bool, flags_given: bool = False) -> RunSetup:
+    """A new run (or one restarted from its saved config: then `config_overrides` is the whole config, not flags)."""
     config = TrainConfig.from_dict(config_overrides)
     check_launch(config)
     model_name = config.model
     make_config(model_name, **model_overrides)  # fail on a bad model flag before the data is read
     data = training_data(config.data, config.tokenizer, config.vocab_size)
-    if "tokenizer" in config_overrides and config_overrides["tokenizer"] != data.tokenizer.kind:
+    if flags_given and config_overrides.get("tokenizer", data.tokenizer.kind) != data.tokenizer.kind:
         raise ReslabError(f"--data {config.data} was prepared with the {data.tokenizer.kind} tokenizer, not "
                           f"--tokenizer {config_overrides['tokenizer']}; drop the flag or prepare the data again")
     model_config = make_config(model_name, **{**model_overrides, "vocab_size": data.tokenizer.vocab_size}).to_dict()
