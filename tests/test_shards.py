@@ -18,8 +18,8 @@ import torch
 from conftest import make_corpus
 from reslab.data import BatchSampler, build_tokenizer, encode_corpus, split_tokens
 from reslab.data.prepare import PrepareOptions, prepare_data
-from reslab.data.shards import (MANIFEST, MODDED_MAGIC, TOKENIZER_FILE, TokenSpan, fingerprint, open_prepared,
-                                open_reslab, read_meta_pkl)
+from reslab.data.shards import (MANIFEST, MODDED_MAGIC, TOKENIZER_FILE, TokenSpan, dtype_for, fingerprint,
+                                open_prepared, open_reslab, read_meta_pkl)
 from reslab.data.training import training_data
 from reslab.errors import ReslabError
 
@@ -264,6 +264,8 @@ def test_an_interrupted_prepare_resumes_and_keeps_its_finished_shards(text, tmp_
     killed = reslab_process(*args, "--out", tmp_path / "data", env={"RESLAB_FAILPOINTS": "write:shard-00002.bin=kill"})
     assert killed.returncode == -9
     assert not (tmp_path / "data" / MANIFEST).exists()
+    with pytest.raises(ReslabError, match="unfinished prepare"):
+        open_prepared(tmp_path / "data")
     first = {name: (tmp_path / "data" / name).stat().st_mtime_ns for name in ("shard-00000.bin", "shard-00001.bin")}
     resumed = reslab_process(*args, "--out", tmp_path / "data")
     assert resumed.returncode == 0, resumed.stderr
@@ -439,3 +441,12 @@ def test_a_run_on_bpe_shards_killed_before_its_first_checkpoint_resumes(text, tm
     assert resumed.returncode == 0, resumed.stderr
     code = reslab_process(*args[:-2], "--out", tmp_path / "other", "--tokenizer", "char")
     assert code.returncode == 2 and "prepared with the bpe tokenizer" in code.stderr
+
+
+def test_token_width_follows_the_vocabulary(tmp_path):
+    assert (dtype_for(256), dtype_for(65535), dtype_for(65536), dtype_for(200_000)) == (
+        "uint16", "uint16", "uint32", "uint32")
+    arrays = [np.arange(70_000, 70_100, dtype=np.uint32), np.arange(70_100, 70_150, dtype=np.uint32)]
+    span = TokenSpan(arrays).split(120)[0]
+    assert np.array_equal(span.windows(np.array([95, 0]), 10)[0], np.arange(70_095, 70_105))
+    assert len(span) == 120

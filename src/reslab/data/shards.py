@@ -32,6 +32,7 @@ from reslab.data.tokenizer import CharTokenizer, IdTokenizer, Tokenizer, load_to
 from reslab.errors import ReslabError
 
 MANIFEST = "manifest.json"
+PREPARE_STATE = "prepare-state.json"  # present while a prepare is unfinished
 TOKENIZER_FILE = "tokenizer.reslab.json"  # not tokenizer.json: that name belongs to run directories
 FORMAT = "reslab-tokens"
 FORMAT_VERSION = 1
@@ -130,6 +131,9 @@ def open_prepared(directory: Path, vocab_size: int | None = None, verify: bool =
     if (directory / "train.bin").exists():
         return open_nanogpt(directory, vocab_size)
     bins = sorted(directory.glob("*.bin"))
+    if (directory / PREPARE_STATE).exists():
+        raise ReslabError(f"--data {directory} is a directory with an unfinished prepare (no {MANIFEST} yet); run the "
+                          "same reslab data prepare command again to finish it")
     if bins and _is_modded(bins[0]):
         return open_modded(bins, vocab_size)
     raise ReslabError(f"--data {directory} is a directory but not prepared data (no {MANIFEST}, train.bin or "
