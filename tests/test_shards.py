@@ -450,3 +450,27 @@ def test_token_width_follows_the_vocabulary(tmp_path):
     span = TokenSpan(arrays).split(120)[0]
     assert np.array_equal(span.windows(np.array([95, 0]), 10)[0], np.arange(70_095, 70_105))
     assert len(span) == 120
+
+
+def test_a_hugging_face_dataset_on_disk_is_a_source_and_resumes(cli, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [f"story {i}: " + "the king and the queen " * (i % 7 + 1) for i in range(400)]
+    datasets.Dataset.from_dict({"text": rows, "id": list(range(400))}).save_to_disk(str(tmp_path / "ds"))
+    args = ["data", "prepare", f"hf:{tmp_path / 'ds'}", "--shard-tokens", "5000", "--workers", "1", "--no-progress"]
+    killed = reslab_process(*args, "--out", tmp_path / "data", env={"RESLAB_FAILPOINTS": "write:shard-00003.bin=kill"})
+    assert killed.returncode == -9, killed.stderr
+    assert reslab_process(*args, "--out", tmp_path / "data").returncode == 0
+    code, _, err = cli(*args, "--out", tmp_path / "whole")
+    assert code == 0, err
+    data = open_reslab(tmp_path / "data", verify=True)
+    expected = "".join(row + "\n\n" for row in rows)
+    tokens = np.concatenate([data.train.to_numpy(), data.val.to_numpy()])
+    assert data.tokenizer.decode(tokens) == expected
+    assert data.record["fingerprint"] == open_reslab(tmp_path / "whole").record["fingerprint"]
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": rows[:50]})})
+    splits.save_to_disk(str(tmp_path / "dsd"))
+    assert cli("data", "prepare", f"hf:{tmp_path / 'dsd'}:train", "--out", tmp_path / "t", "--no-progress")[0] == 0
+    code, _, err = cli("data", "prepare", f"hf:{tmp_path / 'dsd'}:nosplit", "--out", tmp_path / "x")
+    code2, _, err2 = cli("data", "prepare", "hf:" + str(tmp_path / "nothing"), "--out", tmp_path / "y")
+    assert code == 2 and "no split 'nosplit'" in err and not (tmp_path / "x").exists()
+    assert code2 == 2 and "cannot load it from this machine" in err2 and not (tmp_path / "y").exists()

@@ -13,7 +13,9 @@ def register(commands) -> None:
     data = commands.add_parser("data", help="prepare a corpus into memory-mapped token shards, or inspect one")
     actions = data.add_subparsers(dest="action", required=True, parser_class=type(data))
     prepare = actions.add_parser("prepare", help="tokenize text files once into shards + manifest.json")
-    prepare.add_argument("sources", nargs="+", metavar="SOURCE", help="text files, globs or directories of text")
+    prepare.add_argument("sources", nargs="+", metavar="SOURCE",
+                         help="text files, globs, directories of text, or hf:NAME_OR_FOLDER[:SPLIT] (a Hugging Face "
+                         "dataset on this machine)")
     prepare.add_argument("--out", type=Path, required=True, help="the directory to write (resumed if interrupted)")
     prepare.add_argument("--tokenizer", default="char", help="char (default), bpe (trained here), gpt2 (from the local "
                          "Hugging Face cache) or a tokenizer.json file")
@@ -41,8 +43,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.bpe_sample_mb is not None and not args.bpe_sample_mb > 0:
         raise ReslabError(f"--bpe-sample-mb must be positive, got {args.bpe_sample_mb}")
     options = PrepareOptions(
-        tokenizer=args.tokenizer, vocab_size=args.vocab_size, workers=args.workers,
-        shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens, val_fraction=args.val_fraction,
+        tokenizer=args.tokenizer, vocab_size=args.vocab_size, workers=args.workers, val_fraction=args.val_fraction,
+        shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
         bpe_sample_bytes=None if args.bpe_sample_mb is None else int(args.bpe_sample_mb * 1e6),
         progress=not args.no_progress)
     manifest = prepare_data(args.sources, args.out, options)

@@ -74,7 +74,7 @@ def prepare_data(sources: list, out: Path, options: PrepareOptions, identity: li
     files = resolve_sources([str(s) for s in sources])
     _check_options(options)
     out = Path(out)
-    job = {**options.job(), "sources": identity or [[str(f.resolve()), *_stat(f)] for f in files]}
+    job = {**options.job(), "sources": identity or [_identity(f) for f in files]}
     done = _finished(out, job)
     if done is not None:
         return done
@@ -90,9 +90,26 @@ def prepare_data(sources: list, out: Path, options: PrepareOptions, identity: li
     return _write_manifest(out, tokenizer, options, state, files)
 
 
-def _stat(path: Path) -> list[int]:
-    info = path.stat()
-    return [info.st_size, info.st_mtime_ns]
+def _identity(source) -> list:
+    """A file by its path, size and mtime; a dataset by its spec, rows and fingerprint."""
+    if not isinstance(source, Path):
+        return source.identity()
+    info = source.stat()
+    return [str(source.resolve()), info.st_size, info.st_mtime_ns]
+
+
+def _chunks(source, offset: int, options: PrepareOptions) -> Iterator[Chunk]:
+    if not isinstance(source, Path):
+        return source.chunks(offset, options.chunk_bytes)
+    return text_chunks(source, offset, options.chunk_bytes, options.flag)
+
+
+def _extent(source) -> tuple[int, int]:
+    """(weight in bytes, units a position counts in) of a source: bytes for a file, rows for a dataset."""
+    if not isinstance(source, Path):
+        return source.nbytes, source.rows
+    size = source.stat().st_size
+    return size, size
 
 
 def _check_options(options: PrepareOptions) -> None:
@@ -144,15 +161,15 @@ def _resume_state(out: Path, job: dict[str, Any]) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------------------------- the tokenizer
 
 
-def _corpus(files: list[Path], options: PrepareOptions, start: tuple[int, int] = (0, 0)) -> Iterator[tuple]:
+def _corpus(files: list, options: PrepareOptions, start: tuple[int, int] = (0, 0)) -> Iterator[tuple]:
     """(file index, chunk) over every file from `start`, in order."""
     for index in range(start[0], len(files)):
         offset = start[1] if index == start[0] else 0
-        for chunk in text_chunks(files[index], offset, options.chunk_bytes, options.flag):
+        for chunk in _chunks(files[index], offset, options):
             yield index, chunk
 
 
-def _build_tokenizer(files: list[Path], options: PrepareOptions) -> Tokenizer:
+def _build_tokenizer(files: list, options: PrepareOptions) -> Tokenizer:
     """char: the set of every character (one streamed pass); bpe: trained on the first bpe_sample_bytes; else a file."""
     if options.tokenizer == "char":
         chars: set[str] = set()
@@ -180,7 +197,7 @@ def gpt2_tokenizer_file() -> Path:
                       "download it once and pass --tokenizer PATH/tokenizer.json")
 
 
-def _sample_lines(files: list[Path], options: PrepareOptions) -> Iterator[str]:
+def _sample_lines(files: list, options: PrepareOptions) -> Iterator[str]:
     """The lines of the first bpe_sample_bytes of text (all of it by default), streamed."""
     taken, seen = 0, set()
     for _, chunk in _corpus(files, options):
@@ -193,7 +210,7 @@ def _sample_lines(files: list[Path], options: PrepareOptions) -> Iterator[str]:
     _check_not_blank(seen, files, options)
 
 
-def _check_not_blank(seen: set[str], files: list[Path], options: PrepareOptions) -> None:
+def _check_not_blank(seen: set[str], files: list, options: PrepareOptions) -> None:
     if not any(not c.isspace() for c in seen):
         raise ReslabError(f"{options.flag} {files[0]} is empty; pass a file with text in it")
 
@@ -253,10 +270,10 @@ class _Encoder:
             self.pool.join()
 
 
-def _encode_all(files: list[Path], out: Path, tokenizer: Tokenizer, options: PrepareOptions,
+def _encode_all(files: list, out: Path, tokenizer: Tokenizer, options: PrepareOptions,
                 state: dict[str, Any]) -> None:
     progress = _Progress(files, state, options.progress)
-    workers = min(options.workers, max(1, sum(progress.sizes) // PARALLEL_BYTES))  # a worker costs a second to start
+    workers = min(options.workers, max(1, sum(progress.weights) // PARALLEL_BYTES))  # a worker costs a second to start
     encoder = _Encoder(tokenizer, workers, dtype_for(tokenizer.vocab_size))
     writer = _ShardWriter(out, state, options.shard_tokens)
     index, offset, skip = state["position"]
@@ -327,7 +344,7 @@ class _ShardWriter:
 
 
 def _write_manifest(out: Path, tokenizer: Tokenizer, options: PrepareOptions, state: dict[str, Any],
-                    files: list[Path]) -> dict[str, Any]:
+                    files: list) -> dict[str, Any]:
     total = sum(entry["tokens"] for entry in state["shards"])
     train_fraction = 1.0 - options.val_fraction
     train_tokens = int(total * train_fraction)
@@ -339,7 +356,7 @@ def _write_manifest(out: Path, tokenizer: Tokenizer, options: PrepareOptions, st
         "split": {"train_fraction": train_fraction, "train_tokens": train_tokens, "val_tokens": total - train_tokens,
                   "rule": "the first train_tokens tokens of the stream (shards in order) train, the rest validate"},
         "shards": state["shards"],
-        "sources": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
+        "sources": [{"path": str(f), "bytes": _extent(f)[0]} for f in files],
         "job": state["job"],
     }
     manifest["fingerprint"] = fingerprint(manifest)
@@ -351,12 +368,16 @@ def _write_manifest(out: Path, tokenizer: Tokenizer, options: PrepareOptions, st
 class _Progress:
     """One line on stderr, redrawn at most twice a second: bytes read, tokens/s, ETA."""
 
-    def __init__(self, files: list[Path], state: dict[str, Any], enabled: bool):
+    def __init__(self, files: list, state: dict[str, Any], enabled: bool):
         self.enabled = enabled
-        self.sizes = [f.stat().st_size for f in files]
+        self.weights, self.units = zip(*map(_extent, files)) if files else ((), ())
         self.started, self.last, self.tokens = time.monotonic(), 0.0, 0
-        start = state["position"]
-        self.first = sum(self.sizes[:start[0]]) + start[1]
+        self.first = self.done(*state["position"][:2])
+
+    def done(self, index: int, end: int) -> float:
+        """Bytes read so far (a dataset's rows counted as their share of its bytes)."""
+        partial = self.weights[index] * end / max(self.units[index], 1) if index < len(self.weights) else 0
+        return sum(self.weights[:index]) + partial
 
     def update(self, index: int, end: int, tokens: int) -> None:
         self.tokens += tokens
@@ -364,7 +385,7 @@ class _Progress:
         if not self.enabled or now - self.last < 0.5:
             return
         self.last, elapsed = now, max(now - self.started, 1e-9)
-        done, total = sum(self.sizes[:index]) + end, sum(self.sizes)
+        done, total = self.done(index, end), sum(self.weights)
         rate = (done - self.first) / elapsed
         eta = (total - done) / rate if rate > 0 else float("inf")
         sys.stderr.write(f"\rprepare: {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB  "

@@ -47,10 +47,16 @@ def check_text_file(path: Path, flag: str = "--data") -> None:
                           "and pass that")
 
 
-def resolve_sources(sources: list[str]) -> list[Path]:
-    """Files, globs and directories (their text files, recursively, sorted) as one ordered list of files."""
-    files: list[Path] = []
+def resolve_sources(sources: list[str]) -> list:
+    """Files, globs and directories (their text files, recursively, sorted) as one ordered list of files; an
+    `hf:NAME[:SPLIT]` source is a `DatasetSource`."""
+    files: list = []
     for source in sources:
+        if source.startswith("hf:"):  # a Hugging Face dataset on this machine (reslab.data.hf_source)
+            from reslab.data.hf_source import DatasetSource
+
+            files.append(DatasetSource(source))
+            continue
         path = Path(source).expanduser()
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
