@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("reslab.graph.commands", "where a model's residual connections really are, from its traced computation"),
     "diagram": ("reslab.graph.commands", "draw a model from its traced computation (.svg, .mmd, .dot)"),
     "lens": ("reslab.lens.commands", "what the residual stream carries, layer by layer (logit lens, attribution)"),
+    "data": ("reslab.data.commands", "prepare a corpus into memory-mapped token shards, or inspect one"),
 }
 
 

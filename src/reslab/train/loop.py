@@ -9,7 +9,6 @@ JSON object per logged step), checkpoint.safetensors + state.json, and summary.j
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,9 @@ from typing import Any
 import torch
 
 from reslab import __version__
-from reslab.data import Tokenizer, build_tokenizer, encode_corpus, load_text, load_tokenizer, split_tokens
+from reslab.data import Tokenizer, load_tokenizer
+from reslab.data.shards import PreparedData, TokenSpan
+from reslab.data.training import check_resumable, training_data
 from reslab.errors import ReslabError
 from reslab.memory import check_fits
 from reslab.models import check_saved_model_config, make_config
@@ -47,8 +48,8 @@ class RunSetup:
     model_name: str
     model_config: dict[str, Any]
     tokenizer: Tokenizer
-    train_tokens: torch.Tensor
-    val_tokens: torch.Tensor
+    train_tokens: torch.Tensor | TokenSpan  # memory-mapped shards when read from prepared data
+    val_tokens: torch.Tensor | TokenSpan
     data: dict[str, Any]
     run_dir: Path
     resume: bool
@@ -73,44 +74,41 @@ def prepare(config_overrides: dict[str, Any], model_overrides: dict[str, Any], r
         check_launch(config)  # batch vs world size, --fsdp outside torchrun
         _check_resume_steps(run, config)
         check_fits(saved["model"], saved["model_config"], config, resolve_device(config.device))
-        text, description = _load_resume_text(config.data, run)
-        if hashlib.sha256(text.encode()).hexdigest() != saved["data"]["sha256"]:
-            raise ReslabError(f"the data {config.data!r} changed since run {run.path} started; resume with the same "
-                              "text or start a new run")
         tokenizer = load_tokenizer(run.path)
-        return _finish_setup(config, saved["model"], dict(saved["model_config"]), tokenizer, text, description, run,
-                             True, command)
+        data = _resume_data(config, saved["data"]["sha256"])
+        check_resumable(data, tokenizer, saved["data"], run.path, config.data)
+        return _finish_setup(config, saved["model"], dict(saved["model_config"]), data, run, True, command)
     run.check_new(overwrite)
-    return _prepare_new(config_overrides, model_overrides, run, command, overwrite)
+    return _prepare_new(config_overrides, model_overrides, run, command, overwrite, flags_given=True)
 
 
 def _prepare_new(config_overrides: dict[str, Any], model_overrides: dict[str, Any], run: RunDir,
-                 command: list[str] | None, overwrite: bool) -> RunSetup:
+                 command: list[str] | None, overwrite: bool, flags_given: bool = False) -> RunSetup:
+    """A new run (or one restarted from its saved config: then `config_overrides` is the whole config, not flags)."""
     config = TrainConfig.from_dict(config_overrides)
     check_launch(config)
     model_name = config.model
     make_config(model_name, **model_overrides)  # fail on a bad model flag before the data is read
-    text, description = load_text(config.data)
-    tokenizer = build_tokenizer(config.tokenizer, text, config.vocab_size)
-    model_config = make_config(model_name, **{**model_overrides, "vocab_size": tokenizer.vocab_size}).to_dict()
+    data = training_data(config.data, config.tokenizer, config.vocab_size)
+    if flags_given and config_overrides.get("tokenizer", data.tokenizer.kind) != data.tokenizer.kind:
+        raise ReslabError(f"--data {config.data} was prepared with the {data.tokenizer.kind} tokenizer, not "
+                          f"--tokenizer {config_overrides['tokenizer']}; drop the flag or prepare the data again")
+    model_config = make_config(model_name, **{**model_overrides, "vocab_size": data.tokenizer.vocab_size}).to_dict()
     check_fits(model_name, model_config, config, resolve_device(config.device))
-    setup = _finish_setup(config, model_name, model_config, tokenizer, text, description, run, False, command)
+    setup = _finish_setup(config, model_name, model_config, data, run, False, command)
     setup.overwrite = overwrite
     return setup
 
 
-def _finish_setup(config: TrainConfig, model_name: str, model_config: dict[str, Any], tokenizer: Tokenizer,
-                  text: str, description: str, run: RunDir, resume: bool, command: list[str] | None) -> RunSetup:
-    tokens = encode_corpus(tokenizer, text)
-    train_tokens, val_tokens = split_tokens(tokens)
+def _finish_setup(config: TrainConfig, model_name: str, model_config: dict[str, Any], data: PreparedData,
+                  run: RunDir, resume: bool, command: list[str] | None) -> RunSetup:
     context = model_config["context"]
-    for split, part in (("train", train_tokens), ("validation", val_tokens)):
+    for split, part in (("train", data.train), ("validation", data.val)):
         if len(part) < context + 1:
-            raise ReslabError(f"the {split} split of {description} has {len(part):,} tokens but --context {context} "
-                              f"needs at least {context + 1:,}; lower --context or use more text")
-    data = {"source": config.data, "description": description, "sha256": hashlib.sha256(text.encode()).hexdigest(),
-            "tokens": len(tokens), "train_tokens": len(train_tokens), "val_tokens": len(val_tokens)}
-    return RunSetup(config, model_name, model_config, tokenizer, train_tokens, val_tokens, data, run.path, resume,
+            raise ReslabError(f"the {split} split of {data.record['description']} has {len(part):,} tokens but "
+                              f"--context {context} needs at least {context + 1:,}; lower --context or use more text")
+    record = {**data.record, "source": config.data}
+    return RunSetup(config, model_name, model_config, data.tokenizer, data.train, data.val, record, run.path, resume,
                     list(command or []))
 
 
@@ -127,9 +125,11 @@ def _check_restartable(run: RunDir) -> None:
                               "restore the checkpoint from a copy, or start the run again with --overwrite")
 
 
-def _load_resume_text(source: str, run: RunDir) -> tuple[str, str]:
+def _resume_data(config: TrainConfig, sha256: str) -> PreparedData:
     try:
-        return load_text(source)
+        return training_data(config.data, config.tokenizer, config.vocab_size, expect_sha256=sha256)
+    except DamagedRunError:
+        raise
     except ReslabError as error:
         raise ReslabError(f"cannot read the run's data: {error}. If the file moved, resume with --data NEW_PATH "
                           "(its text must be the same)") from None

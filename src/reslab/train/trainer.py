@@ -249,7 +249,7 @@ class Trainer:
         self.batch_generator = torch.Generator().manual_seed(self.config.seed)
         self.context = setup.model_config["context"]
         self.sampler = BatchSampler(setup.train_tokens, self.config.batch, self.context, self.batch_generator,
-                                    self.device)
+                                    self.device, vocab_size=setup.model_config["vocab_size"])
         self.state: dict[str, Any] = {"step": 0, "best_val_loss": None, "train_seconds": 0.0, "tokens_seen": 0}
         if resumed is not None:
             self._restore(*resumed)
