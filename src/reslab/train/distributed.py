@@ -358,7 +358,8 @@ def _collective_failure(error: BaseException) -> bool:
         return True
     text = str(error)
     return any(word in text for word in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset",
-                                         "timed out", "Timed out", "Socket Timeout"))
+                                         "timed out", "Timed out", "Socket Timeout", "Application timeout",
+                                         "pair closure"))
 
 
 @contextlib.contextmanager
