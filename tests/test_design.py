@@ -100,6 +100,7 @@ BAD_DESIGNS = [
     ('{"residuals": [{"arround": "layers.*.mlp"}]}', "claim 1: unknown key 'arround'"),
     ('{"residuals": [{"around": "a", "inside": "b"}]}', "exactly one of 'around' or 'inside'"),
     ('{"residuals": [{"around": "layers.*.mlp", "kind": "skip"}]}', "unknown kind 'skip'"),
+    ('{"residuals": [{"around": "layers..mlp"}]}', "a '*' standing for one whole path component"),
     ('{"residuals": [{"around": "layers.*.mlp", "count": 0}]}', "count must be a positive integer"),
     ('{"residuals": [{"around": "layers.*.mlp", "count": "2"}]}', "count must be a positive integer"),
     ('{"residuals": [{"around": "layers.*.mlp", "count": true}]}', "count must be a positive integer"),

@@ -328,3 +328,15 @@ def test_reproduce_refine_not_replace_quick(cli, corpus, tmp_path):
 
     losses = block_losses(tmp_path / "out" / "runs" / "pre-L4-s0", tokens=512)
     assert len(losses) == 5 and losses[1:] == pytest.approx(result["numbers"]["pre-L4"]["block_losses"], abs=1e-3)
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (torch.tensor([[-1, 2, 3]]), "outside the model's vocabulary"),
+    (torch.tensor([[1, 2, 30]]), "outside the model's vocabulary"),
+    (torch.zeros(1, 40, dtype=torch.long), "more than the model's context"),
+    (torch.zeros(1, 4, dtype=torch.long, device="meta"), "not meta tensors"),
+])
+def test_lens_api_refuses_ids_the_model_cannot_read(tokens, message):
+    model = reslab.build_model("gpt", layers=1, width=32, heads=2, context=16, vocab_size=11)
+    with pytest.raises(reslab.ReslabError, match=message):
+        reslab.lens(model, tokens)

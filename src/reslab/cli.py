@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -130,9 +131,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _empty_option(argv: list[str]) -> str | None:
+    """The first option given an empty value (`--out ""`, `--design=`): as a path it would mean the current
+    directory, as a name nothing; either way not what was meant."""
+    for before, value in zip(["", *argv], argv):
+        if value == "" and before.startswith("-") and not before.startswith("--no-"):
+            return before
+        if value.startswith("--") and value.endswith("="):
+            return value[:-1]
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    empty = _empty_option(argv)
+    if empty is not None:
+        parser.exit(2, f"reslab: error: {empty} was given an empty value; give a value or drop the option\n")
     args = parser.parse_args(argv)
     args.argv = ["reslab", *argv]  # the command as given, recorded in run and ablation directories
     try:
@@ -140,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReslabError as error:
         print(f"reslab: error: {_one_line(error)}", file=sys.stderr)
         return 130 if type(error).__name__ == "Interrupted" else 2
+    except BrokenPipeError:  # `reslab ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as error:  # the machine's, not reslab's: a full disk, a read-only or missing path, permissions
         print(f"reslab: error: {describe_os_error(error)}", file=sys.stderr)
         return 2

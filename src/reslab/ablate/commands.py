@@ -27,6 +27,7 @@ def register(commands) -> None:
     group.add_argument("--out", type=Path, default=Path("runs/ablation"), help="ablation directory "
                        "(default runs/ablation); re-running into it skips finished points and resumes stopped ones")
     group.add_argument("--no-report", action="store_true", help="skip plots and report.html")
+    group.add_argument("--no-progress", action="store_true", help="accepted as for train; grid points show no bar")
     cluster = ablate.add_argument_group("cluster (Ray; pip install \"reslab[ray]\")")
     cluster.add_argument("--executor", choices=("local", "ray"), default="local",
                          help="local processes (default) or one Ray task per grid point")

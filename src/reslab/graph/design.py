@@ -150,7 +150,7 @@ def _claim(item: Any, where: str) -> Claim:
     if len(relations) != 1:
         raise ReslabError(f"{where} needs exactly one of 'around' or 'inside', naming a module path")
     pattern = item[relations[0]]
-    if not isinstance(pattern, str) or any("*" in part and part != "*" for part in pattern.split(".")):
+    if not isinstance(pattern, str) or any(("*" in part and part != "*") or not part for part in pattern.split(".")):
         raise ReslabError(f"{where}: {relations[0]!r} takes a module path like \"layers.*.mlp\", a '*' standing "
                           f"for one whole path component; got {pattern!r}")
     kind = item.get("kind")

@@ -51,7 +51,7 @@ HF_GENERIC = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 
               "vocab_size": 128}
 # Fields set only on configs that have them: as many key-value heads as heads (HF_GENERIC has 4), a few small
 # experts with the mixture from layer 1 on.
-HF_SMALL_OPTIONAL = {"num_key_value_heads": 4, "num_experts": 4, "num_local_experts": 4,
+HF_SMALL_OPTIONAL = {"rotary_dim": 8, "num_key_value_heads": 4, "num_experts": 4, "num_local_experts": 4,
                      "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                      "shared_expert_intermediate_size": 64, "first_k_dense_replace": 1, "n_group": 1,
                      "topk_group": 1}
@@ -110,7 +110,7 @@ def load_target(spec: str, overrides: dict[str, Any] | None = None, device: str 
     if kind == "run":
         return Target(label, *_run_dir(Path(spec), overrides, device))
     if kind == "hf":
-        return Target(label, *_huggingface(spec[3:], overrides, device))
+        return Target(label, *_unsupported_as_one_line(spec[3:], lambda: _huggingface(spec[3:], overrides, device)))
     if overrides:
         raise ReslabError(f"{spec} builds its own model; --set and model flags do not apply to it")
     return Target(spec, *_callable(spec))
@@ -159,6 +159,23 @@ def _run_dir(run_dir: Path, overrides: dict[str, Any], device: str) -> tuple[nn.
     return _builtin(name, {**config, **overrides}, device)
 
 
+def _unsupported_as_one_line(model_type: str, build):
+    """A model type whose config or inputs this builder does not know (composite configs like CLIP's, audio models)
+    is one error line naming it, never a traceback."""
+    try:
+        import transformers
+    except ImportError:
+        raise ReslabError("hf: targets need transformers; pip install 'reslab[hf]'") from None
+    try:
+        with _quiet(transformers):  # small vocabularies make configs and models warn about their token ids
+            return build()
+    except ReslabError:
+        raise
+    except Exception as error:  # noqa: BLE001 - anything transformers raises while building a model we do not know
+        raise ReslabError(f"cannot build hf:{model_type} from a small config ({type(error).__name__}: "
+                          f"{_reason(error)[:200]}); audit it as FILE.py:CALLABLE returning (model, inputs)") from None
+
+
 def _huggingface(model_type: str, overrides: dict[str, Any], device: str) -> tuple[nn.Module, dict]:
     """The model class a user would load for MODEL_TYPE (with its LM or classification head where it has one),
     built from a small config. On meta, a forward that reads tensor values (an MoE router's `nonzero`, `.item()`,
@@ -192,13 +209,17 @@ def _hf_config(model_type: str, overrides: dict[str, Any]):
         raise ReslabError(f"unknown transformers model type {model_type!r}; e.g. {', '.join(HF_SMALL)} "
                           "(any key of transformers' CONFIG_MAPPING)")
     defaults = CONFIG_MAPPING[model_type]()
+    unknown = sorted(key for key in overrides if not hasattr(defaults, key))
+    if unknown:  # transformers would keep a typo as an attribute nobody reads
+        raise ReslabError(f"--set {unknown[0]}: hf:{model_type}'s config has no field {unknown[0]!r}; check the name "
+                          f"in transformers' {type(defaults).__name__}")
     optional = {key: value for key, value in HF_SMALL_OPTIONAL.items() if getattr(defaults, key, None) is not None}
     values = {**optional, **HF_SMALL.get(model_type, HF_GENERIC), **overrides}
     with _quiet(transformers):
         try:
             return AutoConfig.for_model(model_type, **values)
         except Exception as error:  # transformers validates configs with several exception types
-            raise ReslabError(f"cannot build hf:{model_type} from its config: {_reason(error)}") from None
+            raise ReslabError(f"cannot build hf:{model_type} from its config: {_reason(error)[:300]}") from None
 
 
 def _hf_build(model_type: str, config, device: str) -> nn.Module:
@@ -276,7 +297,7 @@ def _user_code(spec: str, doing: str, run):
     """Run the user's file or function; what it raises (a SyntaxError, a missing argument) is one error line."""
     try:
         return run()
-    except Exception as error:  # noqa: BLE001 - anything the user's code raises is reported, not re-raised
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - what the user's code raises (or exits with) is reported
         where = f" (line {error.lineno})" if isinstance(error, SyntaxError) and error.lineno else ""
         message = str(error).splitlines()[0] if str(error) else ""
         raise ReslabError(f"{doing} {spec} failed: {type(error).__name__}{where}: {message}; it must define a "

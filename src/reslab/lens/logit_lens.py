@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reslab.errors import ReslabError
+
 from reslab.lens.capture import capture_forward, decode, inputs_and_targets, site_names
 from reslab.lens.decompose import Decomposition, decomposition_from, refusal
 from reslab.residual.base import StreamAdapter
@@ -90,6 +92,22 @@ def describe_stream(model: nn.Module) -> str:
             f"adapter (model.stream.reduce, {adapter.__name__}{summary}), then decoded by {norm}")
 
 
+def check_ids(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> None:
+    """Ids the model can read and score, and no more positions than its context: one error line, not an
+    IndexError from inside the embedding."""
+    config = getattr(model, "config", None)
+    vocab, context = getattr(config, "vocab_size", None), getattr(config, "context", None)
+    if tokens.device.type == "meta":
+        raise ReslabError("the lens needs real token ids, not meta tensors; pass ids on the CPU or the model's device")
+    for name, ids in (("tokens", tokens), ("targets", targets)):
+        if ids.numel() and vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ReslabError(f"{name} hold ids outside the model's vocabulary [0, {vocab}); "
+                              f"got {int(ids.min())}..{int(ids.max())}")
+    if context is not None and tokens.shape[-1] > context:
+        raise ReslabError(f"{tokens.shape[-1]} tokens are more than the model's context of {context}; "
+                          "split them into windows")
+
+
 @torch.no_grad()
 def lens(model: nn.Module, tokens, targets=None, *, keep_logits: bool = False, tuned: nn.Module | None = None
          ) -> LensResult:
@@ -99,6 +117,7 @@ def lens(model: nn.Module, tokens, targets=None, *, keep_logits: bool = False, t
     final stream (`result.decomposition`); the others a one-line reason (`result.refused`). With a `tuned` lens
     (`reslab.lens.tuned.fit_tuned_lens`) its metrics are reported beside the logit lens's (`result.tuned`)."""
     tokens, targets, positions = inputs_and_targets(tokens, targets)
+    check_ids(model, tokens, targets)
     tokens, targets = tokens.to(next(model.parameters()).device), targets.to(next(model.parameters()).device)
     capture, output = capture_forward(model, tokens)
     final_logp = F.log_softmax(output[:, :positions].float(), dim=-1)
