@@ -319,3 +319,19 @@ def test_an_ablation_that_failed_on_its_input_accepts_the_corrected_command(cli,
     code, _, err = cli(*grid, "--data", places["CORPUS"])
     one_line_error(code, err)
     assert "summary.json" in err
+
+
+def test_report_is_built_from_the_runs_on_disk_not_a_stale_summary(cli, places, tmp_path):
+    out = tmp_path / "grid"
+    grid = ["ablate", "--model", "tiny", "--width", "16", "--heads", "2", "--context", "16", "--batch", "4",
+            "--residual", "pre,none", "--layers", "1", "--seeds", "0", "--steps", "2", "--eval-batches", "1",
+            "--no-report", "--jobs", "1", "--data", places["CORPUS"], "--out", out]
+    assert cli(*grid)[0] == 0
+    shutil.rmtree(out / "runs" / "none-L1-s0")
+    code, _, err = cli("report", out)
+    assert code == 0, err
+    assert [row["residual"] for row in json.loads((out / "summary.json").read_text())["rows"]] == ["pre"]
+    (out / "runs" / "pre-L1-s0" / "config.json").write_text("{oops")
+    code, _, err = cli("report", out)
+    one_line_error(code, err)
+    assert "config.json" in err

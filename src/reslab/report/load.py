@@ -154,16 +154,11 @@ def load_ablation(path: Path) -> Ablation:
         raise ReslabError(f"{path / 'ablation.json'} is not an ablation record (expected a JSON object)")
     runs = [_load_run(run_dir, meta) for run_dir in sorted((path / "runs").glob("*")) if run_dir.is_dir()]
     runs = [run for run in runs if run is not None]
-    summary = _read_json_quiet(path / "summary.json")
-    if not isinstance(summary, dict) and runs:
-        try:  # e.g. an ablation interrupted before its end: aggregate what finished
-            from reslab.ablate.summary import summarize
+    summary = {"rows": []}
+    if runs:  # aggregated again from the runs on disk: summary.json may be stale (runs removed, damaged, added)
+        from reslab.ablate.summary import summarize
 
-            summary = summarize(path)
-        except Exception:  # noqa: BLE001 - a report of the runs is still useful without the summary
-            summary = None
-    if not isinstance(summary, dict):
-        summary = {"rows": []}
+        summary = summarize(path)  # a damaged run is one error line naming it
     summary.setdefault("rows", [])
     return Ablation(path, meta, summary, runs)
 
