@@ -3,9 +3,9 @@ an interrupted prepare resumed, memory flat in corpus size, and every bad input 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import hashlib
 import pickle
 import subprocess
 import sys
@@ -14,12 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_corpus
+
 from reslab.data import BatchSampler, build_tokenizer, encode_corpus, split_tokens
 from reslab.data.prepare import PrepareOptions, prepare_data
-from reslab.data.shards import (MANIFEST, MODDED_MAGIC, TOKENIZER_FILE, TokenSpan, dtype_for, fingerprint,
-                                open_prepared, open_reslab, read_meta_pkl)
+from reslab.data.shards import (
+    MANIFEST,
+    MODDED_MAGIC,
+    TOKENIZER_FILE,
+    TokenSpan,
+    dtype_for,
+    fingerprint,
+    open_prepared,
+    open_reslab,
+    read_meta_pkl,
+)
 from reslab.data.training import training_data
 from reslab.errors import ReslabError
 

@@ -8,9 +8,10 @@ import struct
 
 import pytest
 import torch
-from faults.helpers import RUN, one_line_error, tree
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from faults.helpers import RUN, one_line_error, tree
 
 # (arguments, a phrase the error line must contain). RUN_DIR, CORPUS, FIFO, LOOP, FILE, HF_DIR, DIR and NEW are
 # replaced by paths the test makes.
@@ -64,7 +65,8 @@ BAD_FLAGS = [
     (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "NEW", "--seeds", "a,b"], "--seeds"),
     (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "NEW", "--residual", "pre,nope"], "unknown"),
     (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "FILE"], "FILE"),
-    (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "NEW", "--layers", ""], "--layers was given an empty value"),
+    (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "NEW", "--layers", ""],
+     "--layers was given an empty value"),
     (["info", "--model", "gpt", "--width", "65536", "--heads", "64", "--layers", "2000"], "will not fit"),
     (["info", "--model", "gpt", "--dropout", "inf"], "dropout must be"),
     (["audit", "gpt", "--set", "layers=abc"], "layers must be an integer"),
@@ -109,8 +111,9 @@ def places(tmp_path, fault_corpus, reference):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken.py").write_text("def f(:\n")
     (tmp_path / "list.json").write_text("[1, 2]")
-    return {"SYNTAX": tmp_path / "broken.py", "LIST": tmp_path / "list.json","RUN_DIR": run, "CORPUS": fault_corpus, "FIFO": tmp_path / "fifo", "LOOP": tmp_path / "loop",
-            "FILE": tmp_path / "file.txt", "HF_DIR": hf, "DIR": tmp_path / "empty", "NEW": tmp_path / "new"}
+    return {"SYNTAX": tmp_path / "broken.py", "LIST": tmp_path / "list.json", "RUN_DIR": run, "CORPUS": fault_corpus,
+            "FIFO": tmp_path / "fifo", "LOOP": tmp_path / "loop", "FILE": tmp_path / "file.txt", "HF_DIR": hf,
+            "DIR": tmp_path / "empty", "NEW": tmp_path / "new"}
 
 
 def substitute(args: list, places: dict) -> list[str]:
@@ -175,8 +178,8 @@ DAMAGE = {
     "optimizer state missing": lambda run: resave(run / "checkpoint.safetensors", lambda t: [
         t.pop(k) for k in [k for k in t if k.startswith("optimizer.")]]),
     "optimizer groups edited": lambda run: edit_meta(run, lambda m: m["optimizer"].update(param_groups=[{}, {}])),
-    "RNG state not a generator's": lambda run: resave(run / "checkpoint.safetensors",
-                                                      lambda t: t.update({"rng.batch": torch.zeros_like(t["rng.batch"])})),
+    "RNG state not a generator's": lambda run: resave(run / "checkpoint.safetensors", lambda t: t.update(
+        {"rng.batch": torch.zeros_like(t["rng.batch"])})),
     "training state edited": lambda run: edit_meta(run, lambda m: m["state"].update(best_val_loss="x")),
     "weights not finite": lambda run: resave(run / "checkpoint.safetensors", lambda t: t[first("model.", t)].fill_(
         float("nan"))),

@@ -8,8 +8,9 @@ import resource
 import signal
 
 import pytest
-from faults.helpers import RUN, final, metrics, one_line_error, reslab_process, stray_temp_files
 from safetensors.torch import load_file
+
+from faults.helpers import RUN, final, metrics, one_line_error, reslab_process, stray_temp_files
 
 KILLED = -signal.SIGKILL
 INTERRUPTED = 130

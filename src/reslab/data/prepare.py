@@ -32,11 +32,27 @@ from typing import Any
 import numpy as np
 
 from reslab.data.corpus import default_cache_dir
-from reslab.data.shards import (FORMAT, FORMAT_VERSION, MANIFEST, PREPARE_STATE, TOKENIZER_FILE, dtype_for,
-                                file_sha256, fingerprint, read_manifest, shard_name)
+from reslab.data.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    PREPARE_STATE,
+    TOKENIZER_FILE,
+    dtype_for,
+    file_sha256,
+    fingerprint,
+    read_manifest,
+    shard_name,
+)
 from reslab.data.sources import CHUNK_BYTES, Chunk, check_text_file, content_sha256, resolve_sources, text_chunks
-from reslab.data.tokenizer import (DEFAULT_BPE_VOCAB, BPETokenizer, CharTokenizer, Tokenizer, check_bpe_vocab,
-                                   load_tokenizer_file)
+from reslab.data.tokenizer import (
+    DEFAULT_BPE_VOCAB,
+    BPETokenizer,
+    CharTokenizer,
+    Tokenizer,
+    check_bpe_vocab,
+    load_tokenizer_file,
+)
 from reslab.errors import ReslabError
 from reslab.io import atomic_write, read_json, remove_temp_files, write_json
 

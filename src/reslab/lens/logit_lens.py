@@ -23,7 +23,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reslab.errors import ReslabError
-
 from reslab.lens.capture import capture_forward, decode, inputs_and_targets, site_names
 from reslab.lens.decompose import Decomposition, decomposition_from, refusal
 from reslab.residual.base import StreamAdapter

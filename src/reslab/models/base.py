@@ -8,16 +8,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reslab.contracts import attention_sublayers
 from reslab.checks import BETA, NON_NEGATIVE, POSITIVE, Range, check_field_type, check_numbers
+from reslab.contracts import attention_sublayers
 from reslab.errors import ReslabError, check_positive
 from reslab.nn import Block, make_norm
 from reslab.residual import get_scheme

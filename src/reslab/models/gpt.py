@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from reslab.errors import unknown
 from reslab.contracts import ModelOutput
+from reslab.errors import unknown
 from reslab.models.base import LanguageModel, TransformerConfig
 from reslab.nn import ACTIVATIONS, MLP, Block, CausalSelfAttention, make_norm
 from reslab.residual import get_scheme

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from reslab.checks import NON_NEGATIVE, Range
-from reslab.errors import ReslabError, check_positive
 from reslab.contracts import ModelOutput
+from reslab.errors import ReslabError, check_positive
 from reslab.models.base import LanguageModel, TransformerConfig
 from reslab.nn import CausalSelfAttention, SwiGLU
 from reslab.nn.moe import MoEFeedForward, TopKRouter, collect_moe

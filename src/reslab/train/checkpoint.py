@@ -224,10 +224,8 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """The trained model of a run directory (weights from checkpoint.safetensors) and its config.json."""
-    from reslab.models import build_model
-
     from reslab.memory import check_fits
-    from reslab.models import check_saved_model_config
+    from reslab.models import build_model, check_saved_model_config
 
     config = read_run_config(run_dir)
     check_saved_model_config(config["model"], config["model_config"], Path(run_dir) / CONFIG)

@@ -53,7 +53,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     return group
 
 
-SAMPLE_RANGES = {"tokens": COUNT, "temperature": NON_NEGATIVE, "top_k": COUNT, "top_p": Range(low=0, high=1, low_open=True),
+SAMPLE_RANGES = {"tokens": COUNT, "temperature": NON_NEGATIVE, "top_k": COUNT,
+                 "top_p": Range(low=0, high=1, low_open=True),
                  "samples": COUNT, "seed": SEED}
 
 

@@ -8,8 +8,18 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from reslab.checks import (BETA, COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, Range, check_field_type,
-                           check_numbers, flag_name)
+from reslab.checks import (
+    BETA,
+    COUNT,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    SEED,
+    Range,
+    check_field_type,
+    check_numbers,
+    flag_name,
+)
 from reslab.errors import ReslabError
 
 # What each numeric field admits; `validate` checks them all (finite, in range), so every command shares one rule.
@@ -68,7 +78,8 @@ class TrainConfig:
     def validate(self) -> None:
         check_numbers(self.to_dict(), RANGES)
         if self.min_lr is not None and self.min_lr > self.lr:
-            raise ReslabError(f"--min-lr {self.min_lr:g} is above --lr {self.lr:g}; the cosine decays from lr to min-lr")
+            raise ReslabError(f"--min-lr {self.min_lr:g} is above --lr {self.lr:g}; "
+                              "the cosine decays from lr to min-lr")
         if self.batch % self.grad_accum:
             raise ReslabError(f"--batch {self.batch} is not divisible by --grad-accum {self.grad_accum}; "
                               "micro-batches must be equal")

@@ -25,8 +25,14 @@ from reslab.errors import ReslabError
 from reslab.faults import failpoint
 from reslab.models import build_model
 from reslab.rundir import CHECKPOINT, RunDir
-from reslab.train.checkpoint import (check_model_tensors, check_optimizer_tensors, check_rng_tensors,
-                                     check_training_state, model_tensors, read_checkpoint)
+from reslab.train.checkpoint import (
+    check_model_tensors,
+    check_optimizer_tensors,
+    check_rng_tensors,
+    check_training_state,
+    model_tensors,
+    read_checkpoint,
+)
 from reslab.train.progress import Reporter
 from reslab.train.schedule import build_optimizer, lr_at
 from reslab.train.step import StepResult, TrainStep
