@@ -106,6 +106,10 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return (self / CHECKPOINT).is_file()
 
+    def checkpointed_evidence(self) -> list[str]:
+        """The files that show the run has checkpointed (or finished): present, or a link, even if unreadable."""
+        return [name for name in (CHECKPOINT, STATE, SUMMARY) if (self / name).exists() or (self / name).is_symlink()]
+
     def check_new(self, overwrite: bool) -> None:
         """Raise (having written nothing) unless a new run may start here, replacing reslab's files if `overwrite`."""
         path = self.path

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from reslab.io import write_json
-from reslab.rundir import CHECKPOINT, CONFIG, DIVERGED, STATE, SUMMARY, RunDir
+from reslab.rundir import CONFIG, DIVERGED, RunDir
 
 ABLATION = "ablation.json"  # the ablation directory's record: command, grid, configs, start time
 
@@ -57,8 +57,7 @@ def point_status(run_dir: Path, steps: int) -> str:
     diverged = run.read_json_file(DIVERGED)
     if isinstance(diverged, dict) and diverged.get("steps") == steps:
         return "diverged"
-    trained = any((run / name).exists() or (run / name).is_symlink() for name in (CHECKPOINT, STATE, SUMMARY))
-    if trained and (run / CONFIG).exists():
+    if run.checkpointed_evidence() and (run / CONFIG).exists():
         return "partial"  # resumed; a checkpoint lost after training is refused there, never trained over
     return "new"
 

@@ -116,12 +116,16 @@ def read_checkpoint(path: Path, prefix: str | None = None) -> tuple[dict[str, to
 
     Any damage (a truncated file, an edited header, metadata that is not reslab's) is one DamagedRunError line.
     """
+    return _read(path, prefix, with_tensors=True)
+
+
+def _read(path: Path, prefix: str | None, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     check_safetensors(path)
     tensors = {}
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            for name in handle.keys():
+            for name in handle.keys() if with_tensors else ():
                 if prefix is None or name.startswith(prefix):
                     tensors[name[len(prefix):] if prefix else name] = handle.get_tensor(name)
         meta = json.loads(metadata.get("meta", "{}"))
@@ -239,13 +243,7 @@ def load_run_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[n
 
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     """The checkpoint's metadata (training state, optimizer groups) without reading its tensors."""
-    check_safetensors(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {}).get("meta", "{}"))
-    except Exception as error:  # noqa: BLE001 - as in read_checkpoint: any failure here means a damaged file
-        raise DamagedRunError(f"{path} is damaged ({type(error).__name__}); restore it from a copy, or start the "
-                              "run again with --overwrite") from None
+    _, meta = _read(path, None, with_tensors=False)
     check_training_state(meta, path)
     return meta
 

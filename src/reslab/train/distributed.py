@@ -225,20 +225,13 @@ class World:
             save_checkpoint(run_dir, model, optimizer, rng, state)
 
     def load_model(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        """Every rank loads the full tensors; with FSDP2 each keeps its shard."""
-        from reslab.train.checkpoint import load_model_tensors
-
+        """Every rank loads the full tensors; with FSDP2 each keeps its shard. The tensors have been checked against
+        the model already (`reslab.train.checkpoint.check_model_tensors`, before the model was parallelised)."""
         model = unwrap(model)
         if not self.fsdp:
-            load_model_tensors(model, tensors)
+            model.load_state_dict(tensors, strict=False)
             return
         current = model.state_dict()
-        aliases = set(_tied_names(model))
-        missing = sorted(set(current) - set(tensors) - aliases)
-        extra = sorted(set(tensors) - set(current))
-        if missing or extra:
-            what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
-            raise ReslabError(f"checkpoint does not match the model built from config.json ({what})")
         model.load_state_dict({k: _shard_like(v, current[k]) for k, v in tensors.items()}, strict=False)
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],

@@ -22,7 +22,7 @@ from reslab.data.training import check_resumable, training_data
 from reslab.errors import ReslabError
 from reslab.memory import check_fits
 from reslab.models import check_saved_model_config, make_config
-from reslab.rundir import CHECKPOINT, CONFIG, METRICS, STATE, SUMMARY, DamagedRunError, RunDir
+from reslab.rundir import CHECKPOINT, CONFIG, METRICS, SUMMARY, DamagedRunError, RunDir
 from reslab.train.checkpoint import checkpoint_step
 from reslab.train.config import RESUMABLE_FIELDS, TrainConfig, check_device_name
 from reslab.train.distributed import check_launch, connect
@@ -119,7 +119,7 @@ def _check_restartable(run: RunDir) -> None:
     if path.is_symlink() or path.exists():
         raise DamagedRunError(f"{path} is not a readable checkpoint file (a directory or a dangling symlink); "
                               "restore it from a copy, or start the run again with --overwrite")
-    trained = [name for name in (STATE, SUMMARY) if (run / name).exists()]
+    trained = run.checkpointed_evidence()
     if trained:
         raise DamagedRunError(f"{path} is missing, but {run.path} has checkpointed before ({', '.join(trained)}); "
                               "restore the checkpoint from a copy, or start the run again with --overwrite")
