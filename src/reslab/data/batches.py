@@ -7,6 +7,7 @@ model has never seen a neighbour of. Batches are windows at random offsets, draw
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from reslab.data.shards import TokenSpan
@@ -86,9 +87,11 @@ class BatchSampler:
         return self.tokens[index], self.tokens[index + 1]
 
     def _sample_span(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.from_numpy(self.span.windows(self.offsets().numpy(), self.context + 1))
+        """One gather in the shards' dtype, then x and y each converted to int64 in one copy (no int64 rows first)."""
+        rows = self.span.gather(self.offsets().numpy(), self.context + 1)
         if self.vocab_size is not None and int(rows.max()) >= self.vocab_size:
             raise ReslabError(f"the data holds token id {int(rows.max())}, above the vocabulary of "
                               f"{self.vocab_size}; prepare the data again with one tokenizer")
-        rows = rows.to(self.device)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        x = torch.from_numpy(rows[:, :-1].astype(np.int64))
+        y = torch.from_numpy(rows[:, 1:].astype(np.int64))
+        return x.to(self.device), y.to(self.device)
