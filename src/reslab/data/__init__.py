@@ -10,37 +10,32 @@ At scale, tokenize once and read memory-mapped shards (`reslab data prepare`):
     prepare_data(["corpus/"], Path("data/corpus"), PrepareOptions(tokenizer="bpe", vocab_size=4096, workers=8))
     data = open_prepared(Path("data/corpus"))              # also nanoGPT train.bin/val.bin, modded-nanogpt shards
     x, y = BatchSampler(data.train, batch_size, context, generator).sample()
+
+The names below load on first use (PEP 562): `reslab data prepare` and its worker processes import numpy, not torch
+(a second of start-up each).
 """
 
-from reslab.data.batches import BatchSampler, check_length, encode_corpus, split_tokens
-from reslab.data.corpus import default_cache_dir, load_text
-from reslab.data.prepare import PrepareOptions, prepare_data
-from reslab.data.shards import PreparedData, TokenSpan, open_prepared
-from reslab.data.tokenizer import (
-    BPETokenizer,
-    CharTokenizer,
-    Tokenizer,
-    build_tokenizer,
-    load_tokenizer,
-)
-from reslab.data.training import training_data
+from importlib import import_module
 
-__all__ = [
-    "BPETokenizer",
-    "BatchSampler",
-    "CharTokenizer",
-    "PrepareOptions",
-    "PreparedData",
-    "TokenSpan",
-    "Tokenizer",
-    "build_tokenizer",
-    "check_length",
-    "default_cache_dir",
-    "encode_corpus",
-    "load_text",
-    "load_tokenizer",
-    "open_prepared",
-    "prepare_data",
-    "split_tokens",
-    "training_data",
-]
+_LAZY = {
+    "BatchSampler": "batches", "check_length": "batches", "encode_corpus": "batches", "split_tokens": "batches",
+    "default_cache_dir": "corpus", "load_text": "corpus",
+    "PrepareOptions": "prepare", "prepare_data": "prepare",
+    "PreparedData": "shards", "TokenSpan": "shards", "open_prepared": "shards",
+    "BPETokenizer": "tokenizer", "CharTokenizer": "tokenizer", "Tokenizer": "tokenizer",
+    "build_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+    "training_data": "training",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'reslab.data' has no attribute {name!r}")
+    value = getattr(import_module(f"reslab.data.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

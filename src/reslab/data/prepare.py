@@ -20,7 +20,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import functools
 import hashlib
+import itertools
 import os
 import sys
 import time
@@ -31,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from reslab.data import charprep
 from reslab.data.corpus import default_cache_dir
 from reslab.data.shards import (
     FORMAT,
@@ -94,6 +97,8 @@ def prepare_data(sources: list, out: Path, options: PrepareOptions, identity: li
     done = _finished(out, job)
     if done is not None:
         return done
+    if options.tokenizer == "char" and all(isinstance(f, Path) for f in files):
+        return _prepare_chars(files, out, options, job)
     state = _resume_state(out, job)
     if state is None:
         tokenizer = _build_tokenizer(files, options)
@@ -229,6 +234,63 @@ def _sample_lines(files: list, options: PrepareOptions) -> Iterator[str]:
 def _check_not_blank(seen: set[str], files: list, options: PrepareOptions) -> None:
     if not any(not c.isspace() for c in seen):
         raise ReslabError(f"{options.flag} {files[0]} is empty; pass a file with text in it")
+
+
+# ---------------------------------------------------------------------------------- char on files: charprep
+
+
+def _prepare_chars(files: list[Path], out: Path, options: PrepareOptions, job: dict[str, Any]) -> dict[str, Any]:
+    """The char tokenizer on text files (`reslab.data.charprep`): scan, then encode shard by shard, in workers."""
+    state = _resume_state(out, job)
+    found = charprep.blocks(files)
+    workers = charprep.Workers(min(options.workers, max(1, sum(b[3] for b in found) // PARALLEL_BYTES)))
+    try:
+        scans = _scanned(workers, found, files, options)
+        chars = sorted(set().union(*(scan[2] for scan in scans)))
+        _check_not_blank(set(chars), files, options)
+        tokenizer = CharTokenizer("".join(chars))
+        if state is None:
+            state = {"job": job, "shards": [], "position": [0, 0, 0], "characters": 0, "text_seen": True}
+            write_json(out / STATE, state)
+            atomic_write(out / TOKENIZER_FILE, tokenizer.to_bytes())
+        elif (out / TOKENIZER_FILE).read_bytes() != tokenizer.to_bytes():
+            raise ReslabError(f"{options.flag} {files[0]} changed since this prepare began; delete {out} and "
+                              "prepare again")
+        state["characters"] = sum(scan[0] for scan in scans)
+        plans = charprep.shard_plans(found, scans, options.shard_tokens)
+        first = len(state["shards"])
+        entries = workers.map(charprep.encode_shard, itertools.repeat(str(out)), range(first, len(plans)),
+                              plans[first:], itertools.repeat(tokenizer.chars),
+                              itertools.repeat(dtype_for(tokenizer.vocab_size)))
+        _record_shards(entries, plans[first:], state, out, _Progress(files, state, options.progress, "encode"))
+    finally:
+        workers.close()
+    return _write_manifest(out, tokenizer, options, state, files)
+
+
+def _record_shards(entries: Iterator[dict], plans: list, state: dict[str, Any], out: Path, progress) -> None:
+    """Each shard's entry into the state as it finishes, in order (a resumed prepare keeps them)."""
+    paths = {str(path): index for index, path in enumerate(progress.files)}
+    try:
+        for plan, entry in zip(plans, entries):
+            state["shards"].append(entry)
+            write_json(out / STATE, state)
+            path, offset, length = plan[-1][:3]
+            progress.update(paths[path], offset + length, entry["tokens"])
+    finally:
+        progress.close()
+
+
+def _scanned(workers: charprep.Workers, found: list, files: list[Path], options: PrepareOptions) -> list[tuple]:
+    """Every block's scan, in order, with a progress line."""
+    progress, scans = _Progress(files, {"position": [0, 0, 0]}, options.progress, "scan"), []
+    try:
+        for block, scan in zip(found, workers.map(functools.partial(charprep.scan, flag=options.flag), found)):
+            scans.append(scan)
+            progress.update(block[0], block[2] + block[3], scan[0])
+    finally:
+        progress.close()
+    return scans
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -384,10 +446,11 @@ def _write_manifest(out: Path, tokenizer: Tokenizer, options: PrepareOptions, st
 class _Progress:
     """One line on stderr, redrawn at most twice a second: bytes read, tokens/s, ETA."""
 
-    def __init__(self, files: list, state: dict[str, Any], enabled: bool):
-        self.enabled = enabled
+    def __init__(self, files: list, state: dict[str, Any], enabled: bool, label: str = "prepare"):
+        self.enabled, self.label, self.files = enabled, label, files
         self.weights, self.units = zip(*map(_extent, files)) if files else ((), ())
-        self.started, self.last, self.tokens = time.monotonic(), 0.0, 0
+        self.started = self.last = time.monotonic()  # first drawn after half a second: a quick prepare is silent
+        self.tokens, self.drawn = 0, False
         self.first = self.done(*state["position"][:2])
 
     def done(self, index: int, end: int) -> float:
@@ -400,17 +463,18 @@ class _Progress:
         now = time.monotonic()
         if not self.enabled or now - self.last < 0.5:
             return
-        self.last, elapsed = now, max(now - self.started, 1e-9)
+        self.last, elapsed, self.drawn = now, max(now - self.started, 1e-9), True
         done, total = self.done(index, end), sum(self.weights)
         rate = (done - self.first) / elapsed
         eta = (total - done) / rate if rate > 0 else float("inf")
-        sys.stderr.write(f"\rprepare: {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB  "
+        sys.stderr.write(f"\r{self.label}: {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB  "
                          f"{self.tokens / elapsed:,.0f} tokens/s  ETA {eta:,.0f} s   ")
         sys.stderr.flush()
 
     def close(self) -> None:
-        if self.enabled and self.last:
+        if self.drawn:
             sys.stderr.write("\n")
+            self.drawn = False
 
 
 # --------------------------------------------------------------------------------------------------- cache
