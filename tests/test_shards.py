@@ -483,3 +483,27 @@ def test_a_hugging_face_dataset_on_disk_is_a_source_and_resumes(cli, tmp_path):
     code2, _, err2 = cli("data", "prepare", "hf:" + str(tmp_path / "nothing"), "--out", tmp_path / "y")
     assert code == 2 and "no split 'nosplit'" in err and not (tmp_path / "x").exists()
     assert code2 == 2 and "cannot load it from this machine" in err2 and not (tmp_path / "y").exists()
+
+
+def test_the_gpt2_124m_recipe_trains_at_toy_size_on_modded_nanogpt_shards(cli, tmp_path):
+    """The recipe's schedule and GPT-2 shape, the shape overridden by flags, 2 steps on FineWeb-style shards."""
+    rng = np.random.default_rng(4)
+    write_modded(tmp_path / "fw" / "fineweb_train_000001.bin", rng.integers(0, 50257, 6000))
+    write_modded(tmp_path / "fw" / "fineweb_val_000000.bin", rng.integers(0, 50257, 2000))
+    code, _, err = cli("train", "--recipe", "gpt2-124m", "--layers", "2", "--heads", "2", "--width", "32",
+                       "--context", "32", "--batch", "4", "--grad-accum", "2", "--steps", "2", "--eval-batches", "1",
+                       "--data", tmp_path / "fw", "--out", tmp_path / "run", "--no-progress")
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    model, train = config["model_config"], config["train"]
+    assert config["model"] == "gpt" and config["data"]["format"] == "modded-nanogpt"
+    assert (model["layers"], model["heads"], model["width"], model["context"]) == (2, 2, 32, 32)  # the flags win
+    assert (model["vocab_size"], model["bias"], model["activation"]) == (50257, True, "gelu-tanh")
+    assert (train["lr"], train["min_lr"], train["warmup"], train["beta2"], train["weight_decay"]) == (
+        6e-4, 0.0, 700, 0.95, 0.1)
+    assert (train["batch"], train["grad_accum"], train["steps"]) == (4, 2, 2)
+    code, _, err = cli("train", "--recipe", "gpt2-124m", "--batch", "65536", "--steps", "1", "--data",
+                       tmp_path / "fw", "--out", tmp_path / "full", "--device", "cpu", "--no-progress")
+    # The full shape is GPT-2 small exactly (nanoGPT counts 124,439,808 parameters with the tied head); the memory
+    # check refuses it at a batch no machine holds (terabytes of activations), in one line.
+    assert code == 2 and "124,439,808 parameters" in err and len(err.strip().splitlines()) == 1

@@ -27,6 +27,23 @@ RECIPES: dict[str, dict[str, Any]] = {
                   "warmup": 35, "beta2": 0.99, "weight_decay": 0.1, "grad_clip": 1.0, "eval_interval": 250,
                   "eval_batches": 20},
     },
+    # GPT-2 small (124M) as llm.c trains it: the baseline modded-nanogpt's speedrun started from (its record 1: 45 min
+    # on 8xH100 to FineWeb val 3.28; README and records/track_1_short/2024-10-13_llmc: 10.26B tokens, val 3.2722).
+    # llm.c's command (github.com/karpathy/llm.c/discussions/481):
+    #   train_gpt2cu -e d12 -b 64 -t 1024 -d 524288 -l 0.0006 -q 0.0 -u 700 -c 0.1 -v 250
+    # 12 layers, 12 heads, width 768, context 1024, biases, GELU (tanh); 524,288 tokens a step (512 x 1024), AdamW
+    # lr 6e-4 (betas 0.9/0.95, clip 1.0), 700 warmup steps, cosine to 0, weight decay 0.1; 19,560 steps = 10.26B
+    # tokens. For a GPU and a FineWeb-style prepared directory (modded-nanogpt's fineweb10B/ shards, or `reslab data
+    # prepare --tokenizer gpt2`): the vocabulary is the data's (50,257). grad_accum 8 is llm.c's micro-batch of 64 on
+    # one GPU (llm.c runs 8 GPUs x 64); lower it on larger memory, raise it on smaller (the curve is the same).
+    "gpt2-124m": {
+        "model": "gpt",
+        "model_config": {"layers": 12, "heads": 12, "width": 768, "context": 1024, "bias": True, "dropout": 0.0,
+                         "activation": "gelu-tanh"},
+        "train": {"batch": 512, "grad_accum": 8, "steps": 19560, "lr": 6e-4, "min_lr": 0.0, "warmup": 700,
+                  "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1, "grad_clip": 1.0, "eval_interval": 250,
+                  "eval_batches": 20},
+    },
 }
 
 
