@@ -1,22 +1,32 @@
-"""Data at scale (issue 17): prepare throughput, start-up time and peak RSS of a short run vs corpus size, and the
-cost of one batch from memory-mapped shards vs from an in-memory tensor.
+"""Data at scale (issue 17): prepare throughput, start-up and peak RSS of a short run vs corpus size, and the cost of
+one batch from memory-mapped shards vs from an in-memory tensor. Each part can run alone (the timing lock is held per
+invocation, so keep each one short):
 
-    python benchmarks/data_scale.py --sizes 10,100,1000 --workers 2
+    python benchmarks/data_scale.py prepare --sizes 10,100,1000 --bpe-sizes 10,100 --workers 2
+    python benchmarks/data_scale.py runs --sizes 10,1000 --token-gb 1,10
+    python benchmarks/data_scale.py sampling --sizes 10,1000
 
-Writes synthetic text (seeded random words in lines, ASCII) of each size under --workdir, then for each size:
-  * `reslab data prepare --tokenizer char` (and BPE for the sizes in --bpe-sizes): wall time, MB/s;
-  * a 2-step `reslab train --data DIR` (start-up + 2 steps): wall time and peak RSS (ru_maxrss of the child);
-  * the old path for comparison (sizes <= --memory-max): the whole text read, char-encoded to int64 and split in
-    memory, as `reslab train` did before shards: wall time and peak RSS.
-Shard pages are dropped from the page cache before each run (fsync + POSIX_FADV_DONTNEED), so a run pays for what it
-maps. Prints one Markdown table.
+Synthetic text: seeded random words in lines (ASCII), written once under --workdir.
+  prepare   `reslab data prepare` wall time (a fresh process: start-up included) and MB/s, char and byte-level BPE
+            (vocab 1024, trained on the first 10 MB); BPE training is also timed alone, and BPE encoding alone by
+            preparing again with the trained tokenizer's file (`--tokenizer DIR/tokenizer.reslab.json`).
+  runs      a 2-step `reslab train` on tinyshakespeare, on each char-prepared size, and on synthetic prepared
+            directories of --token-gb GB of uint16 tokens written directly: start-up (process launch until the
+            failpoint `step` kills it, i.e. after step 1's forward and backward, before its optimizer update: an
+            upper bound on launch -> first optimizer step), the whole 2-step wall, and peak RSS (ru_maxrss). Shard
+            pages are dropped from the page cache before each run (fsync + POSIX_FADV_DONTNEED): a run pays for
+            what it maps, and its RSS is its own, not cached folios.
+  sampling  one batch of 32 x 256 windows from the shards (page cache warm) and from an in-memory int64 tensor of the
+            same tokens (up to 20M), alternated round by round in one process: medians and per-round ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -27,14 +37,7 @@ import numpy as np
 WORDS = np.array("the king queen and of my lord good night thou art to be love ROMEO JULIET , . ; ! ?".split())
 TRAIN = ["--model", "tiny", "--width", "64", "--heads", "2", "--context", "64", "--batch", "8", "--steps", "2",
          "--eval-batches", "1", "--no-progress"]
-IN_MEMORY = """
-import sys, time
-from reslab.data import build_tokenizer, encode_corpus, load_text, split_tokens
-started = time.perf_counter()
-text, _ = load_text(sys.argv[1])
-train, val = split_tokens(encode_corpus(build_tokenizer("char", text), text))
-print(time.perf_counter() - started)
-"""
+SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 PEAK = """
 import resource, subprocess, sys, time
 started = time.perf_counter()
@@ -52,10 +55,33 @@ def write_text(path: Path, megabytes: int) -> None:
         written = 0
         while written < megabytes * 10**6:
             words = WORDS[rng.integers(0, len(WORDS), 200_000)]
-            lines = [" ".join(words[i:i + 10]) for i in range(0, len(words), 10)]
-            block = "\n".join(lines) + "\n"
+            block = "\n".join(" ".join(words[i:i + 10]) for i in range(0, len(words), 10)) + "\n"
             handle.write(block)
             written += len(block)
+
+
+def write_tokens(directory: Path, gigabytes: int, vocab: int = 65, shard_tokens: int = 1 << 24) -> None:
+    """A reslab prepared directory of `gigabytes` GB of random uint16 tokens, written directly (no text)."""
+    from reslab.data.shards import fingerprint
+    from reslab.data.tokenizer import CharTokenizer
+
+    if (directory / "manifest.json").exists():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    tokens, rng, shards = gigabytes * 10**9 // 2, np.random.default_rng(gigabytes), []
+    for index, start in enumerate(range(0, tokens, shard_tokens)):
+        part = rng.integers(0, vocab, min(shard_tokens, tokens - start), dtype=np.uint16)
+        part.tofile(directory / f"shard-{index:05d}.bin")
+        shards.append({"name": f"shard-{index:05d}.bin", "tokens": len(part), "max_id": int(part.max()),
+                       "sha256": hashlib.sha256(part).hexdigest()})
+    (directory / "tokenizer.reslab.json").write_bytes(CharTokenizer("".join(map(chr, range(48, 48 + vocab))))
+                                                       .to_bytes())
+    train = int(tokens * 0.9)
+    manifest = {"format": "reslab-tokens", "version": 1, "tokenizer": {"kind": "char", "file": "tokenizer.reslab.json"},
+                "dtype": "uint16", "vocab_size": vocab, "tokens": tokens, "shards": shards,
+                "split": {"train_fraction": 0.9, "train_tokens": train, "val_tokens": tokens - train}}
+    manifest["fingerprint"] = fingerprint(manifest)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
 def drop_cache(directory: Path) -> None:
@@ -66,98 +92,127 @@ def drop_cache(directory: Path) -> None:
         os.close(fd)
 
 
-def peak(command: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of a command, measured from a fresh parent."""
-    out = subprocess.run([sys.executable, "-c", PEAK, *command], capture_output=True, text=True, check=True)
-    seconds, rss = out.stdout.split()
-    return float(seconds), int(rss)
-
-
 def reslab(*args) -> list[str]:
     return [sys.executable, "-m", "reslab", *map(str, args)]
 
 
-def prepare(text: Path, out: Path, workers: int, *extra) -> float:
-    if out.exists():
-        subprocess.run(["rm", "-rf", str(out)], check=True)
+def timed(command: list[str], env: dict | None = None, ok: tuple[int, ...] = (0,)) -> float:
     started = time.perf_counter()
-    subprocess.run(reslab("data", "prepare", text, "--out", out, "--workers", workers, "--no-progress", *extra),
-                   check=True, capture_output=True)
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    assert done.returncode in ok, done.stderr[-2000:]
     return time.perf_counter() - started
 
 
-def sampling_us(directory: Path, batch: int = 32, context: int = 256, repeats: int = 2000) -> tuple[float, float]:
+def prepare(text: Path, out: Path, workers: int, *extra) -> float:
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    return timed(reslab("data", "prepare", text, "--out", out, "--workers", workers, "--no-progress", *extra))
+
+
+def bench_prepare(args: argparse.Namespace) -> None:
+    from reslab.data.tokenizer import BPETokenizer
+
+    print("| text | prepare char | prepare BPE (vocab 1024): all | BPE training alone (10 MB) | BPE encoding alone |")
+    print("| --- | --- | --- | --- | --- |")
+    for megabytes in args.sizes:
+        text = args.workdir / f"text-{megabytes}mb.txt"
+        write_text(text, megabytes)
+        size = text.stat().st_size / 1e6
+        char = prepare(text, args.workdir / f"char-{megabytes}", args.workers)
+        row = [f"{megabytes:,} MB", f"{char:.1f} s ({size / char:.0f} MB/s)", "-", "-", "-"]
+        if megabytes in args.bpe_sizes:
+            bpe_dir = args.workdir / f"bpe-{megabytes}"
+            whole = prepare(text, bpe_dir, args.workers, "--tokenizer", "bpe", "--vocab-size", 1024,
+                            "--bpe-sample-mb", 10)
+            with open(text) as handle:
+                lines = handle.read(10**7).splitlines(keepends=True)
+            started = time.perf_counter()
+            BPETokenizer.train_from_lines(lines, 1024)
+            training = time.perf_counter() - started
+            encode = prepare(text, args.workdir / "bpe-again", args.workers, "--tokenizer",
+                             bpe_dir / "tokenizer.reslab.json")
+            row[2:] = [f"{whole:.1f} s ({size / whole:.1f} MB/s)", f"{training:.1f} s",
+                       f"{encode:.1f} s ({size / encode:.1f} MB/s)"]
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
+def run_dirs(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    dirs = [("tinyshakespeare (1.1M tokens)", args.workdir / "shakespeare")]
+    if not (dirs[0][1] / "manifest.json").exists():
+        prepare(SHAKESPEARE, dirs[0][1], 1)
+    for megabytes in args.sizes:
+        if not (args.workdir / f"char-{megabytes}" / "manifest.json").exists():
+            write_text(args.workdir / f"text-{megabytes}mb.txt", megabytes)
+            prepare(args.workdir / f"text-{megabytes}mb.txt", args.workdir / f"char-{megabytes}", args.workers)
+        dirs.append((f"{megabytes:,} MB text, char ({2 * megabytes / 1000:g} GB of tokens)",
+                     args.workdir / f"char-{megabytes}"))
+    for gigabytes in args.token_gb:
+        write_tokens(args.workdir / f"tokens-{gigabytes}gb", gigabytes)
+        dirs.append((f"{gigabytes} GB of uint16 tokens (synthetic)", args.workdir / f"tokens-{gigabytes}gb"))
+    return dirs
+
+
+def bench_runs(args: argparse.Namespace) -> None:
+    print("| data | start-up: launch -> step 1 backward done (median of 3) | 2-step run: wall | peak RSS | "
+          "RSS - tinyshakespeare's |")
+    print("| --- | --- | --- | --- | --- |")
+    base = None
+    for label, directory in run_dirs(args):
+        run = reslab("train", *TRAIN, "--data", directory, "--out", args.workdir / "run", "--overwrite")
+        starts = []
+        for _ in range(3):
+            drop_cache(directory)
+            starts.append(timed(run, {"RESLAB_FAILPOINTS": "step=kill"}, ok=(-9,)))
+        drop_cache(directory)
+        out = subprocess.run([sys.executable, "-c", PEAK, *run], capture_output=True, text=True, check=True)
+        wall, rss = float(out.stdout.split()[0]), int(out.stdout.split()[1])
+        base = rss if base is None else base
+        print(f"| {label} | {statistics.median(starts):.2f} s ({', '.join(f'{s:.2f}' for s in starts)}) | "
+              f"{wall:.2f} s | {rss / 2**20:,.0f} MiB | {(rss - base) / 2**20:+,.0f} MiB |", flush=True)
+
+
+def bench_sampling(args: argparse.Namespace, batch: int = 32, context: int = 256, rounds: int = 7) -> None:
     import torch
 
     from reslab.data import BatchSampler, open_prepared
 
-    for path in directory.glob("*.bin"):  # warm: the shards in the page cache, as after the first steps of a run
-        with open(path, "rb") as handle:
-            while handle.read(1 << 24):
-                pass
-    data = open_prepared(directory)
-    tensor = torch.from_numpy(data.train.windows(np.array([0]), min(len(data.train), 20_000_000))[0])
-    result = []
-    for tokens in (data.train, tensor):
-        sampler = BatchSampler(tokens, batch, context, torch.Generator().manual_seed(0))
-        sampler.sample()
-        started = time.perf_counter()
-        for _ in range(repeats):
-            sampler.sample()
-        result.append((time.perf_counter() - started) / repeats * 1e6)
-    return result[0], result[1]
-
-
-def one_size(megabytes: int, args: argparse.Namespace) -> dict:
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    text = work / f"text-{megabytes}mb.txt"
-    write_text(text, megabytes)
-    size = text.stat().st_size / 1e6
-    row = {"size": megabytes, "char_s": prepare(text, work / f"char-{megabytes}", args.workers)}
-    row["char_mbs"] = size / row["char_s"]
-    if megabytes in args.bpe_sizes:
-        row["bpe_s"] = prepare(text, work / f"bpe-{megabytes}", args.workers, "--tokenizer", "bpe", "--vocab-size",
-                               "1024", "--bpe-sample-mb", "10")
-        row["bpe_mbs"] = size / row["bpe_s"]
-    drop_cache(work / f"char-{megabytes}")
-    row["run_s"], row["run_rss"] = peak(reslab("train", *TRAIN, "--data", work / f"char-{megabytes}", "--out",
-                                               work / f"run-{megabytes}", "--overwrite"))
-    if megabytes <= args.memory_max:
-        row["old_s"], row["old_rss"] = peak([sys.executable, "-c", IN_MEMORY, str(text)])
-    row["sample_shards_us"], row["sample_tensor_us"] = sampling_us(work / f"char-{megabytes}")
-    return row
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| text | prepare char | prepare BPE (1024, 10 MB sample) | 2-step run from shards: wall, peak RSS | "
-             "old in-memory load: wall, peak RSS | batch 32x256 from shards (page cache warm) / tensor |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        bpe = f"{r['bpe_s']:.1f} s ({r['bpe_mbs']:.1f} MB/s)" if "bpe_s" in r else "-"
-        old = f"{r['old_s']:.1f} s, {r['old_rss'] / 2**20:,.0f} MiB" if "old_s" in r else "-"
-        lines.append(f"| {r['size']:,} MB | {r['char_s']:.1f} s ({r['char_mbs']:.0f} MB/s) | {bpe} | "
-                     f"{r['run_s']:.1f} s, {r['run_rss'] / 2**20:,.0f} MiB | {old} | "
-                     f"{r['sample_shards_us']:.0f} / {r['sample_tensor_us']:.0f} µs |")
-    return "\n".join(lines)
+    print("| data | batch 32 x 256 from shards | from an in-memory int64 tensor | shards / tensor, per round |")
+    print("| --- | --- | --- | --- |")
+    for label, directory in run_dirs(args)[1:]:
+        data = open_prepared(directory)
+        for path in sorted(directory.glob("*.bin")):  # warm, as after a run's first steps
+            with open(path, "rb") as handle:
+                while handle.read(1 << 24):
+                    pass
+        tensor = torch.from_numpy(data.train.windows(np.array([0]), min(len(data.train), 20_000_000))[0])
+        samplers = [BatchSampler(tokens, batch, context, torch.Generator().manual_seed(0))
+                    for tokens in (data.train, tensor)]
+        times: list[list[float]] = [[], []]
+        for _ in range(rounds):
+            for sampler, spent in zip(samplers, times):
+                sampler.sample()
+                started = time.perf_counter()
+                for _ in range(1000):
+                    sampler.sample()
+                spent.append((time.perf_counter() - started) * 1e3)  # µs per batch
+        ratios = [a / b for a, b in zip(*times)]
+        print(f"| {label} | {statistics.median(times[0]):.0f} µs | {statistics.median(times[1]):.0f} µs | "
+              f"median {statistics.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)}) |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=("prepare", "runs", "sampling"))
     parser.add_argument("--sizes", default="10,100,1000", help="text sizes in MB (default 10,100,1000)")
     parser.add_argument("--bpe-sizes", default="10,100", help="sizes also prepared with BPE (default 10,100)")
-    parser.add_argument("--memory-max", type=int, default=200, help="largest size for the old in-memory path (MB)")
+    parser.add_argument("--token-gb", default="", help="runs: synthetic prepared directories of this many GB of tokens")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--workdir", default="/tmp/reslab-data-scale")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/reslab-data-scale"))
     args = parser.parse_args()
-    args.bpe_sizes = {int(s) for s in args.bpe_sizes.split(",") if s}
-    rows = []
-    for megabytes in (int(s) for s in args.sizes.split(",")):
-        rows.append(one_size(megabytes, args))
-        print(rows[-1], file=sys.stderr, flush=True)
-    print(table(rows))
-    print(f"\nmachine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; this process peak "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+    args.sizes, args.bpe_sizes, args.token_gb = ([int(s) for s in value.split(",") if s]
+                                                for value in (args.sizes, args.bpe_sizes, args.token_gb))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    {"prepare": bench_prepare, "runs": bench_runs, "sampling": bench_sampling}[args.part](args)
+    print(f"\nmachine: {os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
