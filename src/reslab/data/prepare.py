@@ -11,6 +11,9 @@ written last: a directory with a manifest is complete.
 Split: the first `train_fraction` (default 0.9) of the stream's tokens train, the rest validate: the rule
 `split_tokens` applies to a corpus in memory, so a prepared text gives the same two splits.
 
+The char tokenizer on text files takes `reslab.data.charprep` instead (workers read their own byte ranges; the same
+shards, several times faster); other tokenizers and Hugging Face datasets take the general path below.
+
 `cached_text(path, kind, vocab_size)` is what `--data FILE.txt` uses: the file prepared into the cache folder,
 keyed by the sha256 of its text and the tokenizer, so a second run (or every point of an ablation) starts at once.
 """
