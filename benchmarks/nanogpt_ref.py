@@ -153,10 +153,10 @@ def nanogpt_lr(it: int, steps: int, recipe: dict = RECIPE) -> float:
 
 
 def plain_training_run(loss_fn, model: nn.Module, splits: tuple[np.ndarray, np.ndarray], steps: int,
-                       seed: int) -> dict:
+                       seed: int, recipe: dict = RECIPE) -> dict:
     """nanoGPT's training loop around any model: `loss_fn(x, y)` returns the mean cross-entropy. Iterations are
     timed like nanoGPT's log (forward to loss.item()); evaluations are not in the iteration times."""
-    recipe, rng = RECIPE, torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     splits = dict(zip(("train", "val"), splits, strict=True))
     batch, context = recipe["batch"], recipe["context"]
 
@@ -178,7 +178,7 @@ def plain_training_run(loss_fn, model: nn.Module, splits: tuple[np.ndarray, np.n
         if it == steps:
             break
         for group in optimizer.param_groups:
-            group["lr"] = nanogpt_lr(it, steps)
+            group["lr"] = nanogpt_lr(it, steps, recipe)
         start = time.perf_counter()
         loss = loss_fn(x, y)
         x, y = get_batch("train")
@@ -202,16 +202,27 @@ def _evaluate(loss_fn, model: nn.Module, get_batch, iters: int) -> dict[str, flo
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_arguments(description: str) -> argparse.ArgumentParser:
+    """The flags of a peer training run (this script's, and x-transformers' worker in peers.py)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a UTF-8 text file (tinyshakespeare)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1337)
-    args = parser.parse_args()
+    parser.add_argument("--eval-iters", type=int, default=RECIPE["eval_iters"], help="batches per evaluation")
+    parser.add_argument("--eval-interval", type=int, default=RECIPE["eval_interval"])
+    return parser
+
+
+def recipe_of(args: argparse.Namespace) -> dict:
+    return {**RECIPE, "eval_iters": args.eval_iters, "eval_interval": args.eval_interval}
+
+
+def main() -> None:
+    args = run_arguments(__doc__).parse_args()
     torch.manual_seed(args.seed)
     train, val, vocab = char_splits(args.data)
     model = NanoGPTLike(vocab=vocab, context=RECIPE["context"])
-    print(json.dumps(plain_training_run(model, model, (train, val), args.steps, args.seed)))
+    print(json.dumps(plain_training_run(model, model, (train, val), args.steps, args.seed, recipe_of(args))))
 
 
 if __name__ == "__main__":

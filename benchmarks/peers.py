@@ -40,12 +40,12 @@ NANOGPT = "nanoGPT"
 RESLAB_RECIPE = "nanogpt-cpu"
 
 
-def reslab_command(dtype: str | None):
-    """`reslab train` with the recipe; `dtype` None leaves reslab's default (auto)."""
+def reslab_command(*extra: str):
+    """`reslab train` with the recipe, plus `extra` flags (none: reslab's defaults, --dtype auto)."""
     def command(args, out: Path, seed: int) -> list[str]:
-        extra = ["--dtype", dtype] if dtype else []
         return [sys.executable, "-m", "reslab", "train", "--recipe", RESLAB_RECIPE, "--data", args.data,
                 "--steps", str(args.steps), "--seed", str(seed), "--out", str(out / "run"), "--overwrite",
+                "--eval-batches", str(args.eval_iters), "--eval-interval", str(args.eval_interval),
                 "--no-progress", "--json", *extra]
     return command
 
@@ -61,13 +61,13 @@ def reslab_result(stdout: str, out: Path) -> dict:
 
 def nanogpt_command(args, out: Path, seed: int) -> list[str]:
     if not args.nanogpt:
-        return [sys.executable, str(HERE / "nanogpt_ref.py"), "--data", args.data, "--steps", str(args.steps),
-                "--seed", str(seed)]
+        return [sys.executable, str(HERE / "nanogpt_ref.py"), *peer_flags(args, seed)]
     checkout = Path(args.nanogpt).resolve()
     prepare_nanogpt_dir(out, checkout, args.data)
     # nanoGPT's README, "I only have a macbook": its CPU run of the shakespeare-char config.
     return [sys.executable, str(checkout / "train.py"), str(checkout / "config" / "train_shakespeare_char.py"),
-            "--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+            "--device=cpu", "--compile=False", f"--eval_iters={args.eval_iters}", "--log_interval=1",
+            f"--eval_interval={args.eval_interval}", "--block_size=64",
             "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", f"--max_iters={args.steps}",
             f"--lr_decay_iters={args.steps}", "--dropout=0.0", f"--out_dir={out / 'out'}"]  # seed: always 1337
 
@@ -100,20 +100,27 @@ def nanogpt_result(stdout: str, out: Path) -> dict:
 
 
 def xtransformers_command(args, out: Path, seed: int) -> list[str]:
-    return [sys.executable, __file__, "--worker", "x-transformers", "--data", args.data, "--steps", str(args.steps),
-            "--seed", str(seed)]
+    return [sys.executable, __file__, "--worker", *peer_flags(args, seed)]
+
+
+def peer_flags(args, seed: int) -> list[str]:
+    """The flags of `nanogpt_ref.run_arguments`, for the stand-in and the x-transformers worker."""
+    return ["--data", args.data, "--steps", str(args.steps), "--seed", str(seed), "--eval-iters",
+            str(args.eval_iters), "--eval-interval", str(args.eval_interval)]
 
 
 def json_result(stdout: str, out: Path) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def xtransformers_worker(args) -> None:
+def xtransformers_worker() -> None:
     """x-transformers' decoder of nanoGPT's CPU shape, trained by the stand-in's nanoGPT loop; prints JSON."""
     import torch
     import torch.nn.functional as F
-    from nanogpt_ref import RECIPE, char_splits, plain_training_run
+    from nanogpt_ref import RECIPE, char_splits, plain_training_run, recipe_of, run_arguments
     from x_transformers import Decoder, TransformerWrapper
+
+    args = run_arguments("x-transformers as a peer of benchmarks/peers.py").parse_args(sys.argv[2:])
 
     torch.manual_seed(args.seed)
     train, val, vocab = char_splits(args.data)
@@ -124,15 +131,19 @@ def xtransformers_worker(args) -> None:
     def loss_fn(x, y):
         return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
-    print(json.dumps(plain_training_run(loss_fn, model, (train, val), args.steps, args.seed)))
+    print(json.dumps(plain_training_run(loss_fn, model, (train, val), args.steps, args.seed, recipe_of(args))))
 
 
 CONTESTANTS = {  # name -> (command(args, scratch dir, seed), result(stdout, scratch dir))
-    "reslab default (--dtype auto)": (reslab_command(None), reslab_result),
-    "reslab --dtype fp32": (reslab_command("fp32"), reslab_result),
+    "reslab default (--dtype auto)": (reslab_command(), reslab_result),
+    "reslab --dtype fp32": (reslab_command("--dtype", "fp32"), reslab_result),
+    "reslab --compile (--dtype auto)": (reslab_command("--compile"), reslab_result),
     NANOGPT: (nanogpt_command, nanogpt_result),
     "x-transformers": (xtransformers_command, json_result),
 }
+KEYS = {"auto": "reslab default (--dtype auto)", "fp32": "reslab --dtype fp32",
+        "compile": "reslab --compile (--dtype auto)", "x-transformers": "x-transformers"}
+DEFAULT = "auto,fp32,x-transformers"
 
 
 def run_contestant(name: str, args, seed: int) -> dict:
@@ -166,6 +177,8 @@ def table(results: dict[str, list[dict]]) -> list[str]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--worker"]:
+        return xtransformers_worker()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"),
                         help="the text to train on (default ../shared/data/tinyshakespeare.txt)")
@@ -173,14 +186,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1337, help="seed of round 1; round r uses seed + r - 1")
     parser.add_argument("--nanogpt", help="a local nanoGPT checkout: run its train.py instead of the stand-in")
-    parser.add_argument("--only", help="comma list of contestants besides nanoGPT: reslab, fp32, x-transformers")
+    parser.add_argument("--only", default=DEFAULT, help=f"contestants besides nanoGPT, from {', '.join(KEYS)} "
+                        f"(default {DEFAULT})")
     parser.add_argument("--json", help="write every run's figures here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--eval-iters", type=int, default=20, help="batches per evaluation (the recipe's 20)")
+    parser.add_argument("--eval-interval", type=int, default=250, help="steps between evaluations (default 250)")
     args = parser.parse_args()
-    if args.worker:
-        return xtransformers_worker(args)
-    names = [name for name in CONTESTANTS if name == NANOGPT or not args.only
-             or any(key in name for key in args.only.split(","))]
+    unknown = set(args.only.split(",")) - set(KEYS)
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(KEYS)}")
+    names = [NANOGPT] + [KEYS[key] for key in args.only.split(",")]
     results: dict[str, list[dict]] = {name: [] for name in names}
     for round_ in range(args.rounds):
         order = names[round_ % len(names):] + names[:round_ % len(names)]
