@@ -37,7 +37,7 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def native_bf16(device: torch.device) -> str | None:
-    """What runs bf16 natively on `device` (e.g. "CPU amx_bf16"), or None. Stricter than `bf16_supported`: an
+    """What runs bf16 natively on `device` (e.g. "this CPU (amx_bf16)"), or None. Stricter than `bf16_supported`: an
     AVX512 CPU without AMX/AVX512-BF16 emulates bf16 and gains nothing, so `--dtype auto` keeps fp32 there."""
     if device.type == "cuda":
         return f"CUDA device {torch.cuda.get_device_name(device)}" if torch.cuda.is_bf16_supported() else None
@@ -45,6 +45,7 @@ def native_bf16(device: torch.device) -> str | None:
         return None
     flags = cpu_flags()
     if flags is None:  # no /proc/cpuinfo (macOS, Windows): ask torch's cpuinfo
+        # every CPU with AMX tiles so far has AMX-BF16 (Sapphire Rapids and later)
         checks = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
         flags = {flag for flag, check in checks.items() if getattr(torch.cpu, check, lambda: False)()}
     found = [flag for flag in CPU_BF16_FLAGS if flag in flags]
