@@ -23,6 +23,7 @@ gives medians over rounds and the median of per-round ratios against nanoGPT (it
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pickle
@@ -196,6 +197,8 @@ def main() -> None:
     if unknown:
         parser.error(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(KEYS)}")
     names = [NANOGPT] + [KEYS[key] for key in args.only.split(",")]
+    if "x-transformers" in names and importlib.util.find_spec("x_transformers") is None:
+        parser.error("x-transformers is not installed: pip install x-transformers, or leave it out with --only")
     results: dict[str, list[dict]] = {name: [] for name in names}
     for round_ in range(args.rounds):
         order = names[round_ % len(names):] + names[:round_ % len(names)]
