@@ -32,7 +32,7 @@ GROUPS = [  # (label, operator-name fragments), first match wins
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--activation", default="gelu")
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--steps", type=int, default=20)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 TINY = ["--model", "tiny", "--width", "32", "--heads", "2", "--context", "16", "--batch", "8", "--eval-batches", "2",
-        "--eval-interval", "10", "--log-interval", "1", "--no-progress"]
+        "--eval-interval", "10", "--log-interval", "1", "--no-progress", "--dtype", "fp32"]  # fp32: exact comparisons
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

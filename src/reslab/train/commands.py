@@ -30,7 +30,8 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--grad-clip": ("grad_clip", float, "clip the gradient norm to this (default 1.0; 0 = off)"),
     "--optimizer": ("optimizer", str, "adamw (default) or muon (Muon for hidden matrices, AdamW for the rest)"),
     "--muon-lr": ("muon_lr", float, "Muon learning rate (default 0.02)"),
-    "--dtype": ("dtype", str, "fp32 (default) or bf16 autocast (AVX512-BF16/AMX CPUs, CUDA)"),
+    "--dtype": ("dtype", str, "auto (default: bf16 autocast where the hardware runs bf16 natively, CUDA or "
+                "AMX/AVX512-BF16 CPUs, else fp32), fp32 (exact) or bf16"),
     "--seed": ("seed", int, "seed for init, batches and dropout (default 1337)"),
     "--device": ("device", str, "auto (default: cuda if present), cpu, cuda, cuda:N"),
     "--eval-interval": ("eval_interval", int, "steps between validation estimates (default 250)"),
@@ -136,6 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.model is not None:
             config["model"] = args.model  # compared with the run's model in prepare()
         overrides = model_overrides(args, saved_model)
+        if config.get("dtype") == "auto":
+            del config["dtype"]  # a resumed run keeps the dtype it recorded
         run_dir = args.resume
     else:
         config["model"] = model_name(args)
@@ -146,8 +149,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     setup = prepare(config, overrides, run_dir, resume=resume, overwrite=args.overwrite, command=args.argv)
     from reslab.train import distributed
 
+    reporter = None
+    if distributed.is_main():  # rank 0 prints
+        reporter = start_line_reporter(describe_dtype(setup.config, resume), setup.config.progress)
     with distributed.job(run_dir):  # under torchrun: clear errors when a rank fails, group closed at the end
-        summary = train(setup)
+        summary = train(setup, reporter)
     if not distributed.is_main():
         return 0  # rank 0 prints
     if "stopped_at" in summary:
@@ -160,6 +166,39 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"(best {summary.get('best_val_loss', float('nan')):.4f})  "
               f"{summary.get('tokens_per_second', 0):,.0f} tok/s  {summary.get('parameters', 0):,} parameters")
     return 0
+
+
+def start_line_reporter(line: str, enabled: bool):
+    """The run's progress reporter, plus one line printed when training starts, like its other notes (not under
+    --no-progress): after every check has passed, so a refused run still prints only its one-line error. (rich is
+    imported here, not at the top: `reslab train --help` stays light.)"""
+    from reslab.train.progress import Reporter
+
+    class StartLine(Reporter):
+        def start(self, total: int, completed: int, title: str) -> None:
+            nonlocal line
+            if line:
+                self.note(line)
+                line = ""
+            super().start(total, completed, title)
+
+    return StartLine(enabled=enabled)
+
+
+def describe_dtype(config, resume: bool) -> str:
+    """The one line `reslab train` prints at start: the dtype it trains in, and why."""
+    from reslab.train.loop import resolve_device
+    from reslab.train.step import native_bf16
+
+    what = "bf16 autocast (fp32 weights)" if config.dtype == "bf16" else config.dtype
+    if resume:
+        return f"dtype: {what}, as the run recorded"
+    if not config.dtype_auto:
+        return f"dtype: {what} (--dtype {config.dtype})"
+    device = resolve_device(config.device)
+    native = native_bf16(device)
+    why = f"{native} runs bf16 natively" if native else f"no native bf16 on {device.type}"
+    return f"dtype: {what} (--dtype auto: {why}; --dtype fp32 for exact fp32)"
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -61,7 +61,10 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adamw" or "muon" (Muon for hidden matrices, AdamW for the rest)
     muon_lr: float = 0.02
     aux_weights: dict[str, float] = field(default_factory=dict)  # auxiliary loss name -> weight (default: model's)
-    dtype: str = "fp32"  # "fp32" or "bf16" (autocast; fp32 master weights)
+    # "auto" (bf16 where the hardware runs it natively, else fp32), "fp32" (exact) or "bf16" (autocast; fp32 master
+    # weights). `from_dict` resolves auto for this machine, so a run records the dtype it trains in.
+    dtype: str = "auto"
+    dtype_auto: bool = runtime(False)  # `dtype` was chosen by --dtype auto (how it was picked, not what is computed)
     compile: bool = runtime(False)  # torch.compile the model (falls back to eager where unavailable)
     seed: int = 1337
     device: str = runtime("auto")  # auto: cuda if present, else cpu
@@ -85,8 +88,8 @@ class TrainConfig:
                               "micro-batches must be equal")
         if self.optimizer not in ("adamw", "muon"):
             raise ReslabError(f"unknown optimizer {self.optimizer!r}; choose one of: adamw, muon")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ReslabError(f"unknown dtype {self.dtype!r}; choose one of: bf16, fp32")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ReslabError(f"unknown dtype {self.dtype!r}; choose one of: auto, bf16, fp32")
         if self.tokenizer not in ("char", "bpe"):
             raise ReslabError(f"unknown tokenizer {self.tokenizer!r}; choose one of: bpe, char")
         if self.tokenizer == "bpe" and self.vocab_size is None:
@@ -109,7 +112,19 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         config = cls(**{k: check_field_type(flag_name(k), v, hints[k]) for k, v in values.items() if k in hints})
         config.validate()
+        config.resolve_dtype()
         return config
+
+    def resolve_dtype(self) -> None:
+        """Turn `--dtype auto` into the dtype this machine runs natively (see `reslab.train.step.native_bf16`)."""
+        if self.dtype != "auto":
+            return
+        import torch
+
+        from reslab.train.step import resolve_dtype
+
+        name = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype, self.dtype_auto = resolve_dtype("auto", torch.device(name)), True
 
 
 def check_device_name(name: str) -> None:

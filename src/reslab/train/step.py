@@ -21,10 +21,11 @@ from reslab.probe import GradientNorms, StreamProbe
 from reslab.train.distributed import World, current, unwrap
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo's names for the instructions that run bf16 natively
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """bf16 autocast pays off only with native bf16 matmuls: AVX512-BF16/AMX on CPU, Ampere+ on CUDA."""
+    """Whether `--dtype bf16` may run here: CUDA with bf16, or a CPU oneDNN runs bf16 on (AVX512 cores and up)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -33,6 +34,41 @@ def bf16_supported(device: torch.device) -> bool:
         except (AttributeError, RuntimeError):
             return False
     return False
+
+
+def native_bf16(device: torch.device) -> str | None:
+    """What runs bf16 natively on `device` (e.g. "this CPU (amx_bf16)"), or None. Stricter than `bf16_supported`: an
+    AVX512 CPU without AMX/AVX512-BF16 emulates bf16 and gains nothing, so `--dtype auto` keeps fp32 there."""
+    if device.type == "cuda":
+        return f"CUDA device {torch.cuda.get_device_name(device)}" if torch.cuda.is_bf16_supported() else None
+    if device.type != "cpu":
+        return None
+    flags = cpu_flags()
+    if flags is None:  # no /proc/cpuinfo (macOS, Windows): ask torch's cpuinfo
+        # every CPU with AMX tiles so far has AMX-BF16 (Sapphire Rapids and later)
+        checks = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+        flags = {flag for flag, check in checks.items() if getattr(torch.cpu, check, lambda: False)()}
+    found = [flag for flag in CPU_BF16_FLAGS if flag in flags]
+    return f"this CPU ({', '.join(found)})" if found else None
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), or None where there is no such file."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        return None
+    return set()
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """`auto` -> bf16 where `device` runs it natively, else fp32; fp32 and bf16 stay as they are."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 @dataclass
@@ -66,11 +102,13 @@ class TrainStep:
         self.micro_batches = micro_batches
         self.console = console
         self.aux_weights = dict(aux_weights or {})  # auxiliary loss name -> weight (1.0 when not named)
+        dtype = resolve_dtype(dtype, device)
         if dtype not in DTYPES:
-            raise ReslabError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+            raise ReslabError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(DTYPES)}")
         if dtype == "bf16" and not bf16_supported(device):
             raise ReslabError(f"--dtype bf16 needs native bf16 support (AVX512-BF16/AMX CPU or CUDA), which "
                               f"{device} lacks; use --dtype fp32")
+        self.dtype = dtype
         self.autocast = (torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32"
                          else contextlib.nullcontext())
         self.forward = model
