@@ -8,10 +8,12 @@ the first) the code passes failpoint NAME, ACTION happens there:
     enospc  raise OSError(ENOSPC) (as a full disk)
 
 Names: `write:FILE` (inside an atomic write of FILE: the temp file is written, not yet renamed), `append:FILE`
-(half a line appended), `step:N` (inside step N: after backward, before the optimizer update), `eval:N` (inside
-the evaluation of step N), `checkpoint:N` (before the checkpoint of step N is written).
+(half a line appended), `step` (inside a step: after backward, before the optimizer update), `eval` (inside an
+evaluation), `checkpoint` (before a checkpoint is written). N counts passes in this process, not training steps:
+`step@7=kill` kills the 7th step this process runs (step 7 of a fresh run; a resumed run counts from its restart).
 
     RESLAB_FAILPOINTS="write:checkpoint.safetensors@2=kill" reslab train ...
+    RESLAB_FAILPOINTS="step@2=kill" reslab train --resume RUN
 
 This is how the suite lands inside a write or an evaluation every time, instead of hoping a sleep does.
 """
