@@ -13,16 +13,19 @@ ever crosses a process boundary (tasks are (path, offset, length) tuples, result
 
 The shards are byte for byte those of the general path (`prepare._encode_all`), which other tokenizers and
 Hugging Face datasets take. Resuming keeps the first shards the state lists (the shards finish in order there).
-Workers import numpy and reslab's data modules, never torch (start-up in milliseconds, not a second).
+Workers import numpy and reslab's data modules, never torch (start-up in milliseconds, not a second). A worker that
+dies (kill -9, the OOM killer) ends the prepare with one line; the same command again resumes it.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -144,19 +147,40 @@ def encode_shard(out: str, index: int, plan: list[Piece], chars: str, dtype: str
 # ----------------------------------------------------------------------------------------------------- driver
 
 
-class Workers:
-    """`map(fn, items)` in order: in this process, or in `count` spawned processes (a killed worker is an error,
-    not a hang: concurrent.futures notices)."""
+WORKER_DIED = "a prepare worker died (killed?); run the same command again to resume"
 
-    def __init__(self, count: int):
+
+@contextlib.contextmanager
+def worker_deaths():
+    """A worker killed mid-prepare (kill -9, the OOM killer) as one line saying how to resume, not a traceback."""
+    try:
+        yield
+    except BrokenProcessPool as err:
+        raise ReslabError(WORKER_DIED) from err
+
+
+def _survived(results: Iterator) -> Iterator:
+    with worker_deaths():
+        yield from results
+
+
+class Workers:
+    """`map(fn, items)` in order (or `pool.submit` under `worker_deaths`): in this process, or in `count` spawned
+    processes, each started by `initializer(*initargs)`. A killed worker is an error, not a hang: concurrent.futures
+    notices the death (multiprocessing.Pool waits forever for the dead worker's result)."""
+
+    def __init__(self, count: int, initializer: Callable | None = None, initargs: tuple = ()):
         self.pool: Executor | None = None
         if count > 1:
             import multiprocessing
 
-            self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+            self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=initializer, initargs=initargs)
+        elif initializer is not None:
+            initializer(*initargs)
 
     def map(self, fn: Callable, *items) -> Iterator:
-        return map(fn, *items) if self.pool is None else self.pool.map(fn, *items)
+        return map(fn, *items) if self.pool is None else _survived(self.pool.map(fn, *items))
 
     def close(self) -> None:
         if self.pool is not None:

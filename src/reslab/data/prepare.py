@@ -262,6 +262,7 @@ def _prepare_chars(files: list[Path], out: Path, options: PrepareOptions, job: d
         state["characters"] = sum(scan[0] for scan in scans)
         plans = charprep.shard_plans(found, scans, options.shard_tokens)
         first = len(state["shards"])
+        remove_temp_files(out, tuple(map(shard_name, range(first, len(plans)))))  # workers killed while writing
         entries = workers.map(charprep.encode_shard, itertools.repeat(str(out)), range(first, len(plans)),
                               plans[first:], itertools.repeat(tokenizer.chars),
                               itertools.repeat(dtype_for(tokenizer.vocab_size)))
@@ -315,40 +316,35 @@ def _encode(text: str, dtype: str) -> np.ndarray:
 
 
 class _Encoder:
-    """Chunks in, token arrays out in the same order: in this process, or `workers` processes with a bounded queue."""
+    """Chunks in, token arrays out in the same order: in this process, or `workers` processes with a bounded queue.
+    A worker that dies is one line (`charprep.worker_deaths`); the shards written before it are kept for a re-run."""
 
     def __init__(self, tokenizer: Tokenizer, workers: int, dtype: str):
-        self.dtype, self.pool = dtype, None
-        if workers > 1:
-            import multiprocessing
-
-            context = multiprocessing.get_context("spawn")  # fork after threads (torch, HF) can deadlock
-            self.pool = context.Pool(workers, initializer=_init_worker, initargs=(tokenizer.to_bytes(),))
-        else:
-            _init_worker(tokenizer.to_bytes())
-        self.limit = 2 * workers
+        self.dtype, self.limit = dtype, 2 * workers
+        # spawned processes (fork after threads, torch's or HF's, can deadlock), each loading the tokenizer once
+        self.workers = charprep.Workers(workers, _init_worker, (tokenizer.to_bytes(),))
 
     def map(self, items: Iterator[tuple]) -> Iterator[tuple]:
         """(item, tokens) for each (file index, chunk) item, in order."""
-        if self.pool is None:
+        pool = self.workers.pool
+        if pool is None:
             for item in items:
                 yield item, _encode(item[1].text, self.dtype)
             return
         pending: collections.deque = collections.deque()
-        for item in items:
-            pending.append((item, self.pool.apply_async(_encode, (item[1].text, self.dtype))))
-            item[1].text = ""  # the worker has its copy
-            if len(pending) >= self.limit:
+        with charprep.worker_deaths():
+            for item in items:
+                pending.append((item, pool.submit(_encode, item[1].text, self.dtype)))
+                item[1].text = ""  # the worker has its copy
+                if len(pending) >= self.limit:
+                    done, result = pending.popleft()
+                    yield done, result.result()
+            while pending:
                 done, result = pending.popleft()
-                yield done, result.get()
-        while pending:
-            done, result = pending.popleft()
-            yield done, result.get()
+                yield done, result.result()
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+        self.workers.close()
 
 
 def _encode_all(files: list, out: Path, tokenizer: Tokenizer, options: PrepareOptions,
