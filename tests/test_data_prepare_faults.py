@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import make_corpus
 
+from reslab.data import charprep
 from reslab.data.shards import MANIFEST, PREPARE_STATE
+from reslab.errors import ReslabError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ENV = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
@@ -121,3 +123,16 @@ def test_a_killed_worker_is_one_line_and_the_same_command_resumes_it(tmp_path, p
     assert resumed["fingerprint"] == whole["fingerprint"] and len(whole["shards"]) > len(kept)
     names = [sorted(p.name for p in (tmp_path / folder).iterdir()) for folder in ("data", "whole")]
     assert names[0] == names[1]  # no temp file of a killed write left, no state file
+
+
+def test_a_worker_that_dies_between_two_passes_is_the_same_one_line():
+    """The char path maps twice (scan, then encode): a worker killed while idle in between breaks the next map."""
+    pool = charprep.Workers(2)
+    try:
+        pids = {int(pid) for pid in pool.map(os.readlink, ["/proc/self"] * 4)}  # a worker's own pid
+        os.kill(pids.pop(), signal.SIGKILL)
+        time.sleep(0.5)  # the pool notices the death at once: the next map fails when it submits
+        with pytest.raises(ReslabError, match=r"^a prepare worker died \(killed\?\); run the same command again"):
+            list(pool.map(len, ["ab"]))
+    finally:
+        pool.close()

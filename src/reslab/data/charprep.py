@@ -159,9 +159,9 @@ def worker_deaths():
         raise ReslabError(WORKER_DIED) from err
 
 
-def _survived(results: Iterator) -> Iterator:
-    with worker_deaths():
-        yield from results
+def _mapped(pool: Executor, fn: Callable, items: tuple) -> Iterator:
+    with worker_deaths():  # submitting too: a worker may die between two maps, breaking the pool
+        yield from pool.map(fn, *items)
 
 
 class Workers:
@@ -180,7 +180,7 @@ class Workers:
             initializer(*initargs)
 
     def map(self, fn: Callable, *items) -> Iterator:
-        return map(fn, *items) if self.pool is None else _survived(self.pool.map(fn, *items))
+        return map(fn, *items) if self.pool is None else _mapped(self.pool, fn, items)
 
     def close(self) -> None:
         if self.pool is not None:
