@@ -3,6 +3,7 @@
     python benchmarks/main_job.py --rounds 2                                  # this tree
     python benchmarks/main_job.py --rounds 2 --before bb1689c                 # and an older commit, alternated
     python benchmarks/main_job.py --rounds 2 --variant bf16="--dtype bf16"    # and this tree with extra flags
+    python benchmarks/main_job.py --rounds 2 --before bb1689c --flags="--dtype bf16"   # flags for every run
 
 Every run is a whole `python -m reslab ablate --out NEW` process, report included, as a user runs it. Variants are
 alternated round by round; each run holds the shared timing lock (`--lock`, default /tmp/reslab-bench.lock) only
@@ -51,16 +52,18 @@ def main() -> None:
     parser.add_argument("--before", metavar="REV", help="also run the src/ of this git revision")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="also run this tree with extra ablate flags (repeatable)")
+    parser.add_argument("--flags", default="", help="extra ablate flags for every run, e.g. --flags=\"--dtype bf16\"")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--lock", type=Path, default=Path("/tmp/reslab-bench.lock"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="reslab-mainjob-") as scratch:
-        variants = {"this tree": (ROOT / "src", [])}
+        common = shlex.split(args.flags)
+        variants = {"this tree": (ROOT / "src", common)}
         if args.before:
-            variants = {args.before: (export_src(args.before, Path(scratch)), []), **variants}
+            variants = {args.before: (export_src(args.before, Path(scratch)), common), **variants}
         for item in args.variant:
             name, _, flags = item.partition("=")
-            variants[name] = (ROOT / "src", shlex.split(flags))
+            variants[name] = (ROOT / "src", common + shlex.split(flags))
         walls: dict[str, list[float]] = {name: [] for name in variants}
         for round_ in range(args.rounds):
             for name, (src, flags) in variants.items():
