@@ -128,6 +128,7 @@ def test_rerun_under_dtype_auto_continues_in_the_grids_dtype(cli, corpus, tmp_pa
     code, _, err = cli(*small, "--seeds", "0,1")  # the default dtype: auto
     assert code == 0, err
     for seed in (0, 1):
-        assert json.loads((out / "runs" / f"pre-L1-s{seed}" / "config.json").read_text())["train"]["dtype"] == started_in
+        config = json.loads((out / "runs" / f"pre-L1-s{seed}" / "config.json").read_text())
+        assert config["train"]["dtype"] == started_in
     code, _, err = cli(*small, "--seeds", "0,1", "--dtype", "fp32" if started_in == "bf16" else "bf16")
     assert code == 2 and "dtype" in err and len(err.strip().splitlines()) == 1
