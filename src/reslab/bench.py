@@ -36,7 +36,7 @@ def matmul_peak_gflops(dtype: torch.dtype | None = None, size: int = 1024, repea
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def bench(model: str, overrides: dict[str, Any], batch: int = 12, dtype: str = "fp32", compile: bool = False,
+def bench(model: str, overrides: dict[str, Any], batch: int = 12, dtype: str = "auto", compile: bool = False,
           optimizer: str = "adamw", diagnostics: bool = True, log_interval: int = 50, warmup: int = 10,
           iters: int = 20, windows: int = 5, device: str = "auto", seed: int = 0) -> dict[str, Any]:
     """Time training iterations; diagnostics (when on) run every `log_interval` iterations, as in training."""
@@ -55,6 +55,7 @@ def bench(model: str, overrides: dict[str, Any], batch: int = 12, dtype: str = "
     context = net.config.context
     config = TrainConfig(model=model, optimizer=optimizer, dtype=dtype)
     step = TrainStep(net, build_optimizer(config, net, target), config.grad_clip, target, dtype, compile)
+    dtype = step.dtype  # auto resolved for this device
     tokens = torch.randint(0, net.config.vocab_size, (batch * 64, context + 1), device=target)
 
     def batch_at(i: int):
@@ -101,7 +102,8 @@ def register(commands) -> None:
     parser = commands.add_parser("bench", help="measure training speed (ms/iter, tokens/s, GFLOP/s vs peak)")
     add_model_arguments(parser, default_model="gpt")
     parser.add_argument("--batch", type=int, default=12, help="sequences per iteration (default 12)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto (default): bf16 autocast where the hardware runs it natively, else fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     parser.add_argument("--no-diagnostics", action="store_true", help="no gradient norms / stream probes")
