@@ -60,7 +60,7 @@ class HyperConnections(MultiStreamSite):
         if not self.dynamic:
             return read, stream_mix, write
         # per token and stream i: tanh(norm(H_i) W) = [read_i | row i of A_r | write_i]
-        dynamic = torch.tanh(self.dynamic_norm(streams) @ self.dynamic_proj)  # (..., n, n + 2)
+        dynamic = torch.tanh(self.dynamic_norm(streams) @ self.dynamic_proj).movedim(0, -2)  # (batch, seq, n, n + 2)
         width_scale, depth_scale = self.dynamic_scale[0], self.dynamic_scale[1]
         read = read + width_scale * dynamic[..., 0]
         stream_mix = stream_mix + width_scale * dynamic[..., 1:n + 1].transpose(-1, -2)  # A_r -> A_r^T

@@ -127,12 +127,13 @@ class ManifoldHyperConnections(MultiStreamSite):
         return options
 
     def connection_weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = self.num_streams
-        flat = streams.flatten(-2)  # vec(x_l): (..., n C)
-        # RMSNorm(vec(x)) phi == (vec(x) phi) / rms(vec(x)): normalising after the matmul (as the paper's kernels
-        # do) saves a pass over the wide stream
-        rms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True) / flat.shape[-1] ** 0.5
-        projected = (flat @ self.dynamic_proj) / (rms + self.rms_eps)
+        n, width = self.num_streams, streams.shape[-1]
+        # vec(x_l) phi for (n, batch, seq, C) streams: vec(x_l) = [x_1 | ... | x_n], so it is sum_i x_i phi_i with
+        # phi_i the rows i C .. (i + 1) C of phi. RMSNorm(vec(x)) phi == (vec(x) phi) / rms(vec(x)): normalising
+        # after the matmul (as the paper's kernels do) saves a pass over the wide stream
+        rms = torch.linalg.vector_norm(streams, dim=(0, -1)).unsqueeze(-1) / (n * width) ** 0.5
+        projected = torch.einsum("ibtc,icp->btp", streams, self.dynamic_proj.view(n, width, -1))
+        projected = projected / (rms + self.rms_eps)
         read_term, write_term, mix_term = projected.split([n, n, n * n], dim=-1)
         read = torch.sigmoid(self.gates[0] * read_term + self.read_bias)  # H_pre
         write = 2 * torch.sigmoid(self.gates[1] * write_term + self.write_bias)  # H_post
