@@ -40,18 +40,26 @@ STREAM_AXIS = 0  # streams first: (n, batch, seq, width)
 
 
 class ParallelStreams(StreamAdapter):
-    """n copies of the embedding in; their sum out."""
+    """n copies of the embedding in; their sum out. The streams are indexed (n, batch, seq, width) either way; in
+    memory they lie streams first for static weights (each stream operation one matrix product over all tokens), or
+    tokens first (`token_major`) for per-token weights (one small matrix per token, contiguous, and a token's
+    n x width values side by side for mHC's projection of vec(x))."""
 
-    def __init__(self, num_streams: int):
+    def __init__(self, num_streams: int, token_major: bool = False):
         super().__init__()
         self.num_streams = num_streams
+        self.token_major = token_major
 
     def widen(self, x: torch.Tensor) -> torch.Tensor:
         # a real copy, not a stride-0 view: matmuls on stride-0 operands fall off BLAS's fast path
+        if self.token_major:
+            return x.unsqueeze(-2).expand(*x.shape[:-1], self.num_streams, x.shape[-1]).contiguous().movedim(-2, 0)
         return x.unsqueeze(STREAM_AXIS).expand(self.num_streams, *x.shape).contiguous()
 
     def reduce(self, streams: torch.Tensor) -> torch.Tensor:
-        return read_streams(streams.new_ones(self.num_streams), streams)  # the sum over streams
+        if self.token_major:
+            return streams.sum(STREAM_AXIS)
+        return read_streams(streams.new_ones(self.num_streams), streams)  # the sum over streams, as a matmul
 
     def extra_repr(self) -> str:
         return f"streams={self.num_streams}"
@@ -76,7 +84,13 @@ class MultiStreamSite(ResidualSite):
 
     @classmethod
     def stream_adapter(cls, width: int, num_layers: int, options: Mapping[str, Any]) -> StreamAdapter:
-        return ParallelStreams(cls.resolve_options(options)["streams"])
+        options = cls.resolve_options(options)
+        return ParallelStreams(options["streams"], token_major=cls.per_token_weights(options))
+
+    @classmethod
+    def per_token_weights(cls, options: Mapping[str, Any]) -> bool:
+        """Are the connection weights computed per token (then the streams lie tokens first in memory)?"""
+        return True
 
     def connection_weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(read (n,), stream_mix (n, n), write (n,)) static, or per token with leading (batch, seq) axes."""

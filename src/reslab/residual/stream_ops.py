@@ -8,20 +8,16 @@ token and stream against a whole stream.
 Two implementations of the same formula:
 - plain ops (`read_streams`, `mix_streams`, `write_streams`): matmuls and einsums that the audit's tracer reads as a
   stream mix and an add, and that torch.compile and autocast handle themselves;
-- fused autograd Functions (`read_and_mix`, `write_into`), used otherwise: the read and the mix are one Function,
-  so the stream's gradient is produced in one place instead of being summed by autograd from two readers; the
-  write passes the stream's gradient through untouched and saves nothing of the width n x D; the backward works a
-  slice of tokens at a time, so what it reads twice is still in the CPU's cache (a stream of 768 tokens x 4 x 128
-  floats is 1.5 MB; a full pass over it costs about ten times a pass over a slice that sits in L2).
+- fused autograd Functions (`read_and_mix`, `write_into`), used otherwise: the read and the mix are one matrix
+  product (static) or one batched matmul over tokens (per-token weights), and one Function, so the stream's
+  gradient comes out of one place instead of being summed by autograd from two readers; the write is one fused
+  multiply-add that passes the stream's gradient through untouched and saves nothing of the width n x D.
 `tests/test_multistream_fused.py` checks both against the formulas, forward and gradients.
 """
 
 from __future__ import annotations
 
 import torch
-
-SLICE_FLOATS = 1 << 16  # floats of the n-wide stream per slice of the fused backward (256 KB in fp32)
-
 
 def fused_path(streams: torch.Tensor) -> bool:
     """Use the fused Functions? Not on the meta device or under a TorchFunctionMode (the audit's tracer reads the
@@ -78,15 +74,9 @@ def write_into(mixed: torch.Tensor, write: torch.Tensor, fx: torch.Tensor) -> to
     return out.reshape(mixed.shape)
 
 
-def column_slices(columns: int, rows: int) -> list[slice]:
-    """Slices of `columns` (tokens, or tokens x D) such that `rows` rows of one slice fill SLICE_FLOATS."""
-    step = max(1, SLICE_FLOATS // rows)
-    return [slice(start, min(start + step, columns)) for start in range(0, columns, step)]
-
-
 class StaticReadMix(torch.autograd.Function):
     """`[h; mixed] = W H` with W = [read; stream_mix] ((n+1) x n) and H (n x tokens D): one matrix product.
-    Backward, a slice of columns at a time: `dH = W^T [dh; dmixed]` and `dW += [dh; dmixed] H^T`."""
+    Backward: `dH = stream_mix^T dmixed + read dh^T` (a product and a rank-1 update in place), `dW = [dh; dmixed] H^T`."""
 
     @staticmethod
     def forward(ctx, streams: torch.Tensor, weights: torch.Tensor):
@@ -103,8 +93,8 @@ class StaticReadMix(torch.autograd.Function):
 
 
 class StaticWrite(torch.autograd.Function):
-    """`out = mixed + write (x) F`, one fused pass. Backward: `dmixed = dout` (passed on as it is), and a slice of
-    columns at a time `dF = write^T dout`, `dwrite += dout F`."""
+    """`out = mixed + write (x) F`, one fused pass. Backward: `dmixed = dout` (passed on as it is), `dF = write^T dout`,
+    `dwrite = dout F`."""
 
     @staticmethod
     def forward(ctx, mixed: torch.Tensor, write: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
@@ -153,7 +143,7 @@ class TokenWrite(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         write, fx = ctx.saved_tensors
-        by_token = grad_out.transpose(0, 1)  # (tokens, n, D)
+        by_token = grad_out.transpose(0, 1).contiguous()  # (tokens, n, D): a copy only after the final sum's expand
         grad_fx = torch.bmm(write.unsqueeze(1), by_token).squeeze(1)
         grad_write = torch.bmm(by_token, fx.unsqueeze(-1)).squeeze(-1)
-        return grad_out, grad_write, grad_fx
+        return by_token.transpose(0, 1), grad_write, grad_fx
