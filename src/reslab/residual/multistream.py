@@ -1,7 +1,8 @@
 """What hyper-connections (`hc`) and mHC (`mhc`) share: n parallel residual streams and one update rule.
 
-The residual stream is widened to `n` streams `H` (shape `(n, batch, seq, width)`, streams first: see
-`stream_ops`, where static weights make each stream operation one matrix product over all tokens). At every sublayer a site computes three connection weights and updates the streams:
+The residual stream is widened to `n` streams `H`, indexed `(n, batch, seq, width)` (streams first; see
+`stream_ops`, where static weights make each stream operation one matrix product over all tokens). At every
+sublayer a site computes three connection weights and updates the streams:
 
     h  = read @ H                      read the sublayer's input: a weighted sum of the streams
     H' = stream_mix @ H + write (x) F(LN(h))   mix the streams, and write the sublayer's output into each

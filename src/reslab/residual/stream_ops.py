@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+
 def fused_path(streams: torch.Tensor) -> bool:
     """Use the fused Functions? Not on the meta device or under a TorchFunctionMode (the audit's tracer reads the
     plain ops), not while torch.compile traces (it fuses the plain ops itself), not under autocast (the plain ops
@@ -76,7 +77,8 @@ def write_into(mixed: torch.Tensor, write: torch.Tensor, fx: torch.Tensor) -> to
 
 class StaticReadMix(torch.autograd.Function):
     """`[h; mixed] = W H` with W = [read; stream_mix] ((n+1) x n) and H (n x tokens D): one matrix product.
-    Backward: `dH = stream_mix^T dmixed + read dh^T` (a product and a rank-1 update in place), `dW = [dh; dmixed] H^T`."""
+    Backward: `dH = stream_mix^T dmixed + read dh^T` (a product, then a rank-1 update in place) and
+    `dW = [dh; dmixed] H^T`."""
 
     @staticmethod
     def forward(ctx, streams: torch.Tensor, weights: torch.Tensor):
