@@ -36,6 +36,28 @@ def matmul_peak_gflops(dtype: torch.dtype | None = None, size: int = 1024, repea
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
+def _time_windows(step, batch_at, sync, warmup: int, windows: int, iters: int, log_interval: int
+                  ) -> tuple[float, list[float]]:
+    """(seconds of the first step, ms/iter of each timed window); diagnostics every `log_interval` (0: never)."""
+    start = time.perf_counter()
+    step(*batch_at(0))
+    sync()
+    first_step = time.perf_counter() - start
+    for i in range(1, warmup):
+        step(*batch_at(i), diagnostics=bool(log_interval) and i % log_interval == 0)
+    sync()
+    window_ms = []
+    counter = 0
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(iters):
+            counter += 1
+            step(*batch_at(counter), diagnostics=bool(log_interval) and counter % log_interval == 0)
+        sync()
+        window_ms.append((time.perf_counter() - start) / iters * 1000)
+    return first_step, window_ms
+
+
 def bench(model: str, overrides: dict[str, Any], batch: int = 12, dtype: str = "auto", compile: bool = False,
           optimizer: str = "adamw", diagnostics: bool = True, log_interval: int = 50, warmup: int = 10,
           iters: int = 20, windows: int = 5, device: str = "auto", seed: int = 0) -> dict[str, Any]:
@@ -66,22 +88,8 @@ def bench(model: str, overrides: dict[str, Any], batch: int = 12, dtype: str = "
         if target.type == "cuda":
             torch.cuda.synchronize()
 
-    start = time.perf_counter()
-    step(*batch_at(0))
-    sync()
-    first_step = time.perf_counter() - start
-    for i in range(1, warmup):
-        step(*batch_at(i), diagnostics=diagnostics and i % log_interval == 0)
-    sync()
-    window_ms = []
-    counter = 0
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(iters):
-            counter += 1
-            step(*batch_at(counter), diagnostics=diagnostics and counter % log_interval == 0)
-        sync()
-        window_ms.append((time.perf_counter() - start) / iters * 1000)
+    first_step, window_ms = _time_windows(step, batch_at, sync, warmup, windows, iters,
+                                          log_interval if diagnostics else 0)
     ms = statistics.median(window_ms)
     flops = net.flops_per_token(context) * batch * context
     peak = matmul_peak_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32) if target.type == "cpu" else None
