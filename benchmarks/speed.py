@@ -24,11 +24,12 @@ NANOGPT_CPU = {"layers": 4, "heads": 4, "width": 128, "context": 64, "bias": Fal
 REFERENCE = "nanoGPT stand-in (benchmarks/nanogpt_ref.py)"
 
 VARIANTS = {
-    "eager fp32, diagnostics off": {"diagnostics": False},
-    "eager fp32, diagnostics every 50": {"diagnostics": True, "log_interval": 50},
-    "eager fp32, GPT-2's tanh GELU, diagnostics off": {"diagnostics": False, "activation": "gelu-tanh"},
-    "compiled fp32, diagnostics off": {"diagnostics": False, "compile": True},
-    "compiled fp32, diagnostics every 50": {"diagnostics": True, "log_interval": 50, "compile": True},
+    "eager fp32, diagnostics off": {"dtype": "fp32", "diagnostics": False},
+    "eager fp32, diagnostics every 50": {"dtype": "fp32", "diagnostics": True, "log_interval": 50},
+    "eager fp32, GPT-2's tanh GELU, diagnostics off": {"dtype": "fp32", "diagnostics": False,
+                                                       "activation": "gelu-tanh"},
+    "compiled fp32, diagnostics off": {"dtype": "fp32", "diagnostics": False, "compile": True},
+    "compiled fp32, diagnostics every 50": {"dtype": "fp32", "diagnostics": True, "log_interval": 50, "compile": True},
     "eager bf16, diagnostics off": {"diagnostics": False, "dtype": "bf16"},
     "eager bf16, diagnostics every 50": {"diagnostics": True, "log_interval": 50, "dtype": "bf16"},
     "compiled bf16, diagnostics off": {"diagnostics": False, "dtype": "bf16", "compile": True},

@@ -109,3 +109,26 @@ def test_rerun_accepts_what_train_resume_accepts(cli, corpus, tmp_path):
     assert code == 0 and "1 already done, 0 to train" in err, err
     code, _, err = cli(*small, "--lr", "0.5")
     assert code == 2 and "lr" in err
+
+
+@pytest.mark.parametrize("started_in", ["fp32", "bf16"])
+def test_rerun_under_dtype_auto_continues_in_the_grids_dtype(cli, corpus, tmp_path, started_in):
+    """A grid started with an explicit dtype (or before `--dtype auto` became the default: fp32) and continued with
+    the default finishes in the dtype it began in, on any machine: the new points train in it too."""
+    import torch
+
+    from reslab.train.step import bf16_supported
+
+    if started_in == "bf16" and not bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU cannot run bf16 at all")
+    out = tmp_path / "abl"
+    small = [*GRID[:GRID.index("--seeds")], "--residual", "pre", "--no-report", "--data", corpus, "--out", out,
+             "--jobs", "1"]
+    assert cli(*small, "--seeds", "0", "--dtype", started_in)[0] == 0
+    code, _, err = cli(*small, "--seeds", "0,1")  # the default dtype: auto
+    assert code == 0, err
+    for seed in (0, 1):
+        config = json.loads((out / "runs" / f"pre-L1-s{seed}" / "config.json").read_text())
+        assert config["train"]["dtype"] == started_in
+    code, _, err = cli(*small, "--seeds", "0,1", "--dtype", "fp32" if started_in == "bf16" else "bf16")
+    assert code == 2 and "dtype" in err and len(err.strip().splitlines()) == 1

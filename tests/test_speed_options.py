@@ -177,6 +177,9 @@ def test_bench_reports(cli):
     assert len(result["ms_per_iter_windows"]) == 2 and result["ms_per_iter"] > 0
     assert result["tokens_per_second"] == pytest.approx(4 * 16 / (result["ms_per_iter"] / 1000))
     assert result["peak_gflops"] > 0 and 0 < result["fraction_of_peak"]
+    from reslab.train.step import resolve_dtype
+
+    assert result["dtype"] == resolve_dtype("auto", torch.device("cpu"))  # the default resolves, as in training
     code, out, _ = cli("bench", "--layers", "1", "--width", "32", "--heads", "2", "--context", "16", "--batch", "4",
                        "--warmup", "1", "--iters", "2", "--windows", "1")
     assert code == 0 and "ms/iter" in out and "% of peak" in out

@@ -36,7 +36,29 @@ def matmul_peak_gflops(dtype: torch.dtype | None = None, size: int = 1024, repea
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def bench(model: str, overrides: dict[str, Any], batch: int = 12, dtype: str = "fp32", compile: bool = False,
+def _time_windows(step, batch_at, sync, warmup: int, windows: int, iters: int, log_interval: int
+                  ) -> tuple[float, list[float]]:
+    """(seconds of the first step, ms/iter of each timed window); diagnostics every `log_interval` (0: never)."""
+    start = time.perf_counter()
+    step(*batch_at(0))
+    sync()
+    first_step = time.perf_counter() - start
+    for i in range(1, warmup):
+        step(*batch_at(i), diagnostics=bool(log_interval) and i % log_interval == 0)
+    sync()
+    window_ms = []
+    counter = 0
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(iters):
+            counter += 1
+            step(*batch_at(counter), diagnostics=bool(log_interval) and counter % log_interval == 0)
+        sync()
+        window_ms.append((time.perf_counter() - start) / iters * 1000)
+    return first_step, window_ms
+
+
+def bench(model: str, overrides: dict[str, Any], batch: int = 12, dtype: str = "auto", compile: bool = False,
           optimizer: str = "adamw", diagnostics: bool = True, log_interval: int = 50, warmup: int = 10,
           iters: int = 20, windows: int = 5, device: str = "auto", seed: int = 0) -> dict[str, Any]:
     """Time training iterations; diagnostics (when on) run every `log_interval` iterations, as in training."""
@@ -55,6 +77,7 @@ def bench(model: str, overrides: dict[str, Any], batch: int = 12, dtype: str = "
     context = net.config.context
     config = TrainConfig(model=model, optimizer=optimizer, dtype=dtype)
     step = TrainStep(net, build_optimizer(config, net, target), config.grad_clip, target, dtype, compile)
+    dtype = step.dtype  # auto resolved for this device
     tokens = torch.randint(0, net.config.vocab_size, (batch * 64, context + 1), device=target)
 
     def batch_at(i: int):
@@ -65,22 +88,8 @@ def bench(model: str, overrides: dict[str, Any], batch: int = 12, dtype: str = "
         if target.type == "cuda":
             torch.cuda.synchronize()
 
-    start = time.perf_counter()
-    step(*batch_at(0))
-    sync()
-    first_step = time.perf_counter() - start
-    for i in range(1, warmup):
-        step(*batch_at(i), diagnostics=diagnostics and i % log_interval == 0)
-    sync()
-    window_ms = []
-    counter = 0
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(iters):
-            counter += 1
-            step(*batch_at(counter), diagnostics=diagnostics and counter % log_interval == 0)
-        sync()
-        window_ms.append((time.perf_counter() - start) / iters * 1000)
+    first_step, window_ms = _time_windows(step, batch_at, sync, warmup, windows, iters,
+                                          log_interval if diagnostics else 0)
     ms = statistics.median(window_ms)
     flops = net.flops_per_token(context) * batch * context
     peak = matmul_peak_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32) if target.type == "cpu" else None
@@ -101,7 +110,8 @@ def register(commands) -> None:
     parser = commands.add_parser("bench", help="measure training speed (ms/iter, tokens/s, GFLOP/s vs peak)")
     add_model_arguments(parser, default_model="gpt")
     parser.add_argument("--batch", type=int, default=12, help="sequences per iteration (default 12)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto (default): bf16 autocast where the hardware runs it natively, else fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     parser.add_argument("--no-diagnostics", action="store_true", help="no gradient norms / stream probes")

@@ -42,6 +42,7 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
     # Validate every grid point's config up front: a typo must not surface after an hour of training.
     for point in points:
         make_config(model, **{**model_overrides, "residual": point.residual, "layers": point.layers})
+    train_overrides = _keep_saved_dtype(out_dir, train_overrides)
     train_config = TrainConfig.from_dict({**train_overrides, "model": model})
     _check_data(train_config.data)
     train_record = {k: v for k, v in train_config.to_dict().items() if k != "seed"}  # seeds are in the grid
@@ -67,6 +68,17 @@ def _run_grid(job: GridJob, points: list[GridPoint], record: dict[str, Any], exe
     write_json(job.out_dir / ABLATION, {**record, "started": job.started, "finished": time.time(),
                                         "wall_seconds": time.time() - job.started})
     return summary
+
+
+def _keep_saved_dtype(out_dir: Path, train_overrides: dict[str, Any]) -> dict[str, Any]:
+    """A re-run under `--dtype auto` (the default) continues the grid in the dtype it was started in, as `train
+    --resume` does: a grid begun in fp32 (or on another machine) is not finished in bf16."""
+    if train_overrides.get("dtype", "auto") != "auto" or not (out_dir / ABLATION).is_file():
+        return train_overrides
+    saved = RunDir(out_dir).read_json_file(ABLATION)
+    dtype = saved.get("train", {}).get("dtype") if isinstance(saved, dict) and isinstance(saved.get("train"), dict) \
+        else None
+    return {**train_overrides, "dtype": dtype} if dtype in ("fp32", "bf16") else train_overrides
 
 
 def _check_data(source: str) -> None:

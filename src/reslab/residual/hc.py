@@ -54,13 +54,18 @@ class HyperConnections(MultiStreamSite):
             raise ReslabError(f"hc_dynamic must be true or false, got {options['hc_dynamic']!r}")
         return options
 
+    @classmethod
+    def per_token_weights(cls, options: Mapping[str, Any]) -> bool:
+        return bool(options["hc_dynamic"])
+
     def connection_weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.num_streams
         read, stream_mix, write = self.read, self.stream_mix.view(n, n), self.write
         if not self.dynamic:
             return read, stream_mix, write
         # per token and stream i: tanh(norm(H_i) W) = [read_i | row i of A_r | write_i]
-        dynamic = torch.tanh(self.dynamic_norm(streams) @ self.dynamic_proj)  # (..., n, n + 2)
+        by_token = streams.movedim(0, -2)  # (batch, seq, n, width): contiguous when the streams lie tokens first
+        dynamic = torch.tanh(self.dynamic_norm(by_token) @ self.dynamic_proj)  # (batch, seq, n, n + 2)
         width_scale, depth_scale = self.dynamic_scale[0], self.dynamic_scale[1]
         read = read + width_scale * dynamic[..., 0]
         stream_mix = stream_mix + width_scale * dynamic[..., 1:n + 1].transpose(-1, -2)  # A_r -> A_r^T

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from reslab.residual.base import SiteSpec, check_integer_option
 from reslab.residual.multistream import MultiStreamSite
+from reslab.residual.stream_ops import fused_path
 
 PROJ_INIT_STD = 0.02  # the dynamic projections phi start small and random, so the gates get a gradient at once
 
@@ -37,6 +38,22 @@ class SinkhornKnopp(nn.Module):
         return f"iterations={self.iterations}"
 
 
+EXP_SPACE_SPAN = 30.0  # logits of one matrix spread wider than this: normalise in log space (exp could underflow)
+
+
+def sinkhorn(logits: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The Sinkhorn-Knopp iterations on (n, n, tokens) logits: in exp space (2 kernels per normalisation, in place)
+    when every matrix's logits span at most EXP_SPACE_SPAN, where no entry can underflow; else in log space."""
+    shifted = logits - logits.amax(dim=(0, 1), keepdim=True)  # each matrix's largest logit is 0
+    if shifted.device.type == "meta" or torch.compiler.is_compiling() or shifted.amin() < -EXP_SPACE_SPAN:
+        return sinkhorn_log_space(logits, iterations)
+    matrix = shifted.exp()
+    for _ in range(iterations):
+        matrix.div_(matrix.sum(1, keepdim=True))  # rows sum to 1
+        matrix.div_(matrix.sum(0, keepdim=True))  # columns sum to 1
+    return matrix
+
+
 def sinkhorn_log_space(logits: torch.Tensor, iterations: int) -> torch.Tensor:
     """The Sinkhorn-Knopp iterations on (n, n, tokens) logits: rows are axis 1, columns axis 0."""
     log_matrix = logits
@@ -66,7 +83,7 @@ class ImplicitSinkhornGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, iterations: int) -> torch.Tensor:
-        matrices = sinkhorn_log_space(logits, iterations)
+        matrices = sinkhorn(logits, iterations)
         ctx.save_for_backward(matrices)
         return matrices
 
@@ -81,6 +98,31 @@ class ImplicitSinkhornGrad(torch.autograd.Function):
         a = r - p @ b
         grad_logits = weighted - p * (a + b.mT)
         return grad_logits.to(grad.dtype).permute(1, 2, 0), None
+
+
+class NormalizedProjection(torch.autograd.Function):
+    """`(x phi) / (rms(x) + eps)` for (tokens, K) rows x: mHC's RMSNorm(vec(x)) phi without the normalised copy.
+    Backward in one product and one fused multiply-add per row: `dx = (dout / r) phi^T + c x`, with r = rms + eps and
+    `c = -<dout, out> / (r K rms)` (0 where rms = 0, as autograd's norm gradient), and `dphi = x^T (dout / r)`."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, proj: torch.Tensor, eps: float) -> torch.Tensor:
+        rms = torch.linalg.vector_norm(rows, dim=-1, keepdim=True) / rows.shape[-1] ** 0.5
+        out = (rows @ proj) / (rms + eps)
+        ctx.save_for_backward(rows, proj, rms, out)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, proj, rms, out = ctx.saved_tensors
+        denom = rms + ctx.eps
+        grad_q = grad_out / denom
+        grad_rms = -(grad_out * out).sum(-1, keepdim=True) / denom
+        scale = torch.where(rms > 0, grad_rms / (rows.shape[-1] * rms), torch.zeros_like(rms))
+        grad_rows = torch.addcmul(grad_q @ proj.t(), scale, rows) if ctx.needs_input_grad[0] else None
+        grad_proj = rows.t() @ grad_q if ctx.needs_input_grad[1] else None
+        return grad_rows, grad_proj, None
 
 
 class ManifoldHyperConnections(MultiStreamSite):
@@ -128,11 +170,14 @@ class ManifoldHyperConnections(MultiStreamSite):
 
     def connection_weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.num_streams
-        flat = streams.flatten(-2)  # vec(x_l): (..., n C)
-        # RMSNorm(vec(x)) phi == (vec(x) phi) / rms(vec(x)): normalising after the matmul (as the paper's kernels
-        # do) saves a pass over the wide stream
-        rms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True) / flat.shape[-1] ** 0.5
-        projected = (flat @ self.dynamic_proj) / (rms + self.rms_eps)
+        flat = streams.movedim(0, -2).flatten(-2)  # vec(x_l) per token: (batch, seq, n C), a view (tokens first)
+        if fused_path(streams):
+            projected = NormalizedProjection.apply(flat.reshape(-1, flat.shape[-1]), self.dynamic_proj, self.rms_eps)
+            projected = projected.view(*flat.shape[:-1], -1)
+        else:  # RMSNorm(vec(x)) phi == (vec(x) phi) / rms(vec(x)): normalising after the matmul (as the paper's
+            # kernels do) saves a pass over the wide stream
+            rms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True) / flat.shape[-1] ** 0.5
+            projected = (flat @ self.dynamic_proj) / (rms + self.rms_eps)
         read_term, write_term, mix_term = projected.split([n, n, n * n], dim=-1)
         read = torch.sigmoid(self.gates[0] * read_term + self.read_bias)  # H_pre
         write = 2 * torch.sigmoid(self.gates[1] * write_term + self.write_bias)  # H_post

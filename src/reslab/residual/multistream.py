@@ -1,14 +1,16 @@
 """What hyper-connections (`hc`) and mHC (`mhc`) share: n parallel residual streams and one update rule.
 
-The residual stream is widened to `n` streams `H` (shape `(batch, seq, n, width)`, streams next to channels).
-At every sublayer a site computes three connection weights and updates the streams:
+The residual stream is widened to `n` streams `H`, indexed `(n, batch, seq, width)` (streams first; see
+`stream_ops`, where static weights make each stream operation one matrix product over all tokens). At every
+sublayer a site computes three connection weights and updates the streams:
 
     h  = read @ H                      read the sublayer's input: a weighted sum of the streams
     H' = stream_mix @ H + write (x) F(LN(h))   mix the streams, and write the sublayer's output into each
 
 `read` (n), `stream_mix` (n x n) and `write` (n) are static parameters or computed per token; a scheme only says
-how (`connection_weights`). The mix and the write are ordinary tensor ops (`matmul`, then `+`), so a tracer sees
-the skip pass through a stream mix and the branch join it with an add.
+how (`connection_weights`). Under the audit's tracer the mix and the write are ordinary tensor ops (`matmul` or
+`einsum`, then `+`), so it sees the skip pass through a stream mix and the branch join it with an add; in training
+the same update runs as fused autograd Functions (`stream_ops`).
 
 The model calls `ParallelStreams.widen` once after the embedding (n copies) and `reduce` once before the final norm
 (the sum over streams, as in the HC paper).
@@ -33,23 +35,32 @@ from reslab.residual.base import (
     check_integer_option,
     on_single_stream,
 )
+from reslab.residual.stream_ops import fused_path, mix_streams, read_and_mix, read_streams, write_into, write_streams
 
-STREAM_AXIS = -2  # streams sit next to the channels: (batch, seq, n, width)
+STREAM_AXIS = 0  # streams first: (n, batch, seq, width)
 
 
 class ParallelStreams(StreamAdapter):
-    """n copies of the embedding in; their sum out."""
+    """n copies of the embedding in; their sum out. The streams are indexed (n, batch, seq, width) either way; in
+    memory they lie streams first for static weights (each stream operation one matrix product over all tokens), or
+    tokens first (`token_major`) for per-token weights (one small matrix per token, contiguous, and a token's
+    n x width values side by side for mHC's projection of vec(x))."""
 
-    def __init__(self, num_streams: int):
+    def __init__(self, num_streams: int, token_major: bool = False):
         super().__init__()
         self.num_streams = num_streams
+        self.token_major = token_major
 
     def widen(self, x: torch.Tensor) -> torch.Tensor:
-        # a real copy, not a stride-0 view: batched matmuls on stride-0 operands fall off BLAS's fast path
-        return x.unsqueeze(STREAM_AXIS).expand(*x.shape[:-1], self.num_streams, x.shape[-1]).contiguous()
+        # a real copy, not a stride-0 view: matmuls on stride-0 operands fall off BLAS's fast path
+        if self.token_major:
+            return x.unsqueeze(-2).expand(*x.shape[:-1], self.num_streams, x.shape[-1]).contiguous().movedim(-2, 0)
+        return x.unsqueeze(STREAM_AXIS).expand(self.num_streams, *x.shape).contiguous()
 
     def reduce(self, streams: torch.Tensor) -> torch.Tensor:
-        return read_streams(streams.new_ones(self.num_streams), streams)  # the sum over streams
+        if self.token_major:
+            return streams.sum(STREAM_AXIS)
+        return read_streams(streams.new_ones(self.num_streams), streams)  # the sum over streams, as a matmul
 
     def extra_repr(self) -> str:
         return f"streams={self.num_streams}"
@@ -74,19 +85,30 @@ class MultiStreamSite(ResidualSite):
 
     @classmethod
     def stream_adapter(cls, width: int, num_layers: int, options: Mapping[str, Any]) -> StreamAdapter:
-        return ParallelStreams(cls.resolve_options(options)["streams"])
+        options = cls.resolve_options(options)
+        return ParallelStreams(options["streams"], token_major=cls.per_token_weights(options))
+
+    @classmethod
+    def per_token_weights(cls, options: Mapping[str, Any]) -> bool:
+        """Are the connection weights computed per token (then the streams lie tokens first in memory)?"""
+        return True
 
     def connection_weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(read (..., n), stream_mix (..., n, n), write (..., n)): static, or per token (leading batch, seq)."""
+        """(read (n,), stream_mix (n, n), write (n,)) static, or per token with leading (batch, seq) axes."""
         raise NotImplementedError
 
     def forward(self, streams: torch.Tensor, sublayer: nn.Module) -> torch.Tensor:
         if streams.dim() == 3:  # one plain stream (batch, seq, width): called outside a model
             return on_single_stream(self, streams, sublayer)
         read, stream_mix, write = self.connection_weights(streams)
-        h = read_streams(read, streams)  # the sublayer's input: a weighted sum of the streams
-        fx = sublayer(self.norm(h))
-        out = mix_streams(stream_mix, streams) + write_streams(write, fx)
+        if fused_path(streams):
+            h, mixed = read_and_mix(read, stream_mix, streams)
+            fx = sublayer(self.norm(h))
+            out = write_into(mixed, write, fx)
+        else:  # the same update in plain ops, for the audit's tracer, torch.compile and autocast
+            h = read_streams(read, streams)  # the sublayer's input: a weighted sum of the streams
+            fx = sublayer(self.norm(h))
+            out = mix_streams(stream_mix, streams) + write_streams(write, fx)
         if self.probe is not None:
             self.last_stream_mix = stream_mix.detach()
             # the probe measures one stream: the mean of the n (at HC's init, exactly pre-LN's stream)
@@ -126,31 +148,3 @@ def amax_gain(stream_mixes: list[torch.Tensor]) -> tuple[float, float]:
     return composite.sum(-1).amax().item(), composite.sum(-2).amax().item()
 
 
-# The three stream operations, vectorised over tokens and streams (no Python loop over streams): each is one batched
-# matmul over tokens with contiguous operands, static weights first copied once per token (a few bytes each). A
-# stride-0 or transposed view of the wide stream would push CPU BLAS off its fast path (a broadcast
-# `(n, n) @ (B, T, n, D)` copies the stream); the gradients come out contiguous, which keeps the next site's
-# backward on the fast path too. (The write as a matmul with inner size 1 measured faster, forward and backward,
-# than the broadcast product and its reductions.)
-
-def per_token(weights: torch.Tensor, tokens: torch.Size, shape: tuple[int, ...]) -> torch.Tensor:
-    return weights.expand(*tokens, *shape).contiguous()
-
-
-def read_streams(read: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
-    """`sum_i read_i H_i`: (..., n) weights, (..., n, D) streams -> (..., D)."""
-    n = streams.shape[STREAM_AXIS]
-    return (per_token(read, streams.shape[:-2], (n,)).unsqueeze(-2) @ streams).squeeze(-2)
-
-
-def mix_streams(stream_mix: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
-    """`stream_mix @ H`: (..., n, n) @ (..., n, D) -> (..., n, D), the same shape as the streams."""
-    n = streams.shape[STREAM_AXIS]
-    return per_token(stream_mix, streams.shape[:-2], (n, n)) @ streams
-
-
-def write_streams(write: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
-    """`write^T F`: the sublayer's output into every stream with its weight, (..., n) x (..., D) -> (..., n, D),
-    an outer product per token."""
-    n = write.shape[-1]
-    return per_token(write, fx.shape[:-1], (n,)).unsqueeze(-1) @ fx.unsqueeze(-2)

@@ -1,0 +1,151 @@
+"""The stream operations of the multi-stream schemes, on streams laid out streams first: `H` is `(n, batch, seq, D)`.
+
+A site reads `h = read @ H`, and updates `H' = stream_mix @ H + write (x) F(h)`. With the streams first, static
+weights make each of these one matrix product over all tokens at once (`(n + 1) x n` by `n x (batch seq D)`), which
+CPU BLAS runs at memory speed; per-token weights (dynamic HC, mHC) become n fused multiply-adds of a weight per
+token and stream against a whole stream.
+
+Two implementations of the same formula:
+- plain ops (`read_streams`, `mix_streams`, `write_streams`): matmuls and einsums that the audit's tracer reads as a
+  stream mix and an add, and that torch.compile and autocast handle themselves;
+- fused autograd Functions (`read_and_mix`, `write_into`), used otherwise: the read and the mix are one matrix
+  product (static) or one batched matmul over tokens (per-token weights), and one Function, so the stream's
+  gradient comes out of one place instead of being summed by autograd from two readers; the write is one fused
+  multiply-add that passes the stream's gradient through untouched and saves nothing of the width n x D.
+`tests/test_multistream_fused.py` checks both against the formulas, forward and gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fused_path(streams: torch.Tensor) -> bool:
+    """Use the fused Functions? Not on the meta device or under a TorchFunctionMode (the audit's tracer reads the
+    plain ops), not while torch.compile traces (it fuses the plain ops itself), not under autocast (the plain ops
+    keep its casts), and only for float32/float64 streams."""
+    return (streams.device.type != "meta" and not torch._C._is_torch_function_mode_enabled()
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(streams.device.type)
+            and streams.dtype in (torch.float32, torch.float64))
+
+
+# --- plain ops ------------------------------------------------------------------------------------------------
+def read_streams(read: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """`sum_i read_i H_i`: (n,) or per-token (batch, seq, n) weights, (n, batch, seq, D) streams -> (batch, seq, D)."""
+    if read.dim() == 1:
+        return (read @ streams.flatten(1)).view(streams.shape[1:])
+    return torch.einsum("btj,jbtd->btd", read, streams)
+
+
+def mix_streams(stream_mix: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """`stream_mix @ H`: (n, n) or per-token (batch, seq, n, n) weights; the result has the streams' shape."""
+    if stream_mix.dim() == 2:
+        return (stream_mix @ streams.flatten(1)).view(streams.shape)
+    return torch.einsum("btij,jbtd->ibtd", stream_mix, streams)
+
+
+def write_streams(write: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+    """`write^T F`: the sublayer's output into every stream with its weight, (n,) or (batch, seq, n) weights and a
+    (batch, seq, D) output -> (n, batch, seq, D)."""
+    if write.dim() == 1:
+        return torch.einsum("i,btd->ibtd", write, fx)
+    return torch.einsum("bti,btd->ibtd", write, fx)
+
+
+# --- fused ----------------------------------------------------------------------------------------------------
+def read_and_mix(read: torch.Tensor, stream_mix: torch.Tensor, streams: torch.Tensor):
+    """(h, mixed) = (read_streams(read, H), mix_streams(stream_mix, H)), in one autograd Function."""
+    n, *lead, width = streams.shape
+    if stream_mix.dim() == 2:
+        h, mixed = StaticReadMix.apply(streams.reshape(n, -1), torch.cat([read.unsqueeze(0), stream_mix]))
+    else:  # per token an (n + 1) x n matrix: the read, then the stream mix
+        weights = torch.cat([read.unsqueeze(-2), stream_mix], dim=-2).reshape(-1, n + 1, n)
+        h, mixed = TokenReadMix.apply(streams.reshape(n, -1, width), weights)
+    return h.reshape(*lead, width), mixed.reshape(n, *lead, width)
+
+
+def write_into(mixed: torch.Tensor, write: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+    """`mixed + write_streams(write, fx)` in one autograd Function."""
+    n, *lead, width = mixed.shape
+    fx = fx.to(mixed.dtype)
+    if write.dim() == 1:
+        out = StaticWrite.apply(mixed.reshape(n, -1), write, fx.reshape(-1))
+    else:
+        out = TokenWrite.apply(mixed.reshape(n, -1, width), write.reshape(-1, n), fx.reshape(-1, width))
+    return out.reshape(mixed.shape)
+
+
+class StaticReadMix(torch.autograd.Function):
+    """`[h; mixed] = W H` with W = [read; stream_mix] ((n+1) x n) and H (n x tokens D): one matrix product.
+    Backward: `dH = stream_mix^T dmixed + read dh^T` (a product, then a rank-1 update in place) and
+    `dW = [dh; dmixed] H^T`."""
+
+    @staticmethod
+    def forward(ctx, streams: torch.Tensor, weights: torch.Tensor):
+        out = weights @ streams
+        ctx.save_for_backward(streams, weights)
+        return out[0], out[1:]
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor, grad_mixed: torch.Tensor):
+        streams, weights = ctx.saved_tensors
+        grad_streams = torch.mm(weights[1:].t(), grad_mixed).addr_(weights[0], grad_h)
+        grad_weights = torch.cat([(streams @ grad_h).unsqueeze(0), grad_mixed @ streams.t()])
+        return grad_streams, grad_weights
+
+
+class StaticWrite(torch.autograd.Function):
+    """`out = mixed + write (x) F`, one fused pass. Backward: `dmixed = dout` (passed on as it is), `dF = write^T dout`,
+    `dwrite = dout F`."""
+
+    @staticmethod
+    def forward(ctx, mixed: torch.Tensor, write: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(write, fx)
+        return torch.addr(mixed, write, fx)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        write, fx = ctx.saved_tensors
+        return grad_out, grad_out @ fx, write @ grad_out
+
+
+class TokenReadMix(torch.autograd.Function):
+    """Per-token weights `weights[t]` ((n+1) x n: the read, then the stream mix): `out[:, t] = weights[t] H[:, t]`,
+    one batched matmul over tokens on a strided view of the streams (no copy; the result comes out token-major).
+    Backward: `dH[:, t] = read[t] dh[t]^T + stream_mix[t]^T dmixed[:, t]`, `dread[t] = H[:, t] dh[t]`,
+    `dstream_mix[t] = dmixed[:, t] H[:, t]^T`: four batched matmuls, no concatenated gradient."""
+
+    @staticmethod
+    def forward(ctx, streams: torch.Tensor, weights: torch.Tensor):
+        out = torch.bmm(weights, streams.transpose(0, 1))  # (tokens, n + 1, D)
+        ctx.save_for_backward(streams, weights)
+        return out[:, 0], out[:, 1:].transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor, grad_mixed: torch.Tensor):
+        streams, weights = ctx.saved_tensors
+        by_token = streams.transpose(0, 1)  # (tokens, n, D), a view
+        grad_mixed = grad_mixed.transpose(0, 1)
+        grad_streams = torch.bmm(weights[:, 1:].transpose(1, 2), grad_mixed)
+        grad_streams.baddbmm_(weights[:, :1].transpose(1, 2), grad_h.unsqueeze(1))
+        grad_weights = torch.cat([torch.bmm(grad_h.unsqueeze(1), by_token.transpose(1, 2)),
+                                  torch.bmm(grad_mixed, by_token.transpose(1, 2))], dim=1)
+        return grad_streams.transpose(0, 1), grad_weights
+
+
+class TokenWrite(torch.autograd.Function):
+    """`out[i, t] = mixed[i, t] + write[t, i] F[t]` (write: (tokens, n)). Backward: `dmixed = dout`,
+    `dF[t] = write[t] dout[:, t]`, `dwrite[t] = dout[:, t] F[t]`: two batched matmuls on a view of dout."""
+
+    @staticmethod
+    def forward(ctx, mixed: torch.Tensor, write: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(write, fx)
+        return torch.addcmul(mixed, write.t().unsqueeze(-1), fx)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        write, fx = ctx.saved_tensors
+        by_token = grad_out.transpose(0, 1).contiguous()  # (tokens, n, D): a copy only after the final sum's expand
+        grad_fx = torch.bmm(write.unsqueeze(1), by_token).squeeze(1)
+        grad_write = torch.bmm(by_token, fx.unsqueeze(-1)).squeeze(-1)
+        return by_token.transpose(0, 1), grad_write, grad_fx
