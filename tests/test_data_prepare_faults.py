@@ -23,8 +23,8 @@ from reslab.errors import ReslabError
 SRC = Path(__file__).resolve().parents[1] / "src"
 ENV = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
 CLI = [sys.executable, "-m", "reslab", "data", "prepare", "--no-progress", "--workers", "2"]
-# The general path starts one worker per 16 MiB of text; this runs the same CLI with one per 64 kB, so that a few MB
-# of BPE (a second of work, not ten) get two workers.
+# The general path starts one worker per 16 MiB of text; this runs the same CLI with one per 64 kB, so that 8 MB of
+# BPE (a second of work; 8 chunks, so most are still to come when the first shard is recorded) get two workers.
 SMALL_PARALLEL = [sys.executable, "-c", "import sys\nfrom reslab.data import prepare\nprepare.PARALLEL_BYTES = 65536\n"
                   "from reslab.cli import main\nsys.exit(main(['data', 'prepare', *sys.argv[1:]]))",
                   "--no-progress", "--workers", "2"]
@@ -106,7 +106,7 @@ def test_a_killed_worker_is_one_line_and_the_same_command_resumes_it(tmp_path, p
     if path == "char":  # 34 MB: two workers on the char path, as a user gets them
         command = [*CLI, corpus(tmp_path / "text.txt", 34), "--shard-tokens", "262144"]
     else:
-        command = [*SMALL_PARALLEL, corpus(tmp_path / "text.txt", 3), "--tokenizer", "bpe", "--vocab-size", "300",
+        command = [*SMALL_PARALLEL, corpus(tmp_path / "text.txt", 8), "--tokenizer", "bpe", "--vocab-size", "300",
                    "--bpe-sample-mb", "0.2", "--shard-tokens", "50000"]
     killed = kill_a_worker(command, tmp_path / "data")
     lines = killed.stderr.strip().splitlines()
