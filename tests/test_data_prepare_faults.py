@@ -136,3 +136,26 @@ def test_a_worker_that_dies_between_two_passes_is_the_same_one_line():
             list(pool.map(len, ["ab"]))
     finally:
         pool.close()
+
+
+def test_ctrl_c_stops_the_prepare_in_one_line_and_the_same_command_resumes(tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the whole process group, workers included: the parent alone reports
+    it (exit 130, no worker's traceback), and the same command then finishes with the shards of a whole prepare."""
+    command = [*CLI, corpus(tmp_path / "text.txt", 34), "--shard-tokens", "262144"]
+    out = tmp_path / "data"
+    process = subprocess.Popen([*command, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=ENV, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline and not (workers(process.pid) and recorded(out)):
+            time.sleep(0.002)
+        assert process.poll() is None, "the prepare ended before Ctrl-C"
+        os.killpg(process.pid, signal.SIGINT)  # what the terminal does
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert [s["sha256"] for s in run(command, out)["shards"]] == [s["sha256"] for s in run(command,
+                                                                                            tmp_path / "w")["shards"]]

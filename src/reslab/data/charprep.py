@@ -164,6 +164,16 @@ def _mapped(pool: Executor, fn: Callable, items: tuple) -> Iterator:
         yield from pool.map(fn, *items)
 
 
+def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
+    """A worker leaves Ctrl-C to the parent (which stops the prepare with one line): the terminal sends SIGINT to
+    the whole process group, and a worker's own KeyboardInterrupt would print a traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)
+
+
 class Workers:
     """`map(fn, items)` in order (or `pool.submit` under `worker_deaths`): in this process, or in `count` spawned
     processes, each started by `initializer(*initargs)`. A killed worker is an error, not a hang: concurrent.futures
@@ -175,7 +185,7 @@ class Workers:
             import multiprocessing
 
             self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=initializer, initargs=initargs)
+                                            initializer=_start_worker, initargs=(initializer, initargs))
         elif initializer is not None:
             initializer(*initargs)
 
