@@ -132,3 +132,17 @@ def test_rerun_under_dtype_auto_continues_in_the_grids_dtype(cli, corpus, tmp_pa
         assert config["train"]["dtype"] == started_in
     code, _, err = cli(*small, "--seeds", "0,1", "--dtype", "fp32" if started_in == "bf16" else "bf16")
     assert code == 2 and "dtype" in err and len(err.strip().splitlines()) == 1
+
+
+def test_rerun_of_a_grid_recorded_before_dtype_existed_continues_in_fp32(cli, corpus, tmp_path):
+    """An ablation.json without a dtype (written before the field existed) is an fp32 grid, not a different one."""
+    out = tmp_path / "abl"
+    small = [*GRID[:GRID.index("--seeds")], "--residual", "pre", "--no-report", "--data", corpus, "--out", out,
+             "--jobs", "1"]
+    assert cli(*small, "--seeds", "0", "--dtype", "fp32")[0] == 0
+    record = json.loads((out / "ablation.json").read_text())
+    del record["train"]["dtype"], record["train"]["dtype_auto"]
+    (out / "ablation.json").write_text(json.dumps(record))
+    code, _, err = cli(*small, "--seeds", "0,1")
+    assert code == 0, err
+    assert json.loads((out / "runs" / "pre-L1-s1" / "config.json").read_text())["train"]["dtype"] == "fp32"

@@ -140,3 +140,16 @@ def test_without_tiktoken_hf_encodes_silently(shakespeare, monkeypatch):
     assert fast_encoder(tokenizer._hf) is None
     assert tokenizer.encode_array(TRICKY).tolist() == hf_ids(tokenizer, TRICKY)
     assert tokenizer._fast is None
+
+
+def test_pickled_and_copied_tokenizers_encode_the_same(shakespeare):
+    """Workers receive the tokenizer pickled; a copy made before or after the first encode finds its own encoder."""
+    import copy
+    import pickle
+
+    tokenizer = BPETokenizer.train(shakespeare[:100_000], 400)
+    text = shakespeare[:5000] + TRICKY
+    copies = [pickle.loads(pickle.dumps(tokenizer)), copy.deepcopy(tokenizer)]
+    expected = tokenizer.encode_array(text).tolist()
+    copies += [pickle.loads(pickle.dumps(tokenizer)), copy.deepcopy(tokenizer)]
+    assert all(c.encode_array(text).tolist() == expected == hf_ids(tokenizer, text) for c in copies)

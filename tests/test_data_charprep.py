@@ -33,3 +33,16 @@ def test_char_shards_equal_the_text_encoded_in_memory(tmp_path, monkeypatch, wor
     assert np.array_equal(np.concatenate([data.train.to_numpy(), data.val.to_numpy()]), expected)
     assert manifest["characters"] == len(whole) and all(s["tokens"] == 777 for s in manifest["shards"][:-1])
     assert len(manifest["shards"]) == -(-len(whole) // 777)
+
+
+@pytest.mark.parametrize("shift", range(4))
+def test_a_block_boundary_at_every_byte_of_a_four_byte_character(tmp_path, monkeypatch, shift):
+    """A boundary after the first, second, third or fourth byte of an emoji: never a 'not UTF-8' error, same tokens."""
+    monkeypatch.setattr(reslab.data.charprep, "BLOCK_BYTES", 16)
+    monkeypatch.setattr(reslab.data.prepare, "PARALLEL_BYTES", 1)
+    text = "a" * (12 + shift) + "😀" + "b" * 40 + "\n"
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    prepare_data([tmp_path / "t.txt"], tmp_path / "out", PrepareOptions(tokenizer="char", workers=1))
+    data = open_prepared(tmp_path / "out")
+    expected = encode_corpus(build_tokenizer("char", text), text).numpy()
+    assert np.array_equal(np.concatenate([data.train.to_numpy(), data.val.to_numpy()]), expected)

@@ -76,3 +76,17 @@ def test_train_step_resolves_auto():
     net = torch.nn.Linear(2, 2)
     step = TrainStep(net, torch.optim.SGD(net.parameters(), lr=0.1), 0.0, torch.device("cpu"), dtype="auto")
     assert step.dtype == ("bf16" if torch_says_native_bf16() else "fp32")
+
+
+@pytest.mark.parametrize("capability, native", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_auto_on_cuda_counts_only_native_bf16(monkeypatch, capability, native):
+    """V100/T4 (capability 7.x) emulate bf16, which `torch.cuda.is_bf16_supported()` counts by default: auto keeps
+    fp32 there; Ampere and later (8.0+) get bf16. The capability is asked of the device the run uses."""
+    from reslab.train.step import resolve_dtype
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    assert resolve_dtype("auto", torch.device("cuda:1")) == ("bf16" if native else "fp32")
+    assert asked == [torch.device("cuda:1")]

@@ -168,3 +168,23 @@ def test_exp_space_sinkhorn_equals_log_space_and_falls_back_for_wide_logits():
     assert torch.isfinite(matrices).all()
     torch.testing.assert_close(matrices, sinkhorn_log_space(wide, 20))
     torch.testing.assert_close(SinkhornKnopp(20)(wide.permute(2, 0, 1)), matrices.permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("scheme, options", CASES[:2])
+def test_torch_func_grad_runs_and_agrees_with_autograd(scheme, options):
+    """`torch.func.grad` over `functional_call` (the functorch way: per-example gradients, meta-learning) takes the
+    plain ops and gives autograd's gradients of the fused path."""
+    from torch.func import functional_call, grad
+
+    model = moved_model(scheme, options, torch.float64)
+    idx = tokens()
+
+    def loss(params, m, i):
+        logits = functional_call(m, params, (i,)).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), i.flatten())
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    got = grad(loss)(params, model, idx)
+    _, expected = logits_and_grads(model, lambda m, i: m(i).logits, idx)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=1e-10, rtol=1e-10, msg=name)

@@ -50,7 +50,9 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
               "seeds": seeds}, "model_overrides": model_overrides, "train": train_record}
     _check_ablation_dir(out_dir, record)
     with RunDir(out_dir).locked("reslab ablate"):  # one ablation per directory at a time
-        job = GridJob(model, model_overrides, {**train_overrides, "steps": train_config.steps}, out_dir, time.time())
+        # every point trains in the dtype the driver resolved and recorded (a Ray node with other hardware too)
+        train = {**train_overrides, "dtype": train_config.dtype, "steps": train_config.steps}
+        job = GridJob(model, model_overrides, train, out_dir, time.time())
         return _run_grid(job, points, record, executor or InlineExecutor(), console)
 
 
@@ -76,8 +78,8 @@ def _keep_saved_dtype(out_dir: Path, train_overrides: dict[str, Any]) -> dict[st
     if train_overrides.get("dtype", "auto") != "auto" or not (out_dir / ABLATION).is_file():
         return train_overrides
     saved = RunDir(out_dir).read_json_file(ABLATION)
-    dtype = saved.get("train", {}).get("dtype") if isinstance(saved, dict) and isinstance(saved.get("train"), dict) \
-        else None
+    train = saved.get("train") if isinstance(saved, dict) else None
+    dtype = train.get("dtype", "fp32") if isinstance(train, dict) else None  # no dtype recorded: it trained in fp32
     return {**train_overrides, "dtype": dtype} if dtype in ("fp32", "bf16") else train_overrides
 
 
@@ -104,7 +106,8 @@ def _check_ablation_dir(out_dir: Path, record: dict[str, Any]) -> None:
         raise ReslabError(f"{path} is not an ablation record (a JSON object); restore it, or choose another --out")
     if not any((p / "config.json").exists() for p in (out_dir / "runs").glob("*")):
         return  # no point has started (an earlier attempt failed on its input): nothing here to protect
-    saved["train"] = {**TrainConfig().to_dict(), **(saved.get("train") or {})}  # fields added since: defaults
+    # fields added since: their defaults (a record from before dtype was recorded trained in fp32)
+    saved["train"] = {**TrainConfig().to_dict(), "dtype": "fp32", **(saved.get("train") or {})}
     for key in ("model", "model_overrides"):
         if saved.get(key) != record[key]:
             raise ReslabError(f"{out_dir} holds an ablation with {key} {saved.get(key)}, not {record[key]}; "

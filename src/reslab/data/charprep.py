@@ -58,7 +58,8 @@ def blocks(files: list[Path]) -> list[Block]:
                 if end < size:
                     handle.seek(end)
                     head = handle.read(3)  # a continuation byte is 0b10xxxxxx; a character has at most 3 of them
-                    end += next((i for i, byte in enumerate(head) if byte & 0xC0 != 0x80), 0) if head else 0
+                    # skip the continuation bytes of a character cut by the boundary (all 3 of a 4-byte one)
+                    end += next((i for i, byte in enumerate(head) if byte & 0xC0 != 0x80), len(head))
                 found.append((index, str(path), start, end - start))
                 start = end
     return found

@@ -22,7 +22,6 @@ FILENAME = "tokenizer.json"
 FILE_FORMAT = 1
 DEFAULT_BPE_VOCAB = 512
 BYTE_ALPHABET = 256  # byte-level BPE starts from one token per byte
-_NOT_BUILT = object()
 PIECE_CHARS = 2000  # BPE encodes a corpus in pieces of about this size
 _SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")  # a newline between two printable ASCII characters
 
@@ -129,7 +128,11 @@ class BPETokenizer(Tokenizer):
 
     def __init__(self, hf_tokenizer):
         self._hf = hf_tokenizer
-        self._fast: Any = _NOT_BUILT  # the tiktoken encoder of the same BPE (reslab.data.fast_bpe), or None
+        self._fast: Any = None  # the tiktoken encoder of the same BPE (reslab.data.fast_bpe), once looked for
+        self._fast_checked = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fast": None, "_fast_checked": False}  # a copy looks for its own encoder
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BPETokenizer:
@@ -167,10 +170,10 @@ class BPETokenizer(Tokenizer):
     def encode_array(self, text: str) -> np.ndarray:
         """The ids, from tiktoken when it is installed and reproduces this BPE exactly (several times faster than
         HF; `reslab.data.fast_bpe` checks exactness), else from HF."""
-        if self._fast is _NOT_BUILT:
+        if not self._fast_checked:
             from reslab.data.fast_bpe import fast_encoder
 
-            self._fast = fast_encoder(self._hf)
+            self._fast, self._fast_checked = fast_encoder(self._hf), True
         if self._fast is None:
             return self._hf_encode_array(text)
         return self._fast.encode_to_numpy(text, allowed_special="all").astype(np.int64)

@@ -93,7 +93,7 @@ class ImplicitSinkhornGrad(torch.autograd.Function):
         p = matrices.permute(2, 0, 1).double()  # (tokens, n, n), solved in float64
         weighted = p * grad.permute(2, 0, 1).double()
         r, c = weighted.sum(-1, keepdim=True), weighted.sum(-2).unsqueeze(-1)  # (tokens, n, 1)
-        system = torch.eye(p.shape[-1], dtype=p.dtype) * (1 + 1e-9) - p.mT @ p
+        system = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device) * (1 + 1e-9) - p.mT @ p
         b = torch.linalg.solve(system, c - p.mT @ r)
         a = r - p @ b
         grad_logits = weighted - p * (a + b.mT)

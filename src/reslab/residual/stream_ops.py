@@ -23,8 +23,10 @@ import torch
 def fused_path(streams: torch.Tensor) -> bool:
     """Use the fused Functions? Not on the meta device or under a TorchFunctionMode (the audit's tracer reads the
     plain ops), not while torch.compile traces (it fuses the plain ops itself), not under autocast (the plain ops
-    keep its casts), and only for float32/float64 streams."""
+    keep its casts), not under torch.func transforms (grad, vmap: the Functions have no functorch rules), and only
+    for float32/float64 streams."""
     return (streams.device.type != "meta" and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._are_functorch_transforms_active()
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(streams.device.type)
             and streams.dtype in (torch.float32, torch.float64))
 

@@ -40,7 +40,9 @@ def native_bf16(device: torch.device) -> str | None:
     """What runs bf16 natively on `device` (e.g. "this CPU (amx_bf16)"), or None. Stricter than `bf16_supported`: an
     AVX512 CPU without AMX/AVX512-BF16 emulates bf16 and gains nothing, so `--dtype auto` keeps fp32 there."""
     if device.type == "cuda":
-        return f"CUDA device {torch.cuda.get_device_name(device)}" if torch.cuda.is_bf16_supported() else None
+        # compute capability 8 (Ampere) and up has bf16 tensor cores; `is_bf16_supported()` also counts emulation
+        native = torch.cuda.get_device_capability(device)[0] >= 8
+        return f"CUDA device {torch.cuda.get_device_name(device)}" if native else None
     if device.type != "cpu":
         return None
     flags = cpu_flags()
