@@ -34,8 +34,10 @@ SCHEMES: dict[str, tuple[str, dict]] = {
 }
 
 
-def build_step(model_name: str, scheme: str, options: dict, config: dict, batch: int, seed: int = 0):
-    """A closure running one training step of a fresh model on a fixed batch."""
+def build_step(model_name: str, scheme: str, options: dict, config: dict, batch: int, seed: int = 0,
+               dtype: str = "fp32"):
+    """A closure running one training step of a fresh model on a fixed batch (bf16: under autocast, as training's
+    `--dtype bf16`; fp32 weights)."""
     torch.manual_seed(seed)
     model = reslab.build_model(model_name, residual=scheme, residual_options=options, **config)
     optimizer = build_adamw(model, 1e-3, 0.1, (0.9, 0.99), torch.device("cpu"))
@@ -44,7 +46,9 @@ def build_step(model_name: str, scheme: str, options: dict, config: dict, batch:
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> None:
-        loss = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            logits = model(x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -110,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=10, help="steps per timed window")
     parser.add_argument("--profile", metavar="LABEL",
                         help="instead of timing, profile LABEL against the first scheme: the ops with extra CPU time")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: the step under bf16 autocast (what --dtype auto picks on AMX/AVX512-BF16 CPUs)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                         for label in (labels[0], args.profile))
         print_extra_time(labels[0], base, args.profile, target, rows=15)
         return 0
-    steps = {label: build_step(args.model, *SCHEMES[label], config, args.batch) for label in labels}
+    steps = {label: build_step(args.model, *SCHEMES[label], config, args.batch, dtype=args.dtype) for label in labels}
     wall, cpu = measure(steps, args.warmup, args.rounds, args.window)
     tokens = args.batch * args.context
     base_wall, base_cpu = statistics.median(wall[labels[0]]), statistics.median(cpu[labels[0]])
@@ -133,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                      "cpu_vs_first": ms_cpu / base_cpu, "wall_range_ms": [min(wall[label]), max(wall[label])]})
     if args.json:
         print(json.dumps({"config": {**config, "model": args.model, "batch": args.batch, "threads": args.threads,
-                                     "rounds": args.rounds, "window": args.window}, "rows": rows}, indent=2))
+                                     "dtype": args.dtype, "rounds": args.rounds, "window": args.window},
+                          "rows": rows}, indent=2))
         return 0
     print(f"{args.model}: {args.layers} layers, width {args.width}, context {args.context}, batch {args.batch}, "
           f"{args.threads} thread(s); median of {args.rounds} windows x {args.window} steps")

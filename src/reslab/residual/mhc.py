@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from reslab.residual.base import SiteSpec, check_integer_option
 from reslab.residual.multistream import MultiStreamSite
-from reslab.residual.stream_ops import fused_path
+from reslab.residual.stream_ops import fused_path, stream_precision
 
 PROJ_INIT_STD = 0.02  # the dynamic projections phi start small and random, so the gates get a gradient at once
 
@@ -172,7 +172,9 @@ class ManifoldHyperConnections(MultiStreamSite):
         n = self.num_streams
         flat = streams.movedim(0, -2).flatten(-2)  # vec(x_l) per token: (batch, seq, n C), a view (tokens first)
         if fused_path(streams):
-            projected = NormalizedProjection.apply(flat.reshape(-1, flat.shape[-1]), self.dynamic_proj, self.rms_eps)
+            with stream_precision(streams):
+                projected = NormalizedProjection.apply(flat.reshape(-1, flat.shape[-1]), self.dynamic_proj,
+                                                       self.rms_eps)
             projected = projected.view(*flat.shape[:-1], -1)
         else:  # RMSNorm(vec(x)) phi == (vec(x) phi) / rms(vec(x)): normalising after the matmul (as the paper's
             # kernels do) saves a pass over the wide stream

@@ -35,7 +35,15 @@ from reslab.residual.base import (
     check_integer_option,
     on_single_stream,
 )
-from reslab.residual.stream_ops import fused_path, mix_streams, read_and_mix, read_streams, write_into, write_streams
+from reslab.residual.stream_ops import (
+    fused_path,
+    mix_streams,
+    read_and_mix,
+    read_streams,
+    stream_precision,
+    write_into,
+    write_streams,
+)
 
 STREAM_AXIS = 0  # streams first: (n, batch, seq, width)
 
@@ -102,10 +110,12 @@ class MultiStreamSite(ResidualSite):
             return on_single_stream(self, streams, sublayer)
         read, stream_mix, write = self.connection_weights(streams)
         if fused_path(streams):
-            h, mixed = read_and_mix(read, stream_mix, streams)
+            with stream_precision(streams):  # under autocast, weights and fx come in lower precision: upcast
+                h, mixed = read_and_mix(read.to(streams.dtype), stream_mix.to(streams.dtype), streams)
             fx = sublayer(self.norm(h))
-            out = write_into(mixed, write, fx)
-        else:  # the same update in plain ops, for the audit's tracer, torch.compile and autocast
+            with stream_precision(streams):
+                out = write_into(mixed, write.to(streams.dtype), fx.to(streams.dtype))
+        else:  # the same update in plain ops, for the audit's tracer, torch.compile and torch.func
             h = read_streams(read, streams)  # the sublayer's input: a weighted sum of the streams
             fx = sublayer(self.norm(h))
             out = mix_streams(stream_mix, streams) + write_streams(write, fx)

@@ -22,13 +22,17 @@ import torch
 
 def fused_path(streams: torch.Tensor) -> bool:
     """Use the fused Functions? Not on the meta device or under a TorchFunctionMode (the audit's tracer reads the
-    plain ops), not while torch.compile traces (it fuses the plain ops itself), not under autocast (the plain ops
-    keep its casts), not under torch.func transforms (grad, vmap: the Functions have no functorch rules), and only
-    for float32/float64 streams."""
+    plain ops), not while torch.compile traces (it fuses the plain ops itself), not under torch.func transforms
+    (grad, vmap: the Functions have no functorch rules), and only for float32/float64 streams. Under autocast they
+    run in the stream's precision (`stream_precision`): the stream stays fp32, as pre-LN's residual add does."""
     return (streams.device.type != "meta" and not torch._C._is_torch_function_mode_enabled()
             and not torch._C._are_functorch_transforms_active()
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(streams.device.type)
-            and streams.dtype in (torch.float32, torch.float64))
+            and not torch.compiler.is_compiling() and streams.dtype in (torch.float32, torch.float64))
+
+
+def stream_precision(streams: torch.Tensor):
+    """Autocast off for the fused stream update (its inputs are cast to the stream's dtype by the caller)."""
+    return torch.autocast(streams.device.type, enabled=False)
 
 
 # --- plain ops ------------------------------------------------------------------------------------------------
