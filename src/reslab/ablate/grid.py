@@ -79,8 +79,16 @@ def _keep_saved_dtype(out_dir: Path, train_overrides: dict[str, Any]) -> dict[st
         return train_overrides
     saved = RunDir(out_dir).read_json_file(ABLATION)
     train = saved.get("train") if isinstance(saved, dict) else None
-    dtype = train.get("dtype", "fp32") if isinstance(train, dict) else None  # no dtype recorded: it trained in fp32
+    dtype = _saved_train_fields(train)["dtype"] if isinstance(train, dict) else None
     return {**train_overrides, "dtype": dtype} if dtype in ("fp32", "bf16") else train_overrides
+
+
+def _saved_train_fields(train: dict[str, Any]) -> dict[str, Any]:
+    """A saved record's train fields, those added since it was written at their defaults (a record from before
+    dtype was recorded trained in fp32)."""
+    from reslab.train.config import TrainConfig
+
+    return {**TrainConfig().to_dict(), "dtype": "fp32", **train}
 
 
 def _check_data(source: str) -> None:
@@ -99,15 +107,12 @@ def _check_ablation_dir(out_dir: Path, record: dict[str, Any]) -> None:
         if out_dir.exists() and any(p.name != LOCK for p in out_dir.iterdir()):
             raise ReslabError(f"{out_dir} is not empty and is not an ablation directory; choose another --out")
         return
-    from reslab.train.config import TrainConfig
-
     saved = RunDir(out_dir).read_json_file(ABLATION)
     if not isinstance(saved, dict) or not isinstance(saved.get("train", {}), dict):
         raise ReslabError(f"{path} is not an ablation record (a JSON object); restore it, or choose another --out")
     if not any((p / "config.json").exists() for p in (out_dir / "runs").glob("*")):
         return  # no point has started (an earlier attempt failed on its input): nothing here to protect
-    # fields added since: their defaults (a record from before dtype was recorded trained in fp32)
-    saved["train"] = {**TrainConfig().to_dict(), "dtype": "fp32", **(saved.get("train") or {})}
+    saved["train"] = _saved_train_fields(saved.get("train") or {})
     for key in ("model", "model_overrides"):
         if saved.get(key) != record[key]:
             raise ReslabError(f"{out_dir} holds an ablation with {key} {saved.get(key)}, not {record[key]}; "

@@ -6,7 +6,10 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 from reslab.checks import (
     BETA,
@@ -119,12 +122,9 @@ class TrainConfig:
         """Turn `--dtype auto` into the dtype this machine runs natively (see `reslab.train.step.native_bf16`)."""
         if self.dtype != "auto":
             return
-        import torch
-
         from reslab.train.step import resolve_dtype
 
-        name = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype, self.dtype_auto = resolve_dtype("auto", torch.device(name)), True
+        self.dtype, self.dtype_auto = resolve_dtype("auto", resolve_device(self.device)), True
 
 
 def check_device_name(name: str) -> None:
@@ -141,6 +141,16 @@ def check_device_name(name: str) -> None:
             raise ReslabError(f"--device {name}: this machine has {have}; use --device auto or cpu")
     if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ReslabError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a `--device` value (checked: a known name this machine has)."""
+    check_device_name(name)
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 # The runtime fields, as declared on TrainConfig: what `train --resume` (and an ablation run again) may change.

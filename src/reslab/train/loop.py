@@ -24,20 +24,12 @@ from reslab.memory import check_fits
 from reslab.models import check_saved_model_config, make_config
 from reslab.rundir import CHECKPOINT, CONFIG, METRICS, SUMMARY, DamagedRunError, RunDir
 from reslab.train.checkpoint import checkpoint_step
-from reslab.train.config import RESUMABLE_FIELDS, TrainConfig, check_device_name
+from reslab.train.config import RESUMABLE_FIELDS, TrainConfig, resolve_device
 from reslab.train.distributed import check_launch, connect
 from reslab.train.progress import Reporter
 from reslab.train.trainer import Interrupted, NonFiniteLoss, StopSignal, Trainer, estimate_loss
 
 __all__ = ["METRICS", "SUMMARY", "Interrupted", "NonFiniteLoss", "RunSetup", "estimate_loss", "prepare", "train"]
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device for a `--device` value (checked: a known name this machine has)."""
-    check_device_name(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass
