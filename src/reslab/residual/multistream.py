@@ -40,7 +40,6 @@ from reslab.residual.stream_ops import (
     mix_streams,
     read_and_mix,
     read_streams,
-    stream_precision,
     write_into,
     write_streams,
 )
@@ -109,12 +108,10 @@ class MultiStreamSite(ResidualSite):
         if streams.dim() == 3:  # one plain stream (batch, seq, width): called outside a model
             return on_single_stream(self, streams, sublayer)
         read, stream_mix, write = self.connection_weights(streams)
-        if fused_path(streams):
-            with stream_precision(streams):  # under autocast, weights and fx come in lower precision: upcast
-                h, mixed = read_and_mix(read.to(streams.dtype), stream_mix.to(streams.dtype), streams)
+        if fused_path(streams):  # in the stream's precision, also under autocast
+            h, mixed = read_and_mix(read, stream_mix, streams)
             fx = sublayer(self.norm(h))
-            with stream_precision(streams):
-                out = write_into(mixed, write.to(streams.dtype), fx.to(streams.dtype))
+            out = write_into(mixed, write, fx)
         else:  # the same update in plain ops, for the audit's tracer, torch.compile and torch.func
             h = read_streams(read, streams)  # the sublayer's input: a weighted sum of the streams
             fx = sublayer(self.norm(h))

@@ -31,7 +31,7 @@ def fused_path(streams: torch.Tensor) -> bool:
 
 
 def stream_precision(streams: torch.Tensor):
-    """Autocast off for the fused stream update (its inputs are cast to the stream's dtype by the caller)."""
+    """Autocast off for the fused stream update (whose inputs are first cast to the stream's dtype)."""
     return torch.autocast(streams.device.type, enabled=False)
 
 
@@ -59,25 +59,29 @@ def write_streams(write: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
 
 
 # --- fused ----------------------------------------------------------------------------------------------------
+# Both run in the stream's precision: under autocast the weights (and fx) arrive in lower precision and are upcast.
 def read_and_mix(read: torch.Tensor, stream_mix: torch.Tensor, streams: torch.Tensor):
     """(h, mixed) = (read_streams(read, H), mix_streams(stream_mix, H)), in one autograd Function."""
     n, *lead, width = streams.shape
-    if stream_mix.dim() == 2:
-        h, mixed = StaticReadMix.apply(streams.reshape(n, -1), torch.cat([read.unsqueeze(0), stream_mix]))
-    else:  # per token an (n + 1) x n matrix: the read, then the stream mix
-        weights = torch.cat([read.unsqueeze(-2), stream_mix], dim=-2).reshape(-1, n + 1, n)
-        h, mixed = TokenReadMix.apply(streams.reshape(n, -1, width), weights)
+    read, stream_mix = read.to(streams.dtype), stream_mix.to(streams.dtype)
+    with stream_precision(streams):
+        if stream_mix.dim() == 2:
+            h, mixed = StaticReadMix.apply(streams.reshape(n, -1), torch.cat([read.unsqueeze(0), stream_mix]))
+        else:  # per token an (n + 1) x n matrix: the read, then the stream mix
+            weights = torch.cat([read.unsqueeze(-2), stream_mix], dim=-2).reshape(-1, n + 1, n)
+            h, mixed = TokenReadMix.apply(streams.reshape(n, -1, width), weights)
     return h.reshape(*lead, width), mixed.reshape(n, *lead, width)
 
 
 def write_into(mixed: torch.Tensor, write: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
     """`mixed + write_streams(write, fx)` in one autograd Function."""
     n, *lead, width = mixed.shape
-    fx = fx.to(mixed.dtype)
-    if write.dim() == 1:
-        out = StaticWrite.apply(mixed.reshape(n, -1), write, fx.reshape(-1))
-    else:
-        out = TokenWrite.apply(mixed.reshape(n, -1, width), write.reshape(-1, n), fx.reshape(-1, width))
+    write, fx = write.to(mixed.dtype), fx.to(mixed.dtype)
+    with stream_precision(mixed):
+        if write.dim() == 1:
+            out = StaticWrite.apply(mixed.reshape(n, -1), write, fx.reshape(-1))
+        else:
+            out = TokenWrite.apply(mixed.reshape(n, -1, width), write.reshape(-1, n), fx.reshape(-1, width))
     return out.reshape(mixed.shape)
 
 
