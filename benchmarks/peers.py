@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--eval-iters", type=int, default=20, help="batches per evaluation (the recipe's 20)")
     parser.add_argument("--eval-interval", type=int, default=250, help="steps between evaluations (default 250)")
     args = parser.parse_args()
+    args.data = str(Path(args.data).resolve())  # contestants run in scratch directories
     unknown = set(args.only.split(",")) - set(KEYS)
     if unknown:
         parser.error(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(KEYS)}")

@@ -13,6 +13,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from reslab.heap import tune_malloc
 from reslab.models import build_model
 from reslab.train.config import TrainConfig
 from reslab.train.schedule import build_optimizer
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=0)
     args = parser.parse_args()
+    tune_malloc()  # as `reslab train` does in its own process (reslab.heap)
     torch.manual_seed(0)
     net = build_model("gpt", layers=4, heads=4, width=128, context=64, bias=False, dropout=0.0,
                       activation=args.activation)

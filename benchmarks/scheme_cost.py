@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import reslab
+from reslab.heap import tune_malloc
 from reslab.train.schedule import build_adamw
 
 # label -> (scheme, residual options)
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    tune_malloc()  # as `reslab train` does in its own process (reslab.heap)
     config = {"layers": args.layers, "width": args.width, "heads": args.heads, "context": args.context,
               "vocab_size": 65}
     labels = args.schemes.split(",") if args.schemes else list(SCHEMES)

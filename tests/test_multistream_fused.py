@@ -2,6 +2,8 @@
 of the formulas in docs/shared residuals.md, written here with einsum in the papers' layout (batch, seq, n, D):
 forward and every gradient, static and dynamic HC and mHC, on a whole `gpt` and on a single site."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -221,3 +223,35 @@ def test_under_bf16_autocast_the_fused_update_keeps_an_fp32_stream(scheme, optio
     torch.testing.assert_close(got.float(), expected, atol=0.1, rtol=0.05)
     error = sum(((got_grads[k] - g) ** 2).sum() for k, g in expected_grads.items()).sqrt()
     assert error <= 0.02 * sum((g ** 2).sum() for g in expected_grads.values()).sqrt()  # measured: 0.6% (plain: 0.8%)
+
+
+def test_the_streams_gradient_passes_from_site_to_site_without_a_copy(monkeypatch):
+    """Static HC's backward writes the stream's gradient into rows 1..n of an (n+1)-row buffer, and the previous
+    site fills row 0 with its dh instead of concatenating: every site but the last takes that path."""
+    from reslab.residual import stream_ops
+
+    taken = []
+    original = stream_ops.with_spare_row
+    monkeypatch.setattr(stream_ops, "with_spare_row", lambda rows: taken.append(original(rows)) or taken[-1])
+    model = moved_model("hc", {}, torch.float32)
+    F.cross_entropy(model(tokens()).logits.flatten(0, 1), tokens().flatten()).backward()
+    assert [found is not None for found in taken] == [False] + [True] * (2 * SHAPE["layers"] - 1)
+
+
+def test_a_gradient_buffer_reslab_did_not_make_is_never_written():
+    """The stream reaches a site as rows 1..n of someone else's (n+1)-row tensor, whose row 0 holds another
+    input's gradient: the site must concatenate, not fill that row (its gradients equal the plain ops')."""
+    model = moved_model("hc", {}, torch.float32)
+    (first, sub1), (second, sub2) = model.blocks[0].sites()
+    n, width = first.num_streams, SHAPE["width"]
+    H = torch.randn(n, 2, 5, width, generator=torch.Generator().manual_seed(3))
+    results = []
+    for mode in (contextlib.nullcontext(), Seen()):
+        extra = torch.randn(1, 2 * 5 * width, generator=torch.Generator().manual_seed(4)).requires_grad_()
+        with mode:
+            joined = torch.cat([extra, first(H, sub1).reshape(n, -1)])  # (n + 1, tokens D)
+            out = second(joined[1:].reshape(n, 2, 5, width), sub2)
+            (out.square().sum() + 3.0 * joined[0].sum()).backward()
+        results.append(extra.grad)
+    assert torch.equal(results[0], torch.full_like(results[0], 3.0))
+    torch.testing.assert_close(results[0], results[1])

@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lens": ("reslab.lens.commands", "what the residual stream carries, layer by layer (logit lens, attribution)"),
     "data": ("reslab.data.commands", "prepare a corpus into memory-mapped token shards, or inspect one"),
 }
+# Subcommands that train in this process: it keeps freed memory in its heap for the next step (reslab.heap).
+TRAINING_COMMANDS = ("train", "bench", "ablate", "reproduce")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -150,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"reslab: error: {empty} was given an empty value; give a value or drop the option\n")
     args = parser.parse_args(argv)
     args.argv = ["reslab", *argv]  # the command as given, recorded in run and ablation directories
+    if args.command in TRAINING_COMMANDS:
+        from reslab.heap import tune_malloc
+
+        tune_malloc()
     try:
         return int(args.handler(args) or 0)
     except ReslabError as error:

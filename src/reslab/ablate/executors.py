@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from reslab.ablate.point import GridJob, GridPoint, run_point
 from reslab.ablate.ray_executor import RayExecutor
+from reslab.heap import tune_malloc
 
 Results = Iterator[tuple[GridPoint, dict[str, Any]]]
 
@@ -78,33 +79,10 @@ def threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-# glibc mallopt parameters, and the values a worker sets: freed memory stays in the process's heap for the next step
-# instead of going back to the kernel, so a step's temporaries do not fault in fresh zeroed pages every time.
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-WORKER_MALLOC = {M_MMAP_THRESHOLD: 256 << 20, M_TRIM_THRESHOLD: 256 << 20, M_TOP_PAD: 64 << 20}
-
-
 def start_worker(parent: int) -> None:
     """A pool worker's initializer: exit with the ablation, and keep freed memory for the next step."""
     die_with_parent(parent)
     tune_malloc()
-
-
-def tune_malloc() -> bool:
-    """Keep up to 256 MiB of freed heap in this process (glibc; elsewhere nothing changes). Returns whether it did.
-
-    With glibc's defaults a training step's short-lived buffers (bf16 autocast's weight and activation copies above
-    all) are returned to the kernel and faulted back in, zeroed, on the next step: with `tiny` under bf16 that cost
-    about 15% of the step in the ablation's workers (BENCHMARKS.md, "Ablation parallelism"). Only processes the
-    ablation owns are tuned, never the caller's. Explicit MALLOC_*_ environment settings win."""
-    if any(name.startswith("MALLOC_") for name in os.environ):
-        return False
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        return all(libc.mallopt(param, value) == 1 for param, value in WORKER_MALLOC.items())
-    except (OSError, AttributeError):
-        return False
 
 
 def die_with_parent(parent: int) -> None:

@@ -87,8 +87,12 @@ def write_into(mixed: torch.Tensor, write: torch.Tensor, fx: torch.Tensor) -> to
 
 class StaticReadMix(torch.autograd.Function):
     """`[h; mixed] = W H` with W = [read; stream_mix] ((n+1) x n) and H (n x tokens D): one matrix product.
-    Backward: `dH = stream_mix^T dmixed + read dh^T` (a product, then a rank-1 update in place) and
-    `dW = [dh; dmixed] H^T`."""
+    Backward, with G = [dh; dmixed] ((n+1) x tokens D): `dH = W^T G` and `dW = G H^T`, two matrix products.
+
+    G is one matrix without a copy of dmixed: `dH` is written into rows 1..n of an (n+1)-row buffer (`spare_row`),
+    and that gradient reaches the previous site's backward as its dmixed (a site's write passes the stream's gradient
+    on untouched), which then only copies its dh into row 0. Where dmixed is any other tensor (the last site, a
+    gradient autograd summed from several readers), G is assembled by copying."""
 
     @staticmethod
     def forward(ctx, streams: torch.Tensor, weights: torch.Tensor):
@@ -99,9 +103,33 @@ class StaticReadMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor, grad_mixed: torch.Tensor):
         streams, weights = ctx.saved_tensors
-        grad_streams = torch.mm(weights[1:].t(), grad_mixed).addr_(weights[0], grad_h)
-        grad_weights = torch.cat([(streams @ grad_h).unsqueeze(0), grad_mixed @ streams.t()])
-        return grad_streams, grad_weights
+        grad_all = with_spare_row(grad_mixed)
+        if grad_all is None:
+            grad_all = torch.cat([grad_h.unsqueeze(0), grad_mixed])
+        else:
+            grad_all[0].copy_(grad_h)
+        grad_streams = spare_row(grad_all)
+        torch.mm(weights.t(), grad_all, out=grad_streams)
+        return grad_streams, grad_all @ streams.t()
+
+
+def spare_row(like: torch.Tensor) -> torch.Tensor:
+    """Rows 1..n of a new (n+1)-row buffer shaped like `like`, marked so that `with_spare_row` knows row 0 is free."""
+    buffer = like.new_empty(like.shape)
+    buffer._reslab_spare_row = True
+    return buffer[1:]
+
+
+def with_spare_row(rows: torch.Tensor) -> torch.Tensor | None:
+    """The whole buffer when `rows` is exactly rows 1..n of a `spare_row` buffer (row 0 is then ours to fill)."""
+    base = rows._base
+    if base is None or not getattr(base, "_reslab_spare_row", False) or not rows.is_contiguous():
+        return None
+    if base.dim() != 2 or base.shape[0] != rows.numel() // base.shape[1] + 1 or not base.is_contiguous():
+        return None
+    if rows.data_ptr() != base[1].data_ptr() or rows.dtype != base.dtype:
+        return None
+    return base.view(base.shape)
 
 
 class StaticWrite(torch.autograd.Function):
