@@ -70,7 +70,8 @@ def nanogpt_command(args, out: Path, seed: int) -> list[str]:
             "--device=cpu", "--compile=False", f"--eval_iters={args.eval_iters}", "--log_interval=1",
             f"--eval_interval={args.eval_interval}", "--block_size=64",
             "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", f"--max_iters={args.steps}",
-            f"--lr_decay_iters={args.steps}", "--dropout=0.0", f"--out_dir={out / 'out'}"]  # seed: always 1337
+            f"--lr_decay_iters={args.steps}", "--dropout=0.0", f"--out_dir={out / 'out'}",
+            f"--always_save_checkpoint={args.full_val}"]  # seed: always 1337
 
 
 def prepare_nanogpt_dir(out: Path, checkout: Path, data: str) -> None:
@@ -158,22 +159,72 @@ def run_contestant(name: str, args, seed: int) -> dict:
         wall = time.perf_counter() - started
         if done.returncode:
             raise SystemExit(f"{name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        return {**parse(done.stdout, out), "wall_seconds": wall}
+        result = {**parse(done.stdout, out), "wall_seconds": wall}
+        if args.full_val:
+            result["full_val_loss"] = full_val_loss(name, args, out)
+        return result
+
+
+def full_val_loss(name: str, args, out: Path) -> float | None:
+    """The final model's cross-entropy on the whole validation split (the last 10% of the text, nanoGPT's split, in
+    consecutive windows of the context), the same windows for every contestant: no evaluation-draw noise. Only for
+    the contestants that leave a model behind (reslab's runs; nanoGPT's train.py, made to save at every evaluation)."""
+    import torch
+
+    text = Path(args.data).read_text(encoding="utf-8")
+    val_text = text[int(0.9 * len(text)):]
+    if name.startswith("reslab"):
+        from reslab.data.tokenizer import load_tokenizer
+        from reslab.train.checkpoint import load_run_model
+
+        model, _ = load_run_model(out / "run")
+        ids, forward = load_tokenizer(out / "run").encode(val_text), lambda x: model(x).logits
+    elif name == NANOGPT and args.nanogpt:
+        sys.path.insert(0, str(Path(args.nanogpt).resolve()))
+        from model import GPT, GPTConfig  # nanoGPT's model.py
+
+        checkpoint = torch.load(out / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
+        model = GPT(GPTConfig(**checkpoint["model_args"]))
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()})
+        model.eval()
+        chars = sorted(set(text))
+        ids, forward = [chars.index(c) for c in val_text], lambda x: model(x, x)[0]  # with targets: every position
+    else:
+        return None
+    return windowed_loss(forward, torch.tensor(ids), context=64)
+
+
+def windowed_loss(forward, ids, context: int, batch: int = 256) -> float:
+    """Mean next-token cross-entropy over consecutive, non-overlapping windows of `context` tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    windows = (len(ids) - 1) // context
+    x = ids[:windows * context].view(windows, context)
+    y = ids[1:windows * context + 1].view(windows, context)
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, windows, batch):
+            logits = forward(x[start:start + batch]).float()
+            total += F.cross_entropy(logits.flatten(0, 1), y[start:start + batch].flatten(), reduction="sum").item()
+    return total / y.numel()
 
 
 def table(results: dict[str, list[dict]]) -> list[str]:
     """Medians over rounds, and the median of per-round ratios against nanoGPT (its time / the contestant's)."""
     reference = results[NANOGPT]
+    full = any(r.get("full_val_loss") for runs in results.values() for r in runs)
     lines = ["| contestant | ms/iter (median) | rounds | speed vs nanoGPT, ms/iter (median of per-round ratios) | "
-             "wall s (median) | speed vs nanoGPT, wall | val loss (rounds) |",
-             "| --- | ---: | --- | ---: | ---: | ---: | --- |"]
+             "wall s (median) | speed vs nanoGPT, wall | val loss (rounds) |" + (" whole val split |" if full else ""),
+             "| --- | ---: | --- | ---: | ---: | ---: | --- |" + (" --- |" if full else "")]
     for name, runs in results.items():
         ms, losses = [r["ms_per_iter"] for r in runs], [r["val_loss"] for r in runs]
         ratio = statistics.median(ref["ms_per_iter"] / r["ms_per_iter"] for ref, r in zip(reference, runs))
         wall = statistics.median(ref["wall_seconds"] / r["wall_seconds"] for ref, r in zip(reference, runs))
+        whole = ", ".join(f"{r['full_val_loss']:.4f}" if r.get("full_val_loss") else "n/a" for r in runs)
         lines.append(f"| {name} | {statistics.median(ms):.1f} | {', '.join(f'{t:.1f}' for t in ms)} | "
                      f"{ratio:.2f}x | {statistics.median(r['wall_seconds'] for r in runs):.1f} | {wall:.2f}x | "
-                     f"{', '.join(f'{v:.4f}' for v in losses)} |")
+                     f"{', '.join(f'{v:.4f}' for v in losses)} |" + (f" {whole} |" if full else ""))
     return lines
 
 
@@ -192,6 +243,8 @@ def main() -> None:
     parser.add_argument("--json", help="write every run's figures here")
     parser.add_argument("--eval-iters", type=int, default=20, help="batches per evaluation (the recipe's 20)")
     parser.add_argument("--eval-interval", type=int, default=250, help="steps between evaluations (default 250)")
+    parser.add_argument("--full-val", action="store_true",
+                        help="also score each final model on the whole validation split, the same windows for all")
     args = parser.parse_args()
     args.data = str(Path(args.data).resolve())  # contestants run in scratch directories
     unknown = set(args.only.split(",")) - set(KEYS)
@@ -206,8 +259,9 @@ def main() -> None:
         for name in order:
             result = run_contestant(name, args, args.seed + round_)
             results[name].append(result)
+            full = f", whole val split {result['full_val_loss']:.4f}" if result.get("full_val_loss") else ""
             print(f"round {round_ + 1} {name}: {result['ms_per_iter']:.1f} ms/iter, {result['wall_seconds']:.1f} s, "
-                  f"val {result['val_loss']:.4f}", flush=True)
+                  f"val {result['val_loss']:.4f}{full}", flush=True)
     print(f"\n{args.steps} iterations of nanoGPT's CPU recipe, nanoGPT = "
           f"{args.nanogpt or 'the stand-in benchmarks/nanogpt_ref.py'}, load average {os.getloadavg()[0]:.2f}\n")
     print("\n".join(table(results)))
