@@ -168,30 +168,36 @@ def run_contestant(name: str, args, seed: int) -> dict:
 def full_val_loss(name: str, args, out: Path) -> float | None:
     """The final model's cross-entropy on the whole validation split (the last 10% of the text, nanoGPT's split, in
     consecutive windows of the context), the same windows for every contestant: no evaluation-draw noise. Only for
-    the contestants that leave a model behind (reslab's runs; nanoGPT's train.py, made to save at every evaluation)."""
+    the contestants that leave a model behind: reslab's runs, and nanoGPT's train.py (made to save at every
+    evaluation) when --steps is a multiple of --eval-interval, so that its last save is the final model."""
     import torch
 
-    text = Path(args.data).read_text(encoding="utf-8")
-    val_text = text[int(0.9 * len(text)):]
     if name.startswith("reslab"):
+        text = Path(args.data).read_text(encoding="utf-8")
+        val_text = text[int(0.9 * len(text)):]  # nanoGPT's split: the last 10% of the characters
         from reslab.data.tokenizer import load_tokenizer
         from reslab.train.checkpoint import load_run_model
 
         model, _ = load_run_model(out / "run")
         ids, forward = load_tokenizer(out / "run").encode(val_text), lambda x: model(x).logits
     elif name == NANOGPT and args.nanogpt:
-        sys.path.insert(0, str(Path(args.nanogpt).resolve()))
+        path = out / "out" / "ckpt.pt"  # saved at evaluations only: it must be the model after the last step
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else {}
+        if checkpoint.get("iter_num") != args.steps:
+            return None
+        if str(Path(args.nanogpt).resolve()) not in sys.path:
+            sys.path.insert(0, str(Path(args.nanogpt).resolve()))
         from model import GPT, GPTConfig  # nanoGPT's model.py
 
-        checkpoint = torch.load(out / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
         model = GPT(GPTConfig(**checkpoint["model_args"]))
         model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()})
         model.eval()
-        chars = sorted(set(text))
-        ids, forward = [chars.index(c) for c in val_text], lambda x: model(x, x)[0]  # with targets: every position
+        from nanogpt_ref import char_splits
+
+        ids, forward = char_splits(args.data)[1].astype("int64"), lambda x: model(x, x)[0]  # its val.bin
     else:
         return None
-    return windowed_loss(forward, torch.tensor(ids), context=64)
+    return windowed_loss(forward, torch.as_tensor(ids), context=64)
 
 
 def windowed_loss(forward, ids, context: int, batch: int = 256) -> float:
@@ -213,7 +219,7 @@ def windowed_loss(forward, ids, context: int, batch: int = 256) -> float:
 def table(results: dict[str, list[dict]]) -> list[str]:
     """Medians over rounds, and the median of per-round ratios against nanoGPT (its time / the contestant's)."""
     reference = results[NANOGPT]
-    full = any(r.get("full_val_loss") for runs in results.values() for r in runs)
+    full = any(r.get("full_val_loss") is not None for runs in results.values() for r in runs)
     lines = ["| contestant | ms/iter (median) | rounds | speed vs nanoGPT, ms/iter (median of per-round ratios) | "
              "wall s (median) | speed vs nanoGPT, wall | val loss (rounds) |" + (" whole val split |" if full else ""),
              "| --- | ---: | --- | ---: | ---: | ---: | --- |" + (" --- |" if full else "")]
@@ -221,7 +227,7 @@ def table(results: dict[str, list[dict]]) -> list[str]:
         ms, losses = [r["ms_per_iter"] for r in runs], [r["val_loss"] for r in runs]
         ratio = statistics.median(ref["ms_per_iter"] / r["ms_per_iter"] for ref, r in zip(reference, runs))
         wall = statistics.median(ref["wall_seconds"] / r["wall_seconds"] for ref, r in zip(reference, runs))
-        whole = ", ".join(f"{r['full_val_loss']:.4f}" if r.get("full_val_loss") else "n/a" for r in runs)
+        whole = ", ".join("n/a" if r.get("full_val_loss") is None else f"{r['full_val_loss']:.4f}" for r in runs)
         lines.append(f"| {name} | {statistics.median(ms):.1f} | {', '.join(f'{t:.1f}' for t in ms)} | "
                      f"{ratio:.2f}x | {statistics.median(r['wall_seconds'] for r in runs):.1f} | {wall:.2f}x | "
                      f"{', '.join(f'{v:.4f}' for v in losses)} |" + (f" {whole} |" if full else ""))
@@ -259,7 +265,8 @@ def main() -> None:
         for name in order:
             result = run_contestant(name, args, args.seed + round_)
             results[name].append(result)
-            full = f", whole val split {result['full_val_loss']:.4f}" if result.get("full_val_loss") else ""
+            full = (f", whole val split {result['full_val_loss']:.4f}" if result.get("full_val_loss") is not None
+                    else "")
             print(f"round {round_ + 1} {name}: {result['ms_per_iter']:.1f} ms/iter, {result['wall_seconds']:.1f} s, "
                   f"val {result['val_loss']:.4f}{full}", flush=True)
     print(f"\n{args.steps} iterations of nanoGPT's CPU recipe, nanoGPT = "

@@ -1,5 +1,5 @@
 """Processes that reslab owns and that train (the `reslab` command's own, the ablation's workers) keep freed memory
-in their heap for the next step (glibc), unless the user tuned malloc; a program importing reslab is left alone."""
+in their heap for the next step (glibc), unless the user tuned malloc; a program using reslab is left alone."""
 
 import os
 import platform
@@ -28,13 +28,19 @@ from reslab.heap import tune_malloc
 print(mapped(8), tune_malloc(), mapped(16))  # glibc's own threshold grows to 8 MiB after the first
 """
 
-# The same question after a real `reslab train` (main(), in this process) or after using reslab as a library.
+# The same question after a real `reslab train`: as the command runs it (main() reading sys.argv, in this process),
+# called by a program as main([...]), or after using reslab as a library.
 AFTER = PROBE.split("from reslab.heap")[0] + """
 import sys
 from reslab.cli import main
-if sys.argv[1] == "cli":
-    assert main(["train", "--model", "tiny", "--steps", "1", "--batch", "2", "--context", "8", "--data",
-                 sys.argv[2], "--out", sys.argv[3], "--no-progress"]) == 0
+mode, text, out = sys.argv[1:4]
+train = ["train", "--model", "tiny", "--steps", "1", "--batch", "2", "--context", "8", "--data", text, "--out", out,
+         "--no-progress"]
+if mode == "command":
+    sys.argv = ["reslab", *train]
+    assert main() == 0
+elif mode == "program":
+    assert main(train) == 0
 else:
     import reslab
     reslab.build_model("tiny", residual="pre")
@@ -62,13 +68,23 @@ def test_the_users_malloc_settings_win():
     assert probe(MALLOC_ARENA_MAX="2") == ["1", "False", "1"]
 
 
-@glibc
-def test_reslab_train_tunes_its_own_process(tmp_path):
+def after(mode: str, tmp_path, **env: str) -> str:
     text = tmp_path / "text.txt"
     text.write_text("a small corpus of plain words, repeated. " * 40)
-    assert probe("cli", str(text), str(tmp_path / "run"), code=AFTER)[-1] == "0"  # from the heap
+    return probe(mode, str(text), str(tmp_path / "run"), code=AFTER, **env)[-1]
 
 
 @glibc
-def test_a_program_using_reslab_as_a_library_keeps_its_allocator():
-    assert probe("library", code=AFTER)[-1] == "1"  # glibc's default: mmapped
+def test_the_reslab_command_tunes_its_own_process(tmp_path):
+    assert after("command", tmp_path) == "0"  # from the heap
+
+
+@glibc
+@pytest.mark.parametrize("mode", ["program", "library"])
+def test_a_program_using_reslab_keeps_its_allocator(mode, tmp_path):
+    assert after(mode, tmp_path) == "1"  # glibc's default: mmapped
+
+
+@glibc
+def test_glibc_malloc_tunables_win(tmp_path):
+    assert after("command", tmp_path, GLIBC_TUNABLES="glibc.malloc.arena_max=2") == "1"

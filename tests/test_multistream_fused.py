@@ -255,3 +255,43 @@ def test_a_gradient_buffer_reslab_did_not_make_is_never_written():
         results.append(extra.grad)
     assert torch.equal(results[0], torch.full_like(results[0], 3.0))
     torch.testing.assert_close(results[0], results[1])
+
+
+def mlp_sites_chain(model, H):
+    """The static-HC MLP sites of every block, chained on H (attention's CPU kernel has no double backward)."""
+    for block in model.blocks:
+        site, sublayer = block.sites()[1]
+        H = site(H, sublayer)
+    return H
+
+
+@pytest.mark.parametrize("mode", [contextlib.nullcontext, Seen])
+def test_double_backward_through_static_hc_matches_the_plain_ops(mode):
+    """A gradient penalty (create_graph=True, then backward again) through the fused static sites."""
+    model = moved_model("hc", {}, torch.float64)
+    H = torch.randn(4, 2, 5, SHAPE["width"], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    params = [p for block in model.blocks for p in block.sites()[1][0].parameters()]
+    results = []
+    for context in (mode(), Seen()):
+        model.zero_grad(set_to_none=True)
+        leaf = H.clone().requires_grad_()
+        with context:
+            grads = torch.autograd.grad(mlp_sites_chain(model, leaf).square().sum(), [leaf, *params],
+                                        create_graph=True)
+            sum(g.square().sum() for g in grads).backward()
+        results.append([p.grad.clone() for p in params])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_batched_gradients_through_static_hc_match_one_at_a_time():
+    """`autograd.grad(..., is_grads_batched=True)` (what `jacobian(vectorize=True)` uses) through the fused sites."""
+    model = moved_model("hc", {}, torch.float64)
+    H = torch.randn(4, 1, 3, SHAPE["width"], dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    H.requires_grad_()
+    out = mlp_sites_chain(model, H)
+    seeds = torch.randn(3, *out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    batched, = torch.autograd.grad(out, H, seeds, is_grads_batched=True, retain_graph=True)
+    for seed, got in zip(seeds, batched):
+        expected, = torch.autograd.grad(out, H, seed, retain_graph=True)
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)

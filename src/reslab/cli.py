@@ -23,7 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lens": ("reslab.lens.commands", "what the residual stream carries, layer by layer (logit lens, attribution)"),
     "data": ("reslab.data.commands", "prepare a corpus into memory-mapped token shards, or inspect one"),
 }
-# Subcommands that train in this process: it keeps freed memory in its heap for the next step (reslab.heap).
+# Subcommands that train in this process: the `reslab` command's own process then keeps freed memory in its heap for
+# the next step (reslab.heap).
 TRAINING_COMMANDS = ("train", "bench", "ablate", "reproduce")
 
 
@@ -146,13 +147,14 @@ def _empty_option(argv: list[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    own_process = argv is None  # the console script or `python -m reslab`, not a program calling main([...])
     argv = list(sys.argv[1:] if argv is None else argv)
     empty = _empty_option(argv)
     if empty is not None:
         parser.exit(2, f"reslab: error: {empty} was given an empty value; give a value or drop the option\n")
     args = parser.parse_args(argv)
     args.argv = ["reslab", *argv]  # the command as given, recorded in run and ablation directories
-    if args.command in TRAINING_COMMANDS:
+    if args.command in TRAINING_COMMANDS and own_process:
         from reslab.heap import tune_malloc
 
         tune_malloc()

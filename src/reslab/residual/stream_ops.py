@@ -92,7 +92,8 @@ class StaticReadMix(torch.autograd.Function):
     G is one matrix without a copy of dmixed: `dH` is written into rows 1..n of an (n+1)-row buffer (`spare_row`),
     and that gradient reaches the previous site's backward as its dmixed (a site's write passes the stream's gradient
     on untouched), which then only copies its dh into row 0. Where dmixed is any other tensor (the last site, a
-    gradient autograd summed from several readers), G is assembled by copying."""
+    gradient autograd summed from several readers), G is assembled by copying. Under create_graph or batched
+    gradients the backward is written in plain differentiable ops instead."""
 
     @staticmethod
     def forward(ctx, streams: torch.Tensor, weights: torch.Tensor):
@@ -103,6 +104,10 @@ class StaticReadMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor, grad_mixed: torch.Tensor):
         streams, weights = ctx.saved_tensors
+        if torch.is_grad_enabled() or torch._C._functorch.is_legacy_batchedtensor(grad_mixed):
+            # create_graph (double backward) or batched gradients (is_grads_batched): differentiable, batchable ops
+            grad_streams = torch.mm(weights[1:].t(), grad_mixed).addr(weights[0], grad_h)
+            return grad_streams, torch.cat([(streams @ grad_h).unsqueeze(0), grad_mixed @ streams.t()])
         grad_all = with_spare_row(grad_mixed)
         if grad_all is None:
             grad_all = torch.cat([grad_h.unsqueeze(0), grad_mixed])
@@ -123,13 +128,13 @@ def spare_row(like: torch.Tensor) -> torch.Tensor:
 def with_spare_row(rows: torch.Tensor) -> torch.Tensor | None:
     """The whole buffer when `rows` is exactly rows 1..n of a `spare_row` buffer (row 0 is then ours to fill)."""
     base = rows._base
-    if base is None or not getattr(base, "_reslab_spare_row", False) or not rows.is_contiguous():
+    if base is None or not getattr(base, "_reslab_spare_row", False) or rows.dim() != 2 or not rows.is_contiguous():
         return None
-    if base.dim() != 2 or base.shape[0] != rows.numel() // base.shape[1] + 1 or not base.is_contiguous():
+    if base.shape != (rows.shape[0] + 1, rows.shape[1]) or not base.is_contiguous():
         return None
     if rows.data_ptr() != base[1].data_ptr() or rows.dtype != base.dtype:
         return None
-    return base.view(base.shape)
+    return base
 
 
 class StaticWrite(torch.autograd.Function):
