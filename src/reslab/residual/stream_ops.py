@@ -104,15 +104,15 @@ class StaticReadMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor, grad_mixed: torch.Tensor):
         streams, weights = ctx.saved_tensors
-        if torch.is_grad_enabled() or torch._C._functorch.is_legacy_batchedtensor(grad_mixed):
-            # create_graph (double backward) or batched gradients (is_grads_batched): differentiable, batchable ops
-            grad_streams = torch.mm(weights[1:].t(), grad_mixed).addr(weights[0], grad_h)
-            return grad_streams, torch.cat([(streams @ grad_h).unsqueeze(0), grad_mixed @ streams.t()])
-        grad_all = with_spare_row(grad_mixed)
+        # create_graph (double backward) and batched gradients (is_grads_batched) need ops autograd and vmap know
+        plain = torch.is_grad_enabled() or torch._C._functorch.is_legacy_batchedtensor(grad_mixed)
+        grad_all = None if plain else with_spare_row(grad_mixed)
         if grad_all is None:
             grad_all = torch.cat([grad_h.unsqueeze(0), grad_mixed])
         else:
             grad_all[0].copy_(grad_h)
+        if plain:
+            return weights.t() @ grad_all, grad_all @ streams.t()
         grad_streams = spare_row(grad_all)
         torch.mm(weights.t(), grad_all, out=grad_streams)
         return grad_streams, grad_all @ streams.t()
