@@ -52,7 +52,7 @@ glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0
 
 
 def probe(*args: str, code: str = PROBE, **env: str) -> list[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     done = subprocess.run([sys.executable, "-c", code, *args], env={**clean, **env}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
