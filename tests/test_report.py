@@ -118,7 +118,8 @@ def test_report_command_and_bad_directories(ablation, tmp_path, cli):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "ablation.json").write_text("{not json")
     for bad, words in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "no ablation.json"),
-                       (tmp_path / "file.txt", "not an ablation directory"), (tmp_path / "broken", "cannot read")):
+                       (tmp_path / "file.txt", "not an ablation directory"),
+                       (tmp_path / "broken", "ablation.json is not valid JSON")):
         code, stdout, stderr = cli("report", bad)
         assert code == 2
         assert stderr.count("\n") == 1 and stderr.startswith("reslab: error:") and words in stderr, stderr

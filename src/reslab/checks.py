@@ -1,4 +1,5 @@
-"""The one validation layer for numbers a user gives: flags, config fields, `--set` values.
+"""The one validation layer for numbers a user gives: flags, config fields, `--set` values; and for settings that
+matter only when another is set (`OnlyWith`), given alone.
 
 Every command and every config checks its numbers here, so `--lr nan`, `--beta1 1.5`, `--top-p 0` or
 `--set layers=abc` end the same way everywhere: one `ReslabError` line naming the flag, what it must be and what
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import types
 import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,3 +120,30 @@ def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
 def _type_name(kind: type) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
             list: "a list", type(None): "null"}.get(kind, kind.__name__)
+
+
+@dataclass(frozen=True)
+class OnlyWith:
+    """A config field that matters only when another one, `field`, is set: true (non-zero, non-empty), or, when
+    `values` are given, one of them. A config declares these (`ONLY_WITH`); a flag given for a field whose condition
+    does not hold is refused (`check_applies`) instead of being silently ignored."""
+
+    field: str
+    values: tuple[Any, ...] = ()
+
+    def holds(self, settings: Mapping[str, Any]) -> bool:
+        current = settings.get(self.field)
+        return current in self.values if self.values else bool(current)
+
+
+def check_applies(given: Iterable[str], settings: Mapping[str, Any], rules: Mapping[str, OnlyWith],
+                  spelled: Callable[[str], str] = flag_name) -> None:
+    """Raise one ReslabError line for the first setting in `given` that `settings` (the values the config will have)
+    makes unused, by `rules`; `spelled(name)` is how the user wrote a setting (its flag)."""
+    for name in given:
+        rule = rules.get(name)
+        if rule is None or rule.holds(settings):
+            continue
+        need = spelled(rule.field) + (" " + " or ".join(map(str, rule.values)) if rule.values else "")
+        raise ReslabError(f"{spelled(name)} applies only with {need} ({spelled(rule.field)} is "
+                          f"{settings.get(rule.field)!r} here); give {need}, or drop {spelled(name)}")

@@ -154,19 +154,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"reslab: error: {empty} was given an empty value; give a value or drop the option\n")
     args = parser.parse_args(argv)
     args.argv = ["reslab", *argv]  # the command as given, recorded in run and ablation directories
+    if own_process:
+        sys.stdout = StandardOutput(sys.stdout)
     if args.command in TRAINING_COMMANDS and own_process:
         from reslab.heap import tune_malloc
 
         tune_malloc()
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # here, where an error is reported, not by the interpreter at exit
+        return code
     except ReslabError as error:
         print(f"reslab: error: {_one_line(error)}", file=sys.stderr)
         return 130 if type(error).__name__ == "Interrupted" else 2
     except BrokenPipeError:  # `reslab ... | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 141
     except OSError as error:  # the machine's, not reslab's: a full disk, a read-only or missing path, permissions
+        if error.filename == StandardOutput.name:
+            _silence_stdout()
         print(f"reslab: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except MemoryError:
@@ -177,8 +183,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class StandardOutput:
+    """sys.stdout, whose write errors name it: `reslab ... > FILE` on a full disk is one line like any other write."""
+
+    name = "standard output"
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as error:
+            raise type(error)(error.errno, error.strerror, self.name) from None
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as error:
+            raise type(error)(error.errno, error.strerror, self.name) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def _silence_stdout() -> None:
+    """Standard output failed: send what is left to /dev/null, so the interpreter's flush at exit adds nothing."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+    """The message's lines joined by spaces; spaces inside a line stay (a quoted path in it names that path)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def describe_os_error(error: OSError) -> str:

@@ -1,4 +1,5 @@
-"""Model flags shared by `train`, `audit`, `bench`, `info`: one flag per config field, applied only when given."""
+"""Model flags shared by `train`, `audit`, `bench`, `info`: one flag per config field, applied only when given, and
+refused when the model would not use it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from reslab.checks import OnlyWith, check_applies
 from reslab.errors import ReslabError
 from reslab.models import MODELS, get_model_class
 
@@ -46,6 +48,11 @@ SCHEME_FLAGS: dict[str, tuple[str, Any, str]] = {
 }
 
 
+# flag -> the config field it sets, for every model and bool flag
+_FIELD_FLAGS: dict[str, str] = {**{flag: name for flag, (name, *_) in MODEL_FLAGS.items()},
+                                **{f"--{flag}": name for flag, (name, _) in BOOL_FLAGS.items()}}
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "tiny",
                         lists: tuple[str, ...] = ()) -> None:
     """Add the model flags. Flags named in `lists` (e.g. "--residual", "--layers") take comma lists as strings."""
@@ -72,19 +79,22 @@ def model_name(args: argparse.Namespace) -> str:
     return args.model or args.default_model
 
 
-def model_overrides(args: argparse.Namespace, model: str | None = None) -> dict[str, Any]:
-    """The config overrides the user asked for, checked against the fields of `model` (default: --model's)."""
+def model_overrides(args: argparse.Namespace, model: str | None = None,
+                    base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config overrides the user asked for, checked against the fields of `model` (default: --model's) and
+    against what that config uses, starting from `base` (a recipe's or a saved run's values; default: its own)."""
     model = model or model_name(args)
-    config_class = get_model_class(model).config_class
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    given: dict[str, tuple[str, Any]] = {}
-    for flag, (name, *_) in MODEL_FLAGS.items():
-        given[name] = (flag, getattr(args, flag[2:].replace("-", "_")))
-    for flag, (name, _) in BOOL_FLAGS.items():
-        given[name] = (f"--{flag}", getattr(args, flag.replace("-", "_")))
-    given["residual"] = ("--residual", args.residual)
+    overrides = given_overrides(args, model)
+    check_flags_apply(model, overrides, base)
+    return overrides
+
+
+def given_overrides(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """The overrides the flags give, each checked to be a field of `model`'s config (or an option of its scheme)."""
+    fields = {f.name for f in dataclasses.fields(get_model_class(model).config_class)}
     overrides: dict[str, Any] = {}
-    for name, (flag, value) in given.items():
+    for flag, name in (*_FIELD_FLAGS.items(), ("--residual", "residual")):
+        value = getattr(args, flag[2:].replace("-", "_"))
         if value is None:
             continue
         if name not in fields:
@@ -94,9 +104,37 @@ def model_overrides(args: argparse.Namespace, model: str | None = None) -> dict[
     options = {k: v for k, v in options.items() if v is not None}
     if options:
         if "residual_options" not in fields:
-            raise ReslabError(f"residual scheme options do not apply to model {model!r}")
+            raise ReslabError(f"{_spelled(next(iter(options)))} does not apply to model {model!r}: it has no "
+                              "residual scheme")
         overrides["residual_options"] = options
     return overrides
+
+
+def check_flags_apply(model: str, overrides: dict[str, Any], base: dict[str, Any] | None = None) -> None:
+    """Refuse a flag the built model would not use: a field that matters only when another is set (the config's
+    `ONLY_WITH`), or a scheme option the chosen scheme does not have. One line naming the flag and the fix."""
+    config_class = get_model_class(model).config_class
+    settings = {**config_class().to_dict(), **(base or {}), **overrides}
+    check_applies(overrides, settings, config_class.declared("ONLY_WITH"), _spelled)
+    check_applies(overrides.get("residual_options", {}), settings, _scheme_options(), _spelled)
+
+
+def _scheme_options() -> dict[str, OnlyWith]:
+    """Each residual scheme option applies only with the schemes that declare it (their `option_defaults`)."""
+    from reslab.residual import SCHEMES, get_scheme
+
+    owners: dict[str, list[str]] = {}
+    for scheme in SCHEMES:
+        for option in get_scheme(scheme).option_defaults:
+            owners.setdefault(option, []).append(scheme)
+    return {option: OnlyWith("residual", tuple(schemes)) for option, schemes in owners.items()}
+
+
+def _spelled(name: str) -> str:
+    """How a user sets config field (or scheme option) `name`: its flag, or the name itself (audit's --set)."""
+    flags = {field: flag for flag, field in _FIELD_FLAGS.items()}
+    flags.update({option: flag for flag, (option, *_) in SCHEME_FLAGS.items()}, residual="--residual")
+    return flags.get(name, name)
 
 
 def model_from_args(args: argparse.Namespace, **extra):

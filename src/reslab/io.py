@@ -1,9 +1,11 @@
-"""Crash-safe file writes: a reader (or a resumed run) sees the old file or the whole new one, never a part."""
+"""Crash-safe file writes: a reader (or a resumed run) sees the old file or the whole new one, never a part. And the
+one way reslab prints a command for the user to paste (`command_line`): shell-quoted, on one line."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +97,33 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def command_line(*words: Any) -> str:
+    """`words` (strings, paths) as one shell command line that a user can paste: each word quoted so that a shell
+    runs nothing in it (`$(...)`, backticks, globs). A word with characters that do not print (a newline, a tab, a
+    byte that is not UTF-8) becomes a `$'...'` word (bash, zsh, ksh) with those characters escaped, so the command
+    stays on one line and names exactly that word."""
+    return " ".join(_shell_word(str(word)) for word in words)
+
+
+def _shell_word(word: str) -> str:
+    if word.isprintable():
+        return shlex.quote(word)
+    return "$'" + "".join(_escaped(char) for char in word) + "'"
+
+
+_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escaped(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    if char.isprintable():
+        return char
+    if "\udc80" <= char <= "\udcff":  # a byte that is not UTF-8, as Python decodes a file name (surrogateescape)
+        return f"\\x{ord(char) - 0xDC00:02x}"
+    return "".join(f"\\x{byte:02x}" for byte in char.encode("utf-8", "surrogatepass"))
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -34,20 +34,29 @@ _OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
 def nesting_depth(text: str) -> int:
     """How deep arrays and objects nest in JSON `text` (0 for a scalar), without parsing it (no recursion)."""
     codes = np.frombuffer(_STRING.sub('""', text).encode("utf-8", "surrogatepass"), np.uint8)
-    steps = np.isin(codes, _OPEN).astype(np.int64) - np.isin(codes, _CLOSE).astype(np.int64)
-    return int(np.cumsum(steps).max(initial=0))
+    steps = np.isin(codes, _OPEN).view(np.int8) - np.isin(codes, _CLOSE).view(np.int8)  # 1 byte a character
+    return int(np.cumsum(steps, dtype=np.int32).max(initial=0))
+
+
+_RAISE = object()
 
 
 def parse_json(text: str, source: str, fix: str, *, max_depth: int = MAX_DEPTH,
-               error: type[ReslabError] = ReslabError, allow_nan: bool = False) -> Any:
+               error: type[ReslabError] = ReslabError, allow_nan: bool = False, invalid: Any = _RAISE) -> Any:
     """`text` parsed; a syntax error or nesting deeper than `max_depth` is one `error` line naming `source`.
-    NaN and Infinity are refused unless `allow_nan` (files reslab writes itself, where a loss may be NaN)."""
-    depth = nesting_depth(text)
-    if depth > max_depth:
-        raise error(f"{source} nests {depth} levels deep, more than the {max_depth} reslab reads; {fix}")
+
+    NaN and Infinity are refused unless `allow_nan` (files reslab writes itself, where a loss may be NaN). With
+    `invalid` given, text that is not JSON returns it instead of raising (for a reader that tolerates a line a crash
+    cut off); nesting too deep is raised all the same."""
+    if text.count("[") + text.count("{") > max_depth:  # the count bounds the depth: most texts need no scan
+        depth = nesting_depth(text)
+        if depth > max_depth:
+            raise error(f"{source} nests {depth} levels deep, more than the {max_depth} reslab reads; {fix}")
     try:
         return json.loads(text, parse_constant=None if allow_nan else _no_constant)
     except ValueError as err:
+        if invalid is not _RAISE:
+            return invalid
         raise error(f"{source} is not valid JSON ({err}); {fix}") from None
 
 
@@ -56,18 +65,20 @@ def _no_constant(name: str) -> Any:
 
 
 def read_json_file(path: Path | str, fix: str, *, what: str = "file", max_depth: int = MAX_DEPTH,
-                   error: type[ReslabError] = ReslabError) -> Any:
+                   error: type[ReslabError] = ReslabError, allow_nan: bool = False) -> Any:
     """The JSON value in `path` (UTF-8); a missing, unreadable, binary or malformed file is one `error` line."""
     path = Path(path)
     if path.is_dir():
         raise error(f"{what} {path} is a directory, not a JSON file; {fix}")
+    if path.exists() and not path.is_file():  # a FIFO would block the read, a device never end it
+        raise error(f"{what} {path} is not a regular file; {fix}")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"no {what} {path}; {fix}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise error(f"cannot read {what} {path} ({err}); {fix}") from None
-    return parse_json(text, str(path), fix, max_depth=max_depth, error=error)
+    return parse_json(text, str(path), fix, max_depth=max_depth, error=error, allow_nan=allow_nan)
 
 
 # ------------------------------------------------------------------------------------------------------ schema

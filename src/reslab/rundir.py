@@ -28,7 +28,8 @@ from typing import Any
 
 from reslab.errors import ReslabError
 from reslab.faults import failpoint
-from reslab.io import TEMP_SUFFIX, atomic_write, remove_temp_files, temp_prefix, write_json
+from reslab.io import TEMP_SUFFIX, atomic_write, command_line, remove_temp_files, temp_prefix, write_json
+from reslab.jsonfile import parse_json
 
 MARKER = ".reslab-run"
 LOCK = ".reslab-lock"
@@ -69,6 +70,7 @@ METRIC_KEYS: dict[str, str] = {
     "model_metrics": "the model's own metrics (ModelOutput.metrics), on log steps",
 }
 TIMING_KEYS = ("tokens_per_second", "train_seconds")
+_NOT_JSON = object()  # a metrics line that does not parse
 
 
 class DamagedRunError(ReslabError):
@@ -91,6 +93,10 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
+    def resume_command(self) -> str:
+        """The command that continues this run, quoted for a shell: what reslab prints for the user to paste."""
+        return command_line("reslab", "train", "--resume", self.path)
+
     # -- what is this directory? ----------------------------------------------------------------------------
 
     def is_reslab_run(self) -> bool:
@@ -98,8 +104,8 @@ class RunDir:
         if (self / MARKER).is_file():
             return True
         try:
-            config = json.loads((self / CONFIG).read_text())
-        except (OSError, ValueError, UnicodeDecodeError):
+            config = _read_json_file(self / CONFIG, "config")
+        except (OSError, ReslabError):
             return False
         return isinstance(config, dict) and "reslab_version" in config and all(k in config for k in CONFIG_KEYS)
 
@@ -126,8 +132,8 @@ class RunDir:
             raise ReslabError(f"output directory {path} is not empty and is not a reslab run directory (no "
                               f"{MARKER} marker); reslab never replaces what it did not write: choose another --out")
         if not overwrite:
-            raise ReslabError(f"output directory {path} holds a reslab run; pass --resume {path} to continue it, "
-                              "--overwrite to replace it, or choose another --out")
+            raise ReslabError(f"output directory {path} holds a reslab run; continue it with {self.resume_command()}, "
+                              "pass --overwrite to replace it, or choose another --out")
 
     # -- creating and replacing ------------------------------------------------------------------------------
 
@@ -216,12 +222,12 @@ class RunDir:
         lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
         records = []
         for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-            except ValueError:
+            record = parse_json(line, f"{path} line {number}", "repair or delete that line", allow_nan=True,
+                                error=DamagedRunError, invalid=_NOT_JSON)
+            if record is _NOT_JSON:
                 if number == len(lines):  # the write a kill interrupted
                     break
-                raise DamagedRunError(f"{path} line {number} is not JSON; repair or delete that line") from None
+                raise DamagedRunError(f"{path} line {number} is not JSON; repair or delete that line")
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise DamagedRunError(f"{path} line {number} is not a metrics record; repair or delete that line")
             records.append(record)
@@ -287,11 +293,13 @@ def _left_by_reslab(name: str) -> bool:
 
 
 def _read_json_file(path: Path, what: str) -> Any:
+    """A JSON file reslab wrote (NaN allowed); invalid, binary or nested too deep: one DamagedRunError line."""
+    fix = f"restore the {what} file from a copy, or delete it and run again"
     try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise DamagedRunError(f"{path} is not valid JSON ({error}); restore the {what} file from a copy, "
-                              "or delete it and run again") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DamagedRunError(f"{path} is not valid JSON ({error}); {fix}") from None
+    return parse_json(text, str(path), fix, allow_nan=True, error=DamagedRunError)
 
 
 def _check_writable(path: Path) -> None:

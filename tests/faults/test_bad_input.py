@@ -25,7 +25,7 @@ BAD_FLAGS = [
     ([*TRAIN, "--beta1", "1.5"], "--beta1 must be a finite number >= 0 and < 1"),
     ([*TRAIN, "--beta2", "-0.1"], "--beta2 must be"),
     ([*TRAIN, "--grad-clip", "nan"], "--grad-clip must be"),
-    ([*TRAIN, "--muon-lr", "inf"], "--muon-lr must be"),
+    ([*TRAIN, "--optimizer", "muon", "--muon-lr", "inf"], "--muon-lr must be"),
     ([*TRAIN, "--warmup", "-1"], "--warmup must be"),
     ([*TRAIN, "--seed", "-1"], "--seed must be"),
     ([*TRAIN, "--dist-timeout", "nan"], "--dist-timeout must be"),
@@ -338,3 +338,41 @@ def test_report_is_built_from_the_runs_on_disk_not_a_stale_summary(cli, places, 
     code, _, err = cli("report", out)
     one_line_error(code, err)
     assert "config.json" in err
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON on which Python's json recurses until RecursionError
+RESUME = ["train", "--resume", "RUN_DIR", "--steps", "30", "--no-progress"]
+# file of the run directory -> the commands that read it
+DEEP_READERS = {
+    "config.json": [RESUME, ["sample", "RUN_DIR", "--tokens", "5"], ["lens", "RUN_DIR", "--tokens", "8"],
+                    ["audit", "RUN_DIR"], ["report", "ABLATION"]],
+    "metrics.jsonl": [RESUME, ["report", "ABLATION"]],
+    "summary.json": [["report", "ABLATION"]],
+    "ablation.json": [["report", "ABLATION"]],
+}
+
+
+def in_an_ablation(run, out) -> None:
+    """Make `out` an ablation directory (as `reslab ablate` writes it) whose one grid point is the run `run`."""
+    (out / "runs").mkdir(parents=True)
+    shutil.copytree(run, out / "runs" / "post-L1-s0")
+    (out / "ablation.json").write_text(json.dumps({"model": "tiny", "grid": {"residual": ["post"], "layers": [1],
+                                                   "seeds": [1337]}, "train": {"steps": 24}}))
+
+
+@pytest.mark.parametrize("name, args", [(name, args) for name, readers in DEEP_READERS.items() for args in readers],
+                         ids=lambda value: value if isinstance(value, str) else value[0])
+def test_json_nested_100000_deep_is_one_line_naming_the_file(cli, places, tmp_path, name, args):
+    ablation = tmp_path / "ablation"
+    in_an_ablation(places["RUN_DIR"], ablation)
+    run = ablation / "runs" / "post-L1-s0" if "ABLATION" in args else places["RUN_DIR"]
+    path = ablation / name if name == "ablation.json" else run / name
+    if name == "metrics.jsonl":  # a whole last line, not one a kill cut off: never dropped as one
+        path.write_text(path.read_text() + DEEP + "\n")
+    else:
+        path.write_text(DEEP)
+    before = tree(tmp_path)
+    code, _, err = cli(*substitute(args, {**places, "ABLATION": ablation}))
+    one_line_error(code, err)
+    assert f"{path}" in err and "100000 levels deep" in err
+    assert tree(tmp_path) == before

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from reslab.cli_args import add_model_arguments, model_name, model_overrides
+from reslab.cli_args import add_model_arguments, check_flags_apply, given_overrides, model_name
 from reslab.errors import ReslabError
 
 DEFAULT_RESIDUALS = "pre,post,none"
@@ -77,13 +77,17 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from reslab.ablate.grid import run_ablation
     from reslab.ablate.summary import summary_table
     from reslab.train.commands import train_overrides
+    from reslab.train.config import check_flags_apply as check_train_flags
 
     residuals = comma_list(DEFAULT_RESIDUALS if args.residual is None else args.residual, str, "--residual")
     layers = comma_list(DEFAULT_LAYERS if args.layers is None else args.layers, int, "--layers")
     seeds = comma_list(args.seeds, int, "--seeds")
     model = model_name(args)
-    overrides = model_overrides(argparse.Namespace(**{**vars(args), "residual": None, "layers": None}))
+    overrides = given_overrides(argparse.Namespace(**{**vars(args), "residual": None, "layers": None}), model)
+    for residual in residuals:  # a scheme option must apply to every scheme of the grid
+        check_flags_apply(model, {**overrides, "residual": residual})
     train = train_overrides(args)
+    check_train_flags(train)
     train.setdefault("steps", DEFAULT_STEPS)
     if args.jobs == "auto":
         jobs = default_jobs(len(residuals) * len(layers) * len(seeds))

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from reslab.io import atomic_write, read_json, write_json
+from reslab.io import atomic_write, write_json
 from reslab.rundir import CONFIG, DIVERGED, RunDir
 
 METRICS = ("final_val_loss", "best_val_loss", "first_layer_grad_share", "final_stream_rms", "mean_drift",
@@ -34,7 +34,7 @@ def _stats(values: list[float]) -> dict[str, float | None]:
 def summarize(out_dir: Path) -> dict[str, Any]:
     """Read every finished run under out_dir/runs and write summary.json and summary.csv; rows best-first."""
     out_dir = Path(out_dir)
-    ablation = read_json(out_dir / "ablation.json")
+    ablation = RunDir(out_dir).read_json_file("ablation.json")  # checked to be there by the caller
     steps = ablation["train"]["steps"]
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     diverged: dict[tuple[str, int], int] = {}

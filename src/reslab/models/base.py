@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reslab.checks import BETA, NON_NEGATIVE, POSITIVE, Range, check_field_type, check_numbers
+from reslab.checks import BETA, NON_NEGATIVE, POSITIVE, OnlyWith, Range, check_field_type, check_numbers
 from reslab.contracts import attention_sublayers
 from reslab.errors import ReslabError, check_positive
 from reslab.nn import Block, make_norm
@@ -32,9 +32,20 @@ class ModelConfig:
     """
 
     RANGES: ClassVar[dict[str, Range]] = {}
+    # fields that matter only when another is set (`moe_top_k` needs `moe_experts`): a flag given for one of them
+    # alone is refused, not ignored (reslab.cli_args)
+    ONLY_WITH: ClassVar[dict[str, OnlyWith]] = {}
 
     def validate(self) -> None:
         pass
+
+    @classmethod
+    def declared(cls, name: str) -> dict[str, Any]:
+        """A class-level declaration (`RANGES`, `ONLY_WITH`) merged over the class hierarchy, subclasses last."""
+        merged: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get(name, {}))
+        return merged
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -47,9 +58,7 @@ class ModelConfig:
             raise ReslabError(f"{cls.__name__} has no field {bad[0]!r}; its fields: {', '.join(sorted(names))}")
         hints = typing.get_type_hints(cls)
         values = {name: check_field_type(name, value, hints[name]) for name, value in values.items()}
-        ranges: dict[str, Range] = {}
-        for klass in reversed(cls.__mro__):
-            ranges.update(vars(klass).get("RANGES", {}))
+        ranges = cls.declared("RANGES")
         config = cls(**values)
         check_numbers(dataclasses.asdict(config), ranges, flags={name: name for name in ranges})
         config.validate()

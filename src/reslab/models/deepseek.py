@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from reslab.checks import NON_NEGATIVE, POSITIVE, Range
+from reslab.checks import NON_NEGATIVE, POSITIVE, OnlyWith, Range
 from reslab.contracts import ModelOutput
 from reslab.errors import ReslabError, check_positive, unknown
 from reslab.models.base import LanguageModel, TransformerConfig
@@ -52,6 +52,9 @@ class DeepSeekConfig(TransformerConfig):
 
     RANGES: ClassVar[dict[str, Range]] = {"moe_aux_weight": NON_NEGATIVE, "routed_scale": POSITIVE,
                                           "balance_rate": NON_NEGATIVE}
+    ONLY_WITH: ClassVar[dict[str, OnlyWith]] = {"ffn_hidden": OnlyWith("first_k_dense"),  # the dense blocks' FFN
+                                                "rope_theta": OnlyWith("qk_rope_head_dim"),
+                                                "rope_interleave": OnlyWith("qk_rope_head_dim")}
 
     def validate(self) -> None:
         super().validate()

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from reslab.checks import NON_NEGATIVE, Range
+from reslab.checks import NON_NEGATIVE, OnlyWith, Range
 from reslab.contracts import ModelOutput
 from reslab.errors import ReslabError, check_positive
 from reslab.models.base import LanguageModel, TransformerConfig
@@ -42,6 +42,8 @@ class LlamaConfig(TransformerConfig):
     moe_norm_top_k: bool = True  # renormalise the chosen probabilities to sum 1 (MiniMind, Mixtral)
 
     RANGES: ClassVar[dict[str, Range]] = {"moe_aux_weight": NON_NEGATIVE}
+    ONLY_WITH: ClassVar[dict[str, OnlyWith]] = {name: OnlyWith("moe_experts") for name in
+                                                ("moe_top_k", "moe_shared", "moe_aux_weight", "moe_norm_top_k")}
 
     def validate(self) -> None:
         super().validate()

@@ -16,10 +16,12 @@ def register(commands) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from reslab.errors import ReslabError
+    from reslab.io import command_line
     from reslab.report import write_report
 
     if args.out is not None and args.out.is_dir():
-        raise ReslabError(f"--out {args.out} is a directory; give a file name such as {args.out / 'report.html'}")
+        raise ReslabError(f"--out {args.out} is a directory; give a file name such as "
+                          f"{command_line('--out', args.out / 'report.html')}")
     path = write_report(args.dir, args.out)
     print(path)
     return 0

@@ -14,10 +14,10 @@ import inspect
 import json
 import math
 import re
-import shlex
 from html import escape
 from typing import Any
 
+from reslab.io import command_line
 from reslab.report.load import Ablation
 from reslab.report.plots import Plot, scheme_colours
 
@@ -251,7 +251,7 @@ def _config_section(ablation: Ablation) -> str:
     meta = ablation.meta
     command = meta.get("command")
     if isinstance(command, list) and command:
-        command_text = shlex.join(str(part) for part in command)
+        command_text = command_line(*command)
     else:
         command_text = "(not recorded)"
     rows = [("model", meta.get("model")),
@@ -281,7 +281,7 @@ def _config_section(ablation: Ablation) -> str:
     meta_rows = "".join(f"<tr><th class=\"left\">{esc(k)}</th><td class=\"left\">{esc(v)}</td></tr>" for k, v in rows)
     return (f"<h3>Command</h3><pre class=\"command\">{esc(command_text)}</pre>"
             f"<p class=\"small\">Re-running the same command into the same directory skips finished grid points and "
-            f"resumes stopped ones. Rebuild this page with <code>reslab report {esc(shlex.quote(str(ablation.path)))}"
+            f"resumes stopped ones. Rebuild this page with <code>{esc(command_line('reslab', 'report', ablation.path))}"
             f"</code>.</p><h3>Experiment</h3><table class=\"kv\">{meta_rows}</table>"
             f"<h3>Training config</h3><p class=\"small\">The same for every grid point, except <code>seed</code>, "
             f"which each run takes from the grid.</p><div class=\"cfg\">{train_rows}</div>"

@@ -6,7 +6,6 @@ crash, or a scheme that this version of reslab no longer registers all still pro
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -14,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from reslab.errors import ReslabError
+from reslab.jsonfile import parse_json, read_json_file
+from reslab.rundir import DamagedRunError
+
+_DAMAGE_FIX = "repair the file or delete it, then write the report again"
 
 _RUN_NAME = re.compile(r"^(?P<residual>.+)-L(?P<layers>\d+)-s(?P<seed>-?\d+)$")
 
@@ -102,32 +105,31 @@ def _unique(items) -> list:
     return list(seen)
 
 
-def _read_json(path: Path, what: str) -> Any:
+def _read_text(path: Path) -> str | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ReslabError(f"cannot read {what} {path}: {error}") from None
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _parse_quiet(text: str | None, source: str) -> Any:
+    """JSON `text`, or None when it is not JSON (a file cut off by a crash); JSON nested too deep to read is damage
+    that would otherwise go unnoticed: one DamagedRunError line naming `source`."""
+    if text is None:
+        return None
+    return parse_json(text, source, _DAMAGE_FIX, allow_nan=True, error=DamagedRunError, invalid=None)
 
 
 def _read_json_quiet(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
+    return _parse_quiet(_read_text(path), str(path))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of metrics.jsonl; a line cut off by a crash (or otherwise unreadable) is skipped."""
     records = []
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return records
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    lines = (_read_text(path) or "").splitlines()
+    for number, line in enumerate(lines, 1):
+        record = _parse_quiet(line, f"{path} line {number}")
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)
     return records
@@ -149,7 +151,8 @@ def check_ablation_dir(path: Path) -> Path:
 def load_ablation(path: Path) -> Ablation:
     """Read ablation.json, summary.json (recomputed if missing) and every run under runs/."""
     path = check_ablation_dir(path)
-    meta = _read_json(path / "ablation.json", "ablation record")
+    meta = read_json_file(path / "ablation.json", "run the ablation again into it, or restore the file",
+                          what="ablation record", allow_nan=True)
     if not isinstance(meta, dict):
         raise ReslabError(f"{path / 'ablation.json'} is not an ablation record (expected a JSON object)")
     runs = [_load_run(run_dir, meta) for run_dir in sorted((path / "runs").glob("*")) if run_dir.is_dir()]

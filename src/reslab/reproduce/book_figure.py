@@ -18,6 +18,7 @@ from reslab.graph import audit, check_design
 from reslab.graph.design import DesignCheck
 from reslab.graph.diagram import Diagram
 from reslab.graph.diagram.svg import side_by_side
+from reslab.io import atomic_write
 from reslab.reproduce.common import print_verdict
 from reslab.reproduce.deep_mlp import LAYER_SIZES
 
@@ -54,9 +55,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / "reproduce" / "book-figure"
     plain, shortcut = check(False), check(True)
     figure = side_by_side([Diagram.from_audit(c.audit, unroll=True).svg() for c in (plain, shortcut)])
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "book-figure.svg"
-    path.write_text(figure, encoding="utf-8")
+    atomic_write(path, figure.encode("utf-8"))
     if not args.json:
         print(f"wrote {path} (left: {TITLES[False]}, right: {TITLES[True]})")
     counts = {"without_shortcut": len(plain.audit.residuals), "with_shortcut": len(shortcut.audit.residuals)}

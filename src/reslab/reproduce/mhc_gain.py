@@ -11,11 +11,12 @@ compared. At this scale HC's gain grows far less than at 27B; the claim checked 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+
+from reslab.rundir import RunDir
 
 CLAIM = "mHC keeps the composite stream-mix gain near 1 (paper: <= ~1.6) while HC's grows (paper: ~3000 at 27B)"
 PAPER = {"hc": 3000.0, "mhc": 1.6}
@@ -54,7 +55,7 @@ def train_and_read_gain(scheme: str, options: dict, model: dict, train: dict, ru
                     {**model, "residual": scheme, "residual_options": options}, run_dir,
                     overwrite=run_dir.exists())
     summary = run_training(setup)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = RunDir(run_dir).read_metrics()
     gains = [(r["step"], r["amax_gain_forward"], r["amax_gain_backward"]) for r in records if "amax_gain_forward" in r]
     return {
         "peak_forward": max(g[1] for g in gains),

@@ -19,6 +19,7 @@ import torch
 from reslab.graph import audit, check_design, load_design
 from reslab.graph.design import DesignCheck
 from reslab.graph.diagram import Diagram
+from reslab.io import atomic_write
 from reslab.reproduce.common import print_verdict
 
 CLAIM = "MiniMind's diagram: residuals around and inside its GQA attention and FFN blocks"
@@ -56,11 +57,10 @@ def check(layers: int | None = None) -> DesignCheck:
 def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / "reproduce" / "minimind-diagram"
     result = check()
-    out.mkdir(parents=True, exist_ok=True)
-    design_file = out / "design.json"
-    design_file.write_text(design_path().read_text(encoding="utf-8"), encoding="utf-8")
+    design_file, svg = out / "design.json", out / "diagram.svg"
+    atomic_write(design_file, design_path().read_bytes())
     result.design.source = str(design_file)
-    svg = Diagram.from_audit(result.audit, design=result).save(out / "diagram.svg")
+    atomic_write(svg, Diagram.from_audit(result.audit, design=result).svg().encode("utf-8"))
     if not args.json:
         print(result.format())
         print(f"wrote {svg}")

@@ -11,6 +11,8 @@ from reslab.checks import COUNT, NON_NEGATIVE, SEED, Range, check_numbers
 from reslab.cli_args import add_model_arguments, model_name, model_overrides
 from reslab.data.corpus import normalise_data
 from reslab.errors import ReslabError
+from reslab.rundir import RunDir
+from reslab.train.config import check_flags_apply
 
 # flag -> (TrainConfig field, type, help). Defaults are None so we know which flags were given (for --resume).
 TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -107,45 +109,57 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def apply_recipe(args: argparse.Namespace, config: dict[str, Any], overrides: dict[str, Any]):
+def apply_recipe(args: argparse.Namespace, config: dict[str, Any]):
     """The recipe's settings under the flags the user gave explicitly."""
     from reslab.train.recipes import get_recipe
 
     recipe = get_recipe(args.recipe)
     if args.model is not None and args.model != recipe["model"]:
         raise ReslabError(f"recipe {args.recipe!r} trains model {recipe['model']!r}; drop --model {args.model}")
+    check_flags_apply(config, recipe["train"])
     config = {**recipe["train"], **config, "model": recipe["model"]}
-    overrides = {**recipe["model_config"], **model_overrides(args, recipe["model"])}
+    overrides = {**recipe["model_config"], **model_overrides(args, recipe["model"], base=recipe["model_config"])}
     return config, overrides
+
+
+def new_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """A new run's directory, training settings and model overrides, from the flags (over --recipe's)."""
+    config = train_overrides(args)
+    if args.recipe:
+        config, overrides = apply_recipe(args, config)
+    else:
+        check_flags_apply(config)
+        config["model"] = model_name(args)
+        overrides = model_overrides(args)
+    return args.out or Path("runs") / f"{config['model']}-{overrides.get('residual', 'default')}", config, overrides
+
+
+def resumed_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The run --resume continues, and the flags given with it (compared with the saved config in prepare())."""
+    from reslab.train.checkpoint import read_run_config
+
+    if args.out is not None and args.out != args.resume:
+        raise ReslabError("--resume RUN_DIR continues that directory; drop --out")
+    if args.overwrite:
+        raise ReslabError("--resume and --overwrite contradict each other; choose one")
+    if args.recipe:
+        raise ReslabError("--recipe applies to new runs; a resumed run keeps its config: drop --recipe")
+    config = train_overrides(args)
+    saved = read_run_config(args.resume)
+    check_flags_apply(config, saved["train"])
+    if args.model is not None:
+        config["model"] = args.model  # compared with the run's model in prepare()
+    overrides = model_overrides(args, saved["model"], base=saved["model_config"])
+    if config.get("dtype") == "auto":
+        del config["dtype"]  # a resumed run keeps the dtype it recorded
+    return args.resume, config, overrides
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from reslab.train.loop import prepare, train
 
-    config = train_overrides(args)
     resume = args.resume is not None
-    if resume:
-        if args.out is not None and args.out != args.resume:
-            raise ReslabError("--resume RUN_DIR continues that directory; drop --out")
-        if args.overwrite:
-            raise ReslabError("--resume and --overwrite contradict each other; choose one")
-        if args.recipe:
-            raise ReslabError("--recipe applies to new runs; a resumed run keeps its config: drop --recipe")
-        from reslab.train.checkpoint import read_run_config
-
-        saved_model = read_run_config(args.resume)["model"]
-        if args.model is not None:
-            config["model"] = args.model  # compared with the run's model in prepare()
-        overrides = model_overrides(args, saved_model)
-        if config.get("dtype") == "auto":
-            del config["dtype"]  # a resumed run keeps the dtype it recorded
-        run_dir = args.resume
-    else:
-        config["model"] = model_name(args)
-        overrides = model_overrides(args)
-        if args.recipe:
-            config, overrides = apply_recipe(args, config, overrides)
-        run_dir = args.out or Path("runs") / f"{config['model']}-{overrides.get('residual', 'default')}"
+    run_dir, config, overrides = resumed_run(args) if resume else new_run(args)
     setup = prepare(config, overrides, run_dir, resume=resume, overwrite=args.overwrite, command=args.argv)
     from reslab.train import distributed
 
@@ -157,7 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not distributed.is_main():
         return 0  # rank 0 prints
     if "stopped_at" in summary:
-        print(f"stopped at step {summary['stopped_at']}; continue with: reslab train --resume {run_dir}")
+        print(f"stopped at step {summary['stopped_at']}; continue with: {RunDir(run_dir).resume_command()}")
         return 0
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -18,7 +18,9 @@ from reslab.checks import (
     NON_NEGATIVE_INT,
     POSITIVE,
     SEED,
+    OnlyWith,
     Range,
+    check_applies,
     check_field_type,
     check_numbers,
     flag_name,
@@ -33,6 +35,8 @@ RANGES: dict[str, Range] = {
     "eval_interval": COUNT, "eval_batches": COUNT, "log_interval": COUNT, "checkpoint_interval": COUNT,
     "dist_timeout": POSITIVE,
 }
+# Fields that matter only when another is set: given alone (`--muon-lr` with AdamW), the flag is refused.
+ONLY_WITH: dict[str, OnlyWith] = {"muon_lr": OnlyWith("optimizer", ("muon",))}
 DEVICE_HELP = "choose auto, cpu, cuda or cuda:N"
 
 def runtime(default: Any, **kwargs) -> Any:
@@ -125,6 +129,12 @@ class TrainConfig:
         from reslab.train.step import resolve_dtype
 
         self.dtype, self.dtype_auto = resolve_dtype("auto", resolve_device(self.device)), True
+
+
+def check_flags_apply(given: dict[str, Any], base: dict[str, Any] | None = None) -> None:
+    """Refuse a training setting `given` by a flag that the run would not use (`ONLY_WITH`), starting from `base`
+    (a recipe's or a saved run's values; default: TrainConfig's)."""
+    check_applies(given, {**TrainConfig().to_dict(), **(base or {}), **given}, ONLY_WITH)
 
 
 def check_device_name(name: str) -> None:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from reslab.errors import ReslabError
+from reslab.io import command_line
 
 DEFAULT_TIMEOUT = 600.0  # seconds a collective waits for the other ranks before the job fails
 
@@ -302,7 +303,8 @@ def job(run_dir: Path) -> Iterator[None]:
         raise ReslabError(
             f"rank {world.rank} of {world.size}: a collective operation failed ({_first_line(error)}): another rank "
             f"died, or hung for more than --dist-timeout {world.timeout:g} s. The checkpoints in {run_dir} are kept; "
-            f"continue with the same torchrun options and: -m reslab train --resume {run_dir}") from None
+            f"continue with the same torchrun options and: {command_line('-m', 'reslab', 'train', '--resume', run_dir)}"
+        ) from None
     finally:
         close()
 
