@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -314,7 +315,8 @@ def damage(directory: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize(("how", "expected"), [("empty", "is empty"), ("truncated", "truncated"),
-                                               ("count", "shard-00001.bin"), ("not-json", "not a reslab manifest")])
+                                               ("count", "manifest.json: tokens is"),
+                                               ("not-json", "manifest.json is not valid JSON")])
 def test_a_damaged_data_directory_is_one_line_and_nothing_is_written(cli, text, tmp_path, how, expected):
     prepare_data([text], tmp_path / "data", small_options())
     damage(tmp_path / "data", how)
@@ -450,6 +452,48 @@ def test_a_run_on_bpe_shards_killed_before_its_first_checkpoint_resumes(text, tm
     assert resumed.returncode == 0, resumed.stderr
     code = reslab_process(*args[:-2], "--out", tmp_path / "other", "--tokenizer", "char")
     assert code.returncode == 2 and "prepared with the bpe tokenizer" in code.stderr
+
+
+def leases_work(path: Path) -> bool:
+    """Whether this machine grants read leases on files like `path` (Linux, the file's owner, a local disk)."""
+    import fcntl
+
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.fcntl(descriptor, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+
+
+def test_windows_read_with_pread_equal_the_maps_and_a_writer_breaks_the_lease_at_once(text, tmp_path):
+    """Without a lease a file is read with pread: the same windows, across shard boundaries too. With one, a writer
+    (here, in this very process) gets the file at once: the span turns to pread and names the file as changed; cut
+    short, the file is one DataChanged line, never SIGBUS."""
+    from reslab.data.tokenfiles import DataChanged
+
+    prepare_data([text], tmp_path / "data", small_options())
+    mapped, read = open_reslab(tmp_path / "data"), open_reslab(tmp_path / "data")
+    for file in read.files:
+        file.view = None  # as where no lease can be had
+    starts = np.arange(0, len(mapped.train) - 200, 397)  # many windows cross from one 4,000-token shard to the next
+    expected = mapped.train.gather(starts, 200)
+    assert np.array_equal(read.train.gather(starts, 200), expected)
+    assert np.array_equal(read.val.to_numpy(), mapped.val.to_numpy())
+    shard = tmp_path / "data" / "shard-00002.bin"
+    if not leases_work(shard):
+        pytest.skip("no read leases here (not the owner, or a file system without them)")
+    assert all(file.view is not None for file in mapped.files) and mapped.train.changed() == []
+    started = time.monotonic()
+    with open(shard, "r+b"):  # the lease breaks; its holder lets it go at once (no read in progress)
+        pass
+    assert time.monotonic() - started < 5 and mapped.train.changed() == [shard]
+    assert np.array_equal(mapped.train.gather(starts, 200), expected)  # now read with pread
+    os.truncate(shard, 10)
+    with pytest.raises(DataChanged, match=f"{shard} was truncated while this run read it"):
+        mapped.train.gather(starts, 200)
 
 
 def test_token_width_follows_the_vocabulary(tmp_path):

@@ -43,6 +43,7 @@ from reslab.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
     PREPARE_STATE,
+    SHARD_SCHEMA,
     TOKENIZER_FILE,
     dtype_for,
     file_sha256,
@@ -60,9 +61,13 @@ from reslab.data.tokenizer import (
     load_tokenizer_file,
 )
 from reslab.errors import ReslabError
-from reslab.io import atomic_write, read_json, remove_temp_files, write_json
+from reslab.io import atomic_write, remove_temp_files, write_json
+from reslab.jsonfile import Field, check_schema, read_json_file
 
 STATE = PREPARE_STATE
+STATE_SCHEMA = {"job": Field(dict), "shards": Field(list, items=SHARD_SCHEMA),
+                "position": Field(list, minimum=3, maximum=3, items=Field(int, minimum=0)),
+                "characters": Field(int, minimum=0), "text_seen": Field(bool)}
 DEFAULT_SHARD_TOKENS = 1 << 24  # 32 MiB of uint16 per shard: the most a prepare holds in memory
 PARALLEL_BYTES = 16 << 20  # one worker process per this much text, at most --workers (a worker costs ~1 s to start)
 
@@ -149,7 +154,10 @@ def _check_options(options: PrepareOptions) -> None:
 def _finished(out: Path, job: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest of a finished prepare of the same job; a different one, or a foreign directory, is refused."""
     if (out / MANIFEST).exists():
-        manifest = read_manifest(out)
+        try:
+            manifest = read_manifest(out)
+        except ReslabError as err:
+            raise ReslabError(f"{err} (delete {out} first, or choose another --out)") from None
         if manifest.get("job") != job:
             raise ReslabError(f"--out {out} already holds data prepared from other sources or options; choose "
                               "another --out (nothing was changed)")
@@ -166,9 +174,12 @@ def _resume_state(out: Path, job: dict[str, Any]) -> dict[str, Any] | None:
     if not (out / STATE).exists():
         return None
     try:
-        state = read_json(out / STATE)
-    except (OSError, ValueError):
+        state = read_json_file(out / STATE, "", what="prepare state")
+        check_schema(state, STATE_SCHEMA, str(out / STATE), "")
+    except ReslabError:  # damaged (cut off, edited): start again; the shards are rewritten
         return None
+    if [entry["name"] for entry in state["shards"]] != list(map(shard_name, range(len(state["shards"])))):
+        return None  # names written by hand: nothing outside --out is read or trusted
     if state.get("job") != job:
         raise ReslabError(f"--out {out} holds an interrupted prepare of other sources or options; run that one "
                           "again, or choose another --out")
@@ -427,7 +438,8 @@ def _write_manifest(out: Path, tokenizer: Tokenizer, options: PrepareOptions, st
     train_tokens = int(total * train_fraction)
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION,
-        "tokenizer": {"kind": tokenizer.kind, "file": TOKENIZER_FILE},
+        "tokenizer": {"kind": tokenizer.kind, "file": TOKENIZER_FILE,
+                      "sha256": file_sha256(out / TOKENIZER_FILE)},  # the file's bytes: what a run loads
         "dtype": dtype_for(tokenizer.vocab_size), "vocab_size": tokenizer.vocab_size,
         "tokens": total, "characters": state["characters"],
         "split": {"train_fraction": train_fraction, "train_tokens": train_tokens, "val_tokens": total - train_tokens,
@@ -517,6 +529,7 @@ def _locked(path: Path):
 
 
 def describe(manifest: dict[str, Any]) -> str:
+    validation = manifest["tokens"] - manifest["split"]["train_tokens"]
     return (f"{manifest['tokens']:,} tokens in {len(manifest['shards'])} shard(s), {manifest['dtype']}, "
-            f"vocabulary {manifest['vocab_size']}, {manifest['split']['val_tokens']:,} validation")
+            f"vocabulary {manifest['vocab_size']}, {validation:,} validation")
 

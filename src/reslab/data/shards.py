@@ -10,26 +10,35 @@ Three layouts are read, all as one token stream (shards in order, as if concaten
                      tokens; files named *val* validate, the others train (no val file: the last 10% validates)
 
 `TokenSpan.windows(starts, length)` gathers random windows as int64 (the only copy made); a window may cross from one
-shard into the next, because the shards are pieces of one stream. Every defect a user can cause (an empty or
-truncated shard, a manifest that disagrees with its shards, an id above the vocabulary) is a one-line ReslabError.
+shard into the next, because the shards are pieces of one stream. Each file is read through its map while a lease
+guards it against other writers, else with pread (`reslab.data.tokenfiles`): a file truncated under a run is an
+error, never a bus error.
+
+`read_manifest` is the one reader of manifest.json: a declared schema, its sums, file names confined to the data
+directory, and its own fingerprint (which covers everything that decides which tokens a run reads). Every defect a
+user can cause (an edited or malformed manifest, an empty or truncated shard, an id above the vocabulary) is a
+one-line ReslabError naming the file, the key and the fix.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import mmap
+import os
 import pickle
+import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from reslab.data.tokenfiles import TokenFile, lease_breaks, reserve_descriptors, start_reading, stop_reading
 from reslab.data.tokenizer import CharTokenizer, IdTokenizer, Tokenizer, load_tokenizer_file
 from reslab.errors import ReslabError
+from reslab.jsonfile import Field, check_schema, confined_path, read_json_file
 
 MANIFEST = "manifest.json"
 PREPARE_STATE = "prepare-state.json"  # present while a prepare is unfinished
@@ -60,16 +69,17 @@ def file_sha256(path: Path) -> str:
 
 
 def fingerprint(record: dict[str, Any]) -> str:
-    """What identifies a prepared corpus: tokenizer, dtype, vocabulary, each shard's count and checksum, split."""
+    """What identifies a prepared corpus: everything that decides which tokens a run reads and what they mean: the
+    tokenizer (its file, kind and checksum), dtype, vocabulary, each shard's name, count and checksum, the split."""
     key = {k: record.get(k) for k in ("tokenizer", "dtype", "vocab_size", "split")}
     key["shards"] = [(s["name"], s["tokens"], s["sha256"]) for s in record["shards"]]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 class TokenSpan:
-    """Tokens [begin, end) of a stream stored as several arrays (memmaps), read without copying the whole."""
+    """Tokens [begin, end) of a stream stored as several token files (or arrays), read without copying the whole."""
 
-    def __init__(self, arrays: list[np.ndarray], begin: int = 0, end: int | None = None):
+    def __init__(self, arrays: list[TokenFile | np.ndarray], begin: int = 0, end: int | None = None):
         self.arrays = arrays
         self.bounds = np.cumsum([0] + [len(a) for a in arrays])
         self.begin, self.end = begin, int(self.bounds[-1]) if end is None else end
@@ -88,35 +98,53 @@ class TokenSpan:
 
     def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
         """(len(starts), length) in the shards' own dtype: one slice copy per row from plain ndarray views of the
-        maps (a memmap slice is a Python object costing microseconds; a view's slice a fraction of one)."""
+        maps (a memmap slice is a Python object costing microseconds; a view's slice a fraction of one); a file
+        without a map (no lease guards it) slices with pread."""
         absolute = np.asarray(starts, dtype=np.int64) + self.begin
         shards = np.searchsorted(self.bounds, absolute, side="right") - 1
         local = absolute - self.bounds[shards]
         out = np.empty((len(absolute), length), dtype=self.arrays[0].dtype)
         views, sizes = self._views()
-        for row, (shard, start) in enumerate(zip(shards.tolist(), local.tolist())):
-            if start + length <= sizes[shard]:
-                out[row] = views[shard][start:start + length]
-            else:  # the window runs on into the next shard(s)
-                out[row] = self._crossing(shard, start, length)
+        start_reading()  # a lease that breaks meanwhile is held until this loop is done with its views
+        try:
+            for row, (shard, start) in enumerate(zip(shards.tolist(), local.tolist())):
+                if start + length <= sizes[shard]:
+                    out[row] = views[shard][start:start + length]
+                else:  # the window runs on into the next shard(s)
+                    out[row] = self._crossing(shard, start, length)
+        finally:
+            stop_reading()
         return out
 
-    def _views(self) -> tuple[list[np.ndarray], list[int]]:
-        if self._cached is None:
-            self._cached = [np.asarray(a) for a in self.arrays], [len(a) for a in self.arrays]
-        return self._cached
+    def _views(self) -> tuple[list[np.ndarray | TokenFile], list[int]]:
+        """Each file's map, or the file itself where it is read with pread; rebuilt after a lease break."""
+        if self._cached is None or self._cached[0] != lease_breaks():
+            views = [_view(a) for a in self.arrays]
+            self._cached = lease_breaks(), views, [len(a) for a in self.arrays]
+        return self._cached[1], self._cached[2]
 
     def _crossing(self, shard: int, local: int, length: int) -> np.ndarray:
         pieces, filled = [], 0
         while filled < length:
-            piece = self.arrays[shard][local:local + length - filled]
+            piece = _view(self.arrays[shard])[local:local + length - filled]
             pieces.append(piece)
             filled, shard, local = filled + len(piece), shard + 1, 0
         return np.concatenate(pieces)
 
+    def changed(self) -> list[Path]:
+        """The files another process opened for writing while this span was read (see `reslab.data.tokenfiles`)."""
+        return [a.path for a in self.arrays if isinstance(a, TokenFile) and a.changed]
+
     def to_numpy(self) -> np.ndarray:
         """All tokens as one int64 array (a copy: for tests and small data)."""
         return self.windows(np.array([0]), len(self))[0]
+
+
+def _view(array: TokenFile | np.ndarray) -> np.ndarray | TokenFile:
+    """What a span slices: a token file's map, the file itself (pread) when it has none, or an array."""
+    if isinstance(array, TokenFile):
+        return array if array.view is None else array.view
+    return np.asarray(array)
 
 
 def max_id(path: Path, dtype: np.dtype, offset: int = 0) -> int:
@@ -137,6 +165,8 @@ class PreparedData:
     train: TokenSpan
     val: TokenSpan
     record: dict[str, Any] = field(default_factory=dict)
+    files: list[TokenFile] = field(default_factory=list)  # every file the spans read, in stream order
+    shards: dict[str, TokenFile] = field(default_factory=dict)  # a reslab directory's: by their manifest names
 
 
 def open_prepared(directory: Path, vocab_size: int | None = None, verify: bool = False) -> PreparedData:
@@ -159,69 +189,148 @@ def open_prepared(directory: Path, vocab_size: int | None = None, verify: bool =
 # ------------------------------------------------------------------------------------------------------ reslab
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+SHARD_SCHEMA = {"name": Field(str, minimum=1), "tokens": Field(int, minimum=1), "sha256": Field(str),
+                "max_id": Field(int, minimum=0, required=False)}
+MANIFEST_SCHEMA = {
+    "format": Field(str, choices=(FORMAT,)),
+    "version": Field(int, choices=(FORMAT_VERSION,)),
+    "tokenizer": Field(dict, keys={"file": Field(str, minimum=1), "kind": Field(str, required=False),
+                                   "sha256": Field(str, required=False)}),
+    "dtype": Field(str, choices=("uint16", "uint32")),
+    "vocab_size": Field(int, minimum=1, maximum=2**32),
+    "tokens": Field(int, minimum=1),
+    "characters": Field(int, minimum=0, required=False),
+    "split": Field(dict, keys={"train_tokens": Field(int, minimum=0), "val_tokens": Field(int, minimum=0,
+                                                                                         required=False)}),
+    "shards": Field(list, minimum=1, items=SHARD_SCHEMA),
+    "fingerprint": Field(str),
+    "job": Field(dict, required=False),
+}
+MANIFEST_FIX = "prepare the data again"
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
+    """manifest.json, validated: its schema, its sums, its file names (inside the directory) and its fingerprint.
+    Any violation is one line naming the file, the key and the fix."""
     path = Path(directory) / MANIFEST
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if record.get("format") != FORMAT:
-            raise ValueError(f"format {record.get('format')!r}, not {FORMAT!r}")
-        if record.get("version") != FORMAT_VERSION:
-            raise ValueError(f"version {record.get('version')!r}; this reslab reads {FORMAT_VERSION}")
-        for key in ("tokenizer", "dtype", "vocab_size", "shards", "split", "tokens"):
-            record[key]  # noqa: B018 - present, or KeyError
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ReslabError(f"{path} is not a reslab manifest ({err}); prepare the data again") from err
+    record = read_json_file(path, MANIFEST_FIX, what="manifest")
+    check_schema(record, MANIFEST_SCHEMA, str(path), MANIFEST_FIX)
+    _check_manifest_sums(record, path)
+    names = [confined_path(directory, s["name"], str(path), f"shards[{i}].name", MANIFEST_FIX)
+             for i, s in enumerate(record["shards"])]
+    confined_path(directory, record["tokenizer"]["file"], str(path), "tokenizer.file", MANIFEST_FIX)
+    if len(set(names)) != len(names):
+        twice = next(s["name"] for i, s in enumerate(record["shards"]) if names[i] in names[:i])
+        raise ReslabError(f"{path}: shards lists {twice!r} twice; {MANIFEST_FIX}")
+    if fingerprint(record) != record["fingerprint"]:
+        raise ReslabError(f"{path} does not match its own fingerprint: edited since it was prepared (dtype, split, "
+                          f"shards or tokenizer); {MANIFEST_FIX}")
     return record
 
 
+def _check_manifest_sums(record: dict[str, Any], path: Path) -> None:
+    """What the schema cannot say: checksums are sha256 hex, the counts add up, the split fits, ids fit."""
+    hexes = [("fingerprint", record["fingerprint"]), ("tokenizer.sha256", record["tokenizer"].get("sha256", "0" * 64))]
+    hexes += [(f"shards[{i}].sha256", s["sha256"]) for i, s in enumerate(record["shards"])]
+    for key, value in hexes:
+        if not _HEX64.fullmatch(value):
+            raise ReslabError(f"{path}: {key} must be a sha256 (64 hex digits), got {value[:70]!r}; {MANIFEST_FIX}")
+    tokens, split = record["tokens"], record["split"]
+    listed = sum(s["tokens"] for s in record["shards"])
+    problems = [(listed != tokens, f"tokens is {tokens:,} but its shards list {listed:,}"),
+                (split["train_tokens"] > tokens, f"split.train_tokens {split['train_tokens']:,} is more than the "
+                                                 f"{tokens:,} tokens"),
+                (split.get("val_tokens", tokens - split["train_tokens"]) != tokens - split["train_tokens"],
+                 "split.val_tokens is not tokens - split.train_tokens")]
+    problems += [(s.get("max_id", 0) >= record["vocab_size"], f"shards[{i}].max_id {s.get('max_id')} is not below "
+                  f"vocab_size {record['vocab_size']} (ids from another tokenizer)")
+                 for i, s in enumerate(record["shards"])]
+    for bad, problem in problems:
+        if bad:
+            raise ReslabError(f"{path}: {problem}; {MANIFEST_FIX}")
+
+
 def open_reslab(directory: Path, verify: bool = False) -> PreparedData:
-    """A `reslab data prepare` directory: sizes always checked against the manifest, checksums when `verify`."""
+    """A `reslab data prepare` directory: the manifest validated, every shard's size checked against it (each read
+    through a guarded map, `reslab.data.tokenfiles`), and every checksum when `verify`."""
+    directory = Path(directory)
     record = read_manifest(directory)
     dtype = np.dtype(record["dtype"])
-    arrays = [_open_shard(directory / s["name"], dtype, s["tokens"], s.get("sha256") if verify else None)
-              for s in record["shards"]]
-    if sum(len(a) for a in arrays) != record["tokens"]:
-        raise ReslabError(f"{directory / MANIFEST} counts {record['tokens']:,} tokens but its shards list "
-                          f"{sum(len(a) for a in arrays):,}; prepare the data again")
-    vocab = record["vocab_size"]
-    for entry in record["shards"]:
-        if entry.get("max_id", 0) >= vocab:
-            raise ReslabError(f"{directory / entry['name']} holds token id {entry['max_id']}, above the "
-                              f"vocabulary of {vocab}; prepare the data again with one tokenizer")
-    tokenizer = load_tokenizer_file(directory / record["tokenizer"]["file"])
-    if tokenizer.vocab_size != vocab:
-        raise ReslabError(f"{directory / MANIFEST} says vocabulary {vocab} but its tokenizer has "
-                          f"{tokenizer.vocab_size}; prepare the data again")
-    train, val = TokenSpan(arrays).split(record["split"]["train_tokens"])
-    summary = {"format": "reslab", "fingerprint": record.get("fingerprint") or fingerprint(record)}
-    return PreparedData(tokenizer, train, val, _record(directory, summary, train, val))
+    reserve_descriptors(len(record["shards"]))
+    files = [_open_shard(directory / s["name"], dtype, s["tokens"]) for s in record["shards"]]
+    for file, entry in zip(files, record["shards"]):
+        file.sha256 = entry["sha256"]
+    if verify:
+        check_checksums(files, "changed since it was prepared; prepare the data again")
+    tokenizer = _manifest_tokenizer(directory, record)
+    train, val = TokenSpan(files).split(record["split"]["train_tokens"])
+    summary = {"format": "reslab", "fingerprint": record["fingerprint"]}
+    shards = {entry["name"]: file for file, entry in zip(files, record["shards"])}
+    data = PreparedData(tokenizer, train, val, _record(directory, summary, train, val), files, shards)
+    data.record["shard_stats"] = {name: file.signature for name, file in shards.items()}  # see check_unchanged
+    return data
 
 
-def _open_shard(path: Path, dtype: np.dtype, tokens: int, sha256: str | None, offset: int = 0) -> np.ndarray:
-    """One shard as a read-only memmap, refused if empty, truncated or (when asked) not the checksummed bytes."""
+def check_unchanged(data: PreparedData, recorded: Any, fix: str) -> None:
+    """Each shard of a reslab directory holds the bytes it held when `recorded` (a run's `shard_stats`) was taken:
+    a shard with the same size, mtime and ctime is unchanged (any write or truncation moves its ctime, which only
+    a clock set back could restore), and any other is hashed against its manifest checksum. One stat a shard when
+    nothing changed; a moved or copied directory is hashed in full."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    check_checksums([file for name, file in data.shards.items() if recorded.get(name) != file.signature], fix)
+
+
+def _manifest_tokenizer(directory: Path, record: dict[str, Any]) -> Tokenizer:
+    """The manifest's tokenizer file, checked against its checksum (when recorded) and the vocabulary."""
+    path = directory / record["tokenizer"]["file"]
+    tokenizer = load_tokenizer_file(path)
+    expected = record["tokenizer"].get("sha256")
+    if expected is not None and file_sha256(path) != expected:
+        raise ReslabError(f"{path} does not match the checksum in {directory / MANIFEST}: changed since it was "
+                          f"prepared; {MANIFEST_FIX}")
+    if tokenizer.vocab_size != record["vocab_size"]:
+        raise ReslabError(f"{directory / MANIFEST} says vocabulary {record['vocab_size']} but its tokenizer has "
+                          f"{tokenizer.vocab_size}; {MANIFEST_FIX}")
+    return tokenizer
+
+
+def check_checksums(files: list[TokenFile], fix: str) -> None:
+    """Hash each file (its open descriptor: the bytes a run reads) against its `sha256`, one thread a core
+    (hashlib and pread release the GIL); the first that differs is one line naming it."""
+    files = [file for file in files if file.sha256 is not None]
+    if not files:
+        return
+    pool = ThreadPoolExecutor(min(len(files), len(os.sched_getaffinity(0))))
+    try:
+        for file, digest in zip(files, pool.map(_descriptor_sha256, files)):
+            if digest != file.sha256:
+                raise ReslabError(f"{file.path} does not match the checksum in its manifest: {fix}")
+    finally:
+        pool.shutdown(cancel_futures=True)  # the first mismatch is enough: the shards not yet hashed are not
+
+
+def _descriptor_sha256(file: TokenFile) -> str:
+    digest, position = hashlib.sha256(), 0
+    while block := os.pread(file.fd, 1 << 22, position):
+        digest.update(block)
+        position += len(block)
+    return digest.hexdigest()
+
+
+def _open_shard(path: Path, dtype: np.dtype, tokens: int, offset: int = 0) -> TokenFile:
+    """One shard, opened and guarded (`reslab.data.tokenfiles`), refused if missing, empty or not its size."""
     if not path.is_file():
-        raise ReslabError(f"{path} is missing; the data directory is incomplete: prepare it again")
-    size = path.stat().st_size
+        what = "is missing" if not path.exists() else "is not a regular file"
+        raise ReslabError(f"{path} {what}; the data directory is incomplete: prepare it again")
+    file = TokenFile(path, dtype, offset, tokens)
     expected = offset + tokens * dtype.itemsize
-    if tokens <= 0 or size <= offset:
+    if tokens <= 0 or file.size <= offset:
         raise ReslabError(f"{path} is empty (no tokens); prepare the data again")
-    if size != expected:
-        raise ReslabError(f"{path} has {size:,} bytes, not the {expected:,} of its {tokens:,} {dtype.name} tokens: "
-                          "truncated or replaced; prepare the data again")
-    if sha256 is not None and file_sha256(path) != sha256:
-        raise ReslabError(f"{path} does not match the checksum in its manifest: changed since it was prepared; "
-                          "prepare the data again")
-    array = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(tokens,))
-    _random_access(array)
-    return array
-
-
-def _random_access(array: np.memmap) -> None:
-    """Tell the kernel reads are random: no readahead, so a window maps a few pages, not megabytes around it."""
-    handle = getattr(array, "_mmap", None)
-    if handle is not None and hasattr(mmap, "MADV_RANDOM"):
-        with contextlib.suppress(OSError):
-            handle.madvise(mmap.MADV_RANDOM)
+    if file.size != expected:
+        raise ReslabError(f"{path} has {file.size:,} bytes, not the {expected:,} of its {tokens:,} {dtype.name} "
+                          "tokens: truncated or replaced; prepare the data again")
+    return file.guard()
 
 
 def _record(directory: Path, summary: dict[str, Any], train: TokenSpan, val: TokenSpan) -> dict[str, Any]:
@@ -297,16 +406,16 @@ def open_nanogpt(directory: Path, vocab_size: int | None = None) -> PreparedData
     _check_ids(paths, tokenizer.vocab_size)
     train, val = TokenSpan(arrays[:1]), TokenSpan(arrays[1:])
     summary = {"format": "nanogpt", "fingerprint": _quick_fingerprint(paths)}
-    return PreparedData(tokenizer, train, val, _record(directory, summary, train, val))
+    return PreparedData(tokenizer, train, val, _record(directory, summary, train, val), arrays)
 
 
-def _open_raw(path: Path, dtype: np.dtype) -> np.ndarray:
+def _open_raw(path: Path, dtype: np.dtype) -> TokenFile:
     if not path.is_file():
         raise ReslabError(f"{path} is missing; nanoGPT data needs train.bin and val.bin")
     size = path.stat().st_size
     if size % dtype.itemsize:
         raise ReslabError(f"{path} has {size:,} bytes, not a whole number of {dtype.name} tokens: truncated")
-    return _open_shard(path, dtype, size // dtype.itemsize, None)
+    return _open_shard(path, dtype, size // dtype.itemsize)
 
 
 # ---------------------------------------------------------------------------------------------- modded-nanogpt
@@ -331,7 +440,7 @@ def open_modded(paths: list[Path], vocab_size: int | None = None) -> PreparedDat
         if len(header) < MODDED_HEADER_INTS or int(header[0]) != MODDED_MAGIC or int(header[1]) != MODDED_VERSION:
             raise ReslabError(f"{path} is not a modded-nanogpt shard (header magic {MODDED_MAGIC}, version "
                               f"{MODDED_VERSION}); keep only such shards in the directory")
-        arrays.append(_open_shard(path, np.dtype(np.uint16), int(header[2]), None, offset=MODDED_HEADER_INTS * 4))
+        arrays.append(_open_shard(path, np.dtype(np.uint16), int(header[2]), offset=MODDED_HEADER_INTS * 4))
     vocab = vocab_size or GPT2_VOCAB
     _check_ids(paths, vocab, MODDED_HEADER_INTS * 4)
     is_val = ["val" in path.name for path in paths]
@@ -342,4 +451,4 @@ def open_modded(paths: list[Path], vocab_size: int | None = None) -> PreparedDat
         stream = TokenSpan(arrays)
         train, val = stream.split(int(len(stream) * TRAIN_FRACTION))
     summary = {"format": "modded-nanogpt", "fingerprint": _quick_fingerprint(paths)}
-    return PreparedData(IdTokenizer(vocab), train, val, _record(paths[0].parent, summary, train, val))
+    return PreparedData(IdTokenizer(vocab), train, val, _record(paths[0].parent, summary, train, val), arrays)

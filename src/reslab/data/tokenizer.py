@@ -17,6 +17,7 @@ import numpy as np
 
 from reslab.errors import ReslabError, check_positive, unknown
 from reslab.io import atomic_write
+from reslab.jsonfile import Field, check_schema, read_json_file
 
 FILENAME = "tokenizer.json"
 FILE_FORMAT = 1
@@ -283,25 +284,29 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     return load_tokenizer_file(path)
 
 
+TOKENIZER_FIX = "retrain to write a new one"
+TOKENIZER_SCHEMA = {"kind": Field(str, choices=tuple(TOKENIZERS)), "format": Field(int, choices=(FILE_FORMAT,))}
+KIND_SCHEMAS = {
+    "char": {"chars": Field(list, minimum=1, items=Field(str, minimum=1, maximum=1))},
+    "bpe": {"hf_tokenizer": Field(dict)},
+    "ids": {"vocab_size": Field(int, minimum=1, maximum=2**32)},
+}
+
+
 def load_tokenizer_file(path: Path) -> Tokenizer:
-    """A tokenizer file: reslab's own (any kind), or a Hugging Face `tokenizer.json` (as byte-level BPE)."""
+    """A tokenizer file: reslab's own (any kind; its schema checked), or a Hugging Face `tokenizer.json` (as
+    byte-level BPE). Any defect is one line naming the file and the key."""
+    record = read_json_file(path, TOKENIZER_FIX, what="tokenizer file")
+    if isinstance(record, dict) and "model" in record and "kind" not in record:
+        return _hf_tokenizer_file(path)
+    check_schema(record, TOKENIZER_SCHEMA, str(path), TOKENIZER_FIX)
+    check_schema(record, KIND_SCHEMAS[record["kind"]], str(path), TOKENIZER_FIX)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(record, dict) and "model" in record and "kind" not in record:
-            return _hf_tokenizer_file(path)
-        kind = record["kind"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise ReslabError(f"{path} is not a reslab tokenizer file ({err}); retrain to write a new one") from err
-    if not isinstance(kind, str) or kind not in TOKENIZERS:
-        raise unknown("tokenizer kind in " + str(path) + ":", str(kind), TOKENIZERS)
-    if record.get("format") != FILE_FORMAT:
-        raise ReslabError(f"{path} has format {record.get('format')!r}, this reslab reads {FILE_FORMAT}; retrain")
-    try:
-        return TOKENIZERS[kind].from_json(record)
-    except ReslabError:
-        raise
+        return TOKENIZERS[record["kind"]].from_json(record)
+    except ReslabError as err:
+        raise ReslabError(f"{path}: {err}") from None
     except Exception as err:  # HF tokenizers reports a bad JSON body as a bare Exception
-        raise ReslabError(f"{path} is damaged ({err}); retrain to write a new one") from err
+        raise ReslabError(f"{path} is damaged ({err}); {TOKENIZER_FIX}") from err
 
 
 def _hf_tokenizer_file(path: Path) -> BPETokenizer:

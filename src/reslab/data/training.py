@@ -14,7 +14,7 @@ from pathlib import Path
 
 from reslab.data.corpus import NAMED_SOURCES, text_file
 from reslab.data.prepare import cached_text
-from reslab.data.shards import PreparedData, open_prepared, open_reslab, read_manifest
+from reslab.data.shards import PreparedData, check_unchanged, open_prepared, open_reslab, read_manifest
 from reslab.data.tokenizer import Tokenizer
 from reslab.errors import ReslabError
 
@@ -34,7 +34,7 @@ def training_data(source: str | None, kind: str, vocab_size: int | None,
 
 
 def check_resumable(data: PreparedData, run_tokenizer: Tokenizer, saved: dict, run_path: Path, source: str) -> None:
-    """A resumed run reads the data it started with: the same tokenizer, the same tokens."""
+    """A resumed run reads the data it started with: the same tokenizer, the same manifest, the same shard bytes."""
     if data.tokenizer.to_bytes() != run_tokenizer.to_bytes():
         raise ReslabError(f"--data {source} was prepared with another tokenizer ({data.tokenizer!r}) than run "
                           f"{run_path} ({run_tokenizer!r}); resume with the data the run started with")
@@ -42,3 +42,5 @@ def check_resumable(data: PreparedData, run_tokenizer: Tokenizer, saved: dict, r
         raise ReslabError(f"the data {source!r} changed since run {run_path} started (fingerprint "
                           f"{data.record['sha256'][:12]}, was {str(saved.get('sha256'))[:12]}); resume with the same "
                           "data or start a new run")
+    check_unchanged(data, saved.get("shard_stats"), f"changed since run {run_path} started; put the shard back as "
+                    "it was prepared (reslab data info DIR --verify checks), or start a new run")

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from reslab.data import BatchSampler
+from reslab.data.shards import TokenSpan
+from reslab.data.tokenfiles import DataChanged, lease_breaks, reading
 from reslab.errors import ReslabError
 from reslab.faults import failpoint
 from reslab.models import build_model
@@ -306,11 +308,34 @@ class Trainer:
                                 f"{self.setup.model_config.get('residual', '')}")
             self.model.train()
             while self.step < self.end:
-                self._one_step()
+                self._step_on_guarded_data()
                 if stop.requested and self.step < self.end:
                     self._stop()
         finally:
             self.loggers.close()
+
+    def _step_on_guarded_data(self) -> None:
+        """One step. A token file truncated under it (read with pread: a short read), or opened for writing by
+        another process (a lease-break notice, `reslab.data.tokenfiles`), stops the run at the last finished step,
+        checkpointed, in one line naming the file."""
+        try:
+            with reading():  # a shard's writer waits for the end of the step: it ends on the tokens it began with
+                self._one_step()
+        except DataChanged as error:
+            self._stop_for_data(str(error))
+        if lease_breaks() and not self.world.distributed and self.step < self.end:
+            changed = sorted({path for span in (self.setup.train_tokens, self.setup.val_tokens)
+                              if isinstance(span, TokenSpan) for path in span.changed()})
+            if changed:
+                self._stop_for_data(f"another process opened {changed[0]} for writing while this run read it")
+
+    def _stop_for_data(self, problem: str) -> None:
+        if self.world.distributed:  # a checkpoint takes every rank, and the others may not have seen it
+            raise DataChanged(f"{problem}; stopped; the last checkpoint is kept in {self.run_dir.path}")
+        if self.checkpointer.last < self.step:
+            self.checkpointer.save(self.step, self.rng, self.state, self.window)
+        raise DataChanged(f"{problem}; stopped at step {self.step}, checkpointed; check the data (reslab data info "
+                          f"DIR --verify), then continue with: {self.run_dir.resume_command()}")
 
     def _one_step(self) -> None:
         config = self.config
@@ -340,7 +365,7 @@ class Trainer:
         if self.checkpointer.last < self.step:
             self.checkpointer.save(self.step, self.rng, self.state, self.window)
         raise Interrupted(f"interrupted at step {self.step}; checkpoint saved, "
-                          f"continue with: reslab train --resume {self.run_dir.path}")
+                          f"continue with: {self.run_dir.resume_command()}")
 
     def _log_record(self, lr: float, result: StepResult) -> dict[str, Any]:
         tokens_per_step = self.config.batch * self.context
