@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from reslab.ablate.point import GridJob, GridPoint, run_point
 from reslab.ablate.ray_executor import RayExecutor
 from reslab.heap import tune_malloc
+from reslab.processes import die_with_parent
 
 Results = Iterator[tuple[GridPoint, dict[str, Any]]]
 
@@ -83,29 +84,6 @@ def start_worker(parent: int) -> None:
     """A pool worker's initializer: exit with the ablation, and keep freed memory for the next step."""
     die_with_parent(parent)
     tune_malloc()
-
-
-def die_with_parent(parent: int) -> None:
-    """In a worker process: exit when the ablation that started it dies (even by kill -9), instead of training on
-    and idling. Linux tells the worker at once (PR_SET_PDEATHSIG); elsewhere a thread notices within a second."""
-    import signal
-    import threading
-
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 __all__ = ["Executor", "InlineExecutor", "ProcessExecutor", "RayExecutor", "local_executor"]

@@ -24,6 +24,7 @@ import codecs
 import contextlib
 import hashlib
 import os
+import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -36,6 +37,7 @@ from reslab.data.shards import shard_name
 from reslab.data.tokenizer import CharTokenizer
 from reslab.errors import ReslabError
 from reslab.io import atomic_write
+from reslab.processes import die_with_parent
 
 BLOCK_BYTES = 8 << 20  # a scan task; also the most an encode task reads at once
 SAMPLE = 1 << 16  # a block's characters are first taken from this prefix, then from what is left after deleting them
@@ -171,10 +173,6 @@ def _start_worker(parent: int, initializer: Callable | None, initargs: tuple) ->
     then idle forever, and with the workers gone multiprocessing's resource tracker ends too), and leaves Ctrl-C to
     the parent (which stops the prepare with one line): the terminal sends SIGINT to the whole process group, and a
     worker's own KeyboardInterrupt would print a traceback."""
-    import signal
-
-    from reslab.ablate.executors import die_with_parent  # imported here: no torch, ~25 ms, no import cycle
-
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if initializer is not None:
