@@ -166,6 +166,20 @@ def test_expect_with_json_keeps_stdout_json(tmp_path, capsys):
     assert "dead: + blocks.0.attn (found, not expected)" in err
 
 
+@pytest.mark.parametrize("text, problem", [
+    ('{"residuals": [1]}', "residuals[0] must be an object, got 1"),
+    ('{"dead": "blocks.0"}', "dead must be a list"),
+    ('{"residuals": [{"owner": "blocks.0", "kind": "skip"}]}', "residuals[0].kind must be one of"),
+    ('{"residuals": [], "extra": []}', "unknown section 'extra'"),
+])
+def test_a_malformed_expected_audit_is_one_line_before_the_trace(tmp_path, capsys, text, problem):
+    golden = tmp_path / "golden.json"
+    golden.write_text(text)
+    code, out, err = run(capsys, "audit", "tiny", "--expect", golden)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"{golden}" in err and problem in err and "--write-expect" in err
+
+
 def test_assert_residuals_in_a_users_test(tmp_path, capsys):
     golden = tmp_path / "golden.json"
     run(capsys, "audit", "tiny", "--device", "cpu", "--write-expect", golden)

@@ -210,11 +210,23 @@ def _blocks(trace: Trace, residuals: list[Residual]) -> list[BlockSummary]:
             visit(child)
 
     visit("")
+    paths = _outermost(trace, paths, calls_of)
     blocks = []
     for path in paths:
         mine = [i for i, r in enumerate(residuals) if _home(r, paths) == path]
         blocks.append(BlockSummary(path, _sublayers(trace, path), mine))
     return blocks
+
+
+def _outermost(trace: Trace, paths: list[str], calls_of: dict[str, list[int]]) -> list[str]:
+    """A list's elements that only ever run inside another block's call (the layers of a model list that a list of
+    wrappers runs too) are parts of those blocks, not blocks of their own."""
+    block_of = {call: path for path in paths for call in calls_of[path]}
+
+    def nested(path: str) -> bool:
+        return all(any(block_of.get(c, path) != path for c in trace.chain(call)[:-1]) for call in calls_of[path])
+
+    return [path for path in paths if not nested(path)]
 
 
 def _chained(trace: Trace, elements: list[str], calls_of: dict[str, list[int]]) -> bool:

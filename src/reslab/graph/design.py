@@ -27,6 +27,8 @@ from reslab.errors import ReslabError
 from reslab.graph.audit import Audit
 from reslab.graph.paths import inside
 from reslab.graph.residuals import KINDS, Residual
+from reslab.io import write_json
+from reslab.jsonfile import read_json_file
 
 RELATIONS = ("around", "inside")
 CLAIM_KEYS = (*RELATIONS, "kind", "count")
@@ -108,19 +110,9 @@ def load_design(design: Any) -> Design:
 
 
 def _read(path: Path) -> Any:
-    if path.is_dir():
-        raise ReslabError(f"design {path} is a directory; give the design's JSON file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ReslabError(f"no design file {path}; write one by hand ({FIX}) or with reslab audit TARGET "
-                          f"--write-design {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ReslabError(f"cannot read design {path}: {error}; give a UTF-8 JSON file") from None
-    try:
-        return json.loads(text)
-    except ValueError as error:
-        raise ReslabError(f"design {path} is not valid JSON ({error}); fix the JSON") from None
+    """The design file's JSON: a missing file, a directory, bad JSON or JSON nested too deep is one error line."""
+    return read_json_file(path, f"write one by hand ({FIX}) or with reslab audit TARGET --write-design {path}",
+                          what="design file")
 
 
 def _object(value: Any, where: str, keys: tuple[str, ...], example: str) -> Mapping:
@@ -295,6 +287,5 @@ def write_design(design: Design, path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ReslabError(f"{path} is a directory; --write-design takes a file name like design.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(design.to_dict(), indent=2) + "\n", encoding="utf-8")
+    write_json(path, design.to_dict())  # atomic: a full disk leaves the old design whole
     return path

@@ -7,39 +7,50 @@ those and are not compared.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from reslab.errors import ReslabError
+from reslab.graph.residuals import KINDS
+from reslab.io import write_json
+from reslab.jsonfile import Field, check_schema, read_json_file
 
 STRUCTURE = ("residuals", "dead", "not_run")
+FIX = "write it with reslab audit TARGET --write-expect FILE"
+_PATHS = Field(list, required=False, items=Field(str))
+SCHEMA = {  # every section and every key of a residual is optional: a golden file may pin only part of an audit
+    "residuals": Field(list, required=False, items={
+        "owner": Field(str, required=False), "skip_from": Field(str, required=False),
+        "wraps": _PATHS, "kind": Field(str, required=False, choices=KINDS)}),
+    "dead": _PATHS,
+    "not_run": _PATHS,
+}
 
 
 def load_expected(expected: Any) -> dict[str, Any]:
-    """A golden file path, an audit dict (or any part of one), or a list of residual dicts."""
+    """A golden file path, an audit dict (or any part of one), or a list of residual dicts; checked against
+    `SCHEMA`, one error line naming the file and the key otherwise."""
+    source = "the expected audit"
     if isinstance(expected, (str, Path)):
-        path = Path(expected)
-        try:
-            expected = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ReslabError(f"no expected-audit file {path}; write one with --write-expect") from None
-        except ValueError as error:
-            raise ReslabError(f"{path} is not valid JSON: {error}") from None
-    if isinstance(expected, Mapping):
-        return dict(expected)
+        source = str(expected)
+        expected = read_json_file(expected, FIX, what="expected-audit file")
     if isinstance(expected, Sequence) and not isinstance(expected, str) and all(isinstance(r, Mapping)
                                                                                  for r in expected):
-        return {"residuals": list(expected)}
-    raise ReslabError("an expected audit is a JSON object (as --write-expect writes) or a list of residual objects, "
-                      f"not {type(expected).__name__} {str(expected)[:40]}")
+        expected = {"residuals": list(expected)}
+    if not isinstance(expected, Mapping):
+        raise ReslabError("an expected audit is a JSON object (as --write-expect writes) or a list of residual "
+                          f"objects, not {type(expected).__name__} {str(expected)[:40]}")
+    unknown = sorted(set(expected) - set(STRUCTURE) - {"target", "model", "modules", "blocks", "summary"})
+    if unknown:
+        raise ReslabError(f"{source} has unknown section {unknown[0]!r} (sections: {', '.join(STRUCTURE)}); {FIX}")
+    check_schema(dict(expected), SCHEMA, source, FIX)
+    return dict(expected)
 
 
 def write_expected(audit_dict: Mapping[str, Any], path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(audit_dict), indent=2) + "\n")
+    write_json(path, dict(audit_dict))  # atomic: a full disk leaves the old file whole
     return path
 
 
@@ -53,9 +64,6 @@ def differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[
             want, got = set(expected[key]), set(actual[key])
             lines += [f"{key}: - {path} (expected, not found)" for path in sorted(want - got)]
             lines += [f"{key}: + {path} (found, not expected)" for path in sorted(got - want)]
-    unknown = sorted(set(expected) - set(STRUCTURE) - {"target", "model", "modules", "blocks", "summary"})
-    if unknown:
-        raise ReslabError(f"expected audit has unknown section {unknown[0]!r}; sections: {', '.join(STRUCTURE)}")
     return lines
 
 

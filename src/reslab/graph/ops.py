@@ -106,11 +106,14 @@ def is_zero_pad(args, kwargs) -> bool:
     return mode == "constant" and not value
 
 
-def is_slice(args, out: torch.Tensor) -> bool:
-    """Does a slicing op keep its input's rank, with no tensor in the index (which would gather, not slice)?"""
+def is_slice(name: str, args, out: torch.Tensor) -> bool:
+    """Does a slicing op keep its input's rank, with no tensor in the index (which would gather, not slice)?
+    `split`, `chunk`, `tensor_split` and `narrow` always slice: their second argument is sizes or sections."""
     first = args[0] if args else None
     if not isinstance(first, torch.Tensor) or first.dim() != out.dim():
         return False
+    if name != "getitem":
+        return True
     index = args[1] if len(args) > 1 else ()
     index = index if isinstance(index, tuple) else (index,)
     return not any(isinstance(item, (torch.Tensor, list)) for item in index)
@@ -119,7 +122,7 @@ def is_slice(args, out: torch.Tensor) -> bool:
 def einsum_stream_operand(equation: str) -> int | None:
     """For a two-operand einsum, the operand whose channel (last) index passes straight to the output's last
     position without being touched by the other operand: the einsum then mixes streams, not channels."""
-    if "->" not in equation or "..." in equation:
+    if "->" not in equation:
         return None
     lhs, out = equation.replace(" ", "").split("->")
     terms = lhs.split(",")
@@ -127,6 +130,14 @@ def einsum_stream_operand(equation: str) -> int | None:
         return None
     for index, term in enumerate(terms):
         other = terms[1 - index]
-        if term and term[-1] == out[-1] and term[-1] not in other:
+        if term[-1:].isalpha() and term[-1] == out[-1] and term[-1] not in other:
             return index
     return None
+
+
+def keeps_streams(stream: torch.Size, out: torch.Size, changed_axes: int) -> bool:
+    """Does a stream mix's output keep its streams' rank and channel size, and every axis's size but at most
+    `changed_axes` of them (the number of streams)?"""
+    if len(stream) < 2 or len(stream) != len(out) or stream[-1] != out[-1]:
+        return False
+    return sum(a != b for a, b in zip(stream, out, strict=True)) <= changed_axes

@@ -173,12 +173,13 @@ def _match(trace: Trace, add: Node) -> Residual | None:
 
 
 def _same_value(trace: Trace, node_id: int) -> set[int]:
-    """`node_id` and the values it is a pure view of (reshapes, casts; not slices, which keep only a part)."""
+    """`node_id` and the values it is a pure view of (reshapes, casts, a slice that keeps the whole; not slices
+    that keep only a part)."""
     nodes, found = trace.nodes, set()
     while node_id >= 0 and node_id not in found:
         found.add(node_id)
         node = nodes[node_id]
-        if node.role != "view" or node.op in ops.SLICE_OPS:
+        if node.role != "view" or (node.op in ops.SLICE_OPS and node.shape != nodes[node.through].shape):
             break
         node_id = node.through
     return found
@@ -213,6 +214,11 @@ _EXCLUSIVE = {"projection": ("gated", "mixed"), "gated": ("projection",), "mixed
 def _skip_steps(trace: Trace, node: Node) -> list[tuple[int, str, int]]:
     """Where a skip walk goes back to from `node`: (node id, flag it adds, learned maps it crosses)."""
     if node.role == "view":
+        source = trace.nodes[node.through] if node.through >= 0 else None
+        if source is not None and source.role == "mix" and node.op in ops.SLICE_OPS:
+            # Some rows of a stream mix are a mix of the streams too, however the branch reads the others:
+            # `mixed = [A_m | A_r]^T H`, `x = mixed[..., 1:, :]` passes through the mix to H.
+            return [(source.through, "mixed", 0)]
         return [(node.through, "", 0)]
     if node.role == "scale":
         return [(node.through, "scaled", 0)]
@@ -317,7 +323,7 @@ def _boundary(trace: Trace, root: int, lca: int) -> str:
     if lca < 0:
         return "(model):in"
     call = trace.calls[lca]
-    if root in call.inputs:
+    if not _same_value(trace, root).isdisjoint(call.inputs):  # the input itself, or the input reshaped
         return f"{call.path or '(model)'}:in"
     producers = [c for c in trace.calls if root in c.outputs and c.id != lca and trace.within(c.id, lca)]
     if producers:

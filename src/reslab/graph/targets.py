@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from reslab.errors import ReslabError
 
@@ -113,16 +114,15 @@ def load_target(spec: str, overrides: dict[str, Any] | None = None, device: str 
         return Target(label, *_unsupported_as_one_line(spec[3:], lambda: _huggingface(spec[3:], overrides, device)))
     if overrides:
         raise ReslabError(f"{spec} builds its own model; --set and model flags do not apply to it")
-    return Target(spec, *_callable(spec))
+    return Target(spec, *_callable_target(spec))
 
 
 def _builtin(name: str, overrides: dict[str, Any], device: str) -> tuple[nn.Module, tuple]:
     """A built-in model; one whose forward reads tensor values (MoE routing) is built again on CPU, with a note,
     as hf: models are, when it is small enough to."""
     model, inputs = _build_builtin(name, overrides, device)
-    if device == "meta" and sum(p.numel() for p in model.parameters()) <= CPU_RETRY_PARAMS and not _runs(model, inputs):
-        print(f"note: {name} reads tensor values in its forward, which the meta device cannot; traced on cpu with "
-              "random weights", file=sys.stderr)
+    if device == "meta" and _fits_on_cpu(model) and not _runs(model, inputs):
+        _note_cpu(name, "with random weights")
         model, inputs = _build_builtin(name, overrides, "cpu")
     return model, inputs
 
@@ -184,13 +184,12 @@ def _huggingface(model_type: str, overrides: dict[str, Any], device: str) -> tup
     model = _hf_build(model_type, config, device)
     inputs = _hf_inputs(model, config, device)
     if device == "meta" and not _runs(model, inputs):
-        if sum(p.numel() for p in model.parameters()) > CPU_RETRY_PARAMS and overrides:
+        if not _fits_on_cpu(model) and overrides:
             config = _hf_config(model_type, {})  # too large to build for real: fall back to the small defaults
             note = "at its small default size, without --set"
         else:
             note = "with random weights"
-        print(f"note: hf:{model_type} reads tensor values in its forward, which the meta device cannot; "
-              f"traced on cpu {note}", file=sys.stderr)
+        _note_cpu(f"hf:{model_type}", note)
         if getattr(config, "use_cache", None):  # on CPU, without a KV cache: a hybrid whose few layers are all
             config.use_cache = False  # recurrent has no attention layer to tell a cache's length
         model = _hf_build(model_type, config, "cpu")
@@ -255,14 +254,25 @@ def _hf_auto_class(model_type: str, config):
     return transformers.AutoModel
 
 
-def _runs(model: nn.Module, inputs: dict | tuple) -> bool:
+def _runs(model: nn.Module, inputs: Any) -> bool:
     """Does the forward run on meta? (It costs no memory there.)"""
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
     try:
         with torch.no_grad():
             model(**inputs) if isinstance(inputs, dict) else model(*inputs)
     except Exception:
         return False
     return True
+
+
+def _fits_on_cpu(model: nn.Module) -> bool:
+    """Is a model small enough to be built again on CPU when its forward cannot run on meta?"""
+    return sum(p.numel() for p in model.parameters()) <= CPU_RETRY_PARAMS
+
+
+def _note_cpu(label: str, how: str) -> None:
+    print(f"note: {label} reads tensor values in its forward, which the meta device cannot; traced on cpu {how}",
+          file=sys.stderr)
 
 
 @contextmanager
@@ -302,6 +312,37 @@ def _user_code(spec: str, doing: str, run):
         message = str(error).splitlines()[0] if str(error) else ""
         raise ReslabError(f"{doing} {spec} failed: {type(error).__name__}{where}: {message}; it must define a "
                           "function taking no arguments that returns (model, example_inputs)") from None
+
+
+def _callable_target(spec: str) -> tuple[nn.Module, Any]:
+    """What the callable returns. A model it builds on meta whose forward cannot run there (a grouped matmul that
+    wants bf16, routing that reads values) is built again on CPU, as built-in and hf: models are: the callable
+    runs again with every tensor it puts on meta put on the CPU, and a note says so."""
+    model, inputs = _callable(spec)
+    if any(p.is_meta for p in model.parameters()) and _fits_on_cpu(model) and not _runs(model, inputs):
+        _note_cpu(spec, "with random weights (its callable run again, meta read as cpu)")
+        with _MetaAsCpu():
+            model, inputs = _callable(spec)
+    return model, inputs
+
+
+class _MetaAsCpu(TorchFunctionMode):
+    """Every tensor made or moved onto the meta device (`torch.device("meta")`, `device="meta"`, `.to("meta")`)
+    is made or moved onto the CPU instead. A `with torch.device("meta")` inside enters after this mode, so it hands
+    its device to this one."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        args = tuple(_cpu_for_meta(value) for value in args)
+        kwargs = {key: _cpu_for_meta(value) for key, value in (kwargs or {}).items()}
+        return func(*args, **kwargs)
+
+
+def _cpu_for_meta(value: Any) -> Any:
+    if isinstance(value, torch.device) and value.type == "meta":
+        return torch.device("cpu")
+    if isinstance(value, str) and value.partition(":")[0] == "meta":
+        return "cpu"
+    return value
 
 
 def _callable(spec: str) -> tuple[nn.Module, Any]:

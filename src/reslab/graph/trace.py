@@ -168,9 +168,9 @@ class TraceError(RuntimeError):
 
     def __init__(self, path: str, error: BaseException, on_meta: bool = False):
         hint = ""
-        if on_meta and "meta" in str(error).lower():
-            hint = (" (on the meta device a forward cannot read tensor values: build the model and its inputs on "
-                    "cpu, or use --device cpu)")
+        if on_meta:  # whatever the error says: a value read, or a kernel that refuses meta tensors' dtype
+            hint = (" (on the meta device a forward cannot read tensor values, and some kernels refuse its tensors: "
+                    "build the model and its inputs on cpu, or use --device cpu)")
         super().__init__(f"{type(error).__name__} in {path or 'the model'}: {error}{hint}")
         self.path = path
         self.error = error
@@ -229,6 +229,7 @@ class Tracer:
 
     def record(self, func, args, kwargs, out) -> None:
         name, inplace = ops.op_name(func)
+        inplace = inplace or kwargs.get("inplace") is True  # F.relu(x, inplace=True): a new value of x, not x
         if name in ops.IGNORED_OPS:
             return
         if name in ops.CONTROL_READS and not isinstance(out, torch.Tensor):
@@ -275,7 +276,7 @@ class Tracer:
 
     def classify(self, name: str, args, kwargs, out: torch.Tensor) -> tuple[str, int, tuple[int, ...], bool]:
         """The op's role for the residual rules: (role, through, operands, scaled); see `Node`."""
-        if (name in ops.VIEW_OPS or (name in ops.SLICE_OPS and ops.is_slice(args, out))
+        if (name in ops.VIEW_OPS or (name in ops.SLICE_OPS and ops.is_slice(name, args, out))
                 or (name == "pad" and ops.is_zero_pad(args, kwargs))):
             first = args[0] if args else kwargs.get("input")
             if isinstance(first, torch.Tensor):
@@ -312,18 +313,23 @@ class Tracer:
         return "op", -1, operands, False
 
     def classify_mix(self, name: str, args, out: torch.Tensor) -> tuple[str, int, tuple[int, ...], bool]:
-        """M @ X, or an einsum, that keeps X's shape and its channel index: a mix of parallel streams (the
-        hyper-connection read/write matrices), which a multi-stream skip passes through."""
+        """M @ X, or an einsum, that keeps the data X's shape and its channel index: a mix of parallel streams (the
+        hyper-connection read/write matrices), which a multi-stream skip passes through. An einsum may also change
+        the size of one axis, the streams: n in, m out (the branch input and the mixed streams made by one einsum,
+        `[A_m | A_r]^T H`, as the hyper-connections package does)."""
         if name == "einsum":
             tensors = [a for a in args[1:] if isinstance(a, torch.Tensor)]
             if len(args) == 2 and isinstance(args[1], (list, tuple)):
                 tensors = list(args[1])
             index = ops.einsum_stream_operand(args[0]) if isinstance(args[0], str) and len(tensors) == 2 else None
             stream = tensors[index] if index is not None else None
+            axes = 1
         else:
             stream = args[1] if name == "matmul" else args[0]  # rmatmul(x, m) is m @ x
-        if isinstance(stream, torch.Tensor) and stream.dim() >= 2 and tuple(out.shape) == tuple(stream.shape):
-            return "mix", self.ids.get(stream, -1), (), False
+            axes = 0
+        node_id = self.ids.get(stream, -1) if isinstance(stream, torch.Tensor) else -1
+        if node_id >= 0 and self.nodes[node_id].data and ops.keeps_streams(stream.shape, out.shape, axes):
+            return "mix", node_id, (), False
         return "op", -1, (), False
 
     # --- module calls ------------------------------------------------------------------------------------------
@@ -351,16 +357,21 @@ class Tracer:
 
 
 def describe_modules(model: nn.Module) -> dict[str, ModuleInfo]:
+    """Every module by path. A module registered under two paths (a model list holds a layer that a wrapper holds
+    too) is described once, under the first path `named_modules` gives, which its calls are recorded under too; it is
+    the child of that path's parent only, so `children` form a tree of described paths."""
     sequences = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+    named = dict(model.named_modules(remove_duplicate=True))
     infos: dict[str, ModuleInfo] = {}
     parent_of: dict[str, nn.Module] = {}
-    for path, module in model.named_modules(remove_duplicate=True):
+    for path, module in named.items():
         for name, _ in module.named_children():
             parent_of.setdefault(f"{path}.{name}" if path else name, module)
-    for path, module in model.named_modules(remove_duplicate=True):
+    for path, module in named.items():
         own = sum(p.numel() for p in module.parameters(recurse=False))
         params = list(module.parameters())
-        children = tuple(f"{path}.{name}" if path else name for name, _ in module.named_children())
+        children = tuple(child for child in (f"{path}.{name}" if path else name for name, _ in module.named_children())
+                         if child in named)
         infos[path] = ModuleInfo(
             path=path, cls=type(module).__name__, own_params=own, subtree_params=sum(p.numel() for p in params),
             matrix=any(p.dim() >= 2 for p in params), children=children,

@@ -21,6 +21,7 @@ from reslab.graph.diagram.overlay import overlay_design
 from reslab.graph.diagram.svg import render_svg
 from reslab.graph.diagram.view import View, build_view, fold
 from reslab.graph.residuals import KINDS
+from reslab.io import atomic_write
 
 FORMATS = {".svg": "svg", ".mmd": "mermaid", ".dot": "dot"}
 
@@ -74,8 +75,7 @@ class Diagram:
             text = graphviz_svg(self.dot()) if engine == "dot" else self.svg()
         else:
             text = self.mermaid() if kind == "mermaid" else self.dot()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        atomic_write(path, text.encode("utf-8"))  # a full disk leaves the old diagram whole
         return path
 
     def _repr_svg_(self) -> str:
