@@ -187,7 +187,7 @@ def test_hyper_connections_that_mix_and_read_in_one_einsum_are_multi_stream(expa
 def test_the_hyper_connections_package_is_multi_stream():
     """The `hyper-connections` package (lucidrains), dynamic weights and all: its norm of the streams feeds the
     branch's input weights, so the branch wraps it too."""
-    package = pytest.importorskip("hyper_connections")
+    import hyper_connections as package  # in the test extra
     init_hyper_connection, expand_streams, reduce_streams = package.get_init_and_expand_reduce_stream_functions(4)
 
     class Model(torch.nn.Module):
