@@ -47,8 +47,6 @@ def seconds(work, repeat: int = 1) -> float:
 
 
 def bench_verify(args: argparse.Namespace) -> None:
-    from reslab.data.shards import check_checksums, check_unchanged, file_sha256, open_prepared
-
     print("| tokens | shards | open (every start) | resume check, nothing changed | full sha256, cold, "
           f"{len(os.sched_getaffinity(0))} threads | warm, {len(os.sched_getaffinity(0))} threads | "
           "warm, 1 thread |")
@@ -56,22 +54,28 @@ def bench_verify(args: argparse.Namespace) -> None:
     for gigabytes in args.token_gb:
         directory = args.workdir / f"tokens-{gigabytes}gb"
         write_tokens(directory, gigabytes)
-        drop_cache(directory)
-        opened = seconds(lambda: open_prepared(directory), 3)  # noqa: B023 - called at once
-        data = open_prepared(directory)
-        recorded = data.record["shard_stats"]
-        check = seconds(lambda: check_unchanged(data, recorded, "changed"), 5)  # noqa: B023
-        drop_cache(directory)
-        cold = seconds(lambda: check_checksums(data.files, "changed"))  # noqa: B023
-        warm = seconds(lambda: check_checksums(data.files, "changed"))  # noqa: B023
-        single = seconds(lambda: [file_sha256(file.path) for file in data.files])  # noqa: B023
-        size = sum(file.size for file in data.files) / 1e9
-        print(f"| {gigabytes} GB | {len(data.files)} | {opened * 1e3:.0f} ms | {check * 1e6:.0f} µs | "
-              f"{cold:.1f} s ({size / cold:.2f} GB/s) | {warm:.1f} s ({size / warm:.2f} GB/s) | "
-              f"{single:.1f} s ({size / single:.2f} GB/s) |", flush=True)
-        del data
+        print(verify_row(directory, gigabytes), flush=True)
         if not args.keep:
             shutil.rmtree(directory)
+
+
+def verify_row(directory: Path, gigabytes: float) -> str:
+    """One table row: what opening, the resume check and the full checksums cost on `directory`."""
+    from reslab.data.shards import check_checksums, check_unchanged, file_sha256, open_prepared
+
+    drop_cache(directory)
+    opened = seconds(lambda: open_prepared(directory), 3)
+    data = open_prepared(directory)
+    recorded = data.record["shard_stats"]
+    check = seconds(lambda: check_unchanged(data, recorded, "changed"), 5)
+    drop_cache(directory)
+    cold = seconds(lambda: check_checksums(data.files, "changed"))
+    warm = seconds(lambda: check_checksums(data.files, "changed"))
+    single = seconds(lambda: [file_sha256(file.path) for file in data.files])
+    size = sum(file.size for file in data.files) / 1e9
+    return (f"| {gigabytes} GB | {len(data.files)} | {opened * 1e3:.0f} ms | {check * 1e6:.0f} µs | "
+            f"{cold:.1f} s ({size / cold:.2f} GB/s) | {warm:.1f} s ({size / warm:.2f} GB/s) | "
+            f"{single:.1f} s ({size / single:.2f} GB/s) |")
 
 
 def before_token_span(revision: str):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +64,12 @@ def one_line_error(code: int, err: str) -> None:
     assert len(lines) == 1, err
     assert lines[0].startswith(("reslab: error:", "reslab ")), err
     assert "Traceback" not in err
+
+
+def file_size_limit(limit: int):
+    """For preexec_fn: writes past `limit` bytes fail with EFBIG (the signal that would kill the process ignored),
+    as a full disk fails them with ENOSPC."""
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return apply

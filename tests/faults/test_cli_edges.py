@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from faults.helpers import RUN, final, one_line_error, reslab_process, tree
+from faults.helpers import RUN, file_size_limit, final, one_line_error, reslab_process, tree
 from faults.test_bad_input import in_an_ablation
 
 HOSTILE = "a b$(touch x)\nc"  # a space, a command substitution and a newline in one directory name
@@ -78,15 +77,6 @@ def test_the_resume_command_printed_after_ctrl_c_continues_that_directory(cli, f
 
 
 # --- a write that fails -------------------------------------------------------------------------------------------
-
-def file_size_limit(limit: int):
-    """For preexec_fn: writes past `limit` bytes fail with EFBIG (the signal that would kill the process ignored),
-    as a full disk fails them with ENOSPC."""
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    return apply
-
 
 # command -> (arguments, the output file whose write fails, the size limit). OUT is a directory the test makes;
 # ABLATION an ablation directory of one finished run. An older version of the file is there before the command runs.

@@ -2,12 +2,9 @@
 limit, as a full disk) keeps the old file whole and names it in one line; a design or expected-audit file nested
 100,000 deep is one line too, not a RecursionError."""
 
-import resource
-import signal
-
 import pytest
 
-from faults.helpers import one_line_error, reslab_process
+from faults.helpers import file_size_limit, one_line_error, reslab_process
 
 OLD = b"an older version, to be kept whole\n"
 LIMIT = 16  # bytes: every diagram, design and expected audit is longer
@@ -20,18 +17,12 @@ WRITERS = {
 }
 
 
-def size_limit() -> None:
-    """preexec_fn: writes past LIMIT bytes fail with EFBIG (the signal that would kill the process is ignored)."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
-
-
 @pytest.mark.parametrize("command", list(WRITERS))
 def test_a_write_that_fails_keeps_the_old_file_and_names_it(tmp_path, command):
     args = WRITERS[command]
     target = tmp_path / args[-1].replace("OUT", "old")
     target.write_bytes(OLD)
-    done = reslab_process([*args[:-1], target], preexec_fn=size_limit)
+    done = reslab_process([*args[:-1], target], preexec_fn=file_size_limit(LIMIT))
     one_line_error(done.returncode, done.stderr)
     assert str(target) in done.stderr and "file size limit" in done.stderr, done.stderr
     assert target.read_bytes() == OLD

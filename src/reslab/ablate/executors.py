@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures as futures
 import multiprocessing
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
