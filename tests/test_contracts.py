@@ -1,6 +1,7 @@
 """The declared contracts (`reslab.contracts`): typed model outputs with auxiliary losses that training adds and
-logs, the members a language model must provide (checked when it is built), and parameter groups declared by the
-modules rather than guessed from shapes and names."""
+logs, the protocols a language model and its parts provide (checked when it is built, the first missing member
+named), capabilities a scheme needs of a sublayer, and parameter groups declared by the modules rather than guessed
+from shapes and names."""
 
 import json
 import sys
@@ -11,10 +12,29 @@ import torch
 import torch.nn as nn
 
 import reslab
-from reslab.contracts import ModelOutput, parameter_groups
+from reslab.contracts import (
+    DECLARATIONS,
+    Attention,
+    LanguageModel,
+    LensModel,
+    ModelOutput,
+    MoELayer,
+    Sublayer,
+    ValueMixing,
+    is_attention,
+    members,
+    missing,
+    parameter_groups,
+    require,
+    role,
+)
 from reslab.errors import ReslabError
+from reslab.memory import stream_copies
 from reslab.models import MODELS, TRANSFORMERS
 from reslab.models.gpt import GPT
+from reslab.nn import CausalSelfAttention
+from reslab.nn.ffn import SwiGLU
+from reslab.nn.moe import MoEFeedForward
 from reslab.train.schedule import build_adamw
 from reslab.train.step import TrainStep
 
@@ -141,3 +161,71 @@ def test_adamw_groups_follow_the_declarations():
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(model.blocks[0].attn_residual.dynamic_proj) in decayed
     assert id(model.blocks[0].attn_residual.stream_mix) not in decayed
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_every_model_provides_its_protocols(name):
+    model = reslab.build_model(name, **SMALL)
+    assert missing(model, LanguageModel) is None and missing(model, LensModel) is None
+    for _, sublayer in (pair for block in model.blocks for pair in block.sites()):
+        assert missing(sublayer, role(sublayer)) is None
+        assert not is_attention(sublayer) or missing(sublayer, ValueMixing) is None
+
+
+@pytest.mark.parametrize("protocol", [Sublayer, Attention, MoELayer, LanguageModel, LensModel])
+def test_the_first_missing_member_of_a_protocol_is_named(protocol):
+    for member in members(protocol):
+        stand_in = types.SimpleNamespace(**{m: None for m in members(protocol) if m != member})
+        assert missing(stand_in, protocol) == member
+        with pytest.raises(ReslabError, match=rf"^thing does not provide '{member}' \({protocol.__name__}\)"):
+            require(stand_in, protocol, "thing")
+
+
+class NoValueMix(CausalSelfAttention):
+    """Attention without the value-residual hook (`value_mix`), as a model of one's own might be."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.value_mix
+
+
+def test_a_scheme_that_needs_a_hook_the_attention_lacks_is_refused_at_build(monkeypatch):
+    monkeypatch.setattr("reslab.models.gpt.CausalSelfAttention", NoValueMix)
+    reslab.build_model("gpt", **SMALL)  # pre-LN needs no hook
+    with pytest.raises(ReslabError, match=r"^NoValueMix does not provide 'value_mix' \(ValueMixing\), needed by "
+                                          r"residual scheme 'value-residual'"):
+        reslab.build_model("gpt", residual="value-residual", **SMALL)
+
+
+def test_options_that_need_more_blocks_are_refused():
+    with pytest.raises(ReslabError, match=r"^--value-mix does not apply to a model of 1 block: .* 2 or more"):
+        reslab.build_model("gpt", residual="value-residual", residual_options={"value_mix": 0.3}, **{**SMALL,
+                                                                                                     "layers": 1})
+    reslab.build_model("gpt", residual="value-residual", **{**SMALL, "layers": 1})  # the scheme itself: pre-LN here
+    reslab.build_model("gpt", residual="value-residual", residual_options={"value_mix": 0.3}, **SMALL)
+
+
+@pytest.mark.parametrize("declaration", DECLARATIONS)
+def test_an_unknown_name_in_a_parameter_declaration_is_refused_at_build(monkeypatch, declaration):
+    monkeypatch.setattr(SwiGLU, declaration, ("gate_upp",), raising=False)
+    with pytest.raises(ReslabError, match=rf"^SwiGLU.{declaration} names 'gate_upp', which it does not have"):
+        reslab.build_model("llama", **SMALL)
+
+
+def test_an_moe_layer_without_update_bias_is_named(monkeypatch):
+    monkeypatch.delattr(MoEFeedForward, "update_bias")
+    with pytest.raises(ReslabError, match=r"MoEFeedForward does not provide 'update_bias' \(MoELayer\)"):
+        reslab.build_model("deepseek", **SMALL)
+
+
+def test_memory_asks_the_scheme_for_its_streams(monkeypatch):
+    configs = ({}, {"residual": "pre"}, {"residual": "hc"}, {"residual": "mhc", "residual_options": {"streams": 3}})
+    assert [stream_copies(config) for config in configs] == [1, 1, 4, 3]
+
+    class Sevenfold:
+        @classmethod
+        def streams(cls, options):
+            return 7
+
+    monkeypatch.setattr("reslab.residual.get_scheme", lambda name: Sevenfold)
+    assert stream_copies({"residual": "anything"}) == 7

@@ -177,12 +177,13 @@ def test_scheme_flags(cli):
     assert code == 0 and "sinkhorn_iters=5" in out
     code, out, _ = cli("info", "--residual", "attnres", "--attnres-block", "2", "--layers", "1")
     assert code == 0 and "block 2" in out
-    code, out, _ = cli("info", "--residual", "value-residual", "--value-mix", "0.3", "--value-mix-learned")
+    code, out, _ = cli("info", "--residual", "value-residual", "--value-mix", "0.3", "--value-mix-learned", "--layers",
+                       "2")
     assert code == 0 and "m=0.3, learned per head" in out
     for bad, message in [
         (["--residual", "hc", "--streams", "0"], "streams must be a positive integer, got 0"),
-        (["--residual", "mhc", "--hc-dynamic"], "residual scheme 'mhc' has no option 'hc_dynamic'"),
-        (["--residual", "pre", "--sinkhorn-iters", "3"], "residual scheme 'pre' has no option 'sinkhorn_iters'"),
+        (["--residual", "mhc", "--hc-dynamic"], "--hc-dynamic applies only with --residual hc"),
+        (["--residual", "pre", "--sinkhorn-iters", "3"], "--sinkhorn-iters applies only with --residual mhc"),
         (["--residual", "value-residual", "--value-mix", "2"], "value_mix must be a number in [0, 1], got 2.0"),
     ]:
         code, _, err = cli("info", *bad)

@@ -351,9 +351,9 @@ def test_token_ids_above_the_vocabulary_are_refused(cli, text, tmp_path):
 
 
 def test_resuming_on_data_prepared_with_another_tokenizer_is_refused(cli, text, tmp_path):
-    for name, kind in (("char", "char"), ("bpe", "bpe")):
-        code, _, err = cli("data", "prepare", text, "--out", tmp_path / name, "--tokenizer", kind, "--vocab-size",
-                           "300", "--workers", "1", "--no-progress")
+    for name, kind in (("char", ["char"]), ("bpe", ["bpe", "--vocab-size", "300"])):
+        code, _, err = cli("data", "prepare", text, "--out", tmp_path / name, "--tokenizer", *kind, "--workers", "1",
+                           "--no-progress")
         assert code == 0, err
     data = tmp_path / "data"
     (tmp_path / "char").rename(data)

@@ -11,6 +11,8 @@ was given.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import types
 import typing
@@ -79,6 +81,61 @@ def check_numbers(values: dict[str, Any], ranges: dict[str, Range], flags: dict[
     for name, allowed in ranges.items():
         if name in values:
             check_number(name, values[name], allowed, (flags or {}).get(name))
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str = "", range: Range | None = None,
+           flag: bool | str = False, metavar: str | None = None, runtime: bool = False, **kwargs) -> Any:
+    """A config field and its declaration, the one place its help, admissible range and command-line flag are
+    written: `flag=True` makes `--name` (a bool field: `--name/--no-name`), a string names the flag (a bool field's
+    `--no-x` sets it false, any other switch true). Every field of a model config is also settable by `--set`."""
+    declared = {"help": help, "range": range, "flag": flag, "metavar": metavar, "runtime": runtime}
+    return dataclasses.field(default=default, metadata={k: v for k, v in declared.items() if v}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What a config class declares about one field: its type annotation, its default in that class and its
+    `option` metadata (inherited from the nearest base class that declares it)."""
+
+    name: str
+    annotation: Any
+    default: Any
+    metadata: Mapping[str, Any]
+
+    @property
+    def flag(self) -> str | None:
+        flag = self.metadata.get("flag")
+        return flag_name(self.name) if flag is True else flag or None
+
+    @property
+    def range(self) -> Range | None:
+        return self.metadata.get("range")
+
+
+@functools.cache
+def declarations(cls: type) -> dict[str, Declared]:
+    """Every field of dataclass `cls`, by name, with what `option` declared for it anywhere in its class hierarchy."""
+    hints = typing.get_type_hints(cls)
+    declared = {}
+    for item in dataclasses.fields(cls):
+        metadata = next((vars(klass)["__dataclass_fields__"][item.name].metadata for klass in cls.__mro__
+                         if item.name in vars(klass).get("__dataclass_fields__", {})
+                         and vars(klass)["__dataclass_fields__"][item.name].metadata), {})
+        default = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
+        declared[item.name] = Declared(item.name, hints[item.name], default, metadata)
+    return declared
+
+
+def check_declared(values: Mapping[str, Any], cls: type, spelled: Callable[[str], str] = flag_name) -> dict:
+    """`values` for fields of dataclass `cls`, each checked against its declared type and range; one ReslabError
+    line naming the field as `spelled` writes it. Ints given for float fields come back as floats."""
+    fields = declarations(cls)
+    checked = {name: check_field_type(spelled(name), value, fields[name].annotation) if name in fields else value
+               for name, value in values.items()}
+    for name, value in checked.items():
+        if name in fields and fields[name].range is not None:
+            check_number(name, value, fields[name].range, spelled(name))
+    return checked
 
 
 def check_field_type(label: str, value: Any, annotation: Any) -> Any:

@@ -78,9 +78,7 @@ def build_parser() -> ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     info = commands.add_parser("info", help="build a model and print its structure and parameter count")
-    from reslab.cli_args import add_model_arguments
-
-    add_model_arguments(info)
+    info.fill = lambda: _add_model_arguments(info)
     info.set_defaults(handler=cmd_info)
 
     listing = commands.add_parser("list", help="list models, residual schemes and reproductions")
@@ -93,6 +91,12 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _add_model_arguments(parser: ArgumentParser) -> None:
+    from reslab.cli_args import add_model_arguments
+
+    add_model_arguments(parser)
+
+
 def _register(module: str, commands: argparse._SubParsersAction) -> None:
     from importlib import import_module
 
@@ -101,10 +105,10 @@ def _register(module: str, commands: argparse._SubParsersAction) -> None:
 
 def add_reproductions(reproduce: ArgumentParser) -> None:
     """One subcommand per reproduction (this imports them all: they need torch)."""
-    from reslab.reproduce import REPRODUCTIONS, get_reproduction
+    from reslab.reproduce import get_reproduction, list_reproductions
 
     reproductions = reproduce.add_subparsers(dest="name", required=True, parser_class=ArgumentParser)
-    for name in REPRODUCTIONS:
+    for name in list_reproductions():
         module = get_reproduction(name)
         sub = reproductions.add_parser(name, help=module.CLAIM)
         module.add_arguments(sub)
@@ -121,17 +125,24 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from reslab.registry import FORMULAS, MODELS, REPRODUCTIONS, SCHEMES
+    """The models, schemes (formula and paper) and reproductions, built in and from plug-ins: only a plug-in scheme
+    is imported, for its formula."""
+    from reslab.registry import FORMULAS, load, names
 
-    print("models:       " + ", ".join(MODELS))
+    formulas = {name: FORMULAS.get(name) or _formula(load("residual scheme", name))
+                for name in names("residual scheme")}
+    print("models:       " + ", ".join(names("model")))
     print("schemes:")
-    name_width = max(len(name) for name in SCHEMES)
-    formula_width = max(48, *(len(FORMULAS[name][0]) for name in SCHEMES))
-    for name in SCHEMES:
-        formula, paper = FORMULAS[name]
+    name_width = max(len(name) for name in formulas)
+    formula_width = max(48, *(len(formula) for formula, _ in formulas.values()))
+    for name, (formula, paper) in formulas.items():
         print(f"  {name:<{name_width}} {formula:<{formula_width}} {paper}")
-    print("reproduce:    " + ", ".join(REPRODUCTIONS))
+    print("reproduce:    " + ", ".join(names("reproduction")))
     return 0
+
+
+def _formula(scheme) -> tuple[str, str]:
+    return getattr(scheme, "formula", "") or "?", getattr(scheme, "paper", "") or ""
 
 
 def _empty_option(argv: list[str]) -> str | None:
@@ -152,7 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     empty = _empty_option(argv)
     if empty is not None:
         parser.exit(2, f"reslab: error: {empty} was given an empty value; give a value or drop the option\n")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except ReslabError as error:  # a plug-in that fails to load while its subcommand's flags are added
+        print(f"reslab: error: {_one_line(error)}", file=sys.stderr)
+        return 2
     args.argv = ["reslab", *argv]  # the command as given, recorded in run and ablation directories
     if own_process:
         sys.stdout = StandardOutput(sys.stdout)

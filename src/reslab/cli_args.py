@@ -1,78 +1,98 @@
-"""Model flags shared by `train`, `audit`, `bench`, `info`: one flag per config field, applied only when given, and
-refused when the model would not use it."""
+"""Flags generated from the typed configs, for `train`, `ablate`, `audit`, `bench`, `info` and `lens`.
+
+A config field declared with `reslab.checks.option(..., flag=...)` becomes a flag (its type, help and, for training
+fields, its default read from the declaration); the model flags are the union over the built-in model configs
+(`reslab.models.configs.CONFIGS`), the scheme flags come from `reslab.registry.SCHEME_OPTIONS`. `--set KEY=VALUE`
+sets any other field of the model's config or option of its scheme. Only what the user gives becomes an override
+(each model keeps its defaults), and a setting the built model would not use is refused.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from reslab.checks import OnlyWith, check_applies
+from reslab.checks import Declared, OnlyWith, check_applies, check_field_type, declarations, flag_name
 from reslab.errors import ReslabError
-from reslab.models import MODELS, get_model_class
+from reslab.registry import MODELS, SCHEME_OPTIONS, TRANSFORMERS
 
-# flag -> (config field, type, help). Only flags the user gives become overrides, so each model keeps its defaults.
-MODEL_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--layers": ("layers", int, "number of transformer blocks"),
-    "--width": ("width", int, "model (residual stream) width"),
-    "--heads": ("heads", int, "attention heads"),
-    "--kv-heads": ("kv_heads", int, "key/value heads for grouped-query attention (llama)"),
-    "--head-dim": ("head_dim", int, "per-head dimension (llama; default width/heads)"),
-    "--ffn-hidden": ("ffn_hidden", int, "SwiGLU hidden size (llama)"),
-    "--context": ("context", int, "context length in tokens"),
-    "--dropout": ("dropout", float, "dropout probability"),
-    "--rope-theta": ("rope_theta", float, "RoPE base (llama)"),
-    "--moe-experts": ("moe_experts", int, "routed experts per MoE layer (llama: 0 = dense FFN; deepseek)"),
-    "--moe-top-k": ("moe_top_k", int, "experts each token is routed to (llama, deepseek)"),
-    "--moe-shared": ("moe_shared", int, "always-on shared experts (llama, deepseek)"),
-    "--moe-aux-weight": ("moe_aux_weight", float, "weight of the MoE load-balancing loss (llama, deepseek)"),
-    "--activation": ("activation", str, "MLP activation (gpt): gelu-tanh (GPT-2, default), gelu (nanoGPT), relu, "
-                     "relu2 (modded-nanogpt)"),
-}
-BOOL_FLAGS: dict[str, tuple[str, str]] = {
-    "bias": ("bias", "biases in linear layers and norms (tiny, gpt)"),
-    "tie-embeddings": ("tie_embeddings", "share the token embedding with the LM head (gpt, llama)"),
-    "qk-norm": ("qk_norm", "per-head RMSNorm of queries and keys, as in Qwen3 (llama)"),
-}
-# Residual scheme hyper-parameters: flag -> option name in the scheme's `option_defaults`. A `bool` option is a
-# switch (`--hc-dynamic`): given, it sets the option to true.
-SCHEME_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--layerscale-init": ("layerscale_init", float, "LayerScale init (default: CaiT's rule by depth)"),
-    "--rezero-init": ("rezero_init", float, "ReZero's initial alpha (default 0)"),
-    "--streams": ("streams", int, "parallel residual streams n of hc and mhc (default 4)"),
-    "--hc-dynamic": ("hc_dynamic", bool, "hc: dynamic, input-dependent connection weights (default static)"),
-    "--sinkhorn-iters": ("sinkhorn_iters", int, "mhc: Sinkhorn-Knopp iterations (default 20)"),
-    "--attnres-block": ("attnres_block", int, "attnres: transformer blocks per AttnRes block (default 0 = full)"),
-    "--value-mix": ("value_mix", float, "value-residual: weight m of a layer's own values, lerp(v_1, v, m) (0.5)"),
-    "--value-mix-learned": ("value_mix_learned", bool, "value-residual: learn m per head, starting at --value-mix"),
-}
+SET_HELP = ("set a config field or residual scheme option (repeatable), e.g. --set norm_eps=1e-5; values parse as "
+            "JSON (numbers, true/false, null, lists), else as a string")
 
 
-# flag -> the config field it sets, for every model and bool flag
-_FIELD_FLAGS: dict[str, str] = {**{flag: name for flag, (name, *_) in MODEL_FLAGS.items()},
-                                **{f"--{flag}": name for flag, (name, _) in BOOL_FLAGS.items()}}
+def add_flags(group: argparse._ActionsContainer, fields: Iterable[Declared], lists: tuple[str, ...] = (),
+              note: Callable[[Declared], str] = lambda field: "") -> None:
+    """One flag per declared field, its value stored under the field's name and None when not given. A bool field
+    is a switch: `--x/--no-x` when declared `flag=True`, else the one switch its flag names (`--no-diagnostics`).
+    Flags named in `lists` take comma lists, as strings."""
+    for field in fields:
+        text = field.metadata.get("help", "") + note(field)
+        if field.flag in lists:
+            group.add_argument(field.flag, dest=field.name, help=f"{text} (comma list)")
+        elif field.annotation is bool and field.metadata.get("flag") is True:
+            group.add_argument(field.flag, dest=field.name, action=argparse.BooleanOptionalAction, help=text)
+        elif field.annotation is bool:
+            group.add_argument(field.flag, dest=field.name, action="store_const", help=text,
+                               const=not field.flag.startswith("--no-"))
+        else:
+            group.add_argument(field.flag, dest=field.name, type=_value_type(field.annotation), help=text,
+                               metavar=field.metadata.get("metavar"))
+
+
+def _value_type(annotation: Any) -> type:
+    """The type argparse converts a flag's text to: the annotation, less its `| None`."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation
+
+
+def flagged(fields: Iterable[Declared]) -> list[Declared]:
+    return [field for field in fields if field.flag]
+
+
+def given(args: argparse.Namespace, fields: Iterable[Declared]) -> dict[str, Any]:
+    """The fields whose flags the user gave, by name."""
+    values = {field.name: getattr(args, field.name, None) for field in fields}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def model_fields() -> dict[str, Declared]:
+    """The model flags: every flagged field of a built-in model config, declared where first found."""
+    from reslab.models.configs import CONFIGS
+
+    fields: dict[str, Declared] = {}
+    for config in CONFIGS.values():
+        for field in flagged(declarations(config).values()):
+            fields.setdefault(field.name, field)
+    return fields
+
+
+def scheme_fields() -> list[Declared]:
+    """The built-in schemes' options as flags; a bool option is a switch that sets it (`--hc-dynamic`)."""
+    return [Declared(name, kind, None, {"help": text, "flag": flag_name(name) if kind is bool else True})
+            for name, (kind, text) in SCHEME_OPTIONS.items()]
+
+
+def _models_with(field: Declared) -> str:
+    """The note after a model flag's help: the models that have its field, when not all transformers do."""
+    from reslab.models.configs import CONFIGS
+
+    having = [name for name in TRANSFORMERS if field.name in declarations(CONFIGS[name])]
+    return "" if len(having) == len(TRANSFORMERS) else f" ({', '.join(having)})"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "tiny",
                         lists: tuple[str, ...] = ()) -> None:
-    """Add the model flags. Flags named in `lists` (e.g. "--residual", "--layers") take comma lists as strings."""
+    """Add the model flags and --set. Flags named in `lists` (e.g. "--residual", "--layers") take comma lists."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", help=f"one of {', '.join(MODELS)} (default {default_model})")
     parser.set_defaults(default_model=default_model)
-    group.add_argument("--residual", help="residual scheme (see `reslab list`); default: the model's own"
-                       + (" (comma list)" if "--residual" in lists else ""))
-    for flag, (_, kind, text) in MODEL_FLAGS.items():
-        if flag in lists:
-            group.add_argument(flag, help=f"{text} (comma list)")
-        else:
-            group.add_argument(flag, type=kind, help=text)
-    for flag, (_, text) in BOOL_FLAGS.items():
-        group.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None, help=text)
-    for flag, (_, kind, text) in SCHEME_FLAGS.items():
-        if kind is bool:
-            group.add_argument(flag, action="store_true", default=None, help=text)
-        else:
-            group.add_argument(flag, type=kind, help=text)
+    add_flags(group, model_fields().values(), lists, _models_with)
+    add_flags(group, scheme_fields())
+    group.add_argument("--set", action="append", metavar="KEY=VALUE", dest="sets", help=SET_HELP)
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -84,57 +104,108 @@ def model_overrides(args: argparse.Namespace, model: str | None = None,
     """The config overrides the user asked for, checked against the fields of `model` (default: --model's) and
     against what that config uses, starting from `base` (a recipe's or a saved run's values; default: its own)."""
     model = model or model_name(args)
-    overrides = given_overrides(args, model)
+    overrides = given_overrides(args, model, base)
     check_flags_apply(model, overrides, base)
     return overrides
 
 
-def given_overrides(args: argparse.Namespace, model: str) -> dict[str, Any]:
-    """The overrides the flags give, each checked to be a field of `model`'s config (or an option of its scheme)."""
-    fields = {f.name for f in dataclasses.fields(get_model_class(model).config_class)}
-    overrides: dict[str, Any] = {}
-    for flag, name in (*_FIELD_FLAGS.items(), ("--residual", "residual")):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is None:
-            continue
+def config_class(model: str) -> type:
+    """Model `model`'s config class: from `reslab.models.configs` for a built-in (no torch), else its class's."""
+    from reslab.models import get_model_class
+    from reslab.models.configs import CONFIGS
+
+    return CONFIGS.get(model) or get_model_class(model).config_class
+
+
+def given_overrides(args: argparse.Namespace, model: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The overrides the flags and `--set` give, each checked to be a field of `model`'s config (or an option of
+    its scheme); `base` holds the values the config starts from."""
+    config = config_class(model)
+    fields = declarations(config)
+    overrides = given(args, model_fields().values())
+    for name in overrides:
         if name not in fields:
-            raise ReslabError(f"{flag} does not apply to model {model!r}")
-        overrides[name] = value
-    options = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, *_) in SCHEME_FLAGS.items()}
-    options = {k: v for k, v in options.items() if v is not None}
+            raise ReslabError(f"{_spelled(name)} does not apply to model {model!r}")
+    options = given(args, scheme_fields())
+    for key, value in parse_sets(getattr(args, "sets", None)).items():
+        if key == "residual_options" and isinstance(value, dict):
+            options.update(value)
+        elif key in fields:
+            overrides[key] = value
+        else:
+            options[key] = value
     if options:
         if "residual_options" not in fields:
             raise ReslabError(f"{_spelled(next(iter(options)))} does not apply to model {model!r}: it has no "
                               "residual scheme")
-        overrides["residual_options"] = options
+        scheme = overrides.get("residual") or (base or {}).get("residual") or fields["residual"].default
+        overrides["residual_options"] = check_options(options, scheme, config)
     return overrides
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    from reslab.graph.targets import parse_sets
+
+    return parse_sets(items) if items else {}
+
+
+def check_options(options: dict[str, Any], scheme: str, config: type) -> dict[str, Any]:
+    """Scheme options, each known (of `scheme` or of another built-in scheme: then `check_flags_apply` refuses it)
+    and of its declared type; an unknown key is one line listing the valid keys."""
+    from reslab.residual import get_scheme
+
+    defaults = get_scheme(scheme).option_defaults
+    for key, value in options.items():
+        if key in SCHEME_OPTIONS:
+            options[key] = check_field_type(_spelled(key), value, SCHEME_OPTIONS[key][0] | None)
+        elif key in defaults:
+            kind = Any if defaults[key] is None else type(defaults[key])
+            options[key] = check_field_type(_spelled(key), value, kind)
+        else:
+            valid = sorted({*declarations(config), *SCHEME_OPTIONS, *defaults} - {"residual_options"})
+            raise ReslabError(f"{config.__name__} has no field {key!r}, nor has scheme {scheme!r} such an option; "
+                              f"valid --set keys: {', '.join(valid)}")
+    return options
 
 
 def check_flags_apply(model: str, overrides: dict[str, Any], base: dict[str, Any] | None = None) -> None:
     """Refuse a flag the built model would not use: a field that matters only when another is set (the config's
     `ONLY_WITH`), or a scheme option the chosen scheme does not have. One line naming the flag and the fix."""
-    config_class = get_model_class(model).config_class
-    settings = {**config_class().to_dict(), **(base or {}), **overrides}
-    check_applies(overrides, settings, config_class.declared("ONLY_WITH"), _spelled)
-    check_applies(overrides.get("residual_options", {}), settings, _scheme_options(), _spelled)
+    config = config_class(model)
+    settings = {**config().to_dict(), **(base or {}), **overrides}
+    check_applies(overrides, settings, config.declared("ONLY_WITH"), _spelled)
+    if "residual" in settings:
+        rules = _scheme_options(settings["residual"])
+        check_applies(overrides.get("residual_options", {}), settings, rules, _spelled)
 
 
-def _scheme_options() -> dict[str, OnlyWith]:
-    """Each residual scheme option applies only with the schemes that declare it (their `option_defaults`)."""
-    from reslab.residual import SCHEMES, get_scheme
+def _scheme_options(chosen: str) -> dict[str, OnlyWith]:
+    """Each residual scheme option applies only with the schemes that declare it (their `option_defaults`): the
+    built-in ones and the one `chosen`, which may be a plug-in."""
+    from reslab.registry import SCHEMES
+    from reslab.residual import get_scheme
 
     owners: dict[str, list[str]] = {}
-    for scheme in SCHEMES:
+    for scheme in dict.fromkeys([*SCHEMES, chosen]):
         for option in get_scheme(scheme).option_defaults:
             owners.setdefault(option, []).append(scheme)
     return {option: OnlyWith("residual", tuple(schemes)) for option, schemes in owners.items()}
 
 
 def _spelled(name: str) -> str:
-    """How a user sets config field (or scheme option) `name`: its flag, or the name itself (audit's --set)."""
-    flags = {field: flag for flag, field in _FIELD_FLAGS.items()}
-    flags.update({option: flag for flag, (option, *_) in SCHEME_FLAGS.items()}, residual="--residual")
-    return flags.get(name, name)
+    """How a user sets config field (or scheme option) `name`: its flag, else `--set name`."""
+    flags = {field.name: field.flag for field in [*model_fields().values(), *scheme_fields()]}
+    return flags.get(name, f"--set {name}")
+
+
+def model_flags_given(args: argparse.Namespace) -> list[str]:
+    """The model flags (and --set) the user gave: the ones a run directory or an imported model refuses."""
+    fields = [*model_fields().values(), *scheme_fields()]
+    named = [field.flag for field in fields if getattr(args, field.name, None) is not None]
+    for flag, dest in (("--model", "model"), ("--set", "sets")):
+        if getattr(args, dest, None) is not None:
+            named.insert(0, flag)
+    return named
 
 
 def model_from_args(args: argparse.Namespace, **extra):

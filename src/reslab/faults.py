@@ -8,8 +8,9 @@ the first) the code passes failpoint NAME, ACTION happens there:
     enospc  raise OSError(ENOSPC) (as a full disk)
 
 Names: `write:FILE` (inside an atomic write of FILE: the temp file is written, not yet renamed), `append:FILE`
-(half a line appended), `step` (inside a step: after backward, before the optimizer update), `eval` (inside an
-evaluation), `checkpoint` (before a checkpoint is written). N counts passes in this process, not training steps:
+(a whole line appended, then cut to its first half, as a crash in its write leaves it), `step` (inside a step: after
+backward, before the optimizer update), `eval` (inside an evaluation), `checkpoint` (before a checkpoint is
+written). N counts passes in this process, not training steps:
 `step@7=kill` kills the 7th step this process runs (step 7 of a fresh run; a resumed run counts from its restart).
 
     RESLAB_FAILPOINTS="write:checkpoint.safetensors@2=kill" reslab train ...
@@ -24,6 +25,7 @@ import errno
 import os
 import signal
 from collections import Counter
+from collections.abc import Callable
 
 _hits: Counter[str] = Counter()
 
@@ -37,8 +39,9 @@ def _armed() -> dict[str, tuple[int, str]]:
     return armed
 
 
-def failpoint(name: str) -> None:
-    """Make the armed fault happen if this is its moment; a no-op (one dict lookup) when nothing is armed."""
+def failpoint(name: str, before: Callable[[], None] | None = None) -> None:
+    """Make the armed fault happen if this is its moment; a no-op (one dict lookup) when nothing is armed.
+    `before` runs first, only then: it leaves the state the fault should find (e.g. half of a line written)."""
     if "RESLAB_FAILPOINTS" not in os.environ:
         return
     armed = _armed().get(name)
@@ -48,6 +51,8 @@ def failpoint(name: str) -> None:
     if _hits[name] != armed[0]:
         return
     action = armed[1]
+    if before is not None:
+        before()
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "sigint":

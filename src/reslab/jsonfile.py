@@ -15,6 +15,7 @@ reads through `read_json_file` / `parse_json` and declares what it holds as a sc
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -22,19 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from reslab.errors import ReslabError
 
 MAX_DEPTH = 64  # reslab's own files nest at most 6 deep; a design or expected audit a little more
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
 
 
 def nesting_depth(text: str) -> int:
     """How deep arrays and objects nest in JSON `text` (0 for a scalar), without parsing it (no recursion)."""
+    import numpy as np  # here, not at the top: `reslab --help` reads no JSON and imports no numpy
+
     codes = np.frombuffer(_STRING.sub('""', text).encode("utf-8", "surrogatepass"), np.uint8)
-    steps = np.isin(codes, _OPEN).view(np.int8) - np.isin(codes, _CLOSE).view(np.int8)  # 1 byte a character
+    opens = (codes == ord("[")) | (codes == ord("{"))
+    closes = (codes == ord("]")) | (codes == ord("}"))
+    steps = opens.view(np.int8) - closes.view(np.int8)  # one byte a character
     return int(np.cumsum(steps, dtype=np.int32).max(initial=0))
 
 
@@ -152,7 +154,7 @@ def _problem(value: Any, field: Field) -> str | None:
 
 def _is(value: Any, kind: type) -> bool:
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, kind)
@@ -186,11 +188,13 @@ def confined_path(directory: Path | str, name: Any, source: str, key: str, fix: 
         raise error(f"{source}: {key} is {name!r}, which leads outside {directory}; file names in it must be "
                     f"relative and inside its directory; {fix}")
     path = directory / name
-    root = directory.resolve()
-    if path.exists() or path.is_symlink():
-        target = path.resolve()
-        if target != root and root not in target.parents:
-            raise error(f"{source}: {key} {name!r} is a symlink to {target}, outside {directory}; {fix}")
+    try:
+        root = directory.resolve()
+        target = path.resolve() if path.is_symlink() or path.exists() else None
+    except (RuntimeError, OSError) as err:  # a symlink loop (RuntimeError before Python 3.13, OSError after)
+        raise error(f"{source}: {key} {name!r} is a symlink loop ({err}); {fix}") from None
+    if target is not None and target != root and root not in target.parents:
+        raise error(f"{source}: {key} {name!r} is a symlink to {target}, outside {directory}; {fix}")
     return path
 
 

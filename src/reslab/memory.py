@@ -20,7 +20,6 @@ import torch
 from reslab.errors import ReslabError
 
 GIB = 2**30
-MULTI_STREAM = ("hc", "mhc")
 
 
 def parameter_count(model_name: str, model_config: dict[str, Any]) -> int:
@@ -39,11 +38,18 @@ def training_bytes(model_name: str, model_config: dict[str, Any], batch: int = 0
     activations = 0
     if rows and "width" in model_config:
         width, context = model_config["width"], model_config["context"]
-        residual = model_config.get("residual")
-        streams = (model_config.get("residual_options") or {}).get("streams", 4) if residual in MULTI_STREAM else 1
+        streams = stream_copies(model_config)
         per_layer = 68 * rows * context * width * streams + 10 * rows * model_config["heads"] * context**2
         activations = model_config["layers"] * per_layer + 12 * rows * context * model_config["vocab_size"]
     return {"parameters": params, "state": 16 * params, "activations": activations}
+
+
+def stream_copies(model_config: dict[str, Any]) -> int:
+    """How many copies of the (batch, seq, width) stream the model's residual scheme carries (hyper-connections: n)."""
+    from reslab.residual import get_scheme
+
+    residual = model_config.get("residual")
+    return get_scheme(residual).streams(model_config.get("residual_options") or {}) if residual else 1
 
 
 def available_bytes(device: torch.device) -> int | None:

@@ -1,7 +1,19 @@
-"""The names reslab offers, free of torch: models, residual schemes (with each scheme's formula and paper) and
-reproductions. `reslab --help` and `reslab list` read them without building anything; `reslab.models`,
-`reslab.residual` and `reslab.reproduce` re-export them and load the classes behind a name when it is asked for.
+"""The names reslab offers, free of torch: models, residual schemes (with each scheme's formula, paper and options)
+and reproductions, built in or from plug-ins. `reslab --help` and `reslab list` read them without building anything;
+`reslab.models`, `reslab.residual` and `reslab.reproduce` load the classes behind a name when it is asked for.
+
+A plug-in is an installed package that declares entry points in the groups of `GROUPS` (`reslab.schemes`:
+`name = module:Class`). They are read only when a name is not built in, or when everything is listed; a plug-in
+may not take a built-in name.
 """
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import import_module
+from typing import Any
+
+from reslab.errors import ReslabError, unknown
 
 # model name -> "module:Class"
 MODELS: dict[str, str] = {
@@ -54,6 +66,19 @@ FORMULAS: dict[str, tuple[str, str]] = {
                        "Zhou et al. 2024, ResFormer: Value Residual Learning (arXiv 2410.17897)"),
 }
 
+# scheme option -> (type, help): the model commands' flag `--<option>` for the built-in schemes' options (each a key
+# of some scheme's `option_defaults`; a test keeps them equal). Any option, a plug-in's too, is also `--set NAME=VALUE`.
+SCHEME_OPTIONS: dict[str, tuple[type, str]] = {
+    "layerscale_init": (float, "LayerScale init (default: CaiT's rule by depth)"),
+    "rezero_init": (float, "ReZero's initial alpha (default 0)"),
+    "streams": (int, "parallel residual streams n of hc and mhc (default 4)"),
+    "hc_dynamic": (bool, "hc: dynamic, input-dependent connection weights (default static)"),
+    "sinkhorn_iters": (int, "mhc: Sinkhorn-Knopp iterations (default 20)"),
+    "attnres_block": (int, "attnres: transformer blocks per AttnRes block (default 0 = full)"),
+    "value_mix": (float, "value-residual: weight m of a layer's own values, lerp(v_1, v, m) (0.5)"),
+    "value_mix_learned": (bool, "value-residual: learn m per head, starting at --value-mix"),
+}
+
 # reproduction name -> module (with CLAIM, add_arguments, run)
 REPRODUCTIONS: dict[str, str] = {
     "deep-mlp-gradients": "reslab.reproduce.deep_mlp",
@@ -66,3 +91,55 @@ REPRODUCTIONS: dict[str, str] = {
     "refine-not-replace": "reslab.reproduce.refine_not_replace",
     "deepseek-residuals": "reslab.reproduce.deepseek_residuals",
 }
+
+# kind -> (entry-point group, the built-in table). A reproduction plug-in names a module (`name = package.module`).
+GROUPS: dict[str, tuple[str, dict[str, str]]] = {
+    "model": ("reslab.models", MODELS),
+    "residual scheme": ("reslab.schemes", SCHEMES),
+    "reproduction": ("reslab.reproductions", REPRODUCTIONS),
+}
+
+
+@cache
+def plugins(kind: str) -> dict[str, str]:
+    """The installed plug-ins of `kind`: name -> "module:attr" (or "module"). One line, exit 2, for a plug-in that
+    takes a built-in name."""
+    from importlib.metadata import entry_points
+
+    group, builtin = GROUPS[kind]
+    found: dict[str, str] = {}
+    for point in entry_points(group=group):
+        if point.name in builtin:
+            raise ReslabError(f"plug-in {point.value!r} (entry point {group}) registers {kind} {point.name!r}, "
+                              "a built-in name; rename it in the plug-in's entry points")
+        found[point.name] = point.value
+    return found
+
+
+def names(kind: str) -> list[str]:
+    """Every name of `kind`: the built-in ones, then the plug-ins'."""
+    return [*GROUPS[kind][1], *plugins(kind)]
+
+
+def load(kind: str, name: str) -> Any:
+    """The class (or module) registered under `name`, built in or a plug-in's; one ReslabError line for an unknown
+    name or a plug-in that fails to load."""
+    builtin = GROUPS[kind][1]
+    if name in builtin:
+        return _resolve(builtin[name])
+    target = plugins(kind).get(name)
+    if target is None:
+        raise unknown(kind, name, names(kind))
+    try:
+        return _resolve(target)
+    except Exception as error:  # noqa: BLE001 (a plug-in's own bug: name it, not as reslab's traceback)
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise ReslabError(f"plug-in {kind} {name!r} ({target}) failed to load: {message}") from None
+
+
+def _resolve(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    loaded = import_module(module)
+    for part in filter(None, attr.split(".")):
+        loaded = getattr(loaded, part)
+    return loaded

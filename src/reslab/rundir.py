@@ -30,6 +30,7 @@ from reslab.errors import ReslabError
 from reslab.faults import failpoint
 from reslab.io import TEMP_SUFFIX, atomic_write, command_line, remove_temp_files, temp_prefix, write_json
 from reslab.jsonfile import parse_json
+from reslab.metrics import METRICS as DECLARED_METRICS
 
 MARKER = ".reslab-run"
 LOCK = ".reslab-lock"
@@ -45,31 +46,10 @@ OWN_FILES = (CONFIG, TOKENIZER, METRICS, CHECKPOINT, STATE, SUMMARY, DIVERGED)
 CONFIG_KEYS = ("model", "model_config", "train", "data")
 
 
-# The schema of one metrics.jsonl record: every key the trainer may write, and what it holds. Readers (the report,
-# the ablation summary, the lens) rely on these names; tests/test_rundir_schema.py checks that training writes
-# nothing outside it.
-METRIC_KEYS: dict[str, str] = {
-    "step": "optimizer steps completed (every record)",
-    "loss": "mean training loss (cross-entropy) over the steps since the previous log record",
-    "lr": "learning rate of the logged step",
-    "tokens_per_second": "training throughput over the log window (timing: differs between runs)",
-    "train_seconds": "training time so far, evaluations excluded (timing: differs between runs)",
-    "val_loss": "validation loss on fixed batches (eval steps)",
-    "train_loss_eval": "training loss on fixed batches (eval steps)",
-    "grad_norms": "gradient norm of every parameter, by name",
-    "grad_norm_total": "global gradient norm, before clipping",
-    "block_grad_norms": "gradient norm of each block's parameters",
-    "first_layer_grad_share": "first block's gradient norm over the last block's",
-    "stream_rms": "RMS of the residual stream after each block",
-    "drift": "cosine between the stream entering and leaving each block",
-    "update_ratio": "per block, |F(x)| / |x| of each sublayer",
-    "amax_gain_forward": "hyper-connections: largest gain of the composed stream mixing, forward (Amax)",
-    "amax_gain_backward": "hyper-connections: the same for the backward pass",
-    "attnres_weights": "attention residuals: mean depth-attention weight of each source, per sublayer",
-    "aux_losses": "each auxiliary loss of the model (ModelOutput.aux_losses), unweighted, on log steps",
-    "model_metrics": "the model's own metrics (ModelOutput.metrics), on log steps",
-}
-TIMING_KEYS = ("tokens_per_second", "train_seconds")
+# The schema of one metrics.jsonl record: every key the trainer may write, and what it holds, from the declarations
+# in `reslab.metrics`; tests/test_rundir_schema.py checks that training writes nothing outside it.
+METRIC_KEYS: dict[str, str] = {metric.name: metric.description for metric in DECLARED_METRICS.values()}
+TIMING_KEYS = tuple(metric.name for metric in DECLARED_METRICS.values() if metric.timing)
 _NOT_JSON = object()  # a metrics line that does not parse
 
 
@@ -163,31 +143,9 @@ class RunDir:
 
     # -- the lock --------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def locked(self, what: str = "reslab train") -> Iterator[None]:
-        """Hold an OS advisory lock on the run for the block: a second process gets one line naming the holder.
-
-        The OS releases it when the holder exits, however it exits (kill -9 included), so a lock never outlives
-        its process and never needs cleaning up.
-        """
-        import fcntl
-
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as error:
-                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                raise ReslabError(f"{self.path} is in use by {holder}; wait for it to finish or stop it "
-                                  "(a lock is released when its process ends)") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} ({what})".encode(), 0)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
+    def locked(self, what: str = "reslab train") -> contextlib.AbstractContextManager[None]:
+        """Hold the run's lock (`lock_directory`) for the block: a second process gets one line naming the holder."""
+        return lock_directory(self.path, what)
 
     # -- config ----------------------------------------------------------------------------------------------
 
@@ -213,25 +171,7 @@ class RunDir:
     # -- metrics ---------------------------------------------------------------------------------------------
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """The records of metrics.jsonl; a last line cut off by a kill is dropped, damage elsewhere is an error."""
-        path = self / METRICS
-        if not path.exists():
-            return []
-        if not path.is_file():  # a FIFO or a directory: reading it could block or fail
-            raise DamagedRunError(f"{path} is not a regular file; move it away and resume again")
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-        records = []
-        for number, line in enumerate(lines, 1):
-            record = parse_json(line, f"{path} line {number}", "repair or delete that line", allow_nan=True,
-                                error=DamagedRunError, invalid=_NOT_JSON)
-            if record is _NOT_JSON:
-                if number == len(lines):  # the write a kill interrupted
-                    break
-                raise DamagedRunError(f"{path} line {number} is not JSON; repair or delete that line")
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise DamagedRunError(f"{path} line {number} is not a metrics record; repair or delete that line")
-            records.append(record)
-        return records
+        return read_metrics(self / METRICS)
 
     def truncate_metrics(self, last_step: int) -> None:
         """Keep the records up to `last_step` (the checkpoint a run resumes from), atomically."""
@@ -263,26 +203,77 @@ class RunDir:
 
 
 class MetricsFile:
-    """metrics.jsonl opened for appending: one whole line per record, flushed to the OS at once."""
+    """metrics.jsonl opened for appending: each record one whole line, in one write to the OS."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.handle = open(path, "a")
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record) + "\n"
-        half = len(line) // 2
+        line = (json.dumps(record) + "\n").encode()
         try:
-            self.handle.write(line[:half])
-            self.handle.flush()
-            failpoint(f"append:{self.path.name}")  # a kill here leaves the cut-off line a real crash would
-            self.handle.write(line[half:])
-            self.handle.flush()
+            written = os.write(self.fd, line)
+            while written < len(line):  # a regular file takes the whole line; a signal may still cut a write short
+                written += os.write(self.fd, line[written:])
+            failpoint(f"append:{self.path.name}", lambda: self._cut_last(len(line)))  # the fault tests' mid-line
         except OSError as error:  # a full disk or a file size limit: name the file
             raise OSError(error.errno, error.strerror, str(self.path)) from None
 
+    def _cut_last(self, length: int) -> None:
+        """Keep half of the line just written: what a crash during its write leaves (for a failpoint only)."""
+        os.ftruncate(self.fd, os.fstat(self.fd).st_size - length + length // 2)
+
     def close(self) -> None:
-        self.handle.close()
+        os.close(self.fd)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, for every reader (resume, summaries, report, reproductions). The one damage
+    policy: a last line cut off (what a kill during its write leaves) is dropped; any other line that is not a
+    record is a DamagedRunError naming the file and the line. No file: no records."""
+    if not path.exists():
+        return []
+    if not path.is_file():  # a FIFO or a directory: reading it could block or fail
+        raise DamagedRunError(f"{path} is not a regular file; move it away and resume again")
+    text = path.read_text(errors="replace")
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(lines):
+        record = parse_json(line, f"{path} line {number}", "repair or delete that line", allow_nan=True,
+                            error=DamagedRunError, invalid=_NOT_JSON)
+        if record is _NOT_JSON:
+            if index == len(lines) - 1 and not text.endswith("\n"):  # the write a kill interrupted
+                break
+            raise DamagedRunError(f"{path} line {number} is not JSON; repair or delete that line")
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise DamagedRunError(f"{path} line {number} is not a metrics record; repair or delete that line")
+        records.append(record)
+    return records
+
+
+@contextlib.contextmanager
+def lock_directory(path: Path, what: str) -> Iterator[None]:
+    """Hold an OS advisory lock on a run or ablation directory (its `.reslab-lock`) for the block: a second process
+    gets one line naming the holder. The OS releases it when the holder exits, however it exits (kill -9 included),
+    so a lock never outlives its process and never needs cleaning up."""
+    import fcntl
+
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise ReslabError(f"{path} is in use by {holder}; wait for it to finish or stop it "
+                              "(a lock is released when its process ends)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({what})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _left_by_reslab(name: str) -> bool:

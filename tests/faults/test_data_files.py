@@ -39,11 +39,11 @@ print(json.dumps(results))
 """
 
 
-def cli_batch(commands: list[list]) -> list[tuple[int, str]]:
+def cli_batch(commands: list[list], timeout: float = 300) -> list[tuple[int, str]]:
     """Each command through `reslab.cli.main` in one fresh process (one start-up for many refusals): (exit, stderr).
     A traceback escaping the CLI ends that process, and the assertion here shows it."""
     done = subprocess.run([sys.executable, "-c", BATCH, json.dumps([[str(a) for a in c] for c in commands])],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     return [tuple(result) for result in json.loads(done.stdout.splitlines()[-1])]
 
@@ -394,3 +394,172 @@ def test_a_prepare_killed_with_sigkill_leaves_no_process_and_writes_nothing_more
     finally:
         for pid, _ in group_members(process.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------- a hostile user, round 3
+
+
+def test_hostile_files_in_a_data_directory_are_one_line_never_a_hang(prepared, tmp_path):
+    """What a third hostile round found, each refused in one line naming the file (before: a FIFO meta.pkl or
+    modded-nanogpt .bin hung `data info` and `train` forever, a symlink loop for a shard or tokenizer name was a
+    RuntimeError traceback, a vocab_size of True in meta.pkl was refused without naming meta.pkl)."""
+    import pickle
+
+    import numpy as np
+
+    def nanogpt(name: str, meta) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for split in ("train", "val"):
+            (folder / f"{split}.bin").write_bytes(np.arange(300, dtype=np.uint16).tobytes())
+        if meta == "fifo":
+            os.mkfifo(folder / "meta.pkl")
+        else:
+            (folder / "meta.pkl").write_bytes(pickle.dumps(meta))
+        return folder
+
+    def modded(name: str, extra: str, count: int = 300) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        header = np.zeros(256, np.int32)
+        header[:3] = 20240520, 1, count
+        (folder / "b_train.bin").write_bytes(header.tobytes() + np.arange(300, dtype=np.uint16).tobytes())
+        if extra == "fifo":
+            os.mkfifo(folder / "a.bin")
+        elif extra == "dir":
+            (folder / "a.bin").mkdir()
+        return folder
+
+    def looped(name: str, link: str) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(prepared, folder)
+        (folder / link).unlink()
+        (folder / link).symlink_to(link)
+        return folder
+
+    cases = [(nanogpt("meta-fifo", "fifo"), "meta.pkl is not a regular file"),
+             (nanogpt("meta-bool", {"vocab_size": True}), "meta.pkl has no vocab_size that is an integer"),
+             (nanogpt("meta-zero", {"vocab_size": 0}), "meta.pkl has no vocab_size that is an integer"),
+             (modded("modded-fifo", "fifo"), "a.bin is not a regular file"),
+             (modded("modded-dir", "dir"), "a.bin is not a regular file"),
+             (modded("modded-count", "", count=0), "b_train.bin: its header counts 0 tokens"),
+             (looped("loop-shard", "shard-00001.bin"), "shards[1].name 'shard-00001.bin' is a symlink loop"),
+             (looped("loop-tokenizer", TOKENIZER_FILE), f"tokenizer.file '{TOKENIZER_FILE}' is a symlink loop")]
+    results = cli_batch([["data", "info", folder] for folder, _ in cases], timeout=60)  # a hang fails in a minute
+    for (folder, phrase), result in zip(cases, results):
+        one_line_error(*result)
+        assert phrase in result[1] and str(folder) in result[1], result[1]
+
+
+def test_prepare_never_writes_over_what_it_cannot_vouch_for(tmp_path):
+    """A prepare-state.json reslab cannot use (reslab writes it atomically, so damaged means edited or not reslab's)
+    beside a user's files: refused, every byte kept (before: the prepare started afresh and overwrote the user's
+    shard-00000.bin and tokenizer.reslab.json). Flags that crashed: --bpe-sample-mb inf (OverflowError traceback),
+    a BPE --vocab-size of 10^12 (the tokenizers library aborted the process)."""
+    text = make_corpus(tmp_path / "corpus.txt", chars=3000)
+    users = []
+    for name, state in (("garbage", "not json"), ("hand-names", json.dumps({
+            "job": {}, "shards": [{"name": "../x.bin", "tokens": 1, "sha256": "0" * 64}], "position": [0, 0, 0],
+            "characters": 0, "text_seen": True}))):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / PREPARE_STATE).write_text(state)
+        (folder / "shard-00000.bin").write_text("the user's own")
+        (folder / TOKENIZER_FILE).write_text("the user's own")
+        users.append((folder, tree(folder)))
+    results = cli_batch([["data", "prepare", text, "--out", folder, "--no-progress"] for folder, _ in users] + [
+        ["data", "prepare", text, "--out", tmp_path / "inf", "--tokenizer", "bpe", "--bpe-sample-mb", "inf"],
+        ["data", "prepare", text, "--out", tmp_path / "huge", "--tokenizer", "bpe", "--vocab-size", 10**12]])
+    for (folder, before), result in zip(users, results):
+        one_line_error(*result)
+        assert str(folder / PREPARE_STATE) in result[1] and "nothing was changed" in result[1], result[1]
+        assert tree(folder) == before
+    for result, phrase in zip(results[2:], ["--bpe-sample-mb must be a positive number", "is too large for a BPE"]):
+        one_line_error(*result)
+        assert phrase in result[1], result[1]
+    assert not (tmp_path / "inf").exists() and not (tmp_path / "huge").exists()
+
+
+def test_a_second_prepare_into_the_same_out_is_refused_while_the_first_runs(big_text, tmp_path):
+    """Two prepares into one --out (before: both exited 0, and the directory's manifest listed shards the other one
+    had overwritten; or the second died on a shard the first renamed away). The first, stopped mid-prepare with
+    SIGSTOP, holds --out: a second one (other options, or the same) is refused in one line and changes nothing; the
+    first, continued, finishes with a directory that verifies."""
+    out = tmp_path / "data"
+    first = subprocess.Popen([sys.executable, "-m", "reslab", "data", "prepare", str(big_text), "--out", str(out),
+                              "--shard-tokens", "20000", "--workers", "1", "--no-progress"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / PREPARE_STATE).exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        first.send_signal(signal.SIGSTOP)
+        assert first.poll() is None and (out / PREPARE_STATE).exists(), "the prepare ended before it was stopped"
+        before = tree(out)
+        results = cli_batch([["data", "prepare", big_text, "--out", out, "--shard-tokens", shards, "--workers", "1",
+                              "--no-progress"] for shards in ("30000", "20000")])
+        for result in results:
+            one_line_error(*result)
+            assert f"--out {out} is being written by another reslab data prepare" in result[1], result[1]
+        assert tree(out) == before
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 0, err
+    finally:
+        first.kill()
+    (result,) = cli_batch([["data", "info", "--verify", out]])
+    assert result[0] == 0, result
+
+
+def test_a_shard_truncated_during_an_evaluation_keeps_the_resume_exact(cli, fault_corpus, reference, tmp_path,
+                                                                      monkeypatch):
+    """Read with pread (a writer holds the shard open: no lease), the shard cut back to its training tokens: the
+    next evaluation's read comes up short after the step's update. The run stops without checkpointing that half
+    step (before: it checkpointed step N without N's evaluation and log record, and the resumed metrics.jsonl lacked
+    them); with the shard put back, the resume equals the uninterrupted run."""
+    from reslab.data.training import training_data
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    monkeypatch.setenv("RESLAB_CACHE", str(cache))
+    training_data(str(fault_corpus), "char", None)
+    shard = cache_shard(cache)
+    original = shard.read_bytes()
+    train_tokens = json.loads((shard.parent / MANIFEST).read_text())["split"]["train_tokens"]
+    writer = os.open(shard, os.O_RDWR)
+    process = run_until_checkpointed(fault_corpus, run, cache)
+    try:
+        os.ftruncate(writer, 2 * train_tokens)  # every training window still reads; no validation window does
+        process.send_signal(signal.SIGCONT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        os.close(writer)
+        process.kill()
+    one_line_error(process.returncode, err)
+    assert "was truncated while this run read it" in err and "stopped during step " in err, err
+    step = int(err.split("stopped during step ")[1].split(";")[0])
+    kept = json.loads((run / "state.json").read_text())["step"]
+    assert step % 8 == 0 and kept < step and f"the last checkpoint (step {kept}) is kept" in err, err
+    shard.write_bytes(original)
+    code, _, err = cli("train", "--resume", run, "--no-progress")
+    assert code == 0, err
+    assert metrics(run) == reference["metrics"] and final(run) == reference["final"]
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["data", "prepare", "TEXT", "--out", "OUT", "--vocab-size", "300"], "--vocab-size applies only with --tokenizer"),
+    (["data", "prepare", "TEXT", "--out", "OUT", "--bpe-sample-mb", "1"], "--bpe-sample-mb applies only with"),
+    (["data", "info", "DATA", "--vocab-size", "300"], "--vocab-size does not apply to"),
+    (["train", "--steps", "1", "--data", "DATA", "--vocab-size", "300", "--out", "OUT"], "--vocab-size does not apply"),
+    (["train", "--steps", "1", "--data", "DATA", "--tokenizer", "bpe", "--vocab-size", "300", "--out", "OUT"],
+     "--tokenizer bpe does not apply to --data"),
+    (["train", "--steps", "1", "--data", "TEXT", "--vocab-size", "300", "--out", "OUT"],
+     "--vocab-size applies only with --tokenizer bpe"),
+])
+def test_data_flags_that_would_be_ignored_are_refused(cli, prepared, fault_corpus, tmp_path, args, phrase):
+    """A data flag the data would not use (a char tokenizer's vocabulary, a prepared directory's tokenizer) was
+    silently ignored; it is refused in one line, before anything is written."""
+    places = {"TEXT": fault_corpus, "DATA": prepared, "OUT": tmp_path / "out"}
+    before = tree(prepared)
+    code, _, err = cli(*[places.get(arg, arg) for arg in args])
+    one_line_error(code, err)
+    assert phrase in err and not (tmp_path / "out").exists() and tree(prepared) == before

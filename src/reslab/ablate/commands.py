@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from reslab.cli_args import add_model_arguments, check_flags_apply, given_overrides, model_name
+from reslab.cli_args import add_model_arguments, check_flags_apply, given_overrides, model_name, parse_sets
 from reslab.errors import ReslabError
 
 DEFAULT_RESIDUALS = "pre,post,none"
@@ -83,7 +83,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     layers = comma_list(DEFAULT_LAYERS if args.layers is None else args.layers, int, "--layers")
     seeds = comma_list(args.seeds, int, "--seeds")
     model = model_name(args)
-    overrides = given_overrides(argparse.Namespace(**{**vars(args), "residual": None, "layers": None}), model)
+    grid = [key for key in parse_sets(args.sets) if key in ("residual", "layers")]
+    if grid:
+        raise ReslabError(f"--set {grid[0]}: the grid's {grid[0]} are --{grid[0]} A,B; give them there")
+    flags = argparse.Namespace(**{**vars(args), "residual": None, "layers": None})
+    overrides = given_overrides(flags, model, base={"residual": residuals[0]})
     for residual in residuals:  # a scheme option must apply to every scheme of the grid
         check_flags_apply(model, {**overrides, "residual": residual})
     train = train_overrides(args)

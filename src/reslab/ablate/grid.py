@@ -1,11 +1,5 @@
 """Run an ablation grid: one run directory per (scheme, depth, seed), finished points skipped, stopped ones resumed.
-
-Layout of an ablation directory:
-    ablation.json                 the command, the grid, the model and training config
-    runs/<scheme>-L<depth>-s<seed>/   one run directory per grid point (see reslab.train.loop)
-    summary.json, summary.csv     mean and spread over seeds per (scheme, depth)
-    plots/*.png, report.html      written by reslab.report
-"""
+The ablation directory's layout is `reslab.ablationdir`'s."""
 
 from __future__ import annotations
 
@@ -14,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from reslab.ablate.executors import Executor, InlineExecutor
-from reslab.ablate.point import ABLATION, DIVERGED, GridJob, GridPoint, point_status
+from reslab.ablate.point import DIVERGED, GridJob, GridPoint, point_status
+from reslab.ablationdir import RECORD as ABLATION
+from reslab.ablationdir import AblationDir
 from reslab.errors import ReslabError
-from reslab.io import write_json
-from reslab.rundir import LOCK, RunDir
+from reslab.rundir import CONFIG
 
 __all__ = ["ABLATION", "DIVERGED", "GridPoint", "grid_points", "point_status", "run_ablation"]
 
@@ -49,7 +44,7 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
     record = {"command": command or [], "model": model, "grid": {"residual": residuals, "layers": layers,
               "seeds": seeds}, "model_overrides": model_overrides, "train": train_record}
     _check_ablation_dir(out_dir, record)
-    with RunDir(out_dir).locked("reslab ablate"):  # one ablation per directory at a time
+    with AblationDir(out_dir).locked():  # one ablation per directory at a time
         # every point trains in the dtype the driver resolved and recorded (a Ray node with other hardware too)
         train = {**train_overrides, "dtype": train_config.dtype, "steps": train_config.steps}
         job = GridJob(model, model_overrides, train, out_dir, time.time())
@@ -61,23 +56,25 @@ def _run_grid(job: GridJob, points: list[GridPoint], record: dict[str, Any], exe
     from reslab.ablate.summary import summarize
 
     todo = [p for p in points if point_status(job.run_dir(p), job.steps) not in ("done", "diverged")]
-    write_json(job.out_dir / ABLATION, {**record, "started": job.started, "finished": None})
+    ablation = AblationDir(job.out_dir)
+    ablation.write_record({**record, "started": job.started, "finished": None})
     _say(console, f"ablation {job.out_dir}: {len(points)} grid points, {len(points) - len(todo)} already done, "
                   f"{len(todo)} to train {executor.describe()}")
     for point, result in executor.run(todo, job):
         _report_point(console, point, result)
     summary = summarize(job.out_dir)
-    write_json(job.out_dir / ABLATION, {**record, "started": job.started, "finished": time.time(),
-                                        "wall_seconds": time.time() - job.started})
+    ablation.write_record({**record, "started": job.started, "finished": time.time(),
+                           "wall_seconds": time.time() - job.started})
     return summary
 
 
 def _keep_saved_dtype(out_dir: Path, train_overrides: dict[str, Any]) -> dict[str, Any]:
     """A re-run under `--dtype auto` (the default) continues the grid in the dtype it was started in, as `train
     --resume` does: a grid begun in fp32 (or on another machine) is not finished in bf16."""
-    if train_overrides.get("dtype", "auto") != "auto" or not (out_dir / ABLATION).is_file():
+    ablation = AblationDir(out_dir)
+    if train_overrides.get("dtype", "auto") != "auto" or not ablation.has_record():
         return train_overrides
-    saved = RunDir(out_dir).read_json_file(ABLATION)
+    saved = ablation.read_record()
     train = saved.get("train") if isinstance(saved, dict) else None
     dtype = _saved_train_fields(train)["dtype"] if isinstance(train, dict) else None
     return {**train_overrides, "dtype": dtype} if dtype in ("fp32", "bf16") else train_overrides
@@ -102,15 +99,16 @@ def _check_data(source: str) -> None:
 
 def _check_ablation_dir(out_dir: Path, record: dict[str, Any]) -> None:
     """Re-running into the same directory continues it; a different experiment must not mix into it."""
-    path = out_dir / ABLATION
-    if not path.exists():
-        if out_dir.exists() and any(p.name != LOCK for p in out_dir.iterdir()):
+    ablation = AblationDir(out_dir)
+    if not (ablation / ABLATION).exists():
+        if not ablation.holds_only_the_lock():
             raise ReslabError(f"{out_dir} is not empty and is not an ablation directory; choose another --out")
         return
-    saved = RunDir(out_dir).read_json_file(ABLATION)
+    saved = ablation.read_record()
     if not isinstance(saved, dict) or not isinstance(saved.get("train", {}), dict):
-        raise ReslabError(f"{path} is not an ablation record (a JSON object); restore it, or choose another --out")
-    if not any((p / "config.json").exists() for p in (out_dir / "runs").glob("*")):
+        raise ReslabError(f"{ablation / ABLATION} is not an ablation record (a JSON object); restore it, or choose "
+                          "another --out")
+    if not any((p / CONFIG).exists() for p in ablation.run_dirs()):
         return  # no point has started (an earlier attempt failed on its input): nothing here to protect
     saved["train"] = _saved_train_fields(saved.get("train") or {})
     for key in ("model", "model_overrides"):

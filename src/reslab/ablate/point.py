@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reslab.ablationdir import AblationDir, run_name
 from reslab.io import write_json
 from reslab.rundir import CONFIG, DIVERGED, RunDir
-
-ABLATION = "ablation.json"  # the ablation directory's record: command, grid, configs, start time
 
 
 @dataclass(frozen=True)
@@ -20,7 +19,7 @@ class GridPoint:
 
     @property
     def name(self) -> str:
-        return f"{self.residual}-L{self.layers}-s{self.seed}"
+        return run_name(self.residual, self.layers, self.seed)
 
 
 @dataclass(frozen=True)
@@ -40,12 +39,12 @@ class GridJob:
         return self.train_overrides["steps"]
 
     def run_dir(self, point: GridPoint) -> Path:
-        return self.out_dir / "runs" / point.name
+        return AblationDir(self.out_dir).run_path(point.residual, point.layers, point.seed)
 
     def is_driver_dir(self) -> bool:
         """Whether `out_dir` is the driver's ablation directory (seen from the process this runs in)."""
-        record = self.out_dir / ABLATION
-        return record.exists() and (RunDir(self.out_dir).read_json_file(ABLATION) or {}).get("started") == self.started
+        ablation = AblationDir(self.out_dir)
+        return ablation.has_record() and (ablation.read_record() or {}).get("started") == self.started
 
 
 def point_status(run_dir: Path, steps: int) -> str:

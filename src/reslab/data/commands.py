@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -38,10 +39,16 @@ def register(commands) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from reslab.data.prepare import DEFAULT_SHARD_TOKENS, PrepareOptions, describe, prepare_data
 
+    if args.tokenizer != "bpe":
+        for flag, value in (("--vocab-size", args.vocab_size), ("--bpe-sample-mb", args.bpe_sample_mb)):
+            if value is not None:
+                raise ReslabError(f"{flag} applies only with --tokenizer bpe (a {args.tokenizer} tokenizer brings "
+                                  f"its own vocabulary); give --tokenizer bpe, or drop {flag}")
     if args.tokenizer == "bpe" and args.vocab_size is None:
         args.vocab_size = 512
-    if args.bpe_sample_mb is not None and not args.bpe_sample_mb > 0:
-        raise ReslabError(f"--bpe-sample-mb must be positive, got {args.bpe_sample_mb}")
+    if args.bpe_sample_mb is not None and not 0 < args.bpe_sample_mb < math.inf:
+        raise ReslabError(f"--bpe-sample-mb must be a positive number of megabytes, got {args.bpe_sample_mb}; leave "
+                          "it out to train on all the text")
     options = PrepareOptions(
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, workers=args.workers, val_fraction=args.val_fraction,
         shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
@@ -53,10 +60,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from reslab.data.shards import open_prepared
+    from reslab.data.shards import check_vocab_flag, open_prepared
 
     if not args.dir.is_dir():
         raise ReslabError(f"{args.dir} is not a directory; give a prepared data directory")
+    check_vocab_flag(args.dir, args.vocab_size)
     data = open_prepared(args.dir, args.vocab_size, verify=args.verify)
     record = data.record
     print(f"{args.dir}: {record['format']} data, tokenizer {data.tokenizer!r}")

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from reslab.data.sources import Chunk
+from reslab.data.chunk import Chunk
 from reslab.errors import ReslabError
 
 PREFIX = "hf:"

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import itertools
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -102,6 +103,19 @@ def prepare_data(sources: list, out: Path, options: PrepareOptions, identity: li
     _check_options(options)
     out = Path(out)
     job = {**options.job(), "sources": identity or [_identity(f) for f in files]}
+    with _writing_into(out):
+        try:
+            return _prepare_locked(files, out, options, job)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; the shards already written to {out} (if any) are kept: run the same "
+                              "command again to continue") from None
+
+
+class Interrupted(ReslabError):
+    """Ctrl-C during a prepare: one line, exit 130 (the CLI's code for an error of this name)."""
+
+
+def _prepare_locked(files: list, out: Path, options: PrepareOptions, job: dict[str, Any]) -> dict[str, Any]:
     done = _finished(out, job)
     if done is not None:
         return done
@@ -151,6 +165,45 @@ def _check_options(options: PrepareOptions) -> None:
         check_bpe_vocab(options.vocab_size or DEFAULT_BPE_VOCAB)
 
 
+@contextlib.contextmanager
+def _writing_into(out: Path):
+    """--out for this prepare alone: created if missing, then held with an exclusive lock (flock on the directory
+    itself: nothing is added to it, and the OS lets go when the holder dies, kill -9 included). A second prepare into
+    the same --out is refused at once: two of them would write each other's shards under one manifest. A directory
+    this prepare created and left empty (it was refused, say) is removed again."""
+    created = not out.exists() and not out.is_symlink()
+    if created:
+        out.mkdir(parents=True, exist_ok=True)
+    if not out.is_dir():
+        raise ReslabError(f"--out {out} is a file (or a symlink to no directory); give a directory")
+    descriptor = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ReslabError(f"--out {out} is being written by another reslab data prepare right now; wait for it "
+                              "to end (then run this command again: a finished prepare is kept) or choose another "
+                              "--out") from None
+        try:
+            yield
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only an empty directory: never one with a shard in it
+            raise
+    finally:
+        os.close(descriptor)  # and the lock with it
+
+
+_OWN = "|".join(re.escape(name) for name in (TOKENIZER_FILE, STATE, MANIFEST))
+PREPARE_NAMES = re.compile(rf"shard-\d{{5,}}\.bin|{_OWN}|\.(shard-\d{{5,}}\.bin|{_OWN})\..+\.tmp")
+
+
+def _foreign(out: Path) -> str | None:
+    """The first entry of --out that a prepare does not write (its shards, tokenizer, state and their temp files)."""
+    return next((p.name for p in sorted(out.iterdir()) if not PREPARE_NAMES.fullmatch(p.name)), None)
+
+
 def _finished(out: Path, job: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest of a finished prepare of the same job; a different one, or a foreign directory, is refused."""
     if (out / MANIFEST).exists():
@@ -173,17 +226,23 @@ def _resume_state(out: Path, job: dict[str, Any]) -> dict[str, Any] | None:
     """The state of an interrupted prepare of this job, with its shards checked; None to start afresh."""
     if not (out / STATE).exists():
         return None
-    try:
-        state = read_json_file(out / STATE, "", what="prepare state")
-        check_schema(state, STATE_SCHEMA, str(out / STATE), "")
-    except ReslabError:  # damaged (cut off, edited): start again; the shards are rewritten
-        return None
+    refusal = (f"delete {out} if it is an interrupted prepare of yours, or choose another --out (nothing was "
+               "changed)")
+    try:  # reslab writes it atomically: damaged means edited, or not reslab's; its directory is not rewritten
+        state = read_json_file(out / STATE, refusal, what="prepare state")
+        check_schema(state, STATE_SCHEMA, str(out / STATE), refusal)
+    except ReslabError as err:
+        raise ReslabError(f"--out holds a prepare state that reslab cannot use: {err}") from None
     if [entry["name"] for entry in state["shards"]] != list(map(shard_name, range(len(state["shards"])))):
-        return None  # names written by hand: nothing outside --out is read or trusted
+        raise ReslabError(f"{out / STATE} lists shard names reslab does not write; {refusal}")
     if state.get("job") != job:
         raise ReslabError(f"--out {out} holds an interrupted prepare of other sources or options; run that one "
                           "again, or choose another --out")
-    if not (out / TOKENIZER_FILE).exists():
+    if not (out / TOKENIZER_FILE).exists():  # killed between the state and the tokenizer: start again, if only
+        foreign = _foreign(out)              # reslab's files are there to be rewritten
+        if foreign is not None:
+            raise ReslabError(f"--out {out} holds {foreign!r}, which reslab did not write, beside an interrupted "
+                              f"prepare; {refusal}")
         return None
     remove_temp_files(out, tuple(shard_name(i) for i in range(len(state["shards"]) + 1)) + (MANIFEST, STATE))
     for entry in state["shards"]:

@@ -35,7 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from reslab.data.tokenfiles import TokenFile, lease_breaks, reserve_descriptors, start_reading, stop_reading
+from reslab.data.tokenfiles import (
+    TokenFile,
+    lease_breaks,
+    read_regular,
+    reserve_descriptors,
+    start_reading,
+    stop_reading,
+)
 from reslab.data.tokenizer import CharTokenizer, IdTokenizer, Tokenizer, load_tokenizer_file
 from reslab.errors import ReslabError
 from reslab.jsonfile import Field, check_schema, confined_path, read_json_file
@@ -169,6 +176,14 @@ class PreparedData:
     shards: dict[str, TokenFile] = field(default_factory=dict)  # a reslab directory's: by their manifest names
 
 
+def check_vocab_flag(directory: Path, vocab_size: int | None) -> None:
+    """`--vocab-size` names the vocabulary of token files that do not record it (nanoGPT without meta.pkl,
+    modded-nanogpt); a reslab directory records its own, so the flag would be ignored there: refused instead."""
+    if vocab_size is not None and (Path(directory) / MANIFEST).exists():
+        raise ReslabError(f"--vocab-size does not apply to {directory}: its {MANIFEST} records the vocabulary "
+                          "(--vocab-size is for nanoGPT data without meta.pkl and modded-nanogpt shards); drop it")
+
+
 def open_prepared(directory: Path, vocab_size: int | None = None, verify: bool = False) -> PreparedData:
     """Open a prepared directory of any of the three layouts (see the module docstring)."""
     directory = Path(directory)
@@ -181,6 +196,8 @@ def open_prepared(directory: Path, vocab_size: int | None = None, verify: bool =
         raise ReslabError(f"--data {directory} is a directory with an unfinished prepare (no {MANIFEST} yet); run the "
                           "same reslab data prepare command again to finish it")
     if bins and _is_modded(bins[0]):
+        return open_modded(bins, vocab_size)
+    if bins and any(_is_modded(path) for path in bins[1:]):  # refused by name: the first is not a shard
         return open_modded(bins, vocab_size)
     raise ReslabError(f"--data {directory} is a directory but not prepared data (no {MANIFEST}, train.bin or "
                       "modded-nanogpt .bin shards); run reslab data prepare SOURCE --out DIR first")
@@ -320,10 +337,7 @@ def _descriptor_sha256(file: TokenFile) -> str:
 
 def _open_shard(path: Path, dtype: np.dtype, tokens: int, offset: int = 0) -> TokenFile:
     """One shard, opened and guarded (`reslab.data.tokenfiles`), refused if missing, empty or not its size."""
-    if not path.is_file():
-        what = "is missing" if not path.exists() else "is not a regular file"
-        raise ReslabError(f"{path} {what}; the data directory is incomplete: prepare it again")
-    file = TokenFile(path, dtype, offset, tokens)
+    file = TokenFile(path, dtype, offset, tokens, "the data directory is incomplete: prepare it again")
     expected = offset + tokens * dtype.itemsize
     if tokens <= 0 or file.size <= offset:
         raise ReslabError(f"{path} is empty (no tokens); prepare the data again")
@@ -374,12 +388,15 @@ class _NoObjects(pickle.Unpickler):
 
 def read_meta_pkl(path: Path) -> dict[str, Any]:
     """nanoGPT's meta.pkl ({'vocab_size', 'itos', 'stoi'}), parsed without running any code it could name."""
+    data = read_regular(path, "pass --vocab-size instead, or put nanoGPT's meta.pkl there")
     try:
-        meta = _NoObjects(io.BytesIO(path.read_bytes())).load()
+        meta = _NoObjects(io.BytesIO(data)).load()
     except Exception as err:  # noqa: BLE001 - anything a damaged pickle raises
         raise ReslabError(f"{path} is not a plain-data meta.pkl ({err}); pass --vocab-size instead") from err
-    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
-        raise ReslabError(f"{path} has no integer vocab_size; pass --vocab-size instead")
+    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or not 1 <= vocab <= 2**32:
+        raise ReslabError(f"{path} has no vocab_size that is an integer in [1, 2^32] (got {vocab!r:.40}); pass "
+                          "--vocab-size instead")
     return meta
 
 
@@ -410,20 +427,22 @@ def open_nanogpt(directory: Path, vocab_size: int | None = None) -> PreparedData
 
 
 def _open_raw(path: Path, dtype: np.dtype) -> TokenFile:
-    if not path.is_file():
-        raise ReslabError(f"{path} is missing; nanoGPT data needs train.bin and val.bin")
-    size = path.stat().st_size
-    if size % dtype.itemsize:
-        raise ReslabError(f"{path} has {size:,} bytes, not a whole number of {dtype.name} tokens: truncated")
-    return _open_shard(path, dtype, size // dtype.itemsize)
+    fix = "nanoGPT data needs train.bin and val.bin, both regular files"
+    file = TokenFile(path, dtype, 0, 0, fix)  # opened once: the size checked is the size of the file read
+    if file.size % dtype.itemsize:
+        raise ReslabError(f"{path} has {file.size:,} bytes, not a whole number of {dtype.name} tokens: truncated")
+    if file.size == 0:
+        raise ReslabError(f"{path} is empty (no tokens); prepare the data again")
+    file.tokens = file.size // dtype.itemsize
+    return file.guard()
 
 
 # ---------------------------------------------------------------------------------------------- modded-nanogpt
 
 
 def _modded_header(path: Path) -> np.ndarray:
-    with open(path, "rb") as handle:
-        head = handle.read(MODDED_HEADER_INTS * 4)
+    head = read_regular(path, "keep only modded-nanogpt shards (regular files) in the directory",
+                        MODDED_HEADER_INTS * 4)
     return np.frombuffer(head[:len(head) // 4 * 4], dtype=np.int32)
 
 
@@ -440,6 +459,9 @@ def open_modded(paths: list[Path], vocab_size: int | None = None) -> PreparedDat
         if len(header) < MODDED_HEADER_INTS or int(header[0]) != MODDED_MAGIC or int(header[1]) != MODDED_VERSION:
             raise ReslabError(f"{path} is not a modded-nanogpt shard (header magic {MODDED_MAGIC}, version "
                               f"{MODDED_VERSION}); keep only such shards in the directory")
+        if int(header[2]) < 1:
+            raise ReslabError(f"{path}: its header counts {int(header[2])} tokens; a modded-nanogpt shard holds at "
+                              "least one: keep only such shards in the directory")
         arrays.append(_open_shard(path, np.dtype(np.uint16), int(header[2]), offset=MODDED_HEADER_INTS * 4))
     vocab = vocab_size or GPT2_VOCAB
     _check_ids(paths, vocab, MODDED_HEADER_INTS * 4)

@@ -15,23 +15,15 @@ import codecs
 import glob
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from reslab.data.chunk import Chunk
 from reslab.errors import ReslabError
 
 CHUNK_BYTES = 1 << 20  # read size; chunks are about this long
 MAX_CARRY_CHARS = 64 << 20  # text without a safe cut this long is cut at a newline anyway (bounded memory)
 BOM = "\ufeff"
 TEXT_SUFFIXES = (".txt", ".md", ".text")
-
-
-@dataclass
-class Chunk:
-    text: str
-    end: int  # byte offset in the file just after this chunk's text
-    start: int = 0  # byte offset in the file where this chunk's text starts
-    characters: int = 0  # set by readers that drop `text` once it is handed on
 
 
 def check_text_file(path: Path, flag: str = "--data") -> None:

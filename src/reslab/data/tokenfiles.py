@@ -18,11 +18,13 @@ raised as `DataChanged` (one line naming the file), never a signal.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import mmap
 import os
 import resource
 import signal
+import stat
 import threading
 import weakref
 from pathlib import Path
@@ -43,13 +45,38 @@ class DataChanged(ReslabError):
     """A token file changed under a running training: truncated, or opened for writing by another process."""
 
 
+def open_regular(path: Path, fix: str) -> int:
+    """A descriptor of `path` opened for reading, refused (one line naming it, with `fix`) unless it is a regular
+    file: opened without blocking, then checked on the descriptor itself, so a FIFO (whose open or read waits for a
+    writer forever), a device or a directory swapped in at any moment is refused, never waited on."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ReslabError(f"{path} is missing; {fix}") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ReslabError(f"{path} is a symlink loop; {fix}") from None
+        raise
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise ReslabError(f"{path} is not a regular file (a directory, pipe, socket or device); {fix}")
+    os.set_blocking(descriptor, True)
+    return descriptor
+
+
+def read_regular(path: Path, fix: str, limit: int = -1) -> bytes:
+    """The bytes of the regular file `path` (the first `limit` of them, or all), through `open_regular`."""
+    with open(open_regular(path, fix), "rb", closefd=True) as handle:
+        return handle.read(limit)
+
+
 class TokenFile:
     """`tokens` tokens of `dtype` from byte `offset` of one file, open (`size`: its bytes when opened) for the life
     of this object. After `guard()`, `view` is the file's memory map while a lease guards it, else None (pread)."""
 
-    def __init__(self, path: Path, dtype: np.dtype, offset: int, tokens: int):
+    def __init__(self, path: Path, dtype: np.dtype, offset: int, tokens: int, fix: str = "prepare the data again"):
         self.path, self.dtype, self.offset, self.tokens = path, dtype, offset, tokens
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.fd = open_regular(path, fix)
         weakref.finalize(self, _close, self.fd)
         info = os.fstat(self.fd)
         self.size, self.signature = info.st_size, [info.st_size, info.st_mtime_ns, info.st_ctime_ns]

@@ -23,6 +23,7 @@ FILENAME = "tokenizer.json"
 FILE_FORMAT = 1
 DEFAULT_BPE_VOCAB = 512
 BYTE_ALPHABET = 256  # byte-level BPE starts from one token per byte
+MAX_BPE_VOCAB = 1 << 20  # HF's trainer allocates tables this large up front: 2^31 aborts the process (no error)
 PIECE_CHARS = 2000  # BPE encodes a corpus in pieces of about this size
 _SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])")  # a newline between two printable ASCII characters
 
@@ -120,6 +121,9 @@ def check_bpe_vocab(vocab_size: int) -> None:
     check_positive(vocab_size=vocab_size)
     if vocab_size < BYTE_ALPHABET:
         raise ReslabError(f"--vocab-size {vocab_size} is too small for byte-level BPE; use at least {BYTE_ALPHABET}")
+    if vocab_size > MAX_BPE_VOCAB:
+        raise ReslabError(f"--vocab-size {vocab_size:,} is too large for a BPE trained here; use at most "
+                          f"{MAX_BPE_VOCAB:,} (GPT-2 has 50,257)")
 
 
 class BPETokenizer(Tokenizer):

@@ -14,7 +14,14 @@ from pathlib import Path
 
 from reslab.data.corpus import NAMED_SOURCES, text_file
 from reslab.data.prepare import cached_text
-from reslab.data.shards import PreparedData, check_unchanged, open_prepared, open_reslab, read_manifest
+from reslab.data.shards import (
+    PreparedData,
+    check_unchanged,
+    check_vocab_flag,
+    open_prepared,
+    open_reslab,
+    read_manifest,
+)
 from reslab.data.tokenizer import Tokenizer
 from reslab.errors import ReslabError
 
@@ -23,7 +30,14 @@ def training_data(source: str | None, kind: str, vocab_size: int | None,
                   expect_sha256: str | None = None) -> PreparedData:
     """Open `source` for training; expect_sha256 (a resumed run's record) refuses changed text before preparing."""
     if source not in NAMED_SOURCES and source is not None and Path(source).is_dir():
+        if kind != "char":  # char is the default: the only value that cannot tell whether --tokenizer was given
+            raise ReslabError(f"--tokenizer {kind} does not apply to --data {source}: a prepared directory brings its "
+                              "own tokenizer; drop --tokenizer (or give the text, to tokenize it anew)")
+        check_vocab_flag(Path(source), vocab_size)
         return open_prepared(Path(source), vocab_size)
+    if kind == "char" and vocab_size is not None:
+        raise ReslabError("--vocab-size applies only with --tokenizer bpe (the char tokenizer takes its vocabulary "
+                          "from the text); give --tokenizer bpe, or drop --vocab-size")
     path, label = text_file(source)
     directory, sha = cached_text(path, kind, vocab_size, expect_sha256)
     data = open_reslab(directory)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import html
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.nn as nn
 
@@ -41,6 +42,9 @@ class Audit:
     modules: dict[str, int]  # module path -> residuals inside it, for modules holding a parameterised submodule
     blocks: list[BlockSummary]
     trace: Trace = field(repr=False)
+    # audit -> Diagram: set by `reslab.graph.diagram`, which draws audits and so sits above this module (no import
+    # back); `reslab.graph` imports both, so every audit can draw itself
+    draw: ClassVar[Callable[..., Any]]
 
     # --- machine-readable ----------------------------------------------------------------------------------------
     def summary(self) -> dict[str, int]:
@@ -128,9 +132,7 @@ class Audit:
 
     def diagram(self, **options):
         """The diagram of the same trace (see `reslab.graph.diagram.Diagram`)."""
-        from reslab.graph.diagram import Diagram
-
-        return Diagram.from_audit(self, **options)
+        return type(self).draw(self, **options)
 
 
 def audit(model: nn.Module, example_inputs: Any, target: str | None = None) -> Audit:

@@ -50,8 +50,6 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:  # the TARGET names the model: hide the shared --model flag
         if action.dest == "model":
             action.help, action.default = argparse.SUPPRESS, None
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", dest="sets",
-                        help="set a config field (repeatable); values parse as JSON numbers, booleans or strings")
     parser.add_argument("--device", default="meta", choices=("meta", "cpu"),
                         help="where to build built-in, run-directory and hf: models (default meta: no weights "
                              "allocated; use cpu for models whose forward reads tensor values)")
@@ -71,21 +69,19 @@ def load(args: argparse.Namespace):
 
 
 def target_overrides(args: argparse.Namespace) -> dict:
-    """The config fields the arguments set: model flags (built-in models only), then `--set`."""
-    from reslab.cli_args import BOOL_FLAGS, MODEL_FLAGS, SCHEME_FLAGS, model_overrides
+    """The config fields the arguments set: model flags and `--set` for a built-in model, `--set` alone (as the
+    target's own config keys) for the others."""
+    from reslab.cli_args import model_flags_given, model_overrides
     from reslab.graph.targets import kind_of, parse_sets
 
     if args.model is not None and args.model != args.target:
         raise ReslabError(f"the TARGET names the model; drop --model {args.model}")
-    if kind_of(args.target) == "builtin":
-        overrides = model_overrides(args, model=args.target)
-    else:
-        flags = [*MODEL_FLAGS, *SCHEME_FLAGS, *(f"--{flag}" for flag in BOOL_FLAGS), "--residual"]
-        given = [flag for flag in flags if getattr(args, flag[2:].replace("-", "_"), None) is not None]
-        if given:
-            raise ReslabError(f"{given[0]} applies to built-in models only; for {args.target} use --set KEY=VALUE")
-        overrides = {}
-    return {**overrides, **parse_sets(args.sets)}
+    if kind_of(args.target) == "builtin":  # --set checked like a flag: a field of the model or its scheme's option
+        return model_overrides(args, model=args.target)
+    given = [flag for flag in model_flags_given(args) if flag not in ("--model", "--set")]
+    if given:
+        raise ReslabError(f"{given[0]} applies to built-in models only; for {args.target} use --set KEY=VALUE")
+    return parse_sets(args.sets)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

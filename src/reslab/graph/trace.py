@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from reslab._torch_compat import view_base
 from reslab.graph import ops
 
 
@@ -266,9 +267,9 @@ class Tracer:
                         data and param, role, through, operands, scaled)
             nodes.append(node)
             self.ids[tensor] = node.id
-        if inplace and outs[0]._base is not None and outs[0]._base in self.ids:
+        base = view_base(outs[0]) if inplace else None
+        if base is not None and base in self.ids:
             # Writing into a view changes its base too: later readers of the base must depend on this op.
-            base = outs[0]._base
             node = Node(len(nodes), "view_update", (self.ids[base], nodes[-1].id), call, tuple(base.shape), True,
                         False, False)
             nodes.append(node)

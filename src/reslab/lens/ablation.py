@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from reslab.ablationdir import AblationDir
 from reslab.errors import ReslabError
 
 REPORT_TOKENS = 256  # validation tokens per run for the report's lens plot
@@ -33,7 +34,7 @@ def plot_lens_by_block(ablation, path: Path, colours: dict[str, str]) -> bool:
         if run.status != "finished" or run.seed != seed:
             continue
         try:
-            curves[(run.residual, run.layers)] = block_losses(ablation.path / "runs" / run.name)
+            curves[(run.residual, run.layers)] = block_losses(AblationDir(ablation.path).run_dir(run.name))
         except (ReslabError, OSError):
             continue  # a run whose checkpoint or corpus cannot be read is left out of the panel
     if not curves:

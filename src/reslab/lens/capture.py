@@ -15,17 +15,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from reslab.contracts import LensModel, is_attention, missing
 from reslab.errors import ReslabError
-
-LENS_MEMBERS = ("stream", "norm", "head", "residual_sites")  # what the lens reads of a language model
 
 
 def check_lens_model(model: nn.Module) -> None:
     """The lens decodes with the model's own stream adapter, final norm and head; say which one is missing."""
-    for member in LENS_MEMBERS:
-        if not hasattr(model, member):
-            raise ReslabError(f"{type(model).__name__} has no {member!r}; the lens needs a reslab language model "
-                              f"with {', '.join(LENS_MEMBERS)} (gpt, llama, tiny or one built like them)")
+    member = missing(model, LensModel)
+    if member is not None:
+        raise ReslabError(f"{type(model).__name__} has no {member!r}; the lens needs a reslab language model "
+                          "(reslab.contracts.LensModel: gpt, llama, tiny or one built like them)")
 
 
 def site_names(model: nn.Module) -> list[str]:
@@ -33,7 +32,7 @@ def site_names(model: nn.Module) -> list[str]:
     names = ["embed"]
     for layer, block in enumerate(model.blocks):
         for index, (_, sublayer) in enumerate(block.sites()):
-            role = "attn" if getattr(sublayer, "is_attention", False) else ("ffn" if index else f"sub{index}")
+            role = "attn" if is_attention(sublayer) else ("ffn" if index else f"sub{index}")
             names.append(f"{layer}.{role}")
     return names
 

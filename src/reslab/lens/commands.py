@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from reslab.checks import COUNT, SEED, check_numbers
-from reslab.cli_args import BOOL_FLAGS, MODEL_FLAGS, SCHEME_FLAGS, add_model_arguments
+from reslab.cli_args import add_model_arguments, model_flags_given
 from reslab.errors import ReslabError
 
 LENS_RANGES = {"tokens": COUNT, "seed": SEED, "tuned_steps": COUNT, "tuned_batch": COUNT}
@@ -79,11 +79,6 @@ def fit_tuned(given, args: argparse.Namespace):
         print(f"tuned lens: {args.tuned_steps} steps on the run's training split, summed KL {losses[0]:.4f} -> "
               f"{losses[-1]:.4f}")
     return tuned
-
-
-def model_flags_given(args: argparse.Namespace) -> list[str]:
-    flags = ["--model", "--residual", *MODEL_FLAGS, *SCHEME_FLAGS, *(f"--{flag}" for flag in BOOL_FLAGS)]
-    return [flag for flag in flags if getattr(args, flag[2:].replace("-", "_"), None) is not None]
 
 
 def cmd_lens(args: argparse.Namespace) -> int:

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING
 
-from reslab.errors import unknown
-from reslab.registry import MODELS, TRANSFORMERS
+from reslab.registry import MODELS, TRANSFORMERS, load, names
 
 if TYPE_CHECKING:  # `reslab.models` loads torch only when a model is built, so the CLI starts fast
     import torch.nn as nn
 
 
 def get_model_class(name: str) -> type[nn.Module]:
-    if name not in MODELS:
-        raise unknown("model", name, MODELS)
-    module, _, attr = MODELS[name].partition(":")
-    return getattr(import_module(module), attr)
+    """The model class registered under `name`, built in or a plug-in's (entry-point group `reslab.models`)."""
+    return load("model", name)
 
 
 def make_config(name: str, **overrides):
@@ -28,7 +24,7 @@ def check_saved_model_config(name: str, values: dict, source) -> None:
     """A model config read back from a file: a known model, every field present, each valid (one error line)."""
     from reslab.errors import ReslabError
 
-    if not isinstance(name, str) or name not in MODELS:
+    if not isinstance(name, str) or name not in list_models():
         raise ReslabError(f"{source}: unknown model {name!r}; restore the file from a copy")
     config = make_config(name, **values)
     missing = sorted(set(config.to_dict()) - set(values))
@@ -41,7 +37,7 @@ def build_model(name: str, **overrides) -> nn.Module:
 
     A language model is checked against `reslab.contracts` once, here: a missing member is one error line."""
     model = get_model_class(name)(make_config(name, **overrides))
-    if name in TRANSFORMERS:
+    if name in TRANSFORMERS or name not in MODELS:  # a plug-in model is held to the same contract
         from reslab.contracts import check_language_model
 
         check_language_model(model)
@@ -49,4 +45,5 @@ def build_model(name: str, **overrides) -> nn.Module:
 
 
 def list_models() -> list[str]:
-    return list(MODELS)
+    """Every model's name, the plug-ins' included."""
+    return names("model")

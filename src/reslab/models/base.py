@@ -1,100 +1,23 @@
-"""What every reslab language model shares: its typed config, weight init and generation.
+"""What every reslab language model shares: weight init and generation (its typed config: `configs.py`).
 
 The architectures themselves live one per file (`tiny.py`, `gpt.py`, `llama.py`) so each forward reads top-down.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reslab.checks import BETA, NON_NEGATIVE, POSITIVE, OnlyWith, Range, check_field_type, check_numbers
-from reslab.contracts import attention_sublayers
-from reslab.errors import ReslabError, check_positive
+from reslab.contracts import attention_sublayers, declared_parameters, is_moe
+from reslab.models.configs import TransformerConfig
 from reslab.nn import Block, make_norm
 from reslab.residual import get_scheme
-
-
-@dataclass
-class ModelConfig:
-    """Base for every model config: validation and (de)serialisation to plain JSON-able dicts.
-
-    Every field is checked against its type annotation (so `--set layers=abc` or `layers=64.0` is one error line),
-    and the float fields named in `RANGES` (merged over the class hierarchy) against their admissible range.
-    """
-
-    RANGES: ClassVar[dict[str, Range]] = {}
-    # fields that matter only when another is set (`moe_top_k` needs `moe_experts`): a flag given for one of them
-    # alone is refused, not ignored (reslab.cli_args)
-    ONLY_WITH: ClassVar[dict[str, OnlyWith]] = {}
-
-    def validate(self) -> None:
-        pass
-
-    @classmethod
-    def declared(cls, name: str) -> dict[str, Any]:
-        """A class-level declaration (`RANGES`, `ONLY_WITH`) merged over the class hierarchy, subclasses last."""
-        merged: dict[str, Any] = {}
-        for klass in reversed(cls.__mro__):
-            merged.update(vars(klass).get(name, {}))
-        return merged
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(values) - names)
-        if bad:
-            raise ReslabError(f"{cls.__name__} has no field {bad[0]!r}; its fields: {', '.join(sorted(names))}")
-        hints = typing.get_type_hints(cls)
-        values = {name: check_field_type(name, value, hints[name]) for name, value in values.items()}
-        ranges = cls.declared("RANGES")
-        config = cls(**values)
-        check_numbers(dataclasses.asdict(config), ranges, flags={name: name for name in ranges})
-        config.validate()
-        return config
-
-
-@dataclass
-class TransformerConfig(ModelConfig):
-    """Fields every transformer in reslab understands. Shapes come from here, never from constants in code."""
-
-    vocab_size: int = 65
-    context: int = 64
-    width: int = 64
-    layers: int = 1
-    heads: int = 2
-    dropout: float = 0.0
-    residual: str = "pre"
-    residual_options: dict[str, Any] = field(default_factory=dict)
-    init_std: float = 0.02
-
-    RANGES: ClassVar[dict[str, Range]] = {"dropout": BETA, "init_std": NON_NEGATIVE, "norm_eps": POSITIVE,
-                                          "rope_theta": POSITIVE}
-
-    def validate(self) -> None:
-        check_positive(vocab_size=self.vocab_size, context=self.context, width=self.width, layers=self.layers,
-                       heads=self.heads)
-        if self.width % self.heads:
-            raise ReslabError(f"width {self.width} is not divisible by heads {self.heads}; "
-                              f"choose heads among {divisors(self.width)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ReslabError(f"dropout must be in [0, 1), got {self.dropout}")
-        get_scheme(self.residual).resolve_options(self.residual_options)
-
-
-def divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)
 
 
 class LanguageModel(nn.Module):
@@ -103,6 +26,7 @@ class LanguageModel(nn.Module):
 
     config_class: ClassVar[type[TransformerConfig]]
     blocks: nn.ModuleList
+    aux_loss_weights: Mapping[str, float] = MappingProxyType({})  # a model with auxiliary losses sets its own
 
     def init_weights(self, scaled_residual_init: bool) -> None:
         """Normal(0, init_std) for every matrix and embedding, zero biases (GPT-2 / nanoGPT).
@@ -117,8 +41,8 @@ class LanguageModel(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            for name in getattr(module, "stacked_matrices", ()):  # a stack of matrices (MoE experts)
-                nn.init.normal_(getattr(module, name), 0.0, std)
+            for stack in declared_parameters(module, "stacked_matrices"):  # a stack of matrices (MoE experts)
+                nn.init.normal_(stack, 0.0, std)
         for block in self.blocks:
             for site, sublayer in block.sites():
                 if scaled_residual_init:
@@ -167,7 +91,7 @@ class LanguageModel(nn.Module):
         """Called by the trainer after each optimizer step: MoE layers move their routing bias from the step's
         expert counts (DeepSeek-V3's auxiliary-loss-free balancing; `reduce` sums the counts over ranks)."""
         for module in self.modules():
-            if hasattr(module, "update_bias"):
+            if is_moe(module):
                 module.update_bias(reduce)
 
     def residual_sites(self):

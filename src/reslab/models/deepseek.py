@@ -7,79 +7,15 @@ DeepSeekMoE (arXiv 2401.06066). Defaults train on 2 CPU cores in minutes; V3 its
 128 heads, q_lora_rank 1536, kv_lora_rank 512, 256 routed experts top-8, 1 shared, first_k_dense 3.
 """
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 import torch.nn as nn
 
-from reslab.checks import NON_NEGATIVE, POSITIVE, OnlyWith, Range
 from reslab.contracts import ModelOutput
-from reslab.errors import ReslabError, check_positive, unknown
-from reslab.models.base import LanguageModel, TransformerConfig
+from reslab.models.base import LanguageModel
+from reslab.models.configs import DeepSeekConfig
 from reslab.nn import SwiGLU
 from reslab.nn.mla import MultiHeadLatentAttention
-from reslab.nn.moe import SCORING, MoEFeedForward, TopKRouter, collect_moe
-
-
-@dataclass
-class DeepSeekConfig(TransformerConfig):
-    width: int = 128
-    layers: int = 4
-    heads: int = 4
-    q_lora_rank: int | None = 64  # None: queries straight from the stream (DeepSeek-V2-Lite)
-    kv_lora_rank: int = 32
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16  # 0: no RoPE at all
-    v_head_dim: int = 32
-    rope_theta: float = 10000.0
-    rope_interleave: bool = True  # DeepSeek's pair layout (2i, 2i+1); False: Llama's half-split
-    ffn_hidden: int = 256  # the dense SwiGLU of the first `first_k_dense` blocks
-    first_k_dense: int = 1
-    moe_experts: int = 8  # routed experts
-    moe_top_k: int = 2
-    moe_shared: int = 1  # shared experts (always on)
-    moe_hidden: int = 64  # hidden size of each expert
-    moe_aux_weight: float = 0.0001  # weight of the sequence-wise balance loss (V3's alpha)
-    router_scoring: str = "sigmoid"
-    norm_top_k: bool = True  # normalise the chosen gates to sum 1
-    routed_scale: float = 1.0  # routed scaling factor (2.5 in V3)
-    expert_groups: int = 1  # group-limited routing: groups of experts ...
-    top_groups: int = 1  # ... of which each token may use this many
-    balance_rate: float = 0.001  # the bias update speed gamma of auxiliary-loss-free balancing (0: off)
-    tie_embeddings: bool = False
-    norm_eps: float = 1e-6
-
-    RANGES: ClassVar[dict[str, Range]] = {"moe_aux_weight": NON_NEGATIVE, "routed_scale": POSITIVE,
-                                          "balance_rate": NON_NEGATIVE}
-    ONLY_WITH: ClassVar[dict[str, OnlyWith]] = {"ffn_hidden": OnlyWith("first_k_dense"),  # the dense blocks' FFN
-                                                "rope_theta": OnlyWith("qk_rope_head_dim"),
-                                                "rope_interleave": OnlyWith("qk_rope_head_dim")}
-
-    def validate(self) -> None:
-        super().validate()
-        check_positive(q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank, v_head_dim=self.v_head_dim,
-                       qk_nope_head_dim=self.qk_nope_head_dim, ffn_hidden=self.ffn_hidden, moe_experts=self.moe_experts,
-                       moe_top_k=self.moe_top_k, moe_hidden=self.moe_hidden, expert_groups=self.expert_groups,
-                       top_groups=self.top_groups)
-        if self.router_scoring not in SCORING:
-            raise unknown("router scoring", self.router_scoring, SCORING)
-        if self.qk_rope_head_dim < 0 or self.qk_rope_head_dim % 2:
-            raise ReslabError(f"qk_rope_head_dim must be even and >= 0, got {self.qk_rope_head_dim}")
-        if self.first_k_dense < 0 or self.moe_shared < 0:
-            raise ReslabError("first_k_dense and moe_shared must be >= 0")
-        check_routing(self.moe_experts, self.moe_top_k, self.expert_groups, self.top_groups)
-
-
-def check_routing(experts: int, top_k: int, groups: int = 1, top_groups: int = 1) -> None:
-    """One line for a top-k or grouping that cannot route."""
-    if top_k > experts:
-        raise ReslabError(f"moe_top_k {top_k} exceeds the {experts} experts; choose moe_top_k <= moe_experts")
-    if experts % groups or top_groups > groups:
-        raise ReslabError(f"{experts} experts cannot form {groups} equal groups with {top_groups} used; "
-                          "choose expert_groups dividing moe_experts and top_groups <= expert_groups")
-    if top_k > top_groups * experts // groups:
-        raise ReslabError(f"moe_top_k {top_k} exceeds the experts of {top_groups} groups; raise top_groups")
+from reslab.nn.moe import MoEFeedForward, TopKRouter, collect_moe
 
 
 class DeepSeek(LanguageModel):

@@ -5,34 +5,14 @@ Defaults are nanoGPT's CPU shakespeare-char shape (4 layers, 4 heads, width 128,
 `layers=12, heads=12, width=768, context=1024, vocab_size=50257`.
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
 from reslab.contracts import ModelOutput
-from reslab.errors import unknown
-from reslab.models.base import LanguageModel, TransformerConfig
-from reslab.nn import ACTIVATIONS, MLP, Block, CausalSelfAttention, make_norm
+from reslab.models.base import LanguageModel
+from reslab.models.configs import GPTConfig
+from reslab.nn import MLP, Block, CausalSelfAttention, make_norm
 from reslab.residual import get_scheme
-
-
-@dataclass
-class GPTConfig(TransformerConfig):
-    width: int = 128
-    layers: int = 4
-    heads: int = 4
-    residual: str = "pre"
-    bias: bool = False
-    tie_embeddings: bool = True
-    scaled_init: bool = True
-    norm_eps: float = 1e-5
-    activation: str = "gelu-tanh"  # GPT-2's; nanoGPT uses "gelu" (exact), modded-nanogpt "relu2"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.activation not in ACTIVATIONS:
-            raise unknown("activation", self.activation, ACTIVATIONS)
 
 
 class GPT(LanguageModel):

@@ -3,26 +3,12 @@ shortcut wherever a layer's input and output shapes match. The book prints the m
 weight with and without shortcuts to show the vanishing gradient; `reslab reproduce deep-mlp-gradients` does too.
 """
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn as nn
 
-from reslab.errors import ReslabError, check_positive
-from reslab.models.base import ModelConfig
+from reslab.models.configs import MLPConfig
 from reslab.nn.norms import make_norm
 from reslab.residual import SiteSpec, get_scheme
-
-
-@dataclass
-class MLPConfig(ModelConfig):
-    layer_sizes: list[int] = field(default_factory=lambda: [3, 3, 3, 3, 3, 1])
-    shortcut: bool = True
-
-    def validate(self) -> None:
-        if len(self.layer_sizes) < 2:
-            raise ReslabError(f"layer_sizes needs at least an input and an output size, got {self.layer_sizes}")
-        check_positive(**{f"layer_sizes[{i}]": size for i, size in enumerate(self.layer_sizes)})
 
 
 class DeepMLP(nn.Module):

@@ -4,22 +4,14 @@ Char embedding + learned positions, blocks of multi-head attention and a ReLU FF
 post-LN by default (as in the article), a linear LM head. Defaults: context 64, width 64, 2 heads, 1 block.
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
 from reslab.contracts import ModelOutput
-from reslab.models.base import LanguageModel, TransformerConfig
+from reslab.models.base import LanguageModel
+from reslab.models.configs import TinyConfig
 from reslab.nn import Block, CausalSelfAttention, ReluFFN, make_norm
 from reslab.residual import get_scheme
-
-
-@dataclass
-class TinyConfig(TransformerConfig):
-    residual: str = "post"
-    ffn_mult: int = 2
-    bias: bool = True
 
 
 class TinyTransformer(LanguageModel):

@@ -15,7 +15,7 @@ from reslab.nn.rope import RotaryEmbedding
 
 
 class CausalSelfAttention(nn.Module):
-    is_attention = True  # reslab.contracts: provides heads and head_dim (FLOP counting)
+    is_attention = True  # reslab.contracts.Attention (heads, head_dim, kv_heads); ValueMixing too (`value_mix`)
 
     def __init__(
         self,

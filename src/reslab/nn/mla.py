@@ -26,7 +26,7 @@ from reslab.nn.rope import RotaryEmbedding
 
 
 class MultiHeadLatentAttention(nn.Module):
-    is_attention = True  # reslab.contracts: provides heads and head_dim (FLOP counting)
+    is_attention = True  # reslab.contracts.Attention (heads, head_dim, kv_heads); ValueMixing too (`value_mix`)
 
     def __init__(self, width: int, heads: int, q_lora_rank: int | None, kv_lora_rank: int, qk_nope_head_dim: int,
                  qk_rope_head_dim: int, v_head_dim: int, rope_theta: float = 10000.0, rope_interleave: bool = True,

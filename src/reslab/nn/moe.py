@@ -130,6 +130,7 @@ class MoEFeedForward(nn.Module):
     (DeepSeek-V3's sequence-wise loss, MiniMind's `seq_aux`); otherwise over the whole batch (Switch).
     """
 
+    is_moe = True  # reslab.contracts.MoELayer: the trainer calls `update_bias` after each optimizer step
     not_for_muon = ("router",)  # reslab.contracts: the router's rows are per-expert scores, not a hidden matrix
 
     def __init__(self, width: int, hidden: int, experts: int, top_k: int, shared: int, router: TopKRouter,

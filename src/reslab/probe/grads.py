@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from reslab._torch_compat import foreach_mul_, foreach_norm
+
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
@@ -43,15 +45,15 @@ class GradientNorms:
 def gradient_norms(model: nn.Module, clip: float = 0.0) -> GradientNorms:
     """L2 norm of every parameter's gradient (before clipping), their total, and per-block norms.
 
-    All norms come from a single `torch._foreach_norm` and one device-to-host copy. When `clip > 0` the gradients
+    All norms come from a single `foreach_norm` and one device-to-host copy. When `clip > 0` the gradients
     are then scaled in place exactly as `clip_grad_norm_` would, reusing the total instead of computing it twice.
     """
     named = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
     if not named:
         return GradientNorms({}, 0.0, [])
     grads = [g for _, g in named]
-    norms = torch.stack(torch._foreach_norm(grads)).float()
+    norms = torch.stack(foreach_norm(grads)).float()
     total = torch.linalg.vector_norm(norms)
     if clip > 0:
-        torch._foreach_mul_(grads, torch.clamp(clip / (total + 1e-6), max=1.0).to(grads[0].dtype))
+        foreach_mul_(grads, torch.clamp(clip / (total + 1e-6), max=1.0).to(grads[0].dtype))
     return GradientNorms.from_values([name for name, _ in named], norms.tolist(), total.item())

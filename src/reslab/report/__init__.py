@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPORT = "report.html"
+from reslab.ablationdir import REPORT
 
 
 def write_report(ablation_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -18,8 +18,9 @@ from html import escape
 from typing import Any
 
 from reslab.io import command_line
+from reslab.metrics import seed_summaries
 from reslab.report.load import Ablation
-from reslab.report.plots import Plot, scheme_colours
+from reslab.report.plots import Plot, expected_plots, scheme_colours
 
 DASH = "\u2013"
 
@@ -181,10 +182,10 @@ def _summary_table(rows: list[dict[str, Any]], colours: dict[str, str]) -> str:
     if not rows:
         return '<p class="note">summary.json has no rows yet.</p>'
     best = _best_by_depth(rows)
+    others = seed_summaries()[1:]  # after the headline (final val loss): every other field aggregated over seeds
     head = ("<tr><th>#</th><th class=\"left\">scheme</th><th>depth</th><th>seeds</th><th>final val loss<br>"
             "mean ± std</th><th>final val loss<br>[min, max]</th><th>Δ vs best<br>of its depth</th>"
-            "<th>best<br>val loss</th><th>grad share<br>L0 / L<sub>last</sub></th><th>stream RMS<br>last block</th>"
-            "<th>mean<br>drift</th><th>tokens / s</th></tr>")
+            + "".join(f"<th>{esc(field.column).replace(chr(10), '<br>')}</th>" for field in others) + "</tr>")
     body = []
     for rank, row in enumerate(rows, 1):
         mean, std = row.get("final_val_loss_mean"), row.get("final_val_loss_std")
@@ -207,10 +208,8 @@ def _summary_table(rows: list[dict[str, Any]], colours: dict[str, str]) -> str:
         body.append(
             f"<tr{classes}><td>{rank}</td><td class=\"left\">{_swatch(row.get('residual', ''), colours)}"
             f"{esc(row.get('residual', '?'))}</td><td>{esc(row.get('layers', '?'))}</td><td>{seeds_text}</td>"
-            f"<td>{final}</td><td>{span}</td><td>{versus}</td><td>{_num(row.get('best_val_loss_mean'))}</td>"
-            f"<td>{_num(row.get('first_layer_grad_share_mean'), 3)}</td>"
-            f"<td>{_num(row.get('final_stream_rms_mean'), 3)}</td><td>{_num(row.get('mean_drift_mean'), 3)}</td>"
-            f"<td>{_num(row.get('tokens_per_second_mean'), 0)}</td></tr>")
+            f"<td>{final}</td><td>{span}</td><td>{versus}</td>"
+            + "".join(f"<td>{_num(row.get(f'{field.key}_mean'), field.digits)}</td>" for field in others) + "</tr>")
     return f'<div class="scroll"><table class="summary">{head}\n' + "\n".join(body) + "</table></div>"
 
 
@@ -387,7 +386,7 @@ def _plots_section(plots: list[Plot]) -> str:
     """The figures, and a note naming what could not be plotted for want of data."""
     if not plots:
         return '<p class="note">No metrics were logged, so there is nothing to plot.</p>'
-    missing = [name for name in ("loss.png", "grads.png", "profile.png") if name not in {p.name for p in plots}]
+    missing = [name for name in expected_plots() if name not in {p.name for p in plots}]
     note = (f'<p class="note">Not plotted, because no run recorded the data: {esc(", ".join(missing))} '
             "(runs trained with <code>--no-diagnostics</code> log no gradient or stream probes).</p>"
             if missing else "")

@@ -1,24 +1,24 @@
 """Read an ablation directory (see reslab.ablate.grid) into plain Python objects for the plots and the report.
 
 Tolerant by design: a run without metrics, a run stopped half way, a diverged run, a metrics line cut off by a
-crash, or a scheme that this version of reslab no longer registers all still produce a report.
+crash, or a scheme that this version of reslab no longer registers all still produce a report. metrics.jsonl is read
+by `reslab.rundir.read_metrics`, with its one damage policy: a damaged line other than a cut-off last one is an error.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reslab.ablation_summary import summarize
+from reslab.ablationdir import RECORD, AblationDir, parse_run_name
 from reslab.errors import ReslabError
 from reslab.jsonfile import parse_json, read_json_file
-from reslab.rundir import DamagedRunError
+from reslab.rundir import CONFIG, DIVERGED, METRICS, SUMMARY, DamagedRunError, read_metrics
 
 _DAMAGE_FIX = "repair the file or delete it, then write the report again"
-
-_RUN_NAME = re.compile(r"^(?P<residual>.+)-L(?P<layers>\d+)-s(?P<seed>-?\d+)$")
 
 
 @dataclass
@@ -112,76 +112,48 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def _parse_quiet(text: str | None, source: str) -> Any:
-    """JSON `text`, or None when it is not JSON (a file cut off by a crash); JSON nested too deep to read is damage
-    that would otherwise go unnoticed: one DamagedRunError line naming `source`."""
+def _read_json_quiet(path: Path) -> Any:
+    """A JSON file, or None when it is unreadable or not JSON (a file cut off by a crash); JSON nested too deep to
+    read is damage that would otherwise go unnoticed: one DamagedRunError line naming the file."""
+    text = _read_text(path)
     if text is None:
         return None
-    return parse_json(text, source, _DAMAGE_FIX, allow_nan=True, error=DamagedRunError, invalid=None)
-
-
-def _read_json_quiet(path: Path) -> Any:
-    return _parse_quiet(_read_text(path), str(path))
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl; a line cut off by a crash (or otherwise unreadable) is skipped."""
-    records = []
-    lines = (_read_text(path) or "").splitlines()
-    for number, line in enumerate(lines, 1):
-        record = _parse_quiet(line, f"{path} line {number}")
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
-
-
-def check_ablation_dir(path: Path) -> Path:
-    """The ablation directory, or a one-line ReslabError saying what is wrong with it."""
-    path = Path(path)
-    if not path.exists():
-        raise ReslabError(f"{path} does not exist; give an ablation directory (the --out of `reslab ablate`)")
-    if not path.is_dir():
-        raise ReslabError(f"{path} is a file, not an ablation directory (the --out of `reslab ablate`)")
-    if not (path / "ablation.json").exists():
-        raise ReslabError(f"{path} is not an ablation directory: it has no ablation.json; "
-                          "run `reslab ablate --out DIR` first")
-    return path
+    return parse_json(text, str(path), _DAMAGE_FIX, allow_nan=True, error=DamagedRunError, invalid=None)
 
 
 def load_ablation(path: Path) -> Ablation:
     """Read ablation.json, summary.json (recomputed if missing) and every run under runs/."""
-    path = check_ablation_dir(path)
-    meta = read_json_file(path / "ablation.json", "run the ablation again into it, or restore the file",
+    ablation = AblationDir(path).check()
+    path = ablation.path
+    meta = read_json_file(ablation / RECORD, "run the ablation again into it, or restore the file",
                           what="ablation record", allow_nan=True)
     if not isinstance(meta, dict):
-        raise ReslabError(f"{path / 'ablation.json'} is not an ablation record (expected a JSON object)")
-    runs = [_load_run(run_dir, meta) for run_dir in sorted((path / "runs").glob("*")) if run_dir.is_dir()]
+        raise ReslabError(f"{ablation / RECORD} is not an ablation record (expected a JSON object)")
+    runs = [_load_run(run_dir, meta) for run_dir in ablation.run_dirs()]
     runs = [run for run in runs if run is not None]
     summary = {"rows": []}
     if runs:  # aggregated again from the runs on disk: summary.json may be stale (runs removed, damaged, added)
-        from reslab.ablate.summary import summarize
-
         summary = summarize(path)  # a damaged run is one error line naming it
     summary.setdefault("rows", [])
     return Ablation(path, meta, summary, runs)
 
 
 def _load_run(run_dir: Path, meta: dict[str, Any]) -> Run | None:
-    config = _read_json_quiet(run_dir / "config.json")
+    config = _read_json_quiet(run_dir / CONFIG)
     config = config if isinstance(config, dict) else {}
     model_config = config.get("model_config") or {}
-    match = _RUN_NAME.match(run_dir.name)
-    residual = model_config.get("residual") or (match and match["residual"])
-    layers = model_config.get("layers") or (match and int(match["layers"]))
+    point = parse_run_name(run_dir.name)
+    residual = model_config.get("residual") or (point and point.residual)
+    layers = model_config.get("layers") or (point and point.layers)
     seed = (config.get("train") or {}).get("seed")
-    if seed is None and match:
-        seed = int(match["seed"])
+    if seed is None and point:
+        seed = point.seed
     if not residual or not isinstance(layers, int):
         return None  # not a run directory
     run = Run(run_dir.name, residual, layers, seed if isinstance(seed, int) else 0, config=config)
-    run.records = read_metrics(run_dir / "metrics.jsonl")
-    summary = _read_json_quiet(run_dir / "summary.json")
-    diverged = _read_json_quiet(run_dir / "diverged.json")
+    run.records = read_metrics(run_dir / METRICS)
+    summary = _read_json_quiet(run_dir / SUMMARY)
+    diverged = _read_json_quiet(run_dir / DIVERGED)
     steps = (meta.get("train") or {}).get("steps")
     if isinstance(summary, dict) and (steps is None or summary.get("steps") == steps):
         run.summary, run.status = summary, "finished"

@@ -4,8 +4,10 @@
     grads.png     gradient norm of each block vs step: one panel per scheme and depth, colour = block
     profile.png   stream RMS, drift and update ratio per block at the end of training, a line per scheme
     amax.png      HC/mHC Amax gain vs step (only when some run logged `amax_gain_*`)
+    NAME.png      a declared metric plotted in a figure of its own (`reslab.metrics.Plotted`): value vs step
 
-Every scheme has one colour in every plot (`scheme_colour`).
+Which metric goes into which figure, with what label, is its declaration's (`reslab.metrics`). Every scheme has one
+colour in every plot (`scheme_colour`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reslab.ablationdir import PLOTS
+from reslab.metrics import NATS, PER_SUBLAYER, SCALAR, Metric, figures, in_figure
 from reslab.report.load import Ablation, Run
-
-PLOTS_DIR = "plots"
-PLOT_NAMES = ("loss.png", "grads.png", "profile.png", "amax.png")
 
 # Fixed colours for the registered schemes, so a scheme looks the same in every report; the control is grey.
 SCHEME_COLOURS = {
@@ -175,27 +176,25 @@ def _seed_note(ablation: Ablation) -> str:
     return "one seed" if seeds == 1 else f"line: mean over {seeds} seeds, band: min to max"
 
 
-def plot_loss(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
-    """Validation loss (top row) and training loss (bottom row) vs step, one column per depth."""
+def plot_vs_step(ablation: Ablation, path: Path, colours: dict[str, str], metrics: list[Metric], title: str) -> bool:
+    """Each scalar metric vs step, a row per metric (e.g. validation loss, then training loss), a column per depth."""
     from matplotlib.lines import Line2D
 
     depths = ablation.depths
-    rows = [("val_loss", "validation loss"), ("loss", "training loss (log-window mean)")]
-    has = {key: any(run.series(key)[0] for run in ablation.runs) for key, _ in rows}
-    rows = [row for row in rows if has[row[0]]]
+    rows = [m for m in metrics if m.shape == SCALAR and any(run.series(m.name)[0] for run in ablation.runs)]
     if not rows or not depths:
         return False
     figure, axes = _figure(len(depths), len(rows), (4.6, 3.3), sharex="col", sharey="row")
     cap = math.log(ablation.vocab_size) * 1.25 if ablation.vocab_size else None
     any_diverged = False
-    for row, (key, label) in enumerate(rows):
-        top = -math.inf
+    for row, metric in enumerate(rows):
+        key, top = metric.name, -math.inf
         for col, depth in enumerate(depths):
             ax = axes[row][col]
             drawn = False
             for scheme in ablation.schemes:
                 runs = ablation.runs_for(scheme, depth)
-                steps, mean, lo, hi = aggregate(runs, lambda r: r.get(key))
+                steps, mean, lo, hi = aggregate(runs, lambda r, k=key: r.get(k))
                 if not steps:
                     continue
                 drawn = True
@@ -218,24 +217,26 @@ def plot_loss(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
             if row == len(rows) - 1:
                 ax.set_xlabel("training step")
             if col == 0:
-                ax.set_ylabel(f"{label}\n(nats / token)")
-        if cap is not None and top > cap:  # a diverging run must not flatten everyone else's curve
+                ax.set_ylabel(f"{metric.plot.label}\n({metric.unit})" if metric.unit else metric.plot.label)
+        if cap is not None and metric.unit == NATS and top > cap:  # a diverging run must not flatten the others
             axes[row][0].set_ylim(top=cap)
     extra = [Line2D([], [], ls="none", marker="X", ms=9, color="white", mec="black", label="diverged here")] \
         if any_diverged else []
     _scheme_legend(figure, ablation, colours, extra)
-    figure.suptitle(f"Loss vs step ({_seed_note(ablation)})", fontsize=12, fontweight="bold")
+    figure.suptitle(f"{title} ({_seed_note(ablation)})", fontsize=12, fontweight="bold")
     _save(figure, path)
     return True
 
 
-def plot_grads(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
-    """Gradient norm of each block vs step: a panel per (depth, scheme), blocks coloured bottom (dark) to top."""
+def plot_grads(ablation: Ablation, path: Path, colours: dict[str, str], metrics: list[Metric], title: str) -> bool:
+    """A per-block metric (the gradient norm of each block) vs step: a panel per (depth, scheme), blocks coloured
+    bottom (dark) to top."""
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import BoundaryNorm
 
-    if not any(run.series("grad_norm_total")[0] or run.last_with("block_grad_norms") for run in ablation.runs):
+    metric = next((m for m in metrics if any(run.last_with(m.name) for run in ablation.runs)), None)
+    if metric is None:
         return False
     schemes, depths = ablation.schemes, ablation.depths
     ncols = min(len(schemes), 4)
@@ -252,7 +253,7 @@ def plot_grads(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
             runs = ablation.runs_for(scheme, depth)
             drawn = False
             for block in range(depth):
-                steps, mean, _, _ = aggregate(runs, lambda r, b=block: _index(r.get("block_grad_norms"), b))
+                steps, mean, _, _ = aggregate(runs, lambda r, b=block: _index(r.get(metric.name), b))
                 points = [(s, m) for s, m in zip(steps, mean) if m > 0]
                 if points:
                     drawn = True
@@ -267,7 +268,7 @@ def plot_grads(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
             if i // ncols == rows_per_depth - 1 or i + ncols >= len(schemes):
                 ax.set_xlabel("training step")
             if i % ncols == 0:
-                ax.set_ylabel("gradient L2 norm")
+                ax.set_ylabel(metric.unit)
         for j in range(len(schemes), rows_per_depth * ncols):  # unused panels in the depth's last row
             axes[d * rows_per_depth + j // ncols][j % ncols].set_visible(False)
         for ax in drawn_axes:  # again, now that the shared y-range holds every panel's data
@@ -275,30 +276,29 @@ def plot_grads(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
         bar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=group, shrink=0.9, pad=0.01,
                               ticks=range(depth) if depth <= 16 else None)
         bar.set_label("block (0 = next to the embedding)")
-    figure.suptitle(f"Gradient norm per block vs step (mean over {len(ablation.seeds)} "
+    figure.suptitle(f"{title} (mean over {len(ablation.seeds)} "
                     f"seed{'s' if len(ablation.seeds) != 1 else ''}, before clipping)", fontsize=12, fontweight="bold")
     _save(figure, path)
     return True
 
 
-def plot_profile(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
-    """Per block at the end of training: stream RMS, drift, update ratio; a line per scheme, a row per depth."""
+def plot_profile(ablation: Ablation, path: Path, colours: dict[str, str], metrics: list[Metric], title: str) -> bool:
+    """Per block at the end of training (stream RMS, drift, update ratio): a panel per metric, a line per scheme,
+    a row per depth."""
     from matplotlib.lines import Line2D
 
-    if not any(run.last_with("stream_rms") or run.last_with("drift") for run in ablation.runs):
+    if not any(run.last_with(m.name) for m in metrics if m.shape != PER_SUBLAYER for run in ablation.runs):
         return False
-    panels = [("stream_rms", "RMS", "stream RMS after the block", True),
-              ("drift", "cosine similarity", "drift: cos(block input, output)", False),
-              ("update_ratio", "ratio", "update ratio ||F(x)|| / ||x||", True)]
+    panels = [(m.name, m.unit, m.plot.label, m.plot.log, m.shape == PER_SUBLAYER) for m in metrics]
     depths = ablation.depths
     figure, axes = _figure(len(panels), len(depths), (4.6, 3.1))
     for row, depth in enumerate(depths):
-        for col, (key, unit, label, log) in enumerate(panels):
+        for col, (key, unit, label, log, per_sublayer) in enumerate(panels):
             ax = axes[row][col]
             drawn = False
             for scheme in ablation.schemes:
                 runs = ablation.runs_for(scheme, depth)
-                parts = [(0, "-"), (1, "--")] if key == "update_ratio" else [(None, "-")]
+                parts = [(0, "-"), (1, "--")] if per_sublayer else [(None, "-")]
                 for sub, style in parts:
                     blocks, mean, lo, hi = _block_profile(runs, key, sub)
                     if log:
@@ -318,7 +318,7 @@ def plot_profile(ablation: Ablation, path: Path, colours: dict[str, str]) -> boo
             if log:
                 _log_y(ax)
             ax.set_ylabel(unit)
-            if key == "drift":
+            if unit == "cosine similarity":
                 ax.axhline(1.0, color="#999999", lw=0.8, ls=":")
                 ax.axhline(0.0, color="#999999", lw=0.8, ls=":")
             ax.set_xticks(range(depth) if depth <= 16 else range(0, depth, max(1, depth // 8)))
@@ -328,30 +328,17 @@ def plot_profile(ablation: Ablation, path: Path, colours: dict[str, str]) -> boo
     extra = [Line2D([], [], color="#444444", lw=2, ls="-", label="attention (update ratio)"),
              Line2D([], [], color="#444444", lw=2, ls="--", label="FFN (update ratio)")]
     _scheme_legend(figure, ablation, colours, extra)
-    figure.suptitle(f"The residual stream per block at the end of training ({_seed_note(ablation)})",
-                    fontsize=12, fontweight="bold")
+    figure.suptitle(f"{title} ({_seed_note(ablation)})", fontsize=12, fontweight="bold")
     _save(figure, path)
     return True
 
 
-AMAX_LABELS = {"amax_gain_forward": "forward: largest row sum", "amax_gain_backward": "backward: largest column sum"}
-
-
-def amax_keys(ablation: Ablation) -> list[str]:
-    keys: dict[str, None] = {}
-    for run in ablation.runs:
-        for record in run.records:
-            for key, value in record.items():
-                if key.startswith("amax_gain") and _finite(value):
-                    keys.setdefault(key, None)
-    return sorted(keys, key=lambda k: (k not in AMAX_LABELS, list(AMAX_LABELS).index(k) if k in AMAX_LABELS else 0, k))
-
-
-def plot_amax(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
-    """HC/mHC: Amax gain of the composite residual mixing vs step; a panel per key and depth."""
-    keys = amax_keys(ablation)
+def plot_amax(ablation: Ablation, path: Path, colours: dict[str, str], metrics: list[Metric], title: str) -> bool:
+    """HC/mHC: Amax gain of the composite residual mixing vs step; a panel per metric some run recorded and depth."""
+    keys = [m.name for m in metrics if any(_finite(r.get(m.name)) for run in ablation.runs for r in run.records)]
     if not keys:
         return False
+    labels = {m.name: m.plot.label for m in metrics}
     with_data = [s for s in ablation.schemes
                  if any(k in r for run in ablation.runs if run.residual == s for r in run.records for k in keys)]
     depths = ablation.depths
@@ -371,8 +358,7 @@ def plot_amax(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
                 ax.plot(steps, mean, color=colours[scheme], lw=2)
                 if len(runs) > 1:
                     ax.fill_between(steps, lo, hi, color=colours[scheme], alpha=0.18, lw=0)
-            label = AMAX_LABELS.get(key, key)
-            ax.set_title(f"{label}  ·  {depth} block{'s' if depth != 1 else ''}", fontsize=10)
+            ax.set_title(f"{labels[key]}  ·  {depth} block{'s' if depth != 1 else ''}", fontsize=10)
             if not drawn:
                 _no_data(ax)
                 continue
@@ -383,49 +369,72 @@ def plot_amax(ablation: Ablation, path: Path, colours: dict[str, str]) -> bool:
             if row == len(depths) - 1:
                 ax.set_xlabel("training step")
     _scheme_legend(figure, ablation, colours, schemes=with_data)
-    figure.suptitle(f"Amax gain of the composite residual mixing ({_seed_note(ablation)})", fontsize=12,
-                    fontweight="bold")
+    figure.suptitle(f"{title} ({_seed_note(ablation)})", fontsize=12, fontweight="bold")
     _save(figure, path)
     return True
 
 
+def _figures(seeds: str) -> dict[str, tuple[Callable[..., bool], str, str]]:
+    """The built-in figures: name -> (draw, title, caption); `draw` is given the metrics declared in the figure."""
+    return {
+        "loss": (plot_vs_step, "Loss vs step", (
+                 f"Validation loss (top; the same held-out batches at every evaluation) and training loss (bottom; "
+                 f"mean over each log window) per scheme, one column per depth ({seeds}). Lower is better.")),
+        "grads": (plot_grads, "Gradient norm per block vs step", (
+                  "L2 norm of all gradients inside each block, before clipping, on log steps; colour runs from block "
+                  "0 (dark, next to the embedding) to the last block (yellow, next to the head). One y-axis for all "
+                  "panels, logarithmic when the norms span a decade or more: lines far apart mean some blocks get "
+                  "much less training signal than others.")),
+        "profile": (plot_profile, "The residual stream per block at the end of training", (
+                    f"At the last logged step of each run ({seeds}): the RMS of the stream after each block, the "
+                    "drift (cosine similarity between what enters and what leaves a block: 1 = unchanged, 0 = "
+                    "replaced) and the update ratio ||F(x)|| / ||x|| of the attention (solid) and FFN (dashed) "
+                    "sublayers.")),
+        "amax": (plot_amax, "Amax gain of the composite residual mixing", (
+                 "HC / mHC only: the largest absolute row sum (forward) or column sum (backward) of the product of the "
+                 "residual mixing matrices over depth. Near 1 is stable; large values amplify signals and gradients.")),
+    }
+
+
+def _lens_figure(ablation: Ablation, path: Path, colours: dict[str, str], metrics: list[Metric], title: str) -> bool:
+    from reslab.lens.ablation import plot_lens_by_block  # reads each run's checkpoint, not metrics.jsonl
+
+    return plot_lens_by_block(ablation, path, colours)
+
+
+LENS_CAPTION = ("For the first seed's finished runs: the next-token loss of the stream after the embedding and after "
+                "each block, decoded by the model's own final norm and head (the logit lens, `reslab lens RUN` for "
+                "one run), on the run's validation split. Falling block by block: each block refines the prediction.")
+
+
 def make_plots(ablation: Ablation) -> list[Plot]:
-    """Write every plot the data allows under DIR/plots/; returns those written (stale ones are removed)."""
+    """Write every plot the data allows under DIR/plots/ (every figure a metric's declaration names, then the logit
+    lens); returns those written (stale ones are removed)."""
     import matplotlib
 
-    from reslab.lens.ablation import plot_lens_by_block
-
-    directory = ablation.path / PLOTS_DIR
+    directory = ablation.path / PLOTS
     directory.mkdir(parents=True, exist_ok=True)
     colours = scheme_colours(ablation.schemes)
     seeds = _seed_note(ablation)
-    specs = [
-        ("loss.png", plot_loss, "Loss vs step",
-         f"Validation loss (top; the same held-out batches at every evaluation) and training loss (bottom; mean over "
-         f"each log window) per scheme, one column per depth ({seeds}). Lower is better."),
-        ("grads.png", plot_grads, "Gradient norm per block vs step",
-         "L2 norm of all gradients inside each block, before clipping, on log steps; colour runs from block 0 "
-         "(dark, next to the embedding) to the last block (yellow, next to the head). One y-axis for all panels, "
-         "logarithmic when the norms span a decade or more: lines far apart mean some blocks get much less "
-         "training signal than others."),
-        ("profile.png", plot_profile, "The residual stream per block at the end of training",
-         f"At the last logged step of each run ({seeds}): the RMS of the stream after each block, the drift "
-         "(cosine similarity between what enters and what leaves a block: 1 = unchanged, 0 = replaced) and the "
-         "update ratio ||F(x)|| / ||x|| of the attention (solid) and FFN (dashed) sublayers."),
-        ("amax.png", plot_amax, "Amax gain (hyper-connections)",
-         "HC / mHC only: the largest absolute row sum (forward) or column sum (backward) of the product of the "
-         "residual mixing matrices over depth. Near 1 is stable; large values amplify signals and gradients."),
-        ("lens.png", plot_lens_by_block, "Logit lens by block",  # reslab.lens: reads each run's checkpoint
-         "For the first seed's finished runs: the next-token loss of the stream after the embedding and after each "
-         "block, decoded by the model's own final norm and head (the logit lens, `reslab lens RUN` for one run), on "
-         "the run's validation split. Falling block by block: each block refines the prediction."),
-    ]
+    built_in = _figures(seeds)
+    specs = []
+    for name in figures():
+        metrics = in_figure(name)
+        draw, title, caption = built_in.get(name) or (plot_vs_step, metrics[0].plot.label.capitalize() + " vs step",
+                                                      f"{metrics[0].description} ({seeds}).")
+        specs.append((name, draw, title, caption, metrics))
+    specs.append(("lens", _lens_figure, "Logit lens by block", LENS_CAPTION, []))
     written = []
     with matplotlib.rc_context(STYLE):
-        for name, function, title, caption in specs:
-            path = directory / name
-            if function(ablation, path, colours):
-                written.append(Plot(name, path, title, caption))
+        for name, draw, title, caption, metrics in specs:
+            path = directory / f"{name}.png"
+            if draw(ablation, path, colours, metrics, title):
+                written.append(Plot(path.name, path, title, caption))
             else:
                 path.unlink(missing_ok=True)
     return written
+
+
+def expected_plots() -> list[str]:
+    """The plot files every ablation with diagnostics has: those the report names when they could not be drawn."""
+    return [f"{name}.png" for name in figures(expected_only=True)]

@@ -1,12 +1,15 @@
-"""Named reproductions of the claims behind reslab. Each is one module with `add_arguments` and `run`."""
+"""Named reproductions of the claims behind reslab. Each is one module with `add_arguments` and `run`; a plug-in
+registers more (entry-point group `reslab.reproductions`: `name = package.module`)."""
 
-from importlib import import_module
-
-from reslab.errors import unknown
-from reslab.registry import REPRODUCTIONS
+from reslab.registry import REPRODUCTIONS, load, names
 
 
 def get_reproduction(name: str):
-    if name not in REPRODUCTIONS:
-        raise unknown("reproduction", name, REPRODUCTIONS)
-    return import_module(REPRODUCTIONS[name])
+    return load("reproduction", name)
+
+
+def list_reproductions() -> list[str]:
+    return names("reproduction")
+
+
+__all__ = ["REPRODUCTIONS", "get_reproduction", "list_reproductions"]

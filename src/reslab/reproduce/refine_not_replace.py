@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from reslab.ablationdir import AblationDir
 from reslab.reproduce.common import add_grid_arguments, print_verdict, run_grid
 
 CLAIM = "with pre-LN the logit-lens loss falls block by block and early writes survive to the output; not so without"
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                  "log_interval": 30, "checkpoint_interval": 60}
     run_grid("refine-not-replace", args, "gpt", SCHEMES, depths, seeds, model, train)
     out = args.out or Path("runs") / "reproduce" / ("refine-not-replace" + ("-quick" if args.quick else ""))
-    numbers = {f"{scheme}-L{depth}": mean_over_seeds([read_run(out / "runs" / f"{scheme}-L{depth}-s{seed}")
+    numbers = {f"{scheme}-L{depth}": mean_over_seeds([read_run(AblationDir(out).run_path(scheme, depth, seed))
                                                       for seed in seeds])
                for scheme in SCHEMES for depth in depths}
     refines = all(falls_block_by_block(numbers[f"pre-L{d}"]["block_losses"]) for d in depths)

@@ -1,22 +1,18 @@
-"""Residual schemes, chosen by name. A new scheme is one file in this folder plus its lines in `reslab.registry`."""
+"""Residual schemes, chosen by name: the built-in ones (one file each in this folder, one line in
+`reslab.registry.SCHEMES`) and those installed plug-ins register (entry-point group `reslab.schemes`)."""
 
-from importlib import import_module
-
-from reslab.errors import unknown
-from reslab.registry import SCHEMES
+from reslab.registry import SCHEMES, load, names
 from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter
 
 
 def get_scheme(name: str) -> type[ResidualSite]:
     """The site class registered under `name`; a ReslabError listing the choices otherwise."""
-    if name not in SCHEMES:
-        raise unknown("residual scheme", name, SCHEMES)
-    module, _, attr = SCHEMES[name].partition(":")
-    return getattr(import_module(module), attr)
+    return load("residual scheme", name)
 
 
 def list_schemes() -> list[str]:
-    return list(SCHEMES)
+    """Every scheme's name, the plug-ins' included."""
+    return names("residual scheme")
 
 
 __all__ = ["SCHEMES", "ResidualSite", "SiteSpec", "StreamAdapter", "get_scheme", "list_schemes"]

@@ -66,11 +66,13 @@ class ResidualSite(nn.Module):
     has_skip: ClassVar[bool] = True  # False only for schemes without an identity path (`none`)
     additive_stream: ClassVar[bool] = False  # True: the final stream is exactly embedding + every write (reslab.lens)
     option_defaults: ClassVar[dict[str, Any]] = {}  # the scheme's hyper-parameters and their defaults
+    options_need_layers: ClassVar[int] = 1  # below this many blocks the options change nothing, so they are refused
 
     def __init__(self, spec: SiteSpec):
         super().__init__()
         self.spec = spec
         self.options = self.resolve_options(spec.options)
+        self.check_model(spec.num_layers, spec.options)
         self.probe: Probe | None = None
 
     @classmethod
@@ -84,6 +86,21 @@ class ResidualSite(nn.Module):
             if isinstance(value, float) and not math.isfinite(value):
                 raise ReslabError(f"residual scheme {cls.name!r}: {name} must be a finite number, got {value!r}")
         return {**cls.option_defaults, **given}
+
+    @classmethod
+    def check_model(cls, num_layers: int, given: Mapping[str, Any]) -> None:
+        """Refuse, in one line, options given (`given`, as the user set them) that cannot change a model of
+        `num_layers` blocks. Schemes with other limits override this."""
+        if given and num_layers < cls.options_need_layers:
+            flag = "--" + sorted(given)[0].replace("_", "-")
+            raise ReslabError(f"{flag} does not apply to a model of {num_layers} block{'s' * (num_layers != 1)}: "
+                              f"residual scheme {cls.name!r} needs {cls.options_need_layers} or more for its options "
+                              f"to change anything (raise --layers)")
+
+    @classmethod
+    def streams(cls, options: Mapping[str, Any]) -> int:
+        """How many copies of the (batch, seq, width) stream the scheme carries (memory estimates)."""
+        return 1
 
     @classmethod
     def stream_adapter(cls, width: int, num_layers: int, options: Mapping[str, Any]) -> StreamAdapter:

@@ -41,6 +41,7 @@ class HyperConnections(MultiStreamSite):
         self.read = nn.Parameter(torch.eye(n)[spec.depth_index % n].clone())
         self.stream_mix = nn.Parameter(torch.eye(n).flatten())  # A_r^T, stored flat
         self.write = nn.Parameter(torch.ones(n))
+        self.dynamic_proj: nn.Parameter | None = None  # static: no projection
         if self.dynamic:
             self.dynamic_norm = spec.make_norm(spec.width)
             # one projection for all dynamic terms: columns [read | stream_mix row | write] per stream

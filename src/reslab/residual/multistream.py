@@ -91,6 +91,10 @@ class MultiStreamSite(ResidualSite):
         return options
 
     @classmethod
+    def streams(cls, options: Mapping[str, Any]) -> int:
+        return cls.resolve_options(options)["streams"]
+
+    @classmethod
     def stream_adapter(cls, width: int, num_layers: int, options: Mapping[str, Any]) -> StreamAdapter:
         options = cls.resolve_options(options)
         return ParallelStreams(options["streams"], token_major=cls.per_token_weights(options))

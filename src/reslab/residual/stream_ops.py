@@ -19,14 +19,21 @@ from __future__ import annotations
 
 import torch
 
+from reslab._torch_compat import (
+    functorch_transforms_active,
+    is_batched_gradient,
+    torch_function_mode_enabled,
+    view_base,
+)
+
 
 def fused_path(streams: torch.Tensor) -> bool:
     """Use the fused Functions? Not on the meta device or under a TorchFunctionMode (the audit's tracer reads the
     plain ops), not while torch.compile traces (it fuses the plain ops itself), not under torch.func transforms
     (grad, vmap: the Functions have no functorch rules), and only for float32/float64 streams. Under autocast they
     run in the stream's precision (`stream_precision`): the stream stays fp32, as pre-LN's residual add does."""
-    return (streams.device.type != "meta" and not torch._C._is_torch_function_mode_enabled()
-            and not torch._C._are_functorch_transforms_active()
+    return (streams.device.type != "meta" and not torch_function_mode_enabled()
+            and not functorch_transforms_active()
             and not torch.compiler.is_compiling() and streams.dtype in (torch.float32, torch.float64))
 
 
@@ -105,7 +112,7 @@ class StaticReadMix(torch.autograd.Function):
     def backward(ctx, grad_h: torch.Tensor, grad_mixed: torch.Tensor):
         streams, weights = ctx.saved_tensors
         # create_graph (double backward) and batched gradients (is_grads_batched) need ops autograd and vmap know
-        plain = torch.is_grad_enabled() or torch._C._functorch.is_legacy_batchedtensor(grad_mixed)
+        plain = torch.is_grad_enabled() or is_batched_gradient(grad_mixed)
         grad_all = None if plain else with_spare_row(grad_mixed)
         if grad_all is None:
             grad_all = torch.cat([grad_h.unsqueeze(0), grad_mixed])
@@ -127,7 +134,7 @@ def spare_row(like: torch.Tensor) -> torch.Tensor:
 
 def with_spare_row(rows: torch.Tensor) -> torch.Tensor | None:
     """The whole buffer when `rows` is exactly rows 1..n of a `spare_row` buffer (row 0 is then ours to fill)."""
-    base = rows._base
+    base = view_base(rows)
     if base is None or not getattr(base, "_reslab_spare_row", False) or rows.dim() != 2 or not rows.is_contiguous():
         return None
     if base.shape != (rows.shape[0] + 1, rows.shape[1]) or not base.is_contiguous():

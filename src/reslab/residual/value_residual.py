@@ -4,6 +4,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
+from reslab.contracts import ValueMixing, is_attention, require
 from reslab.errors import ReslabError
 from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter, on_single_stream
 
@@ -41,6 +42,7 @@ class ValueResidual(ResidualSite):
     paper = "Zhou et al. 2024, ResFormer: Value Residual Learning (arXiv 2410.17897)"
     additive_stream = True  # x_L = x_0 + sum of every F written: decomposable (reslab.lens)
     option_defaults = {"value_mix": 0.5, "value_mix_learned": False}
+    options_need_layers = 2  # one block has no later layer to mix the first layer's values into
 
     def __init__(self, spec: SiteSpec):
         super().__init__(spec)
@@ -63,8 +65,9 @@ class ValueResidual(ResidualSite):
         return CarryFirstValues()
 
     def init_branch(self, sublayer: nn.Module) -> None:
-        if not hasattr(sublayer, "value_mix"):
+        if not is_attention(sublayer):
             return  # a feed-forward sublayer: plain pre-LN
+        require(sublayer, ValueMixing, type(sublayer).__name__, f"residual scheme {self.name!r}")
         sublayer.value_mix = self.mix_values
         if self.spec.layer > 0 and self.options["value_mix_learned"]:
             self.mix = nn.Parameter(torch.full((sublayer.kv_heads,), float(self.options["value_mix"])))

@@ -7,49 +7,34 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reslab.checks import COUNT, NON_NEGATIVE, SEED, Range, check_numbers
-from reslab.cli_args import add_model_arguments, model_name, model_overrides
+from reslab.checks import COUNT, NON_NEGATIVE, SEED, Declared, Range, check_numbers, declarations
+from reslab.cli_args import add_flags, add_model_arguments, flagged, given, model_name, model_overrides
 from reslab.data.corpus import normalise_data
 from reslab.errors import ReslabError
 from reslab.rundir import RunDir
-from reslab.train.config import check_flags_apply
+from reslab.train.config import TrainConfig, check_flags_apply
 
-# flag -> (TrainConfig field, type, help). Defaults are None so we know which flags were given (for --resume).
-TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--data": ("data", str, "corpus: shakespeare (default, offline), tinyshakespeare (download), or a UTF-8 file"),
-    "--tokenizer": ("tokenizer", str, "char (default) or bpe"),
-    "--vocab-size": ("vocab_size", int, "BPE vocabulary size"),
-    "--steps": ("steps", int, "optimizer steps (default 2000)"),
-    "--stop-at": ("stop_at", int, "checkpoint and stop after this step; --resume continues (schedule unchanged)"),
-    "--batch": ("batch", int, "sequences per step, over all processes of a torchrun job (default 32)"),
-    "--grad-accum": ("grad_accum", int, "split each step's batch into this many micro-batches (default 1)"),
-    "--lr": ("lr", float, "peak learning rate (default 1e-3)"),
-    "--min-lr": ("min_lr", float, "final learning rate of the cosine decay (default lr/10)"),
-    "--warmup": ("warmup", int, "linear warmup steps (default 100)"),
-    "--weight-decay": ("weight_decay", float, "AdamW weight decay on matrices (default 0.1)"),
-    "--beta1": ("beta1", float, "AdamW beta1 (default 0.9)"),
-    "--beta2": ("beta2", float, "AdamW beta2 (default 0.99)"),
-    "--grad-clip": ("grad_clip", float, "clip the gradient norm to this (default 1.0; 0 = off)"),
-    "--optimizer": ("optimizer", str, "adamw (default) or muon (Muon for hidden matrices, AdamW for the rest)"),
-    "--muon-lr": ("muon_lr", float, "Muon learning rate (default 0.02)"),
-    "--dtype": ("dtype", str, "auto (default: bf16 autocast where the hardware runs bf16 natively, CUDA or "
-                "AMX/AVX512-BF16 CPUs, else fp32), fp32 (exact) or bf16"),
-    "--seed": ("seed", int, "seed for init, batches and dropout (default 1337)"),
-    "--device": ("device", str, "auto (default: cuda if present), cpu, cuda, cuda:N"),
-    "--eval-interval": ("eval_interval", int, "steps between validation estimates (default 250)"),
-    "--eval-batches": ("eval_batches", int, "batches per validation estimate (default 20)"),
-    "--log-interval": ("log_interval", int, "steps between metrics records and diagnostics (default 50)"),
-    "--checkpoint-interval": ("checkpoint_interval", int, "steps between checkpoints (default 500)"),
-}
+# TrainConfig fields whose flags only `train` takes (one run, not an ablation's grid)
+RUN_ONLY = ("print_grad_norms", "progress", "fsdp", "dist_timeout")
+
+
+def train_fields(run_only: bool | None = None) -> list[Declared]:
+    """TrainConfig's flagged fields: all, or those only `train` takes (`run_only=True`), or the others."""
+    fields = flagged(declarations(TrainConfig).values())
+    return [f for f in fields if run_only is None or (f.name in RUN_ONLY) == run_only]
+
+
+def _default(field: Declared) -> str:
+    """The note after a training flag's help: its default, unless the help says it."""
+    plain = field.default is not None and field.annotation is not bool and "default" not in field.metadata["help"]
+    return f" (default {field.default:g})" if plain and isinstance(field.default, float) else (
+        f" (default {field.default})" if plain else "")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """The data/optimizer/schedule flags shared by `train` and `ablate`."""
+    """The data/optimizer/schedule flags shared by `train` and `ablate`, generated from TrainConfig."""
     group = parser.add_argument_group("training")
-    for flag, (_, kind, text) in TRAIN_FLAGS.items():
-        group.add_argument(flag, type=kind, help=text)
-    group.add_argument("--no-diagnostics", action="store_true", help="skip gradient norms and stream probes")
-    group.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    add_flags(group, train_fields(run_only=False), note=_default)
     group.add_argument("--recipe", help="start from a named recipe, model + training flags, that explicit flags "
                        "override: nanogpt-cpu (nanoGPT's CPU shakespeare-char run), fast (val <= 1.70 on "
                        "tinyshakespeare in under 110 s on 2 CPU cores)")
@@ -68,12 +53,8 @@ def register(commands) -> None:
     group.add_argument("--out", type=Path, help="run directory (default runs/MODEL-RESIDUAL)")
     group.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
     group.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    group.add_argument("--print-grad-norms", action="store_true", help="print every parameter's gradient norm")
-    group.add_argument("--no-progress", action="store_true", help="no progress bar")
     group.add_argument("--json", action="store_true", help="print summary.json to stdout at the end")
-    group.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 (default DDP)")
-    group.add_argument("--dist-timeout", type=float, metavar="SECONDS",
-                       help="under torchrun: fail the job when a rank is silent this long (default 600)")
+    add_flags(group, train_fields(run_only=True), note=_default)
     train.set_defaults(handler=cmd_train)
 
     sample = commands.add_parser("sample", help="generate text from a trained run")
@@ -90,22 +71,10 @@ def register(commands) -> None:
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    values = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, *_) in TRAIN_FLAGS.items()}
-    values = {k: v for k, v in values.items() if v is not None}
+    """The training settings whose flags the user gave."""
+    values = given(args, train_fields())
     if "data" in values:
         values["data"] = normalise_data(values["data"])
-    if args.no_diagnostics:
-        values["diagnostics"] = False
-    if args.compile:
-        values["compile"] = True
-    if getattr(args, "print_grad_norms", False):
-        values["print_grad_norms"] = True
-    if getattr(args, "no_progress", False):
-        values["progress"] = False
-    if getattr(args, "fsdp", False):
-        values["fsdp"] = True
-    if getattr(args, "dist_timeout", None) is not None:
-        values["dist_timeout"] = args.dist_timeout
     return values
 
 

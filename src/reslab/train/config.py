@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,72 +20,75 @@ from reslab.checks import (
     OnlyWith,
     Range,
     check_applies,
-    check_field_type,
-    check_numbers,
-    flag_name,
+    check_declared,
+    option,
 )
 from reslab.errors import ReslabError
 
-# What each numeric field admits; `validate` checks them all (finite, in range), so every command shares one rule.
-RANGES: dict[str, Range] = {
-    "steps": COUNT, "stop_at": COUNT, "batch": COUNT, "grad_accum": COUNT, "vocab_size": Range(low=2, integer=True),
-    "lr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup": NON_NEGATIVE_INT, "weight_decay": NON_NEGATIVE,
-    "beta1": BETA, "beta2": BETA, "grad_clip": NON_NEGATIVE, "muon_lr": POSITIVE, "seed": SEED,
-    "eval_interval": COUNT, "eval_batches": COUNT, "log_interval": COUNT, "checkpoint_interval": COUNT,
-    "dist_timeout": POSITIVE,
-}
 # Fields that matter only when another is set: given alone (`--muon-lr` with AdamW), the flag is refused.
 ONLY_WITH: dict[str, OnlyWith] = {"muon_lr": OnlyWith("optimizer", ("muon",))}
 DEVICE_HELP = "choose auto, cpu, cuda or cuda:N"
 
-def runtime(default: Any, **kwargs) -> Any:
+
+def runtime(default: Any, **declared) -> Any:
     """A field of the runtime: how a run is carried out, which may change when it is resumed (or an ablation is run
     again); every other field is the experiment, which must match the run's config.json."""
-    return field(default=default, metadata={"runtime": True}, **kwargs)
+    return option(default, runtime=True, **declared)
 
 
+# Each field declares its help, range and flag once (`reslab.checks.option`): `train` and `ablate` generate their
+# flags from them, and `validate` checks every range.
 @dataclass
 class TrainConfig:
     """The training config, in two parts told apart by each field's `runtime` mark: the experiment (what is
     computed: must match on resume) and the runtime (how and how long: may change)."""
 
     model: str = "tiny"
-    data: str = "shakespeare"  # "shakespeare", "tinyshakespeare" or a path to a UTF-8 text file
-    tokenizer: str = "char"  # "char" or "bpe"
-    vocab_size: int | None = None  # BPE vocabulary size (char: from the corpus)
-    steps: int = runtime(2000)  # a resumed run may be extended
-    stop_at: int | None = runtime(None)  # checkpoint and exit after this step (the schedule still runs to `steps`)
-    batch: int = 32  # the global batch: per-rank batch x world size x grad_accum
-    grad_accum: int = runtime(1)  # micro-batches per step (gradients summed): the same curve, less memory
-    lr: float = 1e-3
-    min_lr: float | None = None  # cosine floor; default lr / 10 (nanoGPT)
-    warmup: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 disables clipping
-    optimizer: str = "adamw"  # "adamw" or "muon" (Muon for hidden matrices, AdamW for the rest)
-    muon_lr: float = 0.02
+    data: str = option("shakespeare", flag=True, help="corpus: shakespeare (default, offline), tinyshakespeare "
+                       "(download), or a UTF-8 file")
+    tokenizer: str = option("char", help="char (default) or bpe", flag=True)
+    # BPE vocabulary size (char: from the corpus)
+    vocab_size: int | None = option(None, help="BPE vocabulary size", range=Range(low=2, integer=True), flag=True)
+    steps: int = runtime(2000, help="optimizer steps", range=COUNT, flag=True)  # a resumed run may be extended
+    stop_at: int | None = runtime(None, range=COUNT, flag=True, help="checkpoint and stop after this step; --resume "
+                                  "continues (schedule unchanged)")
+    batch: int = option(32, help="sequences per step, over all processes of a torchrun job", range=COUNT, flag=True)
+    # micro-batches per step (gradients summed): the same curve, less memory
+    grad_accum: int = runtime(1, help="split each step's batch into this many micro-batches", range=COUNT, flag=True)
+    lr: float = option(1e-3, help="peak learning rate", range=POSITIVE, flag=True)
+    min_lr: float | None = option(None, help="final learning rate of the cosine decay (default lr/10)",
+                                  range=NON_NEGATIVE, flag=True)  # nanoGPT's floor
+    warmup: int = option(100, help="linear warmup steps", range=NON_NEGATIVE_INT, flag=True)
+    weight_decay: float = option(0.1, help="AdamW weight decay on matrices", range=NON_NEGATIVE, flag=True)
+    beta1: float = option(0.9, help="AdamW beta1", range=BETA, flag=True)
+    beta2: float = option(0.99, help="AdamW beta2", range=BETA, flag=True)
+    grad_clip: float = option(1.0, help="clip the gradient norm to this (0 = off)", range=NON_NEGATIVE, flag=True)
+    optimizer: str = option("adamw", flag=True, help="adamw (default) or muon (Muon for hidden matrices, AdamW for "
+                            "the rest)")
+    muon_lr: float = option(0.02, help="Muon learning rate", range=POSITIVE, flag=True)
     aux_weights: dict[str, float] = field(default_factory=dict)  # auxiliary loss name -> weight (default: model's)
-    # "auto" (bf16 where the hardware runs it natively, else fp32), "fp32" (exact) or "bf16" (autocast; fp32 master
-    # weights). `from_dict` resolves auto for this machine, so a run records the dtype it trains in.
-    dtype: str = "auto"
+    # `from_dict` resolves auto for this machine, so a run records the dtype it trains in.
+    dtype: str = option("auto", flag=True, help="auto (default: bf16 autocast where the hardware runs bf16 natively, "
+                        "CUDA or AMX/AVX512-BF16 CPUs, else fp32), fp32 (exact) or bf16")
     dtype_auto: bool = runtime(False)  # `dtype` was chosen by --dtype auto (how it was picked, not what is computed)
-    compile: bool = runtime(False)  # torch.compile the model (falls back to eager where unavailable)
-    seed: int = 1337
-    device: str = runtime("auto")  # auto: cuda if present, else cpu
-    eval_interval: int = runtime(250)
-    eval_batches: int = runtime(20)
-    log_interval: int = runtime(50)
-    checkpoint_interval: int = runtime(500)
-    diagnostics: bool = True
-    print_grad_norms: bool = runtime(False)
-    progress: bool = runtime(True)
-    fsdp: bool = runtime(False)  # under torchrun: shard parameters, gradients and optimizer state with FSDP2
-    dist_timeout: float = runtime(600.0)  # seconds a collective waits for the other ranks before the job fails
+    # falls back to eager where unavailable
+    compile: bool = runtime(False, help="torch.compile the model", flag="--compile")
+    seed: int = option(1337, help="seed for init, batches and dropout", range=SEED, flag=True)
+    device: str = runtime("auto", help="auto (default: cuda if present), cpu, cuda, cuda:N", flag=True)
+    eval_interval: int = runtime(250, help="steps between validation estimates", range=COUNT, flag=True)
+    eval_batches: int = runtime(20, help="batches per validation estimate", range=COUNT, flag=True)
+    log_interval: int = runtime(50, help="steps between metrics records and diagnostics", range=COUNT, flag=True)
+    checkpoint_interval: int = runtime(500, help="steps between checkpoints", range=COUNT, flag=True)
+    diagnostics: bool = option(True, help="skip gradient norms and stream probes", flag="--no-diagnostics")
+    print_grad_norms: bool = runtime(False, help="print every parameter's gradient norm", flag="--print-grad-norms")
+    progress: bool = runtime(True, help="no progress bar", flag="--no-progress")
+    fsdp: bool = runtime(False, help="under torchrun: shard the model with FSDP2 (default DDP)", flag="--fsdp")
+    # seconds a collective waits for the other ranks before the job fails
+    dist_timeout: float = runtime(600.0, help="under torchrun: fail the job when a rank is silent this long",
+                                  range=POSITIVE, flag=True, metavar="SECONDS")
 
     def validate(self) -> None:
-        check_numbers(self.to_dict(), RANGES)
+        check_declared(self.to_dict(), TrainConfig)
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ReslabError(f"--min-lr {self.min_lr:g} is above --lr {self.lr:g}; "
                               "the cosine decays from lr to min-lr")
@@ -116,8 +118,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        hints = typing.get_type_hints(cls)
-        config = cls(**{k: check_field_type(flag_name(k), v, hints[k]) for k, v in values.items() if k in hints})
+        names = {f.name for f in dataclasses.fields(cls)}
+        config = cls(**check_declared({k: v for k, v in values.items() if k in names}, cls))
         config.validate()
         config.resolve_dtype()
         return config

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from reslab._torch_compat import foreach_mul_, foreach_norm
 from reslab.errors import ReslabError
 from reslab.io import command_line
 
@@ -200,12 +201,12 @@ class World:
         if not named:
             return GradientNorms({}, 0.0, [])
         local = [_local(g) for _, g in named]
-        squares = torch.stack(torch._foreach_norm(local)).float().pow(2)  # an empty shard has norm 0
+        squares = torch.stack(foreach_norm(local)).float().pow(2)  # an empty shard has norm 0
         dist.all_reduce(squares)
         norms = squares.sqrt()
         total = torch.linalg.vector_norm(norms)
         if clip > 0:
-            torch._foreach_mul_(local, torch.clamp(clip / (total + 1e-6), max=1.0).to(local[0].dtype))
+            foreach_mul_(local, torch.clamp(clip / (total + 1e-6), max=1.0).to(local[0].dtype))
         return GradientNorms.from_values([name for name, _ in named], norms.tolist(), total.item())
 
     # -- checkpoints -----------------------------------------------------------------------------------------

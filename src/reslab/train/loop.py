@@ -21,6 +21,7 @@ from reslab.data.shards import PreparedData, TokenSpan
 from reslab.data.training import check_resumable, training_data
 from reslab.errors import ReslabError
 from reslab.memory import check_fits
+from reslab.metrics import run_summary
 from reslab.models import check_saved_model_config, make_config
 from reslab.rundir import CHECKPOINT, CONFIG, METRICS, SUMMARY, DamagedRunError, RunDir
 from reslab.train.checkpoint import checkpoint_step
@@ -236,24 +237,8 @@ def _already_finished(trainer: Trainer) -> dict[str, Any]:
 
 
 def _summary(setup: RunSetup, state: dict[str, Any], parameters: int, run: RunDir) -> dict[str, Any]:
-    last_diagnostics: dict[str, Any] = {}
-    drifts: list[float] = []
-    for record in run.read_metrics():
-        if "drift" in record:
-            last_diagnostics = record
-            drifts.extend(record["drift"])
-    return {
-        "model": setup.model_name,
-        "residual": setup.model_config.get("residual"),
-        "steps": state["step"],
-        "final_train_loss": state.get("last_train_loss"),
-        "final_val_loss": state.get("last_val_loss"),
-        "best_val_loss": state.get("best_val_loss"),
-        "tokens_per_second": state["tokens_seen"] / max(state["train_seconds"], 1e-9),
-        "train_seconds": state["train_seconds"],
-        "parameters": parameters,
-        "first_layer_grad_share": last_diagnostics.get("first_layer_grad_share"),
-        "final_stream_rms": last_diagnostics.get("stream_rms"),
-        "final_drift": last_diagnostics.get("drift"),
-        "mean_drift": sum(drifts) / len(drifts) if drifts else None,
-    }
+    """The run's facts, then every summary field its metrics declare (`reslab.metrics`), from metrics.jsonl."""
+    totals = {"tokens_per_second": state["tokens_seen"] / max(state["train_seconds"], 1e-9),
+              "train_seconds": state["train_seconds"]}
+    return {"model": setup.model_name, "residual": setup.model_config.get("residual"), "steps": state["step"],
+            "parameters": parameters, **run_summary(run.read_metrics(), totals)}

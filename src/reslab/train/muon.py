@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.optim.adamw import adamw
 
+from reslab._torch_compat import foreach_add_, foreach_lerp, foreach_lerp_, foreach_mul_
 from reslab.contracts import parameter_groups
 
 # Quintic Newton-Schulz coefficients chosen (by Muon's authors) to push singular values towards 1 fast, not exactly.
@@ -93,9 +94,9 @@ class MuonAdamW(torch.optim.Optimizer):
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
         buffers = [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
-        updates = torch._foreach_lerp(grads, buffers, group["momentum"])  # Nesterov
-        torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        foreach_lerp_(buffers, grads, 1 - group["momentum"])
+        updates = foreach_lerp(grads, buffers, group["momentum"])  # Nesterov
+        foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
         by_shape: dict[torch.Size, list[int]] = {}
         for i, p in enumerate(params):  # a 3-D parameter (stacked MoE experts) is a batch of its matrices
             by_shape.setdefault(p.shape[-2:], []).append(i)
@@ -104,8 +105,8 @@ class MuonAdamW(torch.optim.Optimizer):
             # Scale so the update's RMS matches across shapes: tall matrices get sqrt(rows / cols).
             scale = math.sqrt(max(1.0, shape[0] / shape[1]))
             parts = stack.split([params[i].numel() // shape.numel() for i in members])
-            torch._foreach_add_([params[i] for i in members], [part.view_as(params[i]) for i, part in
-                                                                zip(members, parts)], alpha=-group["lr"] * scale)
+            foreach_add_([params[i] for i in members], [part.view_as(params[i]) for i, part in zip(members, parts)],
+                         alpha=-group["lr"] * scale)
 
     def _adamw(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]

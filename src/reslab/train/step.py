@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reslab._torch_compat import cpu_bf16_flags, load_inductor, mkldnn_bf16_supported
 from reslab.errors import ReslabError
 from reslab.faults import failpoint
 from reslab.probe import GradientNorms, StreamProbe
@@ -29,10 +30,7 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
+        return mkldnn_bf16_supported()
     return False
 
 
@@ -47,9 +45,7 @@ def native_bf16(device: torch.device) -> str | None:
         return None
     flags = cpu_flags()
     if flags is None:  # no /proc/cpuinfo (macOS, Windows): ask torch's cpuinfo
-        # every CPU with AMX tiles so far has AMX-BF16 (Sapphire Rapids and later)
-        checks = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
-        flags = {flag for flag, check in checks.items() if getattr(torch.cpu, check, lambda: False)()}
+        flags = cpu_bf16_flags()
     found = [flag for flag in CPU_BF16_FLAGS if flag in flags]
     return f"this CPU ({', '.join(found)})" if found else None
 
@@ -161,9 +157,7 @@ class TrainStep:
         failpoint("step")  # the fault tests' "inside a step": gradients computed, weights not yet updated
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        balance = getattr(self.model, "update_balance", None)
-        if balance is not None:  # MoE routing bias, from this step's expert counts summed over ranks
-            balance(self.world.sum)
+        self.model.update_balance(self.world.sum)  # MoE routing bias, from this step's expert counts over ranks
         aux = {name: self.world.mean(value) for name, value in aux.items()}
         metrics = {name: value.detach() for name, value in losses.metrics.items()}
         return StepResult(self.world.mean(total / self.micro_batches), norms, probe, aux, metrics)  # global batch
@@ -184,8 +178,7 @@ class TrainStep:
 def compile_model(model: nn.Module, console=None):
     """torch.compile the model, or say why not and run eager. Returns (callable, compiled?)."""
     try:
-        import torch._inductor  # noqa: F401  (fails early where inductor cannot run)
-
+        load_inductor()  # fails early where inductor cannot run
         return torch.compile(model), True
     except Exception as error:  # compile support varies by platform; training must go on without it
         if console is not None:

@@ -25,8 +25,9 @@ from reslab.data.shards import TokenSpan
 from reslab.data.tokenfiles import DataChanged, lease_breaks, reading
 from reslab.errors import ReslabError
 from reslab.faults import failpoint
+from reslab.metrics import computed, tensorboard_scalars
 from reslab.models import build_model
-from reslab.rundir import CHECKPOINT, RunDir
+from reslab.rundir import CHECKPOINT, TENSORBOARD, RunDir
 from reslab.train.checkpoint import (
     check_model_tensors,
     check_optimizer_tensors,
@@ -222,20 +223,12 @@ def _tensorboard_writer(run_dir: RunDir):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # optional extra: reslab[tensorboard]
         return None
-    return SummaryWriter(log_dir=str(run_dir.path / "tensorboard"))
+    return SummaryWriter(log_dir=str(run_dir / TENSORBOARD))
 
 
 def _write_tensorboard(writer, record: dict[str, Any]) -> None:
-    step = record["step"]
-    for key in ("loss", "val_loss", "train_loss_eval", "lr", "tokens_per_second", "grad_norm_total",
-                "first_layer_grad_share"):
-        if record.get(key) is not None:
-            writer.add_scalar(key, record[key], step)
-    for key in ("stream_rms", "drift", "block_grad_norms"):
-        for layer, value in enumerate(record.get(key) or []):
-            writer.add_scalar(f"{key}/block{layer}", value, step)
-    for key, value in (record.get("aux_losses") or {}).items():
-        writer.add_scalar(f"aux/{key}", value, step)
+    for tag, value in tensorboard_scalars(record):  # what each metric's declaration sends (reslab.metrics)
+        writer.add_scalar(tag, value, record["step"])
 
 
 class Trainer:
@@ -317,21 +310,29 @@ class Trainer:
     def _step_on_guarded_data(self) -> None:
         """One step. A token file truncated under it (read with pread: a short read), or opened for writing by
         another process (a lease-break notice, `reslab.data.tokenfiles`), stops the run at the last finished step,
-        checkpointed, in one line naming the file."""
+        checkpointed, in one line naming the file. Cut short after its update (a validation window read with pread
+        during the step's evaluation), the step is not finished: it is not checkpointed, and the run keeps its last
+        checkpoint, from which a resume redoes the step, evaluation and log record included."""
+        begun = self.step
         try:
             with reading():  # a shard's writer waits for the end of the step: it ends on the tokens it began with
                 self._one_step()
         except DataChanged as error:
-            self._stop_for_data(str(error))
+            self._stop_for_data(str(error), finished=self.step == begun)
         if lease_breaks() and not self.world.distributed and self.step < self.end:
             changed = sorted({path for span in (self.setup.train_tokens, self.setup.val_tokens)
                               if isinstance(span, TokenSpan) for path in span.changed()})
             if changed:
                 self._stop_for_data(f"another process opened {changed[0]} for writing while this run read it")
 
-    def _stop_for_data(self, problem: str) -> None:
+    def _stop_for_data(self, problem: str, finished: bool = True) -> None:
         if self.world.distributed:  # a checkpoint takes every rank, and the others may not have seen it
             raise DataChanged(f"{problem}; stopped; the last checkpoint is kept in {self.run_dir.path}")
+        if not finished:  # weights of step N without its evaluation and record: a checkpoint of them would lie
+            kept = (f"the last checkpoint (step {self.checkpointer.last}) is kept" if self.checkpointer.last else
+                    "no checkpoint had been written yet")
+            raise DataChanged(f"{problem}; stopped during step {self.step}; {kept}; check the data (reslab data info "
+                              f"DIR --verify), then continue with: {self.run_dir.resume_command()}")
         if self.checkpointer.last < self.step:
             self.checkpointer.save(self.step, self.rng, self.state, self.window)
         raise DataChanged(f"{problem}; stopped at step {self.step}, checkpointed; check the data (reslab data info "
@@ -387,4 +388,5 @@ class Trainer:
             record.update(type(sites[0]).scheme_metrics(sites, self.world))  # every rank takes part
             if self.config.print_grad_norms:
                 self.reporter.grad_norms(self.step, result.norms.per_parameter, result.norms.total)
+        record.update(computed(self.model, result))  # metrics declared with their own computation
         return record

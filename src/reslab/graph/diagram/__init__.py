@@ -82,6 +82,9 @@ class Diagram:
         return self.svg()
 
 
+Audit.draw = Diagram.from_audit  # what `Audit.diagram()` calls (audit.py cannot import this module: a cycle)
+
+
 def diagram(model: nn.Module, example_inputs: Any, depth: int = 1, unroll: bool = False,
             target: str | None = None, design: Any = None) -> Diagram:
     """Trace `model` on `example_inputs` and draw it; with `design` (a design file or dict, see
