@@ -118,3 +118,8 @@ def test_set_reaches_the_model_and_its_scheme(cli):
     code, static, err = cli("info", "--model", "gpt", "--layers", "1", "--residual", "hc", "--set", "streams=2",
                             "--set", "width=64")
     assert code == 0 and static != out, err  # hc_dynamic=true was applied
+
+
+def test_a_set_value_nested_100000_deep_is_one_line(cli):
+    code, _, err = cli("info", "--set", "layers=" + "[" * 100_000)
+    assert code == 2 and "nests 100000 levels deep" in err and len(err.strip().splitlines()) == 1

@@ -496,6 +496,17 @@ def test_windows_read_with_pread_equal_the_maps_and_a_writer_breaks_the_lease_at
         mapped.train.gather(starts, 200)
 
 
+def test_without_read_leases_as_on_macos_every_file_is_read_with_pread(cli, text, tmp_path, monkeypatch):
+    """macOS and the BSDs have fcntl but no F_SETLEASE: no lease is tried, files are read with pread, training runs."""
+    from reslab.data import tokenfiles
+
+    monkeypatch.setattr(tokenfiles, "LEASES", False)
+    prepare_data([text], tmp_path / "data", small_options())
+    assert all(file.view is None for file in open_reslab(tmp_path / "data").files)
+    code, _, err = cli("train", *FAST, "--steps", "2", "--data", tmp_path / "data", "--out", tmp_path / "run")
+    assert code == 0, err
+
+
 def test_token_width_follows_the_vocabulary(tmp_path):
     assert (dtype_for(256), dtype_for(65535), dtype_for(65536), dtype_for(200_000)) == (
         "uint16", "uint16", "uint32", "uint32")

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from reslab.errors import ReslabError
+from reslab.errors import Interrupted, ReslabError
 
 # Subcommands defined in other modules: name -> (module, the help line of `reslab --help`). The module's
 # `register(commands)` adds a subcommand's arguments and handler when that subcommand is used, so `reslab --help` and
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except ReslabError as error:
         print(f"reslab: error: {_one_line(error)}", file=sys.stderr)
-        return 130 if type(error).__name__ == "Interrupted" else 2
+        return 130 if isinstance(error, Interrupted) else 2
     except BrokenPipeError:  # `reslab ... | head`: the reader has what it wanted
         _silence_stdout()
         return 141

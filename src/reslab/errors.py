@@ -5,6 +5,11 @@ class ReslabError(ValueError):
     """Bad input from the user: the message names the problem and the fix."""
 
 
+class Interrupted(ReslabError):
+    """Ctrl-C (or SIGTERM) stopped a command cleanly (a run at the end of a step, checkpointed; a prepare with its
+    shards kept); the CLI prints the one line and exits 130."""
+
+
 def check_positive(**sizes: int | float) -> None:
     """Raise ReslabError for the first size that is not a finite number > 0 (None: not given, passes)."""
     import math

@@ -130,5 +130,3 @@ def write_json(path: Path, value: Any) -> None:
     atomic_write(path, (json.dumps(value, indent=2, sort_keys=False) + "\n").encode())
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())

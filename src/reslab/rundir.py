@@ -29,7 +29,7 @@ from typing import Any
 from reslab.errors import ReslabError
 from reslab.faults import failpoint
 from reslab.io import TEMP_SUFFIX, atomic_write, command_line, remove_temp_files, temp_prefix, write_json
-from reslab.jsonfile import parse_json
+from reslab.jsonfile import parse_json, read_json_file
 from reslab.metrics import METRICS as DECLARED_METRICS
 
 MARKER = ".reslab-run"
@@ -259,7 +259,10 @@ def lock_directory(path: Path, what: str) -> Iterator[None]:
     import fcntl
 
     path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = path / LOCK
+    if lock.is_symlink() or (lock.exists() and not lock.is_file()):  # its target would be truncated below
+        raise ReslabError(f"{lock} is not reslab's lock file (a link or not a file); move it away and run again")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -286,11 +289,7 @@ def _left_by_reslab(name: str) -> bool:
 def _read_json_file(path: Path, what: str) -> Any:
     """A JSON file reslab wrote (NaN allowed); invalid, binary or nested too deep: one DamagedRunError line."""
     fix = f"restore the {what} file from a copy, or delete it and run again"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DamagedRunError(f"{path} is not valid JSON ({error}); {fix}") from None
-    return parse_json(text, str(path), fix, allow_nan=True, error=DamagedRunError)
+    return read_json_file(path, fix, what=f"{what} file", allow_nan=True, error=DamagedRunError)
 
 
 def _check_writable(path: Path) -> None:

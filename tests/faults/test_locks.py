@@ -100,3 +100,16 @@ def _cmdline(pid: int) -> str:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(cli, fault_corpus, tmp_path):
+    """The lock is truncated and rewritten by its holder: a `.reslab-lock` that links elsewhere would truncate the
+    file it points at. Refused in one line; the target is left as it was."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("the user's own words\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".reslab-lock").symlink_to(precious)
+    code, _, err = cli("train", *RUN, "--data", fault_corpus, "--out", run)
+    one_line_error(code, err)
+    assert ".reslab-lock" in err and precious.read_text() == "the user's own words\n"

@@ -61,7 +61,7 @@ from reslab.data.tokenizer import (
     check_bpe_vocab,
     load_tokenizer_file,
 )
-from reslab.errors import ReslabError
+from reslab.errors import Interrupted, ReslabError
 from reslab.io import atomic_write, remove_temp_files, write_json
 from reslab.jsonfile import Field, check_schema, read_json_file
 
@@ -109,10 +109,6 @@ def prepare_data(sources: list, out: Path, options: PrepareOptions, identity: li
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted; the shards already written to {out} (if any) are kept: run the same "
                               "command again to continue") from None
-
-
-class Interrupted(ReslabError):
-    """Ctrl-C during a prepare: one line, exit 130 (the CLI's code for an error of this name)."""
 
 
 def _prepare_locked(files: list, out: Path, options: PrepareOptions, job: dict[str, Any]) -> dict[str, Any]:

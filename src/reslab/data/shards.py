@@ -111,8 +111,8 @@ class TokenSpan:
         shards = np.searchsorted(self.bounds, absolute, side="right") - 1
         local = absolute - self.bounds[shards]
         out = np.empty((len(absolute), length), dtype=self.arrays[0].dtype)
+        start_reading()  # a lease that breaks from here on is held until this loop is done with its views
         views, sizes = self._views()
-        start_reading()  # a lease that breaks meanwhile is held until this loop is done with its views
         try:
             for row, (shard, start) in enumerate(zip(shards.tolist(), local.tolist())):
                 if start + length <= sizes[shard]:
@@ -318,7 +318,7 @@ def check_checksums(files: list[TokenFile], fix: str) -> None:
     files = [file for file in files if file.sha256 is not None]
     if not files:
         return
-    pool = ThreadPoolExecutor(min(len(files), len(os.sched_getaffinity(0))))
+    pool = ThreadPoolExecutor(min(len(files), _cores()))
     try:
         for file, digest in zip(files, pool.map(_descriptor_sha256, files)):
             if digest != file.sha256:
@@ -474,3 +474,8 @@ def open_modded(paths: list[Path], vocab_size: int | None = None) -> PreparedDat
         train, val = stream.split(int(len(stream) * TRAIN_FRACTION))
     summary = {"format": "modded-nanogpt", "fingerprint": _quick_fingerprint(paths)}
     return PreparedData(IdTokenizer(vocab), train, val, _record(paths[0].parent, summary, train, val), arrays)
+
+
+def _cores() -> int:
+    """The cores this process may run on (Linux: its affinity; elsewhere every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

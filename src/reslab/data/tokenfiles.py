@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import mmap
 import os
-import resource
 import signal
 import stat
 import threading
@@ -32,6 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from reslab.errors import ReslabError
+
+try:  # POSIX; without them (Windows) every file is read with pread and no limit is raised
+    import fcntl
+    import resource
+except ImportError:  # pragma: no cover - not on the platforms the suite runs on
+    fcntl = resource = None  # type: ignore[assignment]
+# read leases and their notice: Linux only (macOS and the BSDs have fcntl but neither F_SETLEASE nor leases)
+LEASES = fcntl is not None and hasattr(fcntl, "F_SETLEASE") and hasattr(signal, "SIGIO")
 
 _leased: dict[int, weakref.ref[TokenFile]] = {}  # fd -> its file, for the lease-break handler
 _broken: list[int] = []  # fds whose lease broke, let go (F_UNLCK) once no read is in progress
@@ -118,6 +124,8 @@ class TokenFile:
 def reserve_descriptors(files: int) -> None:
     """Raise the soft limit on open files (up to the hard one) when a corpus has more shards than it allows: each
     file holds a descriptor and a map."""
+    if resource is None:
+        return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = 2 * files + 256
     if soft != resource.RLIM_INFINITY and soft < wanted:
@@ -171,7 +179,7 @@ def _close(descriptor: int) -> None:
 
 def _lease(file: TokenFile) -> bool:
     """Take a read lease on `file` (True), or leave it to pread (False)."""
-    if not _install_handler():
+    if not LEASES or not _install_handler():
         return False
     try:
         fcntl.fcntl(file.fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)

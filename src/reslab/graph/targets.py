@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from reslab.errors import ReslabError
+from reslab.jsonfile import parse_json
 
 TOKENS = 8  # length of the example token sequence
 DEVICES = ("meta", "cpu")
@@ -67,10 +67,11 @@ class Target:
 
 def parse_value(text: str) -> Any:
     """`--set` values: JSON (4, 1e-5, true, null, [1, 2]), Python's True/False/None, else the string itself."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return {"True": True, "False": False, "None": None}.get(text, text)
+    value = parse_json(text, f"--set value {text[:40]!r}", "give a shallower value", allow_nan=True, invalid=_TEXT)
+    return {"True": True, "False": False, "None": None}.get(text, text) if value is _TEXT else value
+
+
+_TEXT = object()  # a --set value that is not JSON: the text itself
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch
 from reslab.data import BatchSampler
 from reslab.data.shards import TokenSpan
 from reslab.data.tokenfiles import DataChanged, lease_breaks, reading
-from reslab.errors import ReslabError
+from reslab.errors import Interrupted, ReslabError
 from reslab.faults import failpoint
 from reslab.metrics import computed, tensorboard_scalars
 from reslab.models import build_model
@@ -43,10 +43,6 @@ from reslab.train.step import StepResult, TrainStep
 
 class NonFiniteLoss(ReslabError):
     pass
-
-
-class Interrupted(ReslabError):
-    """Ctrl-C (or SIGTERM) stopped the run at the end of a step, after checkpointing it; the CLI exits 130."""
 
 
 def rng_state(batch_generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -313,17 +309,25 @@ class Trainer:
         checkpointed, in one line naming the file. Cut short after its update (a validation window read with pread
         during the step's evaluation), the step is not finished: it is not checkpointed, and the run keeps its last
         checkpoint, from which a resume redoes the step, evaluation and log record included."""
-        begun = self.step
+        begun, changed = self.step, None
         try:
             with reading():  # a shard's writer waits for the end of the step: it ends on the tokens it began with
-                self._one_step()
+                changed = self._data_changed()  # a notice between two steps: its writer may be at work already
+                if changed is None:
+                    self._one_step()
         except DataChanged as error:
             self._stop_for_data(str(error), finished=self.step == begun)
-        if lease_breaks() and not self.world.distributed and self.step < self.end:
-            changed = sorted({path for span in (self.setup.train_tokens, self.setup.val_tokens)
-                              if isinstance(span, TokenSpan) for path in span.changed()})
-            if changed:
-                self._stop_for_data(f"another process opened {changed[0]} for writing while this run read it")
+        changed = changed or self._data_changed()
+        if changed is not None:
+            self._stop_for_data(f"another process opened {changed} for writing while this run read it")
+
+    def _data_changed(self) -> str | None:
+        """A token file whose lease broke (another process opens it for writing), if any."""
+        if not lease_breaks() or self.world.distributed or self.step >= self.end:
+            return None
+        changed = sorted({path for span in (self.setup.train_tokens, self.setup.val_tokens)
+                          if isinstance(span, TokenSpan) for path in span.changed()})
+        return str(changed[0]) if changed else None
 
     def _stop_for_data(self, problem: str, finished: bool = True) -> None:
         if self.world.distributed:  # a checkpoint takes every rank, and the others may not have seen it
