@@ -171,6 +171,11 @@ def test_the_table_covers_every_model_and_flag():
     (["lens", "gpt", "--set", "sinkhorn_iters=3"], "--sinkhorn-iters applies only with --residual mhc"),
 ])
 def test_refused_in_one_line_before_anything_is_written(cli, tmp_path, monkeypatch, args, phrase):
+    refused_before_anything_is_written(cli, tmp_path, monkeypatch, args, phrase)
+
+
+def refused_before_anything_is_written(cli, tmp_path, monkeypatch, args, phrase) -> None:
+    """`reslab ARGS` run in an empty tmp_path: exit 2, one line holding `phrase`, and nothing made there."""
     monkeypatch.chdir(tmp_path)
     code, _, err = cli(*args)
     assert code == 2 and len(err.strip().splitlines()) == 1, err

@@ -10,6 +10,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from test_flags_apply import refused_before_anything_is_written
 
 from reslab.cli import build_parser
 from reslab.registry import SCHEME_OPTIONS, SCHEMES
@@ -99,11 +100,7 @@ def test_the_model_configs_are_the_models_own():
     (["lens", "gpt", "--set", "init_std=-1"], "init_std must be a finite number >= 0"),
 ])
 def test_set_is_checked_by_the_declarations(cli, tmp_path, monkeypatch, args, phrase):
-    monkeypatch.chdir(tmp_path)
-    code, _, err = cli(*args)
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert phrase in err
-    assert list(tmp_path.iterdir()) == []
+    refused_before_anything_is_written(cli, tmp_path, monkeypatch, args, phrase)
 
 
 def test_set_reaches_the_model_and_its_scheme(cli):

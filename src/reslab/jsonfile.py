@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,15 +203,3 @@ def confined_path(directory: Path | str, name: Any, source: str, key: str, fix: 
     if target is not None and target != root and root not in target.parents:
         raise error(f"{source}: {key} {name!r} is a symlink to {target}, outside {directory}; {fix}")
     return path
-
-
-def schema_reader(schema: Mapping[str, Field], fix: str, what: str,
-                  error: type[ReslabError] = ReslabError) -> Callable[[Path], dict[str, Any]]:
-    """A reader of one file format: the file read with `read_json_file` and checked against `schema`."""
-
-    def read(path: Path) -> dict[str, Any]:
-        record = read_json_file(path, fix, what=what, error=error)
-        check_schema(record, schema, str(path), fix, error=error)
-        return record
-
-    return read

@@ -38,12 +38,9 @@ def register(commands) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from reslab.data.prepare import DEFAULT_SHARD_TOKENS, PrepareOptions, describe, prepare_data
+    from reslab.data.tokenizer import check_bpe_settings
 
-    if args.tokenizer != "bpe":
-        for flag, value in (("--vocab-size", args.vocab_size), ("--bpe-sample-mb", args.bpe_sample_mb)):
-            if value is not None:
-                raise ReslabError(f"{flag} applies only with --tokenizer bpe (a {args.tokenizer} tokenizer brings "
-                                  f"its own vocabulary); give --tokenizer bpe, or drop {flag}")
+    check_bpe_settings(args.tokenizer, vocab_size=args.vocab_size, bpe_sample_mb=args.bpe_sample_mb)
     if args.tokenizer == "bpe" and args.vocab_size is None:
         args.vocab_size = 512
     if args.bpe_sample_mb is not None and not 0 < args.bpe_sample_mb < math.inf:

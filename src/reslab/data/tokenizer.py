@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from reslab.checks import OnlyWith, check_applies
 from reslab.errors import ReslabError, check_positive, unknown
 from reslab.io import atomic_write
 from reslab.jsonfile import Field, check_schema, read_json_file
@@ -115,6 +116,15 @@ class CharTokenizer(Tokenizer):
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> CharTokenizer:
         return cls("".join(record["chars"]))
+
+
+BPE_ONLY = {name: OnlyWith("tokenizer", ("bpe",)) for name in ("vocab_size", "bpe_sample_mb")}
+
+
+def check_bpe_settings(tokenizer: str, **given) -> None:
+    """Refuse a BPE setting (`vocab_size`, `bpe_sample_mb`; None: not given) with another tokenizer, which brings its
+    own vocabulary and would ignore it."""
+    check_applies([name for name, value in given.items() if value is not None], {"tokenizer": tokenizer}, BPE_ONLY)
 
 
 def check_bpe_vocab(vocab_size: int) -> None:

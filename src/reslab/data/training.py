@@ -22,7 +22,7 @@ from reslab.data.shards import (
     open_reslab,
     read_manifest,
 )
-from reslab.data.tokenizer import Tokenizer
+from reslab.data.tokenizer import Tokenizer, check_bpe_settings
 from reslab.errors import ReslabError
 
 
@@ -35,9 +35,7 @@ def training_data(source: str | None, kind: str, vocab_size: int | None,
                               "own tokenizer; drop --tokenizer (or give the text, to tokenize it anew)")
         check_vocab_flag(Path(source), vocab_size)
         return open_prepared(Path(source), vocab_size)
-    if kind == "char" and vocab_size is not None:
-        raise ReslabError("--vocab-size applies only with --tokenizer bpe (the char tokenizer takes its vocabulary "
-                          "from the text); give --tokenizer bpe, or drop --vocab-size")
+    check_bpe_settings(kind, vocab_size=vocab_size)
     path, label = text_file(source)
     directory, sha = cached_text(path, kind, vocab_size, expect_sha256)
     data = open_reslab(directory)
