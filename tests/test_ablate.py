@@ -34,7 +34,9 @@ def test_grid_summary_and_rerun(cli, corpus, tmp_path):
     with open(out / "summary.csv") as handle:
         table = list(csv.DictReader(handle))
     assert [(r["residual"], int(r["layers"])) for r in table] == [(r["residual"], r["layers"]) for r in summary["rows"]]
-    assert "final val loss" in stdout and "+-" in stdout
+    assert "final val loss" in stdout and "95% interval" in stdout
+    assert "against pre, paired by seed" in stdout and "1 seed" not in err
+    assert "2 seed(s) at some grid point" in err  # the few-seeds warning
     assert stdout.index(summary["rows"][0]["residual"]) < stdout.index(summary["rows"][-1]["residual"])
 
     before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/checkpoint.safetensors")}

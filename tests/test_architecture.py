@@ -21,7 +21,7 @@ PRIVATE_TENSOR_MEMBERS = frozenset({"_base", "_version", "_cdata", "_typed_stora
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("base", frozenset({"reslab", "reslab.errors", "reslab.faults", "reslab.io", "reslab.jsonfile", "reslab.checks",
                         "reslab.registry", "reslab.heap", "reslab.processes", "reslab.contracts", "reslab.metrics",
-                        TORCH_COMPAT})),
+                        "reslab.stats", TORCH_COMPAT})),
     ("parts", frozenset({"reslab.residual", "reslab.nn", "reslab.probe"})),
     ("models", frozenset({"reslab.models"})),
     ("services", frozenset({"reslab.rundir", "reslab.ablationdir", "reslab.ablation_summary", "reslab.memory",

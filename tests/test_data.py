@@ -328,8 +328,8 @@ def test_unknown_tokenizer_kind():
 def test_a_saved_tokenizer_loads_back_exactly(tmp_path, kind):
     tok = build_tokenizer(kind, BPE_TEXT, vocab_size=300)
     tok.save(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]
-    record = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.reslab.json"]
+    record = json.loads((tmp_path / "tokenizer.reslab.json").read_text())
     assert record["kind"] == kind
     loaded = load_tokenizer(tmp_path)
     assert type(loaded) is type(tok) and loaded.vocab_size == tok.vocab_size

@@ -61,7 +61,7 @@ def test_trained_tokenizer_takes_the_fast_path_with_identical_ids(shakespeare, v
 def test_saved_and_loaded_tokenizer_keeps_exact_ids(shakespeare, tmp_path):
     tokenizer = BPETokenizer.train(shakespeare[:200_000], 512)
     tokenizer.save(tmp_path)
-    loaded = load_tokenizer_file(tmp_path / "tokenizer.json")
+    loaded = load_tokenizer_file(tmp_path / "tokenizer.reslab.json")
     text = shakespeare[-50_000:] + TRICKY
     assert loaded.encode_array(text).tolist() == hf_ids(tokenizer, text)
 

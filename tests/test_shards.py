@@ -446,7 +446,7 @@ def test_a_run_on_shards_stopped_and_resumed_ends_like_an_uninterrupted_one(cli,
 def test_a_run_on_bpe_shards_killed_before_its_first_checkpoint_resumes(text, tmp_path):
     prepare_data([text], tmp_path / "data", small_options(tokenizer="bpe", vocab_size=300))
     args = ["train", *FAST, "--steps", "3", "--data", tmp_path / "data", "--out", tmp_path / "run"]
-    killed = reslab_process(*args, env={"RESLAB_FAILPOINTS": "write:tokenizer.json@1=kill"})
+    killed = reslab_process(*args, env={"RESLAB_FAILPOINTS": "write:tokenizer.reslab.json@1=kill"})
     assert killed.returncode == -9 and (tmp_path / "run" / "config.json").exists()
     resumed = reslab_process("train", "--resume", tmp_path / "run", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr

@@ -37,7 +37,7 @@ def test_train_writes_a_complete_run_directory(cli, corpus, tmp_path):
                          "--lr", "3e-3")
     assert code == 0, err
     names = {p.name for p in run.iterdir()}
-    assert {"config.json", "tokenizer.json", "metrics.jsonl", "checkpoint.safetensors", "state.json",
+    assert {"config.json", "tokenizer.reslab.json", "metrics.jsonl", "checkpoint.safetensors", "state.json",
             "summary.json"} <= names
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == "tiny" and config["model_config"]["layers"] == 2
@@ -149,7 +149,7 @@ def test_bpe_tokenizer_and_tensorboard(cli, corpus, tmp_path):
     code, _, err = cli("train", *FAST, "--data", corpus, "--tokenizer", "bpe", "--vocab-size", "300", "--steps", "4",
                        "--log-interval", "2", "--out", run)
     assert code == 0, err
-    assert json.loads((run / "tokenizer.json").read_text())["kind"] == "bpe"
+    assert json.loads((run / "tokenizer.reslab.json").read_text())["kind"] == "bpe"
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert cli("sample", run, "--prompt", "the king", "--tokens", "5")[0] == 0
 

@@ -1,5 +1,6 @@
-"""Aggregate an ablation directory: per (scheme, depth), mean and spread over seeds of each summary field that a
-metric's declaration aggregates over seeds (`reslab.metrics`).
+"""Aggregate an ablation directory: per (scheme, depth), the mean, spread and 95% interval over seeds of each summary
+field that a metric's declaration aggregates over seeds (`reslab.metrics`), of the val loss at a matched wall time
+and of the time to a target loss; then every scheme against a baseline, paired by seed (`reslab.stats`).
 
 Below both the ablation (which aggregates when its grid is done) and the report (which aggregates again from the
 runs on disk), so neither imports the other for it."""
@@ -8,62 +9,158 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reslab.ablationdir import SUMMARY, SUMMARY_CSV, AblationDir
+from reslab.ablationdir import COMPARISONS_CSV, SUMMARY, SUMMARY_CSV, AblationDir
+from reslab.errors import ReslabError
 from reslab.io import atomic_write, write_json
 from reslab.metrics import SEED_STATS, point_values, seed_stats, seed_summaries
 from reslab.rundir import CONFIG, DIVERGED, RunDir
+from reslab.stats import FEW_SEEDS, adjust, compare
+
+DEFAULT_BASELINE = "pre"
+# per depth: each run's last val loss at or before the shortest run's training time (the matched wall time), and
+# its training seconds to the first val loss at or below the target loss
+AT_MATCHED_TIME = "val_loss_at_matched_time"
+TIME_TO_TARGET = "seconds_to_target"
+DERIVED = (AT_MATCHED_TIME, TIME_TO_TARGET)
+HELD_EQUAL = ("steps", "tokens (batch x context x steps)", "init seed and data order per seed")
 
 
 def aggregated_keys() -> list[str]:
-    """The summary fields aggregated over seeds, headline first (columns `<key>_mean`, `_std`, `_min`, `_max`)."""
-    return [field.key for field in seed_summaries()]
+    """The fields aggregated over seeds, headline first (columns `<key>_mean`, `_std`, `_ci_low`, ...): each
+    metric's declared seed summaries, then the two the grid derives from the runs' curves."""
+    return [field.key for field in seed_summaries()] + list(DERIVED)
 
 
-def _groups(ablation: AblationDir, steps: int) -> tuple[dict, dict]:
-    """Per (scheme, depth): each finished seed's values, and how many seeds diverged."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    diverged: dict[tuple[str, int], int] = {}
+def compared_keys() -> list[str]:
+    """The fields each scheme is compared on against the baseline: the declared val-loss summaries and both
+    derived fields (lower is better for each)."""
+    return [f.key for f in seed_summaries() if f.key.endswith("val_loss")] + list(DERIVED)
+
+
+@dataclass
+class Point:
+    """One (scheme, depth): each finished seed's values and val-loss curve, and how many seeds diverged."""
+
+    residual: str
+    layers: int
+    runs: dict[int, dict[str, Any]] = field(default_factory=dict)  # seed -> values
+    curves: dict[int, list[tuple[float, float]]] = field(default_factory=dict)  # seed -> [(seconds, val loss)]
+    diverged: int = 0
+
+
+def _points(ablation: AblationDir, steps: int) -> dict[tuple[str, int], Point]:
+    points: dict[tuple[str, int], Point] = {}
     for path in (p for p in ablation.run_dirs() if (p / CONFIG).exists()):
         run = RunDir(path)
         config = run.read_config()  # one error line for a damaged run, never a traceback
         key = (config["model_config"]["residual"], config["model_config"]["layers"])
+        point = points.setdefault(key, Point(*key))
         summary = run.read_summary()
         if summary is not None and summary.get("steps") == steps:
-            groups.setdefault(key, []).append({**point_values(summary), "seed": config["train"]["seed"]})
+            seed = config["train"]["seed"]
+            point.runs[seed] = point_values(summary)
+            point.curves[seed] = [(r["train_seconds"], r["val_loss"]) for r in run.read_metrics()
+                                  if r.get("val_loss") is not None and r.get("train_seconds") is not None]
         elif (run / DIVERGED).exists():
-            diverged[key] = diverged.get(key, 0) + 1
-            groups.setdefault(key, [])
-    return groups, diverged
+            point.diverged += 1
+    return points
 
 
-def summarize(out_dir: Path) -> dict[str, Any]:
-    """Read every finished run under out_dir/runs and write summary.json and summary.csv; rows best-first."""
-    ablation = AblationDir(out_dir)
-    record = ablation.read_record()  # checked to be there by the caller
-    groups, diverged = _groups(ablation, record["train"]["steps"])
-    keys = aggregated_keys()
-    rows = []
-    for (residual, layers), points in groups.items():
-        row: dict[str, Any] = {"residual": residual, "layers": layers, "seeds": len(points),
-                               "diverged": diverged.get((residual, layers), 0)}
-        for key in keys:
-            for stat, value in seed_stats([p[key] for p in points]).items():
-                row[f"{key}_{stat}"] = value
-        rows.append(row)
-    headline = f"{keys[0]}_mean"
-    rows.sort(key=lambda r: (r[headline] is None, r[headline] or 0.0))
-    result = {"model": record["model"], "steps": record["train"]["steps"], "rows": rows}
-    write_json(ablation / SUMMARY, result)
-    _write_csv(ablation / SUMMARY_CSV, rows, keys)
+def _budgets(points: dict[tuple[str, int], Point], target: float | None) -> dict[int, tuple[float, float]]:
+    """Per depth, the matched wall time (the shortest run's training time at that depth) and the target loss (given,
+    else the highest final val loss of any run at that depth, so that every run reaches it)."""
+    ends: dict[int, list[tuple[float, float]]] = {}
+    for point in points.values():
+        ends.setdefault(point.layers, []).extend(curve[-1] for curve in point.curves.values() if curve)
+    return {layers: (min(t for t, _ in got), target if target is not None else max(loss for _, loss in got))
+            for layers, got in ends.items() if got}
+
+
+def _derive(point: Point, budget: tuple[float, float] | None) -> None:
+    """Each run's val loss at the matched time and its time to the target loss (None where not reached)."""
+    matched, target = budget if budget is not None else (None, None)
+    for seed, curve in point.curves.items():
+        before = [loss for t, loss in curve if matched is not None and t <= matched]
+        reached = [t for t, loss in curve if target is not None and loss <= target]
+        point.runs[seed][AT_MATCHED_TIME] = before[-1] if before else None
+        point.runs[seed][TIME_TO_TARGET] = reached[0] if reached else None
+
+
+def _row(point: Point, keys: list[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"residual": point.residual, "layers": point.layers, "seeds": len(point.runs),
+                           "diverged": point.diverged}
+    for key in keys:
+        for stat, value in seed_stats([values.get(key) for values in point.runs.values()]).items():
+            row[f"{key}_{stat}"] = value
+    return row
+
+
+def choose_baseline(residuals: list[str], baseline: str | None) -> str | None:
+    """The scheme every other is compared with: the one asked for, else `pre` when in the grid, else the first."""
+    if baseline is not None:
+        if baseline not in residuals:
+            raise ReslabError(f"--baseline {baseline} is not a scheme of this grid ({', '.join(residuals)}); "
+                              "choose one of them")
+        return baseline
+    return DEFAULT_BASELINE if DEFAULT_BASELINE in residuals else (residuals[0] if residuals else None)
+
+
+def comparisons(points: dict[tuple[str, int], Point], baseline: str | None) -> list[dict[str, Any]]:
+    """Every (scheme, depth) other than the baseline against the baseline at the same depth, paired by seed, on each
+    compared field; Holm-corrected over the grid, one family per field."""
+    result = []
+    for key in compared_keys():
+        pairs = [(point, points.get((baseline, point.layers))) for point in points.values()
+                 if point.residual != baseline]
+        tested = adjust([compare({s: v.get(key) for s, v in point.runs.items()},
+                                 {s: v.get(key) for s, v in base.runs.items()} if base else {})
+                         for point, base in pairs])
+        result += [{"residual": point.residual, "layers": point.layers, "baseline": baseline, "metric": key,
+                    **test.to_dict()} for (point, _), test in zip(pairs, tested)]
     return result
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:
+def summarize(out_dir: Path, baseline: str | None = None, target_loss: float | None = None) -> dict[str, Any]:
+    """Read every finished run under out_dir/runs and write summary.json, summary.csv and comparisons.csv; rows
+    best-first. `baseline` (default: the ablation's recorded one, else `pre`, else the grid's first scheme)."""
+    ablation = AblationDir(out_dir)
+    record = ablation.read_record()  # checked to be there by the caller
+    points = _points(ablation, record["train"]["steps"])
+    budgets = _budgets(points, target_loss if target_loss is not None else _recorded_target(record))
+    for point in points.values():
+        _derive(point, budgets.get(point.layers))
+    keys = aggregated_keys()
+    rows = [{**_row(point, keys), **dict(zip(("matched_seconds", "target_loss"), budgets.get(point.layers, ())))}
+            for point in points.values()]
+    headline = f"{keys[0]}_mean"
+    rows.sort(key=lambda r: (r[headline] is None, r[headline] or 0.0))
+    grid = record.get("grid") if isinstance(record.get("grid"), dict) else {}
+    listed = grid.get("residual") if isinstance(grid.get("residual"), list) else []
+    residuals = list(dict.fromkeys([*listed, *(r["residual"] for r in rows)]))
+    recorded = record.get("baseline") if record.get("baseline") in residuals else None
+    chosen = choose_baseline(residuals, baseline or recorded)
+    tests = comparisons(points, chosen)
+    result = {"model": record["model"], "steps": record["train"]["steps"], "rows": rows, "baseline": chosen,
+              "held_equal": list(HELD_EQUAL),
+              "few_seeds": min((r["seeds"] for r in rows), default=0) < FEW_SEEDS, "comparisons": tests}
+    write_json(ablation / SUMMARY, result)
+    _write_csv(ablation / SUMMARY_CSV, rows, ["residual", "layers", "seeds", "diverged", "matched_seconds",
+                                              "target_loss", *(f"{k}_{s}" for k in keys for s in SEED_STATS)])
+    _write_csv(ablation / COMPARISONS_CSV, tests, list(tests[0]) if tests else ["residual"])
+    return result
+
+
+def _recorded_target(record: dict[str, Any]) -> float | None:
+    target = record.get("target_loss")
+    return float(target) if isinstance(target, (int, float)) and not isinstance(target, bool) else None
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
     buffer = io.StringIO()
-    columns = ["residual", "layers", "seeds", "diverged", *(f"{k}_{s}" for k in keys for s in SEED_STATS)]
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     for row in rows:

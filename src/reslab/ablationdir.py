@@ -5,7 +5,9 @@ point's run directory (built and parsed here only), and its lock.
         .reslab-lock                  held by `reslab ablate` while it trains the grid
         ablation.json                 the command, the grid, the model and training config, start and end time
         runs/<scheme>-L<depth>-s<seed>/   one run directory per grid point (reslab.rundir)
-        summary.json, summary.csv     mean and spread over seeds per (scheme, depth) (reslab.ablation_summary)
+        summary.json, summary.csv     mean, spread and 95% interval over seeds per (scheme, depth), and every
+                                      scheme against the baseline (reslab.ablation_summary)
+        comparisons.csv               those paired comparisons, one row per (scheme, depth, field)
         plots/*.png, report.html      written by reslab.report
 """
 
@@ -24,6 +26,7 @@ RECORD = "ablation.json"
 RUNS = "runs"
 SUMMARY = "summary.json"
 SUMMARY_CSV = "summary.csv"
+COMPARISONS_CSV = "comparisons.csv"
 PLOTS = "plots"
 REPORT = "report.html"
 

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diagram": ("reslab.graph.commands", "draw a model from its traced computation (.svg, .mmd, .dot)"),
     "lens": ("reslab.lens.commands", "what the residual stream carries, layer by layer (logit lens, attribution)"),
     "data": ("reslab.data.commands", "prepare a corpus into memory-mapped token shards, or inspect one"),
+    "export": ("reslab.interop.commands", "write a run as a Hugging Face folder that transformers loads as it is"),
 }
 # Subcommands that train in this process: the `reslab` command's own process then keeps freed memory in its heap for
 # the next step (reslab.heap).
@@ -94,6 +95,8 @@ def build_parser() -> ArgumentParser:
 def _add_model_arguments(parser: ArgumentParser) -> None:
     from reslab.cli_args import add_model_arguments
 
+    parser.add_argument("target", nargs="?", metavar="TARGET", help="a model name (as --model), a run directory or "
+                        "a Hugging Face save_pretrained folder (default: --model)")
     add_model_arguments(parser)
 
 
@@ -117,8 +120,18 @@ def add_reproductions(reproduce: ArgumentParser) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from reslab.cli_args import model_from_args
+    from reslab.graph.commands import refuse_model_flags
+    from reslab.graph.targets import INFO, Kind, build_saved, resolve_target
 
-    model = model_from_args(args)
+    target = resolve_target(args.target, INFO) if args.target is not None else None
+    if target is not None and target.kind is not Kind.BUILTIN:
+        refuse_model_flags(args, target)
+        model = build_saved(target)
+    else:
+        if target is not None and args.model not in (None, args.target):
+            raise ReslabError(f"TARGET names the model; drop --model {args.model}")
+        args.model = args.target or args.model
+        model = model_from_args(args)
     print(model)
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     return 0

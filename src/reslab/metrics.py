@@ -30,7 +30,7 @@ OTHER = "other"  # anything else (nested lists): logged, not plotted or sent to 
 # reductions over steps (of one run's records) and over seeds (of a grid point's runs)
 LAST, BEST, MEAN, RUN = "last", "best", "mean", "run"
 VALUE, LAST_BLOCK = "value", "last_block"
-SEED_STATS = ("mean", "std", "min", "max")
+SEED_STATS = ("mean", "std", "ci_low", "ci_high", "min", "max")  # ci: the 95% Student-t interval of the mean
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class Summary:
     """One field of a run's summary.json made from a metric. `over_steps`: LAST (the last record with the metric),
     BEST (the lowest), MEAN (of every value, lists flattened) or RUN (the trainer's own figure for the whole run).
     `seeds`: None (not aggregated), VALUE or LAST_BLOCK (a per-block list's block next to the head); aggregated as
-    `<key>_mean/std/min/max` in the ablation's summary and shown in its tables as `column` with `digits`."""
+    `<key>_mean/std/ci_low/ci_high/min/max` in the ablation's summary and shown in its tables as `column` with
+    `digits`."""
 
     key: str
     over_steps: str
@@ -206,13 +207,16 @@ def point_values(summary: dict[str, Any]) -> dict[str, float | None]:
 
 
 def seed_stats(values: list[float | None]) -> dict[str, float | None]:
-    """mean, std (sample), min and max of the finite values; all None when there are none."""
+    """mean, std (sample), the 95% interval of the mean (reslab.stats), min and max of the finite values; None
+    where there are too few."""
+    from reslab.stats import interval
+
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return dict.fromkeys(SEED_STATS)
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+    spread = interval(values)
+    return {"mean": spread.mean, "std": spread.std, "ci_low": spread.low, "ci_high": spread.high,
+            "min": min(values), "max": max(values)}
 
 
 # -- plots ---------------------------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ REPRODUCTIONS: dict[str, str] = {
     "book-figure": "reslab.reproduce.book_figure",
     "refine-not-replace": "reslab.reproduce.refine_not_replace",
     "deepseek-residuals": "reslab.reproduce.deepseek_residuals",
+    "leaderboard": "reslab.reproduce.leaderboard",
 }
 
 # kind -> (entry-point group, the built-in table). A reproduction plug-in names a module (`name = package.module`).

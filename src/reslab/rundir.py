@@ -4,7 +4,7 @@
         .reslab-run              the marker: written first, only by reslab; "this directory is a reslab run"
         .reslab-lock             held (flock) by the process training the run; names its pid
         config.json              model + training config, data fingerprint, command
-        tokenizer.json           the tokenizer
+        tokenizer.reslab.json    the tokenizer, in reslab's format (runs written before: tokenizer.json)
         metrics.jsonl            one JSON record per logged step
         checkpoint.safetensors   weights, optimizer moments, RNG states (+ the training state in its metadata)
         state.json               a readable copy of that training state
@@ -35,14 +35,15 @@ from reslab.metrics import METRICS as DECLARED_METRICS
 MARKER = ".reslab-run"
 LOCK = ".reslab-lock"
 CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
+TOKENIZER = "tokenizer.reslab.json"  # reslab's format; tokenizer.json is Hugging Face's name (reslab export)
+OLD_TOKENIZER = "tokenizer.json"  # the name runs written before had: still read
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.safetensors"
 STATE = "state.json"
 SUMMARY = "summary.json"
 DIVERGED = "diverged.json"
 TENSORBOARD = "tensorboard"
-OWN_FILES = (CONFIG, TOKENIZER, METRICS, CHECKPOINT, STATE, SUMMARY, DIVERGED)
+OWN_FILES = (CONFIG, TOKENIZER, OLD_TOKENIZER, METRICS, CHECKPOINT, STATE, SUMMARY, DIVERGED)
 CONFIG_KEYS = ("model", "model_config", "train", "data")
 
 
@@ -51,6 +52,7 @@ CONFIG_KEYS = ("model", "model_config", "train", "data")
 METRIC_KEYS: dict[str, str] = {metric.name: metric.description for metric in DECLARED_METRICS.values()}
 TIMING_KEYS = tuple(metric.name for metric in DECLARED_METRICS.values() if metric.timing)
 _NOT_JSON = object()  # a metrics line that does not parse
+_PEEK_BYTES = 1 << 16  # peek_last_metrics reads this much of a file's end
 
 
 class DamagedRunError(ReslabError):
@@ -114,6 +116,39 @@ class RunDir:
         if not overwrite:
             raise ReslabError(f"output directory {path} holds a reslab run; continue it with {self.resume_command()}, "
                               "pass --overwrite to replace it, or choose another --out")
+
+    # -- opening an existing run to continue it ------------------------------------------------------------------
+
+    def resumable_config(self) -> dict[str, Any]:
+        """The config of a run `--resume` may continue (its model config is checked by the caller, which knows
+        models); one line naming what is wrong otherwise."""
+        if not self.path.is_dir():
+            raise ReslabError(f"cannot resume: {self.path} is not a directory; give the run directory to continue")
+        if (self / CONFIG).exists() and not self.is_reslab_run():
+            raise ReslabError(f"cannot resume: {self.path} is not a reslab run directory (no {MARKER} marker and its "
+                              "config.json is not reslab's); reslab never writes into what it did not create")
+        if not (self / CONFIG).exists():
+            if self.is_reslab_run():
+                raise ReslabError(f"cannot resume: {self.path} was stopped before its config was written, so there "
+                                  "is nothing to continue; run the same command again without --resume")
+            raise ReslabError(f"cannot resume: {self.path} has no config.json; is it a reslab run directory?")
+        saved = self.read_config()
+        data = saved["data"]
+        if not isinstance(data, dict) or not isinstance(data.get("sha256"), str):
+            raise DamagedRunError(f"{self / CONFIG}: its data record has no sha256; restore the file from a copy")
+        return saved
+
+    def check_restartable(self) -> None:
+        """No checkpoint: fine if the run was killed before its first one (it starts again from step 0); but a
+        checkpoint that is there and unreadable, or a run that has checkpointed before, is damage, never restarted."""
+        path = self / CHECKPOINT
+        if path.is_symlink() or path.exists():
+            raise DamagedRunError(f"{path} is not a readable checkpoint file (a directory or a dangling symlink); "
+                                  "restore it from a copy, or start the run again with --overwrite")
+        trained = self.checkpointed_evidence()
+        if trained:
+            raise DamagedRunError(f"{path} is missing, but {self.path} has checkpointed before ({', '.join(trained)}); "
+                                  "restore the checkpoint from a copy, or start the run again with --overwrite")
 
     # -- creating and replacing ------------------------------------------------------------------------------
 
@@ -249,6 +284,20 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             raise DamagedRunError(f"{path} line {number} is not a metrics record; repair or delete that line")
         records.append(record)
     return records
+
+
+def peek_last_metrics(path: Path) -> dict[str, Any]:
+    """The last whole record of a metrics.jsonl, read from its end (a peek for the display: metrics are read as
+    records by `reslab.rundir.read_metrics`); {} when there is none yet or it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, 2)
+            handle.seek(max(0, size - _PEEK_BYTES))
+            lines = handle.read().split(b"\n")[:-1]  # what follows the last newline is a record being written
+        record = json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else {}
 
 
 @contextlib.contextmanager

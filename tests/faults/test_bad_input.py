@@ -60,7 +60,7 @@ BAD_FLAGS = [
     (["sample", "RUN_DIR", "--tokens", "0"], "--tokens must be"),
     (["sample", "RUN_DIR", "--device", "cudafoo"], "unknown device"),
     (["sample", "DIR"], "not a reslab run directory"),
-    (["sample", "HF_DIR"], "not a reslab run config"),
+    (["sample", "HF_DIR"], "the Hugging Face weights lack"),
     (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "NEW", "--lr", "nan"], "--lr must be"),
     (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "NEW", "--seeds", "a,b"], "--seeds"),
     (["ablate", "--steps", "5", "--data", "CORPUS", "--out", "NEW", "--residual", "pre,nope"], "unknown"),

@@ -21,7 +21,8 @@ from conftest import make_corpus
 from test_shards import leases_work
 
 from faults.helpers import RUN, final, metrics, one_line_error, reslab_process, tree
-from reslab.data.shards import MANIFEST, PREPARE_STATE, TOKENIZER_FILE, fingerprint
+from reslab.data.shards import MANIFEST, PREPARE_STATE, fingerprint
+from reslab.data.tokenizer import FILENAME as TOKENIZER_FILE
 
 BATCH = """
 import contextlib, io, json, sys

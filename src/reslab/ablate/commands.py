@@ -8,6 +8,7 @@ from pathlib import Path
 
 from reslab.cli_args import add_model_arguments, check_flags_apply, given_overrides, model_name, parse_sets
 from reslab.errors import ReslabError
+from reslab.report.commands import add_comparison_arguments
 
 DEFAULT_RESIDUALS = "pre,post,none"
 DEFAULT_LAYERS = "4"
@@ -28,6 +29,10 @@ def register(commands) -> None:
                        "(default runs/ablation); re-running into it skips finished points and resumes stopped ones")
     group.add_argument("--no-report", action="store_true", help="skip plots and report.html")
     group.add_argument("--no-progress", action="store_true", help="accepted as for train; grid points show no bar")
+    group.add_argument("--shuffle", type=int, metavar="SEED", help="train the grid points in an order shuffled "
+                       "with this seed (default: grid order), so a machine slowing down does not favour one scheme")
+    comparison = ablate.add_argument_group("comparison (paired by seed, in summary.json and the report)")
+    add_comparison_arguments(comparison)
     cluster = ablate.add_argument_group("cluster (Ray; pip install \"reslab[ray]\")")
     cluster.add_argument("--executor", choices=("local", "ray"), default="local",
                          help="local processes (default) or one Ray task per grid point")
@@ -75,7 +80,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from reslab.ablate.grid import run_ablation
-    from reslab.ablate.summary import summary_table
+    from reslab.ablate.summary import comparison_table, few_seeds_warning, summary_table
     from reslab.train.commands import train_overrides
     from reslab.train.config import check_flags_apply as check_train_flags
 
@@ -101,12 +106,20 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             raise ReslabError(f"--jobs must be positive, got {jobs}")
     executor = executor_from_args(args, jobs)
     console = Console(stderr=True, highlight=False)
+    console.soft_wrap = not console.is_terminal  # piped: a long note stays one line in the log
     result = run_ablation(args.out, model, residuals, layers, seeds, overrides, train, executor=executor,
-                          command=args.argv, console=console)
+                          command=args.argv, console=console, shuffle=args.shuffle,
+                          compare={"baseline": args.baseline, "target_loss": args.target_loss})
     out = Console()
     if not out.is_terminal:
         out = Console(width=160)  # a file or pipe: do not wrap the table at 80 columns
     out.print(summary_table(result))
+    versus = comparison_table(result)
+    if versus is not None:
+        out.print(versus)
+    warning = few_seeds_warning(result)
+    if warning:
+        console.print(warning)
     if not args.no_report:
         try:
             from reslab.report import write_report

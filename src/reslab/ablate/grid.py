@@ -3,6 +3,7 @@ The ablation directory's layout is `reslab.ablationdir`'s."""
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,14 @@ def grid_points(residuals: list[str], layers: list[int], seeds: list[int]) -> li
 
 def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[int], seeds: list[int],
                  model_overrides: dict[str, Any], train_overrides: dict[str, Any], executor: Executor | None = None,
-                 command: list[str] | None = None, console=None) -> dict[str, Any]:
+                 command: list[str] | None = None, console=None, compare: dict[str, Any] | None = None,
+                 shuffle: int | None = None) -> dict[str, Any]:
     """Train every grid point not yet finished, then write summary.json / summary.csv. Returns the summary.
 
     `executor` trains the points (`reslab.ablate.executors`): in this process (the default), in a pool of local
-    processes, or as Ray tasks.
+    processes, or as Ray tasks. `compare`: {"baseline": scheme, "target_loss": loss}, recorded in ablation.json for
+    the summary and the report (`reslab.ablation_summary`). `shuffle`: train the points in an order shuffled with
+    this seed (so that a drift in the machine's speed does not line up with one scheme), else in grid order.
     """
     from reslab.models import make_config
     from reslab.train.config import TrainConfig
@@ -42,7 +46,13 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
     _check_data(train_config.data)
     train_record = {k: v for k, v in train_config.to_dict().items() if k != "seed"}  # seeds are in the grid
     record = {"command": command or [], "model": model, "grid": {"residual": residuals, "layers": layers,
-              "seeds": seeds}, "model_overrides": model_overrides, "train": train_record}
+              "seeds": seeds}, "model_overrides": model_overrides, "train": train_record,
+              **{k: v for k, v in (compare or {}).items() if v is not None}}
+    if compare and compare.get("baseline") is not None and compare["baseline"] not in residuals:
+        raise ReslabError(f"--baseline {compare['baseline']} is not in --residual {','.join(residuals)}; add it "
+                          "there or choose one of them")
+    if shuffle is not None:
+        random.Random(shuffle).shuffle(points)
     _check_ablation_dir(out_dir, record)
     with AblationDir(out_dir).locked():  # one ablation per directory at a time
         # every point trains in the dtype the driver resolved and recorded (a Ray node with other hardware too)
@@ -53,6 +63,7 @@ def run_ablation(out_dir: Path, model: str, residuals: list[str], layers: list[i
 
 def _run_grid(job: GridJob, points: list[GridPoint], record: dict[str, Any], executor: Executor,
               console) -> dict[str, Any]:
+    from reslab.ablate.progress import GridProgress
     from reslab.ablate.summary import summarize
 
     todo = [p for p in points if point_status(job.run_dir(p), job.steps) not in ("done", "diverged")]
@@ -60,8 +71,10 @@ def _run_grid(job: GridJob, points: list[GridPoint], record: dict[str, Any], exe
     ablation.write_record({**record, "started": job.started, "finished": None})
     _say(console, f"ablation {job.out_dir}: {len(points)} grid points, {len(points) - len(todo)} already done, "
                   f"{len(todo)} to train {executor.describe()}")
-    for point, result in executor.run(todo, job):
-        _report_point(console, point, result)
+    with GridProgress(console, job, todo, done_before=len(points) - len(todo)) as progress:
+        for point, result in executor.run(todo, job):
+            progress.finished(point)
+            _report_point(console, point, result, progress.counts_note())
     summary = summarize(job.out_dir)
     ablation.write_record({**record, "started": job.started, "finished": time.time(),
                            "wall_seconds": time.time() - job.started})
@@ -126,17 +139,15 @@ def _check_ablation_dir(out_dir: Path, record: dict[str, Any]) -> None:
                           "choose another --out to run a different experiment")
 
 
-def _report_point(console, point: GridPoint, summary: dict[str, Any]) -> None:
+def _report_point(console, point: GridPoint, summary: dict[str, Any], counts: str) -> None:
     if "diverged" in summary:
-        _say(console, f"  {point.name:<24} diverged: {summary['diverged']}")
+        _say(console, f"  {point.name:<24} diverged: {summary['diverged']}{counts}")
         return
     val = summary.get("final_val_loss")
-    _say(console, f"  {point.name:<24} val {val:.4f}  {summary.get('tokens_per_second', 0):,.0f} tok/s"
-         if val is not None else f"  {point.name}: no result")
+    _say(console, f"  {point.name:<24} val {val:.4f}  {summary.get('tokens_per_second', 0):,.0f} tok/s{counts}"
+         if val is not None else f"  {point.name}: no result{counts}")
 
 
 def _say(console, message: str) -> None:
-    if console is not None:
-        console.print(message, highlight=False)
-
-
+    if console is not None:  # off a terminal not wrapped at 80 columns: a long line stays one line in a log
+        console.print(message, highlight=False, soft_wrap=not console.is_terminal)

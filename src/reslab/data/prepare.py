@@ -45,7 +45,6 @@ from reslab.data.shards import (
     MANIFEST,
     PREPARE_STATE,
     SHARD_SCHEMA,
-    TOKENIZER_FILE,
     dtype_for,
     file_sha256,
     fingerprint,
@@ -61,6 +60,7 @@ from reslab.data.tokenizer import (
     check_bpe_vocab,
     load_tokenizer_file,
 )
+from reslab.data.tokenizer import FILENAME as TOKENIZER_FILE
 from reslab.errors import Interrupted, ReslabError
 from reslab.io import atomic_write, remove_temp_files, write_json
 from reslab.jsonfile import Field, check_schema, read_json_file

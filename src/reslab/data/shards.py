@@ -49,7 +49,6 @@ from reslab.jsonfile import Field, check_schema, confined_path, read_json_file
 
 MANIFEST = "manifest.json"
 PREPARE_STATE = "prepare-state.json"  # present while a prepare is unfinished
-TOKENIZER_FILE = "tokenizer.reslab.json"  # not tokenizer.json: that name belongs to run directories
 FORMAT = "reslab-tokens"
 FORMAT_VERSION = 1
 MODDED_MAGIC, MODDED_VERSION, MODDED_HEADER_INTS = 20240520, 1, 256

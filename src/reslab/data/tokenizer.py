@@ -1,7 +1,7 @@
 """Tokenizers: characters, or byte-level BPE trained locally with HF `tokenizers`.
 
-Both save to one plain-JSON file, `tokenizer.json`, inside a run folder, with a `kind` field so
-`load_tokenizer` can restore either one exactly (same ids, same decode). Never pickle: a run folder is data
+Both save to one plain-JSON file, `tokenizer.reslab.json` (`rundir.TOKENIZER`), inside a run folder, with a `kind`
+field so `load_tokenizer` can restore either one exactly (same ids, same decode). Never pickle: a run folder is data
 that may come from someone else.
 """
 
@@ -19,8 +19,9 @@ from reslab.checks import OnlyWith, check_applies
 from reslab.errors import ReslabError, check_positive, unknown
 from reslab.io import atomic_write
 from reslab.jsonfile import Field, check_schema, read_json_file
+from reslab.rundir import OLD_TOKENIZER
+from reslab.rundir import TOKENIZER as FILENAME
 
-FILENAME = "tokenizer.json"
 FILE_FORMAT = 1
 DEFAULT_BPE_VOCAB = 512
 BYTE_ALPHABET = 256  # byte-level BPE starts from one token per byte
@@ -54,7 +55,7 @@ class Tokenizer:
         raise NotImplementedError
 
     def save(self, directory: Path, name: str = FILENAME) -> None:
-        """Write `directory/tokenizer.json` (atomically, so a crash cannot leave a truncated tokenizer)."""
+        """Write `directory/name` (atomically, so a crash cannot leave a truncated tokenizer)."""
         atomic_write(Path(directory) / name, self.to_bytes())
 
     def to_bytes(self) -> bytes:
@@ -291,11 +292,13 @@ def build_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Toke
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
-    """Restore the tokenizer that `Tokenizer.save(directory)` wrote."""
-    path = Path(directory) / FILENAME
-    if not path.is_file():
-        raise ReslabError(f"no {FILENAME} in {directory}; pass the run folder the model was trained in")
-    return load_tokenizer_file(path)
+    """Restore the tokenizer that `Tokenizer.save(directory)` wrote (in a run written before reslab's file had its
+    own name, OLD_TOKENIZER)."""
+    for name in (FILENAME, OLD_TOKENIZER):
+        if (Path(directory) / name).is_file():
+            return load_tokenizer_file(Path(directory) / name)
+    raise ReslabError(f"no {FILENAME} (nor {OLD_TOKENIZER}, its name in older runs) in {directory}; pass the run "
+                      "folder the model was trained in")
 
 
 TOKENIZER_FIX = "retrain to write a new one"

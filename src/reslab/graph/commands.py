@@ -9,8 +9,9 @@ import time
 
 from reslab.errors import ReslabError
 
-TARGET_HELP = ("a model name (with model flags), a run directory, hf:MODEL_TYPE (with --set KEY=VALUE), or "
-               "FILE.py:CALLABLE / package.module:CALLABLE returning (model, example_inputs)")
+TARGET_HELP = ("a model name (with model flags), a run directory, a Hugging Face save_pretrained folder, "
+               "hf:MODEL_TYPE (with --set KEY=VALUE), or FILE.py:CALLABLE / package.module:CALLABLE returning "
+               "(model, example_inputs)")
 
 
 def register(commands) -> None:
@@ -58,30 +59,39 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace):
     """The audit of the TARGET the arguments name."""
     from reslab.graph import audit
-    from reslab.graph.targets import load_target
+    from reslab.graph.targets import load_target, resolve_target
     from reslab.graph.trace import TraceError
 
-    target = load_target(args.target, target_overrides(args), args.device)
+    named = resolve_target(args.target)  # the one place its kind is worked out
+    target = load_target(named, target_overrides(args, named), args.device)
     try:
         return audit(target.model, target.inputs, target.label)
     except TraceError as error:  # on meta, it says so and suggests cpu; a model traced on cpu is not on meta
         raise ReslabError(f"tracing {target.label} failed: {error}") from None
 
 
-def target_overrides(args: argparse.Namespace) -> dict:
+def target_overrides(args: argparse.Namespace, target) -> dict:
     """The config fields the arguments set: model flags and `--set` for a built-in model, `--set` alone (as the
     target's own config keys) for the others."""
-    from reslab.cli_args import model_flags_given, model_overrides
-    from reslab.graph.targets import kind_of, parse_sets
+    from reslab.cli_args import model_overrides
+    from reslab.graph.targets import Kind, parse_sets
 
     if args.model is not None and args.model != args.target:
         raise ReslabError(f"the TARGET names the model; drop --model {args.model}")
-    if kind_of(args.target) == "builtin":  # --set checked like a flag: a field of the model or its scheme's option
+    if target.kind is Kind.BUILTIN:  # --set checked like a flag: a field of the model or its scheme's option
         return model_overrides(args, model=args.target)
-    given = [flag for flag in model_flags_given(args) if flag not in ("--model", "--set")]
-    if given:
-        raise ReslabError(f"{given[0]} applies to built-in models only; for {args.target} use --set KEY=VALUE")
+    refuse_model_flags(args, target, but=("--set",), fix="use --set KEY=VALUE")
     return parse_sets(args.sets)
+
+
+def refuse_model_flags(args: argparse.Namespace, target, but: tuple[str, ...] = (), fix: str = "") -> None:
+    """One line for a model flag given with a TARGET that is not a built-in model (which the flags configure)."""
+    from reslab.cli_args import model_flags_given
+
+    given = [flag for flag in model_flags_given(args) if flag not in but]
+    if given:
+        fix = f"; for {target} {fix}" if fix else f"; drop {given[0]}"
+        raise ReslabError(f"{given[0]} applies to built-in models only, not to {target.kind.value}{fix}")
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

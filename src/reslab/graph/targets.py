@@ -1,13 +1,19 @@
-"""What `reslab audit TARGET` and `reslab diagram TARGET` can look at, turned into (model, example inputs).
+"""What a command's TARGET names, worked out once (`resolve_target`), and the model it builds or loads.
 
-TARGET is one of
+TARGET is one of (`Kind`)
 - a built-in model name (`gpt`, `llama`, ...), configured by the model flags of `reslab train`;
 - a run directory: its `config.json` names the model and its config;
+- a Hugging Face folder (`save_pretrained`: config.json with a `model_type` + *.safetensors) of a family reslab's
+  interop adapters convert (`reslab.interop.supported_types`), read as the reslab model computing the same;
 - `hf:MODEL_TYPE`: a Hugging Face transformers model built from `AutoConfig.for_model(MODEL_TYPE, ...)` with
   small defaults (2 layers, width 64) that `--set key=value` overrides;
 - `FILE.py:CALLABLE` or `package.module:CALLABLE`: a function returning `(model, example_inputs)`.
 
-Built-in, run-directory and hf: models are built on the meta device by default: no weight is allocated, so the
+`reslab audit` and `reslab diagram` take every kind; `info`, `lens`, `sample` and `export` a few (`INFO`, `LENS`,
+`WEIGHTED`). `load_target` turns one into (model, example inputs) for the audit; `load_trained` loads a run's or a
+folder's weights and tokenizer.
+
+Built-in, run-directory, folder and hf: models are built on the meta device by default: no weight is allocated, so the
 size of the configuration does not matter. Models whose forward reads tensor values need `device="cpu"`.
 """
 
@@ -16,8 +22,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from reslab.errors import ReslabError
-from reslab.jsonfile import parse_json
+from reslab.interop.base import quiet_transformers
+from reslab.jsonfile import parse_json, read_json_file
 
 TOKENS = 8  # length of the example token sequence
 DEVICES = ("meta", "cpu")
@@ -84,38 +91,163 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
     return values
 
 
-def kind_of(spec: str) -> str:
-    """"builtin", "run", "hf" or "callable"; a ReslabError naming the accepted forms otherwise."""
+class Kind(Enum):
+    """The kinds of TARGET, each valued by how a message names it."""
+
+    BUILTIN = "a model name"
+    RUN = "a run directory"
+    HF_FOLDER = "a Hugging Face folder (save_pretrained)"
+    HF_TYPE = "hf:MODEL_TYPE"
+    CALLABLE = "FILE.py:CALLABLE"
+
+
+WEIGHTED = (Kind.RUN, Kind.HF_FOLDER)  # what holds trained weights: `sample`, `load_trained`
+LENS = (Kind.BUILTIN, *WEIGHTED)
+INFO = LENS
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What TARGET names, worked out once by `resolve_target`; every command then branches on `kind` alone."""
+
+    kind: Kind
+    text: str  # as the user gave it
+    path: Path | None = None  # a run directory or a Hugging Face folder
+    model_type: str | None = None  # a Hugging Face folder's or hf:'s `model_type`
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def resolve_target(text: str, accepts: tuple[Kind, ...] = tuple(Kind), unknown: str | None = None) -> TargetSpec:
+    """The kind of TARGET `text` names, one of `accepts`; a ReslabError naming the forms accepted otherwise
+    (`unknown`, if given, is the message for a text that names nothing)."""
+    target = _resolve(text, accepts, unknown)
+    if target.kind not in accepts:
+        raise ReslabError(f"{text} is {target.kind.value}; give {_forms(accepts)}")
+    return target
+
+
+def _forms(accepts: tuple[Kind, ...]) -> str:
     from reslab.models import MODELS
 
-    if spec.startswith("hf:"):
-        return "hf"
-    if Path(spec).is_dir():
-        return "run"
-    if ":" in spec:
-        return "callable"
-    if spec in MODELS:
-        return "builtin"
-    raise ReslabError(f"unknown target {spec!r}; give a model name ({', '.join(MODELS)}), a run directory, "
-                      "hf:MODEL_TYPE, or FILE.py:CALLABLE")
+    names = [f"{kind.value} ({', '.join(MODELS)})" if kind is Kind.BUILTIN else kind.value for kind in accepts]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
-def load_target(spec: str, overrides: dict[str, Any] | None = None, device: str = "meta") -> Target:
+def _resolve(text: str, accepts: tuple[Kind, ...], unknown: str | None) -> TargetSpec:
+    from reslab.models import MODELS
+
+    if text.startswith("hf:"):
+        return TargetSpec(Kind.HF_TYPE, text, model_type=text[3:])
+    if Path(text).is_dir():
+        return _directory(Path(text))
+    if ":" in text:
+        return TargetSpec(Kind.CALLABLE, text)
+    if text in MODELS:
+        return TargetSpec(Kind.BUILTIN, text)
+    raise ReslabError(unknown or f"unknown target {text!r}; give {_forms(accepts)}")
+
+
+def _directory(path: Path) -> TargetSpec:
+    """A run directory (its marker, or a config.json naming a reslab model) or a Hugging Face folder of a supported
+    family (a config.json with a `model_type`); anything else is one line saying what was expected."""
+    from reslab.interop import supported_types, unsupported_type
+    from reslab.rundir import CONFIG, MARKER
+
+    if (path / MARKER).is_file():
+        return TargetSpec(Kind.RUN, str(path), path)
+    try:
+        config = read_json_file(path / CONFIG, "")
+    except ReslabError:
+        config = None
+    if isinstance(config, dict) and "model" in config and "model_config" in config:
+        return TargetSpec(Kind.RUN, str(path), path)  # written before the marker existed
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if isinstance(model_type, str):
+        if model_type not in supported_types():
+            raise ReslabError(f"{path}: {unsupported_type(model_type)}")
+        return TargetSpec(Kind.HF_FOLDER, str(path), path, model_type)
+    why = f"has no {CONFIG}" if not (path / CONFIG).exists() else f"has a {CONFIG} that names no model nor model_type"
+    raise ReslabError(f"{path} {why}: it is not a reslab run directory ({MARKER}, {CONFIG}) nor a Hugging Face "
+                      f"folder ({CONFIG} with a model_type, *.safetensors); give one of them")
+
+
+def saved_config(target: TargetSpec) -> tuple[str, dict[str, Any]]:
+    """(reslab model name, config fields) of a run directory or Hugging Face folder, read without its weights."""
+    if target.kind is Kind.RUN:
+        return run_config(target.path)
+    from reslab.interop import config_from_hf, read_hf_config
+
+    with quiet_transformers():
+        return config_from_hf(read_hf_config(target.path))
+
+
+def build_saved(target: TargetSpec) -> nn.Module:
+    """The model a run directory or Hugging Face folder describes, built on the meta device: its structure and size,
+    no weight read or allocated."""
+    from reslab.models import build_model
+
+    name, config = saved_config(target)
+    with torch.device("meta"):
+        return build_model(name, **config).eval()
+
+
+@dataclass
+class Trained:
+    """A model with its trained weights (eval mode, on the device asked for) and the tokenizer it reads."""
+
+    target: TargetSpec
+    model: nn.Module
+    tokenizer: Any  # a reslab.data.Tokenizer
+    config: dict[str, Any] | None = None  # a run's config.json (its data); None for a Hugging Face folder
+
+    def describe(self) -> str:
+        """What model, in words (a run's training step is read from its checkpoint only here)."""
+        if self.target.kind is Kind.HF_FOLDER:
+            return f"Hugging Face folder {self.target.path} ({self.target.model_type}, {self.tokenizer.kind} tokenizer)"
+        from reslab.rundir import CHECKPOINT
+        from reslab.train.checkpoint import checkpoint_step
+
+        step = checkpoint_step(self.target.path / CHECKPOINT)
+        return f"run {self.target.path} ({self.config['model']}, {self.model.config.residual}, trained {step} steps)"
+
+
+def load_trained(target: TargetSpec, device: str | torch.device = "cpu") -> Trained:
+    """The weights and tokenizer of a run directory or a Hugging Face folder (whose tokenizer is its
+    tokenizer.json, else token ids written as numbers)."""
+    from reslab.data import load_tokenizer
+    from reslab.interop import folder_tokenizer, load_hf_checkpoint
+    from reslab.train.checkpoint import load_run_model
+
+    if target.kind is Kind.RUN:
+        model, config = load_run_model(target.path, device)
+        return Trained(target, model, load_tokenizer(target.path), config)
+    if target.kind is not Kind.HF_FOLDER:
+        raise ReslabError(f"{target} is {target.kind.value}, which holds no trained weights; give {_forms(WEIGHTED)}")
+    with quiet_transformers():
+        model = load_hf_checkpoint(target.path)
+    return Trained(target, model.to(device).eval(), folder_tokenizer(target.path, model.config.vocab_size))
+
+
+def load_target(spec: str | TargetSpec, overrides: dict[str, Any] | None = None, device: str = "meta") -> Target:
     """Build the model TARGET names, with config `overrides` (model flags or `--set`), and its example inputs."""
     if device not in DEVICES:
         raise ReslabError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
     overrides = overrides or {}
-    kind = kind_of(spec)
-    label = spec + (" (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")" if overrides else "")
-    if kind == "builtin":
-        return Target(label, *_builtin(spec, overrides, device))
-    if kind == "run":
-        return Target(label, *_run_dir(Path(spec), overrides, device))
-    if kind == "hf":
-        return Target(label, *_unsupported_as_one_line(spec[3:], lambda: _huggingface(spec[3:], overrides, device)))
+    target = spec if isinstance(spec, TargetSpec) else resolve_target(spec)
+    label = target.text + (" (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")" if overrides else "")
+    if target.kind is Kind.BUILTIN:
+        return Target(label, *_builtin(target.text, overrides, device))
+    if target.kind in WEIGHTED:
+        name, config = saved_config(target)
+        return Target(label, *_builtin(name, {**config, **overrides}, device))
+    if target.kind is Kind.HF_TYPE:
+        model_type = target.model_type
+        return Target(label, *_unsupported_as_one_line(model_type, lambda: _huggingface(model_type, overrides, device)))
     if overrides:
-        raise ReslabError(f"{spec} builds its own model; --set and model flags do not apply to it")
-    return Target(spec, *_callable_target(spec))
+        raise ReslabError(f"{target.text} builds its own model; --set and model flags do not apply to it")
+    return Target(target.text, *_callable_target(target.text))
 
 
 def _builtin(name: str, overrides: dict[str, Any], device: str) -> tuple[nn.Module, tuple]:
@@ -155,20 +287,15 @@ def run_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
     return config["model"], dict(config["model_config"])
 
 
-def _run_dir(run_dir: Path, overrides: dict[str, Any], device: str) -> tuple[nn.Module, tuple]:
-    name, config = run_config(run_dir)
-    return _builtin(name, {**config, **overrides}, device)
-
-
 def _unsupported_as_one_line(model_type: str, build):
     """A model type whose config or inputs this builder does not know (composite configs like CLIP's, audio models)
     is one error line naming it, never a traceback."""
     try:
-        import transformers
+        import transformers  # noqa: F401 - only whether it is installed
     except ImportError:
         raise ReslabError("hf: targets need transformers; pip install 'reslab[hf]'") from None
     try:
-        with _quiet(transformers):  # small vocabularies make configs and models warn about their token ids
+        with quiet_transformers():  # small vocabularies make configs and models warn about their token ids
             return build()
     except ReslabError:
         raise
@@ -200,7 +327,6 @@ def _huggingface(model_type: str, overrides: dict[str, Any], device: str) -> tup
 
 def _hf_config(model_type: str, overrides: dict[str, Any]):
     try:
-        import transformers
         from transformers import AutoConfig
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     except ImportError:
@@ -215,7 +341,7 @@ def _hf_config(model_type: str, overrides: dict[str, Any]):
                           f"in transformers' {type(defaults).__name__}")
     optional = {key: value for key, value in HF_SMALL_OPTIONAL.items() if getattr(defaults, key, None) is not None}
     values = {**optional, **HF_SMALL.get(model_type, HF_GENERIC), **overrides}
-    with _quiet(transformers):
+    with quiet_transformers():
         try:
             return AutoConfig.for_model(model_type, **values)
         except Exception as error:  # transformers validates configs with several exception types
@@ -225,7 +351,7 @@ def _hf_config(model_type: str, overrides: dict[str, Any]):
 def _hf_build(model_type: str, config, device: str) -> nn.Module:
     import transformers
 
-    with _quiet(transformers), torch.device(device):
+    with quiet_transformers(), torch.device(device):
         try:
             model = _hf_auto_class(model_type, config).from_config(config)
         except Exception:  # a head class this config cannot pick (DeiT has two): the bare model, else the error
@@ -274,16 +400,6 @@ def _fits_on_cpu(model: nn.Module) -> bool:
 def _note_cpu(label: str, how: str) -> None:
     print(f"note: {label} reads tensor values in its forward, which the meta device cannot; traced on cpu {how}",
           file=sys.stderr)
-
-
-@contextmanager
-def _quiet(transformers):
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # small vocabularies make configs warn about their token ids
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(verbosity)
 
 
 def _reason(error: BaseException) -> str:

@@ -26,8 +26,14 @@ a field. To add a family:
   3. add its tiny configs to the round-trip test in tests/test_interop_adapters.py.
 """
 
-from reslab.interop.base import HF_INSTALL_HINT, HFAdapter, Refusal, Weight, require_transformers
-from reslab.interop.checkpoint import load_hf_checkpoint, read_hf_config, safetensors_files
+from reslab.interop.base import HF_INSTALL_HINT, HFAdapter, Refusal, Weight, quiet_transformers, require_transformers
+from reslab.interop.checkpoint import (
+    HF_TOKENIZER,
+    folder_tokenizer,
+    load_hf_checkpoint,
+    read_hf_config,
+    safetensors_files,
+)
 from reslab.interop.convert import (
     config_from_hf,
     convert_state_dict,
@@ -36,10 +42,11 @@ from reslab.interop.convert import (
     to_hf_config,
     to_hf_state_dict,
 )
-from reslab.interop.registry import ADAPTERS, supported_types
+from reslab.interop.registry import ADAPTERS, supported_types, unsupported_type
 
 __all__ = [
-    "ADAPTERS", "HF_INSTALL_HINT", "HFAdapter", "Refusal", "Weight", "config_from_hf", "convert_state_dict", "from_hf",
-    "load_hf_checkpoint", "load_state_strict", "read_hf_config", "require_transformers", "safetensors_files",
-    "supported_types", "to_hf_config", "to_hf_state_dict",
+    "ADAPTERS", "HF_INSTALL_HINT", "HF_TOKENIZER", "HFAdapter", "Refusal", "Weight", "config_from_hf",
+    "convert_state_dict", "folder_tokenizer", "from_hf", "load_hf_checkpoint", "load_state_strict",
+    "quiet_transformers", "read_hf_config", "require_transformers", "safetensors_files", "supported_types",
+    "to_hf_config", "to_hf_state_dict", "unsupported_type",
 ]

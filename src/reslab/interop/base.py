@@ -7,7 +7,8 @@ and follows its tables; it never asks which family it is converting.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -130,3 +131,20 @@ def require_transformers(purpose: str) -> Any:
     except ImportError:
         raise ReslabError(f"{purpose} needs the transformers package; {HF_INSTALL_HINT}") from None
     return transformers
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[Any]:
+    """`transformers` (yielded) with its warnings and progress bars off: small vocabularies make configs warn about
+    their token ids, and `save_pretrained` draws a bar, neither of which a reslab command's output wants."""
+    transformers = require_transformers("reading a Hugging Face model")
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield transformers
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()

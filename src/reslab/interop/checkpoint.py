@@ -14,6 +14,10 @@ from reslab.errors import ReslabError
 from reslab.interop.base import require_transformers
 from reslab.interop.convert import build_loaded
 
+HF_CONFIG = "config.json"
+HF_TOKENIZER = "tokenizer.json"  # Hugging Face's file name, in the `tokenizers` format
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+
 
 def load_hf_checkpoint(directory: str | Path) -> nn.Module:
     """A reslab model from a local HF checkpoint directory: config.json plus *.safetensors (sharded or not).
@@ -22,10 +26,13 @@ def load_hf_checkpoint(directory: str | Path) -> nn.Module:
     run arbitrary code.
     """
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise ReslabError(f"{directory} has no config.json; give the directory written by save_pretrained")
-    files = safetensors_files(directory)
-    return build_loaded(read_hf_config(directory), dict(_read_tensors(files)))
+    if not (directory / HF_CONFIG).is_file():
+        raise ReslabError(f"{directory} has no {HF_CONFIG}; give the directory written by save_pretrained")
+    config, files = read_hf_config(directory), safetensors_files(directory)
+    try:
+        return build_loaded(config, dict(_read_tensors(files)))
+    except ReslabError as error:  # a weight or field that does not fit: name the folder
+        raise ReslabError(f"{directory}: {error}") from None
 
 
 def read_hf_config(directory: Path) -> Any:
@@ -34,7 +41,16 @@ def read_hf_config(directory: Path) -> Any:
     try:
         return transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except (ValueError, KeyError, OSError) as error:
-        raise ReslabError(f"cannot read {directory / 'config.json'}: {error}") from None
+        raise ReslabError(f"cannot read {directory / HF_CONFIG}: {error}") from None
+
+
+def folder_tokenizer(directory: Path, vocab_size: int):
+    """A Hugging Face folder's tokenizer: its tokenizer.json (any `tokenizers` model), else, without one, the token
+    ids written as numbers (`IdTokenizer`: a prompt is ids, a sample prints ids)."""
+    from reslab.data.tokenizer import IdTokenizer, load_tokenizer_file
+
+    path = Path(directory) / HF_TOKENIZER
+    return load_tokenizer_file(path) if path.is_file() else IdTokenizer(vocab_size)
 
 
 def safetensors_files(directory: Path) -> list[Path]:

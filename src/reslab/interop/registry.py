@@ -31,8 +31,13 @@ def adapter_for_hf(hf_config: Any) -> HFAdapter:
     for adapter in ADAPTERS.values():
         if model_type in adapter.hf_types:
             return adapter
-    raise ReslabError(f"Hugging Face model type {model_type!r} is not supported; "
-                      f"reslab converts: {', '.join(supported_types())}")
+    raise unsupported_type(model_type)
+
+
+def unsupported_type(model_type: Any) -> ReslabError:
+    """The one line for an HF `model_type` no adapter reads, listing those they do."""
+    return ReslabError(f"Hugging Face model type {model_type!r} is not supported; "
+                       f"reslab converts: {', '.join(supported_types())}")
 
 
 def adapter_for_name(name: str) -> HFAdapter:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from reslab.checks import COUNT, SEED, check_numbers
-from reslab.cli_args import add_model_arguments, model_flags_given
+from reslab.cli_args import add_model_arguments
 from reslab.errors import ReslabError
 
 LENS_RANGES = {"tokens": COUNT, "seed": SEED, "tuned_steps": COUNT, "tuned_batch": COUNT}
@@ -16,10 +16,11 @@ LENS_RANGES = {"tokens": COUNT, "seed": SEED, "tuned_steps": COUNT, "tuned_batch
 def register(commands) -> None:
     lens = commands.add_parser("lens", help="what the residual stream carries, layer by layer (logit lens, "
                                "attribution)")
-    lens.add_argument("target", help="a run directory, or a built-in model name (random weights; model flags apply)")
+    lens.add_argument("target", help="a run directory, a Hugging Face save_pretrained folder, or a built-in model "
+                      "name (random weights; model flags apply)")
     lens.add_argument("--prompt", help="text to read the model on")
     lens.add_argument("--data", help="a corpus name or UTF-8 text file to read the model on (default: a run's "
-                      "validation split; random ids for a built-in model)")
+                      "validation split; random ids for a built-in model or a Hugging Face folder)")
     lens.add_argument("--tokens", type=int, default=256, help="evaluated tokens at most (default 256)")
     lens.add_argument("--seed", type=int, default=0, help="seed of a built-in model's random weights and ids, and of "
                       "the tuned lens's batches (default 0)")
@@ -35,23 +36,26 @@ def register(commands) -> None:
 
 
 def lens_input(args: argparse.Namespace):
-    """The model and tokens TARGET and the flags name (a run directory or a built-in transformer)."""
-    from reslab.lens.inputs import builtin_input, run_input
+    """The model and tokens TARGET and the flags name (a run directory, a Hugging Face folder or a built-in
+    transformer)."""
+    from reslab.graph.commands import refuse_model_flags
+    from reslab.graph.targets import LENS, Kind, load_trained, resolve_target
+    from reslab.lens.inputs import builtin_input, trained_input
     from reslab.models import TRANSFORMERS
-    from reslab.train.loop import resolve_device
+    from reslab.train.config import resolve_device
 
     device = resolve_device(args.device)
-    target = Path(args.target)
-    if target.is_dir():
-        given = model_flags_given(args)
-        if given:
-            raise ReslabError(f"model flags apply to a built-in model, not to a run directory; drop {given[0]}")
-        return run_input(target, args.prompt, args.data, args.tokens, device, with_train=args.tuned)
-    if args.target not in TRANSFORMERS:
-        raise ReslabError(f"{args.target} is neither a run directory nor a built-in transformer "
-                          f"({', '.join(TRANSFORMERS)})")
-    if args.tuned:
+    unknown = (f"{args.target} is neither a run directory nor a built-in transformer ({', '.join(TRANSFORMERS)}), "
+               "nor a Hugging Face folder")
+    target = resolve_target(args.target, LENS, unknown)
+    if target.kind is Kind.BUILTIN and args.target not in TRANSFORMERS:
+        raise ReslabError(unknown)
+    if args.tuned and target.kind is not Kind.RUN:
         raise ReslabError("--tuned fits on a run's training data; give a run directory as TARGET")
+    if target.kind is not Kind.BUILTIN:
+        refuse_model_flags(args, target)
+        trained = load_trained(target, device)
+        return trained_input(trained, args.prompt, args.data, args.tokens, args.seed, device, with_train=args.tuned)
     if args.model is not None and args.model != args.target:
         raise ReslabError(f"TARGET names the model; drop --model {args.model}")
     import torch

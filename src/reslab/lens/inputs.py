@@ -1,18 +1,23 @@
-"""What `reslab lens` looks at: a trained run or a built-in model, and the tokens to read it on.
+"""What `reslab lens` looks at: a trained run, a Hugging Face folder or a built-in model, and the tokens to read it on.
 
 Tokens come from `--prompt`, from `--data` (a corpus name or a text file) or, for a run, from the start of its own
-validation split; they are cut into windows of at most the model's context, each position scored on the next token.
+validation split (random ids for the others); they are cut into windows of at most the model's context, each
+position scored on the next token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from reslab.errors import ReslabError
+
+if TYPE_CHECKING:
+    from reslab.graph.targets import Trained
 
 
 @dataclass
@@ -56,24 +61,39 @@ def run_input(run_dir: Path, prompt: str | None, data: str | None, limit: int, d
               with_train: bool = False) -> LensInput:
     """A trained run, read on the given text or on its validation split (its tokenizer, its context); with
     `with_train`, its training split too."""
-    from reslab.data import encode_corpus, load_text, load_tokenizer, split_tokens
-    from reslab.train.checkpoint import checkpoint_step, load_run_model
+    from reslab.graph.targets import Kind, TargetSpec, load_trained
 
-    model, config = load_run_model(run_dir, device)
-    tokenizer = load_tokenizer(run_dir)
+    trained = load_trained(TargetSpec(Kind.RUN, str(run_dir), Path(run_dir)), device)
+    return trained_input(trained, prompt, data, limit, 0, device, with_train)
+
+
+def trained_input(trained: Trained, prompt: str | None, data: str | None, limit: int, seed: int,
+                  device: torch.device, with_train: bool = False) -> LensInput:
+    """A model with trained weights (`graph.targets.load_trained`), read on the given text, else on a run's
+    validation split, else (a Hugging Face folder) on random token ids; with `with_train`, a run's training split
+    too."""
+    from reslab.data import encode_corpus, load_text, split_tokens
+
+    model, tokenizer, config = trained.model, trained.tokenizer, trained.config
     text, description = read_text(prompt, data)
     train = val = None
-    if text is None or with_train:
+    if config is not None and (text is None or with_train):
         corpus, source = load_text(config.get("train", {}).get("data"))
         train, val = split_tokens(encode_corpus(tokenizer, corpus))
-    if text is None:
+    if text is not None:
+        ids = encode_corpus(tokenizer, text)
+    elif val is not None:
         ids, description = val, f"the run's validation split ({source})"
     else:
-        ids = encode_corpus(tokenizer, text)
+        ids, description = random_ids(model.config.vocab_size, limit, seed)
     x, y = windows(ids, model.config.context, limit)
-    step = checkpoint_step(Path(run_dir) / "checkpoint.safetensors")
-    target = f"run {run_dir} ({config['model']}, {model.config.residual}, trained {step} steps)"
-    return LensInput(model, x.to(device), y.to(device), target, description, train if with_train else None)
+    return LensInput(model, x.to(device), y.to(device), trained.describe(), description,
+                     train if with_train else None)
+
+
+def random_ids(vocab: int, limit: int, seed: int) -> tuple[torch.Tensor, str]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (limit + 1,), generator=generator), f"random token ids (seed {seed})"
 
 
 def builtin_input(model: nn.Module, name: str, prompt: str | None, data: str | None, limit: int, seed: int,
@@ -84,9 +104,7 @@ def builtin_input(model: nn.Module, name: str, prompt: str | None, data: str | N
     vocab, context = model.config.vocab_size, model.config.context
     text, description = read_text(prompt, data)
     if text is None:
-        generator = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, vocab, (limit + 1,), generator=generator)
-        description = f"random token ids (seed {seed})"
+        ids, description = random_ids(vocab, limit, seed)
     else:
         tokenizer = CharTokenizer.train(text)
         if tokenizer.vocab_size > vocab:

@@ -11,8 +11,11 @@ from pathlib import Path
 from reslab.ablationdir import REPORT
 
 
-def write_report(ablation_dir: str | Path, out: str | Path | None = None) -> Path:
+def write_report(ablation_dir: str | Path, out: str | Path | None = None, baseline: str | None = None,
+                 target_loss: float | None = None) -> Path:
     """Draw the plots and write report.html (or `out`) for an ablation directory; returns the report's path.
+    `baseline`: the scheme the others are compared with (default: the ablation's, else `pre`); `target_loss`: the
+    loss "time to target" measures (default: the highest final val loss of any run).
 
     A missing or invalid directory raises ReslabError with one line saying what is wrong.
     """
@@ -21,7 +24,7 @@ def write_report(ablation_dir: str | Path, out: str | Path | None = None) -> Pat
     from reslab.report.load import load_ablation
     from reslab.report.plots import make_plots
 
-    ablation = load_ablation(Path(ablation_dir))
+    ablation = load_ablation(Path(ablation_dir), baseline, target_loss)
     plots = make_plots(ablation)
     for plot in plots:
         _readable(plot.path)

@@ -11,7 +11,16 @@ def register(commands) -> None:
     report.add_argument("dir", type=Path, metavar="DIR", help="an ablation directory (the --out of `reslab ablate`)")
     report.add_argument("--out", type=Path, metavar="FILE",
                         help="where to write the HTML (default DIR/report.html); plots always go to DIR/plots/")
+    add_comparison_arguments(report)
     report.set_defaults(handler=cmd_report)
+
+
+def add_comparison_arguments(parser) -> None:
+    """--baseline and --target-loss, shared with `reslab ablate` (which records them in ablation.json)."""
+    parser.add_argument("--baseline", help="the scheme every other is compared with, paired by seed (default: pre "
+                        "when in the grid, else the first scheme)")
+    parser.add_argument("--target-loss", type=_finite, metavar="LOSS", help="the val loss 'time to target' measures "
+                        "(default: the highest final val loss of any run, which every run reaches)")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -22,6 +31,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.is_dir():
         raise ReslabError(f"--out {args.out} is a directory; give a file name such as "
                           f"{command_line('--out', args.out / 'report.html')}")
-    path = write_report(args.dir, args.out)
+    path = write_report(args.dir, args.out, args.baseline, args.target_loss)
     print(path)
     return 0
+
+
+def _finite(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value

@@ -21,6 +21,7 @@ from reslab.io import command_line
 from reslab.metrics import seed_summaries
 from reslab.report.load import Ablation
 from reslab.report.plots import Plot, expected_plots, scheme_colours
+from reslab.stats import ALPHA, FEW_SEEDS, LEVEL
 
 DASH = "\u2013"
 
@@ -35,6 +36,10 @@ def _num(value: Any, digits: int = 4) -> str:
     if digits == 0:
         return f"{value:,.0f}"
     return f"{value:.{digits}f}"
+
+
+def _p(value: Any) -> str:
+    return f"{value:.2g}" if _finite(value) else _num(None)
 
 
 def _code(text: str) -> str:
@@ -128,54 +133,62 @@ def _best_by_depth(rows: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
     return best
 
 
-def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    values = [a.get("final_val_loss_min"), a.get("final_val_loss_max"), b.get("final_val_loss_min"),
-              b.get("final_val_loss_max")]
-    if not all(_finite(v) for v in values):
-        return True
-    return values[0] <= values[3] and values[2] <= values[1]
+def _comparisons(ablation: Ablation, metric: str = "final_val_loss") -> list[dict[str, Any]]:
+    """summary.json's paired comparisons against the baseline on one field (reslab.ablation_summary)."""
+    tests = ablation.summary.get("comparisons")
+    return [t for t in tests if isinstance(t, dict) and t.get("metric") == metric] if isinstance(tests, list) else []
+
+
+def _interval(low: Any, high: Any, digits: int = 4, signed: bool = False) -> str:
+    if not (_finite(low) and _finite(high)):
+        return _num(None)
+    sign = "+" if signed else ""
+    return f"[{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
+
+
+def _verdict_text(test: dict[str, Any], colours: dict[str, str]) -> str:
+    """One scheme against the baseline, in words, from the paired test (never from the means alone)."""
+    name = f"{_swatch(str(test.get('residual')), colours)}<b>{esc(test.get('residual'))}</b>"
+    if not _finite(test.get("diff")):
+        return f"{name}: no seed finished alongside the baseline"
+    verdict = str(test.get("verdict"))
+    p = f", p = {test['p_holm']:.2g} (Holm)" if _finite(test.get("p_holm")) else ""
+    needed = (f"; about {test['seeds_needed']} seeds would resolve a difference this size"
+              if verdict == "no difference at this n" and isinstance(test.get("seeds_needed"), int) else "")
+    return (f'{name} <span class="verdict {esc(verdict.split()[0])}">{esc(verdict)}</span> '
+            f"({test['diff']:+.3f}, {LEVEL:.0%} interval {_interval(test.get('low'), test.get('high'), 3, True)}, "
+            f"{_plural(_count(test.get('n')), 'seed')}{p}{needed})")
 
 
 def _result_section(ablation: Ablation, rows: list[dict[str, Any]], colours: dict[str, str]) -> str:
     if not rows:
         return '<p class="note">No grid point has finished yet, so there is no result to state. The runs below ' \
                "show how far each one got.</p>"
-    best = _best_by_depth(rows)
-    items = []
+    baseline, tests, items = ablation.summary.get("baseline"), _comparisons(ablation), []
     for depth in sorted({r.get("layers") for r in rows}, key=lambda d: (not isinstance(d, int), d)):
-        group = [r for r in rows if r.get("layers") == depth]
-        top = best.get(depth)
-        parts = []
-        if top is None:
-            parts.append("no scheme finished without diverging")
-        else:
-            spread = (f" ± {top['final_val_loss_std']:.3f}" if top.get("seeds", 0) > 1
-                      and _finite(top.get("final_val_loss_std")) else "")
-            parts.append(f"{_swatch(top['residual'], colours)}<b>{esc(top['residual'])}</b> is best with final "
-                         f"validation loss {top['final_val_loss_mean']:.3f}{spread} "
-                         f"({_plural(top.get('seeds', 0), 'seed')})")
-        for row in group:
-            if row is top:
-                continue
-            name = f"{_swatch(row['residual'], colours)}<b>{esc(row['residual'])}</b>"
-            if not _finite(row.get("final_val_loss_mean")):
-                count = row.get("diverged", 0)
-                why = ("no result" if not count else "its run diverged" if count == 1
-                       else f"all {count} runs diverged")
-                parts.append(f"{name}: {why}")
-                continue
-            gap = row["final_val_loss_mean"] - top["final_val_loss_mean"]
-            if min(row.get("seeds", 0), top.get("seeds", 0)) < 2:
-                noise = "one seed, so no spread to compare with"
-            elif _overlap(row, top):
-                noise = "within the seed-to-seed range"
-            else:
-                noise = "the seed ranges do not overlap"
-            diverged = f"; {_plural(row['diverged'], 'run')} diverged" if row.get("diverged") else ""
-            parts.append(f"{name} {gap:+.3f} ({noise}{diverged})")
+        top = _best_by_depth(rows).get(depth)
+        parts = ["no scheme finished without diverging" if top is None else
+                 f"lowest mean: {_swatch(top['residual'], colours)}<b>{esc(top['residual'])}</b> "
+                 f"{top['final_val_loss_mean']:.3f} ({_plural(top.get('seeds', 0), 'seed')})"]
+        parts += [_verdict_text(t, colours) for t in tests if t.get("layers") == depth]
+        parts += [f"<b>{esc(r['residual'])}</b>: {_plural(r['diverged'], 'run')} diverged" for r in rows
+                  if r.get("layers") == depth and r.get("diverged")]
         items.append(f"<li><b>{esc(_plural(depth, 'block') if isinstance(depth, int) else depth)}:</b> "
                      + "; ".join(parts) + ".</li>")
-    return "<ul class=\"result\">" + "\n".join(items) + "</ul>"
+    against = (f"<p>Each scheme against <b>{esc(baseline)}</b> on final validation loss, paired by seed (the same "
+               f"initialisation seed and data order), with a paired t-test Holm-corrected over the grid at alpha "
+               f"{ALPHA:g}; held equal: {esc(', '.join(map(str, ablation.summary.get('held_equal') or [])))}.</p>"
+               if baseline else "<p>No baseline scheme in this grid, so no paired comparison.</p>")
+    return against + _few_seeds_note(rows) + "<ul class=\"result\">" + "\n".join(items) + "</ul>"
+
+
+def _few_seeds_note(rows: list[dict[str, Any]]) -> str:
+    fewest = min((r.get("seeds", 0) for r in rows), default=0)
+    if fewest >= FEW_SEEDS:
+        return ""
+    return (f'<p class="warn">With {_plural(fewest, "seed")} at some grid point the {LEVEL:.0%} intervals are wide '
+            f"(with two seeds the Student-t factor is 12.7) and a paired test can rarely separate two schemes: run at "
+            f"least {FEW_SEEDS} seeds (<code>--seeds 0,1,2</code>) before reading a small difference as real.</p>")
 
 
 def _summary_table(rows: list[dict[str, Any]], colours: dict[str, str]) -> str:
@@ -184,24 +197,20 @@ def _summary_table(rows: list[dict[str, Any]], colours: dict[str, str]) -> str:
     best = _best_by_depth(rows)
     others = seed_summaries()[1:]  # after the headline (final val loss): every other field aggregated over seeds
     head = ("<tr><th>#</th><th class=\"left\">scheme</th><th>depth</th><th>seeds</th><th>final val loss<br>"
-            "mean ± std</th><th>final val loss<br>[min, max]</th><th>Δ vs best<br>of its depth</th>"
+            f"mean</th><th>final val loss<br>{LEVEL:.0%} interval</th><th>Δ vs best<br>of its depth</th>"
             + "".join(f"<th>{esc(field.column).replace(chr(10), '<br>')}</th>" for field in others) + "</tr>")
     body = []
     for rank, row in enumerate(rows, 1):
-        mean, std = row.get("final_val_loss_mean"), row.get("final_val_loss_std")
-        seeds = row.get("seeds", 0)
-        final = _num(mean) + (f' <span class="pm">± {std:.4f}</span>' if seeds > 1 and _finite(std) else "")
-        span = (f"[{_num(row.get('final_val_loss_min'))}, {_num(row.get('final_val_loss_max'))}]"
-                if seeds > 1 and _finite(row.get("final_val_loss_min")) else _num(None))
+        mean, seeds = row.get("final_val_loss_mean"), row.get("seeds", 0)
+        final = _num(mean)
+        span = _interval(row.get("final_val_loss_ci_low"), row.get("final_val_loss_ci_high"))
         top = best.get(row.get("layers"))
         if top is row:
             versus = '<span class="best">best</span>'
         elif top is None or not _finite(mean):
             versus = _num(None)
         else:
-            overlap = seeds > 1 and top.get("seeds", 0) > 1 and _overlap(row, top)
-            versus = f"{mean - top['final_val_loss_mean']:+.4f}" + (
-                ' <span class="pm" title="the min-max ranges over seeds overlap">(overlaps)</span>' if overlap else "")
+            versus = f"{mean - top['final_val_loss_mean']:+.4f}"
         seeds_text = esc(seeds) + (f' <span class="warn">+{esc(row["diverged"])} diverged</span>'
                                    if row.get("diverged") else "")
         classes = ' class="top"' if top is row else ""
@@ -211,6 +220,41 @@ def _summary_table(rows: list[dict[str, Any]], colours: dict[str, str]) -> str:
             f"<td>{final}</td><td>{span}</td><td>{versus}</td>"
             + "".join(f"<td>{_num(row.get(f'{field.key}_mean'), field.digits)}</td>" for field in others) + "</tr>")
     return f'<div class="scroll"><table class="summary">{head}\n' + "\n".join(body) + "</table></div>"
+
+
+COMPARED = {"final_val_loss": "final val loss", "best_val_loss": "best val loss",
+            "val_loss_at_matched_time": "val loss at matched wall time", "seconds_to_target": "seconds to target loss"}
+
+
+def _comparison_table(ablation: Ablation) -> str:
+    """Every paired comparison summary.json holds: each scheme against the baseline, on each compared field."""
+    tests = [t for t in ablation.summary.get("comparisons") or [] if isinstance(t, dict)]
+    if not tests:
+        return ""
+    summary = ablation.summary
+    budgets = sorted({(r.get("layers"), r.get("matched_seconds"), r.get("target_loss")) for r in _rows(ablation)
+                      if _finite(r.get("matched_seconds")) and _finite(r.get("target_loss"))}, key=str)
+    budget = ("Per depth, the matched wall time is the shortest run's training time (each run's last evaluation at "
+              "or before it counts, so evaluate often, --eval-interval, to use it) and the target loss the highest "
+              "final val loss unless given (every run reaches it): "
+              + "; ".join(f"{layers} blocks: {seconds:.1f} s, {loss:.3f}" for layers, seconds, loss in budgets)
+              if budgets else "")
+    head = ("<tr><th class=\"left\">field</th><th class=\"left\">scheme</th><th>depth</th><th>seeds</th>"
+            f"<th>difference</th><th>{LEVEL:.0%} interval</th><th>p</th><th>p (Holm)</th><th class=\"left\">verdict"
+            "</th><th>seeds needed</th></tr>")
+    body = [f"<tr><td class=\"left\">{esc(COMPARED.get(t.get('metric'), t.get('metric')))}</td>"
+            f"<td class=\"left\">{esc(t.get('residual'))}</td><td>{esc(t.get('layers'))}</td>"
+            f"<td>{esc(t.get('n'))}</td><td>{_num(t.get('diff'))}</td>"
+            f"<td>{_interval(t.get('low'), t.get('high'), signed=True)}</td><td>{_p(t.get('p'))}</td>"
+            f"<td>{_p(t.get('p_holm'))}</td><td class=\"left\"><span class=\"verdict "
+            f"{esc(str(t.get('verdict')).split()[0])}\">{esc(t.get('verdict'))}</span></td>"
+            f"<td>{esc(t.get('seeds_needed') if t.get('seeds_needed') is not None else DASH)}</td></tr>"
+            for t in tests]
+    return (f"<h3>Against {esc(summary.get('baseline'))}, paired by seed</h3><p class=\"small\">Difference = scheme "
+            f"minus baseline on the same seeds (lower loss and fewer seconds are better). {esc(budget)}. "
+            "<i>Seeds needed</i>: how many seeds a paired t-test needs for 80% power at the observed difference and "
+            f'spread. Every number is in <code>comparisons.csv</code>.</p><div class="scroll"><table class="summary">'
+            f"{head}\n" + "\n".join(body) + "</table></div>")
 
 
 # --- runs, command, config -----------------------------------------------------------------------------------
@@ -294,9 +338,12 @@ HOW_TO_READ = """
 <dl>
 <dt>Validation loss</dt><dd>Cross-entropy on held-out text in nats per token; lower is better. The same validation
 batches are used at every evaluation, so curves are comparable step to step. A model that guesses uniformly scores
-ln(vocabulary size){uniform}. Each line is the mean over seeds; the band spans the lowest to the highest seed.
-The table's <i>± std</i> is the sample standard deviation over seeds; with two or three seeds treat it as a rough
-guide, and a gap smaller than the seed-to-seed range as noise.</dd>
+ln(vocabulary size){uniform}. Each line is the mean over seeds; the band is the 95% Student-t interval of that mean.
+The table's interval is the same for the final value. Whether a scheme is better than the baseline is decided by a
+paired t-test over seeds (Holm-corrected over the grid), never by the means alone: two curves whose bands overlap
+can still differ when every seed moves the same way, and two apart by more than the seed noise can fail to with
+too few seeds. The forest plot shows each difference with its interval: an interval that crosses zero is "no
+difference at this n".</dd>
 <dt>Gradient norm per block</dt><dd>The L2 norm of all gradients inside one transformer block, before clipping.
 With a residual path the gradient reaches block 0 (next to the embedding) through the identity; without one it must
 pass through every sublayer's Jacobian and can shrink block by block: lines fanning out on the log scale are
@@ -353,6 +400,10 @@ table.kv th { width: 240px; }
 .na { color: #9aa1ad; }
 .best { color: #1a7f37; font-weight: 600; }
 .warn { color: #b42318; font-weight: 600; }
+.verdict { font-weight: 600; padding: 0 .3em; border-radius: 3px; }
+.verdict.better { background: #dcfae6; color: #067647; }
+.verdict.worse { background: #fee4e2; color: #b42318; }
+.verdict.no, .verdict.too, .verdict.no { background: #f2f4f7; color: #475467; }
 .note { color: var(--muted); font-style: italic; }
 .small { font-size: 13.5px; color: var(--muted); }
 ul.result { padding-left: 20px; }
@@ -427,10 +478,12 @@ def render(ablation: Ablation, plots: list[Plot]) -> str:
         _result_section(ablation, rows, colours),
         '<h2 id="summary">Summary table</h2>',
         '<p class="small">Per scheme and depth, the mean over seeds of each run\'s numbers at the end of training, '
-        "best final validation loss first (the best of each depth is shaded). ± is the standard deviation over "
-        "seeds; the range is the lowest and highest seed. Grad share, stream RMS and drift are defined under "
+        "best final validation loss first (the best of each depth is shaded), with the 95% interval of the mean "
+        "over seeds (Student t; summary.csv has the standard deviation, min and max too). "
+        "Grad share, stream RMS and drift are defined under "
         '<a href="#how-to-read">How to read this</a>.</p>',
         _summary_table(rows, colours),
+        _comparison_table(ablation),
         '<h2 id="plots">Plots</h2>',
         _plots_section(plots),
         '<h2 id="how-to-read">How to read this</h2>',

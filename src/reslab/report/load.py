@@ -121,8 +121,9 @@ def _read_json_quiet(path: Path) -> Any:
     return parse_json(text, str(path), _DAMAGE_FIX, allow_nan=True, error=DamagedRunError, invalid=None)
 
 
-def load_ablation(path: Path) -> Ablation:
-    """Read ablation.json, summary.json (recomputed if missing) and every run under runs/."""
+def load_ablation(path: Path, baseline: str | None = None, target_loss: float | None = None) -> Ablation:
+    """Read ablation.json, summary.json (recomputed if missing) and every run under runs/; `baseline` and
+    `target_loss` as in `reslab.ablation_summary.summarize`."""
     ablation = AblationDir(path).check()
     path = ablation.path
     meta = read_json_file(ablation / RECORD, "run the ablation again into it, or restore the file",
@@ -133,7 +134,7 @@ def load_ablation(path: Path) -> Ablation:
     runs = [run for run in runs if run is not None]
     summary = {"rows": []}
     if runs:  # aggregated again from the runs on disk: summary.json may be stale (runs removed, damaged, added)
-        summary = summarize(path)  # a damaged run is one error line naming it
+        summary = summarize(path, baseline, target_loss)  # a damaged run is one error line naming it
     summary.setdefault("rows", [])
     return Ablation(path, meta, summary, runs)
 

@@ -21,6 +21,7 @@ from typing import Any
 from reslab.ablationdir import PLOTS
 from reslab.metrics import NATS, PER_SUBLAYER, SCALAR, Metric, figures, in_figure
 from reslab.report.load import Ablation, Run
+from reslab.stats import interval
 
 # Fixed colours for the registered schemes, so a scheme looks the same in every report; the control is grey.
 SCHEME_COLOURS = {
@@ -80,7 +81,8 @@ def _finite(value: Any) -> bool:
 
 def aggregate(runs: Sequence[Run], get: Callable[[dict[str, Any]], Any]) -> tuple[list[int], list[float], list[float],
                                                                                      list[float]]:
-    """Per step over the seeds: (steps, mean, min, max) of get(record); steps where no seed has a value are left out."""
+    """Per step over the seeds: (steps, mean, low, high) of get(record), low and high the 95% Student-t interval of
+    the mean (the mean itself where one seed has a value); steps where no seed has a value are left out."""
     by_step: dict[int, list[float]] = {}
     for run in runs:
         for record in run.records:
@@ -88,8 +90,9 @@ def aggregate(runs: Sequence[Run], get: Callable[[dict[str, Any]], Any]) -> tupl
             if _finite(value):
                 by_step.setdefault(record["step"], []).append(float(value))
     steps = sorted(by_step)
-    return (steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], [min(by_step[s]) for s in steps],
-            [max(by_step[s]) for s in steps])
+    spreads = [interval(by_step[s]) for s in steps]
+    return (steps, [i.mean for i in spreads], [i.mean if i.low is None else i.low for i in spreads],
+            [i.mean if i.high is None else i.high for i in spreads])
 
 
 def _index(values: Any, *path: int) -> Any:
@@ -173,7 +176,10 @@ def _scheme_legend(figure, ablation: Ablation, colours: dict[str, str], extra: S
 
 def _seed_note(ablation: Ablation) -> str:
     seeds = len(ablation.seeds)
-    return "one seed" if seeds == 1 else f"line: mean over {seeds} seeds, band: min to max"
+    if seeds == 1:
+        return "one seed"
+    wide = ", wide at 2 seeds" if seeds == 2 else ""
+    return f"line: mean over {seeds} seeds, band: its 95% interval{wide}"
 
 
 def plot_vs_step(ablation: Ablation, path: Path, colours: dict[str, str], metrics: list[Metric], title: str) -> bool:
@@ -407,6 +413,37 @@ LENS_CAPTION = ("For the first seed's finished runs: the next-token loss of the 
                 "one run), on the run's validation split. Falling block by block: each block refines the prediction.")
 
 
+def plot_forest(ablation: Ablation, path: Path, colours: dict[str, str], metrics: list[Metric], title: str) -> bool:
+    """Each scheme's difference in final val loss to the baseline, per depth, with its 95% interval (summary.json's
+    paired comparisons); a dashed line at zero."""
+    tests = [t for t in ablation.summary.get("comparisons") or [] if isinstance(t, dict)
+             and t.get("metric") == "final_val_loss" and all(_finite(t.get(k)) for k in ("diff", "low", "high"))]
+    if not tests:
+        return False
+    tests.sort(key=lambda t: (str(t.get("layers")), str(t.get("residual"))))
+    figure, axes = _figure(1, 1, (6.4, 0.5 + 0.42 * len(tests)))
+    ax = axes[0][0]
+    for y, test in enumerate(reversed(tests)):
+        colour = colours.get(str(test["residual"]), "black")
+        ax.errorbar(test["diff"], y, xerr=[[test["diff"] - test["low"]], [test["high"] - test["diff"]]], fmt="o",
+                    color=colour, capsize=4, lw=2)
+        ax.annotate(str(test.get("verdict", "")), (test["high"], y), xytext=(6, 0), textcoords="offset points",
+                    va="center", fontsize=9, color="#475467")
+    ax.axvline(0, color="black", lw=1, ls="--")
+    ax.set_yticks(range(len(tests)), [f"{t['residual']}, {t['layers']} blocks" for t in reversed(tests)])
+    ax.set_xlabel(f"final val loss minus {ablation.summary.get('baseline')}'s ({NATS}); left of 0 is better")
+    ax.margins(x=0.25)
+    figure.suptitle(title, fontsize=12, fontweight="bold")
+    _save(figure, path)
+    return True
+
+
+FOREST_CAPTION = ("Each scheme minus the baseline in final validation loss, paired by seed: the point is the mean "
+                  "difference, the bar its 95% interval, the label the verdict of the paired t-test after Holm's "
+                  "correction over the grid. A bar that crosses the dashed line at zero cannot tell the two apart at "
+                  "this number of seeds.")
+
+
 def make_plots(ablation: Ablation) -> list[Plot]:
     """Write every plot the data allows under DIR/plots/ (every figure a metric's declaration names, then the logit
     lens); returns those written (stale ones are removed)."""
@@ -423,6 +460,7 @@ def make_plots(ablation: Ablation) -> list[Plot]:
         draw, title, caption = built_in.get(name) or (plot_vs_step, metrics[0].plot.label.capitalize() + " vs step",
                                                       f"{metrics[0].description} ({seeds}).")
         specs.append((name, draw, title, caption, metrics))
+    specs.append(("forest", plot_forest, "Difference to the baseline", FOREST_CAPTION, []))
     specs.append(("lens", _lens_figure, "Logit lens by block", LENS_CAPTION, []))
     written = []
     with matplotlib.rc_context(STYLE):

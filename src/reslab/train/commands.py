@@ -11,7 +11,6 @@ from reslab.checks import COUNT, NON_NEGATIVE, SEED, Declared, Range, check_numb
 from reslab.cli_args import add_flags, add_model_arguments, flagged, given, model_name, model_overrides
 from reslab.data.corpus import normalise_data
 from reslab.errors import ReslabError
-from reslab.rundir import RunDir
 from reslab.train.config import TrainConfig, check_flags_apply
 
 # TrainConfig fields whose flags only `train` takes (one run, not an ablation's grid)
@@ -53,12 +52,13 @@ def register(commands) -> None:
     group.add_argument("--out", type=Path, help="run directory (default runs/MODEL-RESIDUAL)")
     group.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
     group.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    group.add_argument("--json", action="store_true", help="print summary.json to stdout at the end")
+    group.add_argument("--json", action="store_true", help="print JSON to stdout on every exit: summary.json at "
+                       "the end, or where the run stopped and the command that continues it")
     add_flags(group, train_fields(run_only=True), note=_default)
     train.set_defaults(handler=cmd_train)
 
     sample = commands.add_parser("sample", help="generate text from a trained run")
-    sample.add_argument("run_dir", type=Path)
+    sample.add_argument("run_dir", type=Path, help="a run directory or a Hugging Face save_pretrained folder")
     sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     sample.add_argument("--tokens", type=int, default=200, help="tokens to generate (default 200)")
     sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
@@ -125,6 +125,7 @@ def resumed_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[st
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from reslab.errors import Interrupted
     from reslab.train.loop import prepare, train
 
     resume = args.resume is not None
@@ -132,18 +133,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     setup = prepare(config, overrides, run_dir, resume=resume, overwrite=args.overwrite, command=args.argv)
     from reslab.train import distributed
 
-    reporter = None
-    if distributed.is_main():  # rank 0 prints
-        reporter = start_line_reporter(describe_dtype(setup.config, resume), setup.config.progress)
-    with distributed.job(run_dir):  # under torchrun: clear errors when a rank fails, group closed at the end
-        summary = train(setup, reporter)
-    if not distributed.is_main():
-        return 0  # rank 0 prints
-    if "stopped_at" in summary:
-        print(f"stopped at step {summary['stopped_at']}; continue with: {RunDir(run_dir).resume_command()}")
+    main = distributed.is_main()  # rank 0 prints
+    reporter = start_line_reporter(describe_dtype(setup.config, resume), setup.config.progress and main)
+    stopped = {"run": str(run_dir), "resume_command": setup.run.resume_command()}
+    try:
+        with distributed.job(run_dir):  # under torchrun: clear errors when a rank fails, group closed at the end
+            summary = train(setup, reporter)
+    except Interrupted:  # Ctrl-C / SIGTERM: checkpointed at the step the reporter saw last; one line on stderr
+        if args.json and main:
+            print(json.dumps({"stopped_at": reporter.step, "interrupted": True, **stopped}, indent=2))
+        raise
+    if not main:
         return 0
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps({**summary, **stopped} if "stopped_at" in summary else summary, indent=2))
+    elif "stopped_at" in summary:
+        print(f"stopped at step {summary['stopped_at']}; continue with: {stopped['resume_command']}")
     else:
         print(f"run: {run_dir}  val loss {summary.get('final_val_loss', float('nan')):.4f} "
               f"(best {summary.get('best_val_loss', float('nan')):.4f})  "
@@ -154,7 +159,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def start_line_reporter(line: str, enabled: bool):
     """The run's progress reporter, plus one line printed when training starts, like its other notes (not under
     --no-progress): after every check has passed, so a refused run still prints only its one-line error. (rich is
-    imported here, not at the top: `reslab train --help` stays light.)"""
+    imported here, not at the top: `reslab train --help` stays light.) Disabled, it still counts the steps (the
+    step a stop is at)."""
     from reslab.train.progress import Reporter
 
     class StartLine(Reporter):
@@ -187,8 +193,7 @@ def describe_dtype(config, resume: bool) -> str:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from reslab.data import load_tokenizer
-    from reslab.train.checkpoint import load_run_model
+    from reslab.graph.targets import WEIGHTED, load_trained, resolve_target
     from reslab.train.loop import resolve_device
 
     check_numbers(vars(args), SAMPLE_RANGES)
@@ -197,8 +202,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except UnicodeEncodeError:
         raise ReslabError("--prompt holds bytes that are not valid UTF-8; give the prompt as UTF-8 text") from None
     device = resolve_device(args.device)
-    model, _ = load_run_model(args.run_dir, device)
-    tokenizer = load_tokenizer(args.run_dir)
+    trained = load_trained(resolve_target(str(args.run_dir), WEIGHTED), device)
+    model, tokenizer = trained.model, trained.tokenizer
     prompt = tokenizer.encode(args.prompt) or [0]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([prompt] * args.samples, dtype=torch.long, device=device)

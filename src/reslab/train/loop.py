@@ -2,7 +2,7 @@
 
     summary = train(TrainConfig(model="gpt", steps=2000), {"layers": 4}, Path("runs/gpt"))
 
-The run directory holds config.json (everything needed to rebuild the run), tokenizer.json, metrics.jsonl (one
+The run directory holds config.json (everything needed to rebuild the run), tokenizer.reslab.json, metrics.jsonl (one
 JSON object per logged step), checkpoint.safetensors + state.json, and summary.json at the end.
 """
 
@@ -44,10 +44,14 @@ class RunSetup:
     train_tokens: torch.Tensor | TokenSpan  # memory-mapped shards when read from prepared data
     val_tokens: torch.Tensor | TokenSpan
     data: dict[str, Any]
-    run_dir: Path
+    run: RunDir  # opened once, in `prepare`; `train` locks it, the trainer writes into it
     resume: bool
     command: list[str] = field(default_factory=list)
     overwrite: bool = False  # a new run may replace reslab's files of an earlier run in run_dir
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
 
 
 def prepare(config_overrides: dict[str, Any], model_overrides: dict[str, Any], run_dir: Path, resume: bool = False,
@@ -61,7 +65,7 @@ def prepare(config_overrides: dict[str, Any], model_overrides: dict[str, Any], r
         saved = _read_saved_config(run)
         config = _merge_for_resume(saved, config_overrides, model_overrides)
         if not run.has_checkpoint():  # killed before the first checkpoint: nothing to continue, start it again
-            _check_restartable(run)
+            run.check_restartable()
             restart = {**config.to_dict(), "model": saved["model"]}
             return _prepare_new(restart, dict(saved["model_config"]), run, saved.get("command"), overwrite=True)
         check_launch(config)  # batch vs world size, --fsdp outside torchrun
@@ -101,21 +105,8 @@ def _finish_setup(config: TrainConfig, model_name: str, model_config: dict[str, 
             raise ReslabError(f"the {split} split of {data.record['description']} has {len(part):,} tokens but "
                               f"--context {context} needs at least {context + 1:,}; lower --context or use more text")
     record = {**data.record, "source": config.data}
-    return RunSetup(config, model_name, model_config, data.tokenizer, data.train, data.val, record, run.path, resume,
+    return RunSetup(config, model_name, model_config, data.tokenizer, data.train, data.val, record, run, resume,
                     list(command or []))
-
-
-def _check_restartable(run: RunDir) -> None:
-    """No checkpoint: fine if the run was killed before its first one (it starts again from step 0); but a
-    checkpoint that is there and unreadable, or a run that has checkpointed before, is damage, never restarted."""
-    path = run / CHECKPOINT
-    if path.is_symlink() or path.exists():
-        raise DamagedRunError(f"{path} is not a readable checkpoint file (a directory or a dangling symlink); "
-                              "restore it from a copy, or start the run again with --overwrite")
-    trained = run.checkpointed_evidence()
-    if trained:
-        raise DamagedRunError(f"{path} is missing, but {run.path} has checkpointed before ({', '.join(trained)}); "
-                              "restore the checkpoint from a copy, or start the run again with --overwrite")
 
 
 def _resume_data(config: TrainConfig, sha256: str) -> PreparedData:
@@ -129,20 +120,7 @@ def _resume_data(config: TrainConfig, sha256: str) -> PreparedData:
 
 
 def _read_saved_config(run: RunDir) -> dict[str, Any]:
-    if not run.path.is_dir():
-        raise ReslabError(f"cannot resume: {run.path} is not a directory; give the run directory to continue")
-    if (run / CONFIG).exists() and not run.is_reslab_run():
-        raise ReslabError(f"cannot resume: {run.path} is not a reslab run directory (no .reslab-run marker and its "
-                          "config.json is not reslab's); reslab never writes into what it did not create")
-    if not (run / CONFIG).exists():
-        if run.is_reslab_run():
-            raise ReslabError(f"cannot resume: {run.path} was stopped before its config was written, so there is "
-                              "nothing to continue; run the same command again without --resume")
-        raise ReslabError(f"cannot resume: {run.path} has no config.json; is it a reslab run directory?")
-    saved = run.read_config()
-    data = saved["data"]
-    if not isinstance(data, dict) or not isinstance(data.get("sha256"), str):
-        raise DamagedRunError(f"{run / CONFIG}: its data record has no sha256; restore the file from a copy")
+    saved = run.resumable_config()
     check_saved_model_config(saved["model"], saved["model_config"], run / CONFIG)
     return saved
 
@@ -196,7 +174,7 @@ def train(setup: RunSetup, reporter: Reporter | None = None) -> dict[str, Any]:
     config = setup.config
     world = connect(config, resolve_device(config.device))  # one process, or this rank of a torchrun job
     reporter = reporter or Reporter(enabled=config.progress and world.is_main)
-    run = RunDir(setup.run_dir)
+    run = setup.run
     with run.locked() if world.is_main else contextlib.nullcontext():
         if not setup.resume and world.is_main:
             _recheck_new_run(run, setup)

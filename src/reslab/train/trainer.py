@@ -232,7 +232,7 @@ class Trainer:
 
     def __init__(self, setup, world, reporter: Reporter):
         self.setup, self.config, self.world, self.reporter = setup, setup.config, world, reporter
-        self.run_dir = RunDir(setup.run_dir)
+        self.run_dir = setup.run
         self.device = world.device
         torch.manual_seed(self.config.seed)
         self.model = build_model(setup.model_name, **setup.model_config).to(self.device)
@@ -298,6 +298,7 @@ class Trainer:
             self.model.train()
             while self.step < self.end:
                 self._step_on_guarded_data()
+                self.reporter.advance(self.step)  # the bar's count and ETA move every step
                 if stop.requested and self.step < self.end:
                     self._stop()
         finally:
