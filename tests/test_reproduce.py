@@ -109,3 +109,32 @@ def test_book_figure_draws_both_networks_from_the_code(cli, tmp_path):
     assert texts(plain)[0] == "without shortcut connections" and texts(shortcut)[0] == "with shortcut connections"
     assert "+" not in texts(plain) and texts(shortcut).count("+") == 4
     assert sum(texts(part).count("Linear") for part in (plain, shortcut)) == 10  # five layers each
+
+
+def test_leaderboard_ranks_every_scheme_and_reuses_done_points(tmp_path):
+    """The leaderboard (quick grid) writes a page with both rankings, each scheme's interval and its paired test
+    against pre, and plots beside it; run again with one more scheme, only that scheme's points train."""
+    import contextlib
+    import io
+
+    corpus = make_corpus(tmp_path / "corpus.txt")
+    page = tmp_path / "docs" / "board.md"
+    args = ["reproduce", "leaderboard", "--quick", "--jobs", "1", "--data", str(corpus), "--out", str(tmp_path / "lb"),
+            "--write", str(page)]
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(args) == 0
+    text = page.read_text()
+    assert text.count("## gpt, 1 block: ") == 2  # equal steps and equal wall time
+    assert "| `pre` |" in text and "| `none` |" in text and "baseline" in text
+    steps_table = text.split("equal steps: final val loss")[1].split("##")[0]
+    none = next(line for line in steps_table.splitlines() if "`none`" in line)
+    assert none.count("[") == 2 and ("better" in none or "worse" in none or "no difference at this n" in none)
+    assert (tmp_path / "docs" / "board" / "gpt-forest.png").stat().st_size > 0
+    assert (tmp_path / "lb" / "leaderboard.md").exists()
+    done = {p: p.stat().st_mtime_ns for p in (tmp_path / "lb" / "gpt" / "runs").glob("*/checkpoint.safetensors")}
+    assert len(done) == 4
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main([*args, "--schemes", "pre,none,rezero"]) == 0
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "lb" / "gpt" / "runs").glob("*/checkpoint.safetensors")}
+    assert {p: after[p] for p in done} == done and len(after) == 6
+    assert "| `rezero` |" in page.read_text()

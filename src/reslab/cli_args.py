@@ -13,9 +13,18 @@ import argparse
 import types
 import typing
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
-from reslab.checks import Declared, OnlyWith, check_applies, check_field_type, declarations, flag_name
+from reslab.checks import (
+    Declared,
+    OnlyWith,
+    check_applies,
+    check_declared,
+    check_field_type,
+    declarations,
+    flag_name,
+)
 from reslab.errors import ReslabError
 from reslab.registry import MODELS, SCHEME_OPTIONS, TRANSFORMERS
 
@@ -216,3 +225,118 @@ def model_from_args(args: argparse.Namespace, **extra):
     name, overrides = model_name(args), {**model_overrides(args), **extra}
     check_fits(name, make_config(name, **overrides).to_dict())
     return build_model(name, **overrides)
+
+
+# -- --config FILE: settings from a file, under the flags given ------------------------------------------------------
+
+CONFIG_HELP = ("start from a settings file (TOML, YAML or JSON): model = NAME, [model_config] (model fields) and "
+               "[train] (training settings), as in a run's config.json, which replays that run; flags given "
+               "override it")
+SECTIONS = ("model", "model_config", "train")
+RECORDED = ("reslab_version", "data", "tokenizer", "command")  # the rest of a run's config.json: a record, not input
+
+
+def add_config_argument(group: argparse._ActionsContainer, help: str = CONFIG_HELP) -> None:
+    group.add_argument("--config", type=Path, metavar="FILE", help=help)
+
+
+def read_settings(path: Path, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    """The settings in `path` (.toml, .yaml/.yml, .json), checked: each top-level key one of `sections` (or what a
+    run's config.json also records, dropped), `train` of TrainConfig's fields and types, `model_config` of the
+    model's. A bad file is one line naming it and the key. A run's recorded `stop_at` (one invocation's) is dropped,
+    and `dtype_auto` always (how the dtype was picked: the recorded dtype is trained in)."""
+    from reslab.data.corpus import normalise_data
+    from reslab.train.config import TrainConfig
+
+    settings = _parse_settings(path)
+    for key in settings:
+        if key not in sections and key not in RECORDED:
+            raise ReslabError(f"{path}: unknown key {key!r}{_section_hint(key)}; valid keys: {', '.join(sections)}")
+    train = _section(settings, "train", path)
+    _known_keys(train, declarations(TrainConfig), f"{path}: train", "training settings")
+    train.pop("dtype_auto", None)
+    if "reslab_version" in settings:
+        train.pop("stop_at", None)
+    settings["train"] = check_declared(train, TrainConfig, lambda name: f"{path}: train.{name}")
+    if "data" in settings["train"]:
+        settings["train"]["data"] = normalise_data(settings["train"]["data"])  # as --data: a path made absolute
+    model = settings.get("model", train.pop("model", None))
+    if model is not None and not isinstance(model, str):
+        raise ReslabError(f"{path}: model must be a model name (a string), got {model!r}")
+    settings["model"] = model
+    settings["model_config"] = _section(settings, "model_config", path)
+    return {key: value for key, value in settings.items() if key in sections}
+
+
+def _parse_settings(path: Path) -> dict[str, Any]:
+    from reslab.jsonfile import parse_json
+
+    suffix, fix = path.suffix.lower(), "give a .toml, .yaml or .json settings file, or a run's config.json"
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ReslabError(f"--config {path}: unknown format {suffix or '(no suffix)'!r}; {fix}")
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ReslabError(f"--config {path}: cannot read it ({error}); {fix}") from None
+    if text is None:
+        raise ReslabError(f"--config {path}: no such file; {fix}")
+    if suffix == ".json":
+        settings = parse_json(text, str(path), fix)
+    else:
+        settings = _parse_toml(text, path) if suffix == ".toml" else _parse_yaml(text, path)
+    if not isinstance(settings, dict):
+        raise ReslabError(f"{path}: the settings must be a table of keys, got {type(settings).__name__}; {fix}")
+    return settings
+
+
+def _parse_toml(text: str, path: Path) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ReslabError(f"{path} is not valid TOML ({error})") from None
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise ReslabError(f"--config {path}: YAML needs PyYAML, which is not installed: pip install pyyaml; or "
+                          "give a .toml or .json file") from None
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as error:
+        raise ReslabError(f"{path} is not valid YAML ({' '.join(str(error).split())})") from None
+
+
+def _section(settings: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    value = settings.get(name, {})
+    if not isinstance(value, dict):
+        raise ReslabError(f"{path}: {name} must be a table of keys, got {value!r}")
+    return dict(value)
+
+
+def _known_keys(values: dict[str, Any], fields: dict[str, Any], where: str, what: str) -> None:
+    for key in values:
+        if key not in fields:
+            raise ReslabError(f"{where}.{key} is not one of the {what}; valid: {', '.join(sorted(fields))}")
+
+
+def _section_hint(key: str) -> str:
+    """Where a setting given at the top level belongs."""
+    from reslab.train.config import TrainConfig
+
+    if key in declarations(TrainConfig):
+        return " (a training setting: put it under [train])"
+    if key in model_fields() or key in SCHEME_OPTIONS:
+        return " (a model field: put it under [model_config])"
+    return ""
+
+
+def file_model_config(settings: dict[str, Any], model: str, path: Path) -> dict[str, Any]:
+    """The file's model_config, each key a field of `model`'s config, of its declared type."""
+    config = config_class(model)
+    values = settings["model_config"]
+    _known_keys(values, declarations(config), f"{path}: model_config", f"fields of model {model!r}")
+    return check_declared(values, config, lambda name: f"{path}: model_config.{name}")

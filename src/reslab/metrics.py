@@ -26,6 +26,7 @@ PER_BLOCK = "per_block"  # a list, one value per block (0 = next to the embeddin
 PER_SUBLAYER = "per_sublayer"  # per block, a list of [attention, FFN]
 BY_NAME = "by_name"  # an object of scalars by name
 OTHER = "other"  # anything else (nested lists): logged, not plotted or sent to TensorBoard
+SUBLAYERS = ("attention", "ffn")  # a PER_SUBLAYER value's sublayers, in order (TensorBoard's TAG/blockN/attention)
 
 # reductions over steps (of one run's records) and over seeds (of a grid point's runs)
 LAST, BEST, MEAN, RUN = "last", "best", "mean", "run"
@@ -67,7 +68,7 @@ class Metric:
     description: str
     source: str  # where it is computed
     shape: str = SCALAR
-    tensorboard: str | None = None  # its tag (a prefix for per-block and by-name values); None: not sent
+    tensorboard: str | None = None  # its tag for the trackers (a prefix for per-block, per-sublayer, by-name values)
     summaries: tuple[Summary, ...] = ()
     plot: Plotted | None = None
     timing: bool = False  # differs between two runs of the same config
@@ -103,12 +104,12 @@ _BUILT_IN = (
            summaries=(Summary("final_drift", LAST), Summary("mean_drift", MEAN, VALUE, "mean\ndrift")),
            plot=Plotted("profile", "drift: cos(block input, output)")),
     Metric("update_ratio", "ratio", "per block, |F(x)| / |x| of each sublayer", "probe/stream.py", PER_SUBLAYER,
-           plot=Plotted("profile", "update ratio ||F(x)|| / ||x||", log=True)),
+           tensorboard="update_ratio", plot=Plotted("profile", "update ratio ||F(x)|| / ||x||", log=True)),
     Metric("amax_gain_forward", "Amax gain", "hyper-connections: largest gain of the composed stream mixing, forward "
-           "(Amax)", "residual/multistream.py scheme_metrics", plot=Plotted("amax", "forward: largest row sum",
-                                                                           log=True, expected=False)),
+           "(Amax)", "residual/multistream.py scheme_metrics", tensorboard="amax_gain/forward",
+           plot=Plotted("amax", "forward: largest row sum", log=True, expected=False)),
     Metric("amax_gain_backward", "Amax gain", "hyper-connections: the same for the backward pass",
-           "residual/multistream.py scheme_metrics",
+           "residual/multistream.py scheme_metrics", tensorboard="amax_gain/backward",
            plot=Plotted("amax", "backward: largest column sum", log=True, expected=False)),
     Metric("attnres_weights", "", "attention residuals: mean depth-attention weight of each source, per sublayer",
            "residual/attnres.py scheme_metrics", OTHER),
@@ -149,7 +150,8 @@ def computed(model: Any, result: Any) -> dict[str, Any]:
 # -- TensorBoard -------------------------------------------------------------------------------------------------
 
 def tensorboard_scalars(record: dict[str, Any]) -> Iterator[tuple[str, float]]:
-    """(tag, value) of every scalar a record holds for TensorBoard: per block as TAG/blockN, by name as TAG/NAME."""
+    """(tag, value) of every scalar a record holds for the trackers (TensorBoard, W&B): per block as TAG/blockN, per
+    sublayer as TAG/blockN/attention and TAG/blockN/ffn, by name as TAG/NAME. Every plotted metric has a tag."""
     for metric in declared():
         value = record.get(metric.name)
         if metric.tensorboard is None or value is None:
@@ -160,6 +162,13 @@ def tensorboard_scalars(record: dict[str, Any]) -> Iterator[tuple[str, float]]:
             yield from ((f"{metric.tensorboard}/block{layer}", v) for layer, v in enumerate(value))
         elif metric.shape == BY_NAME:
             yield from ((f"{metric.tensorboard}/{name}", v) for name, v in value.items())
+        elif metric.shape == PER_SUBLAYER:
+            yield from ((f"{metric.tensorboard}/block{layer}/{_sublayer(i)}", v)
+                        for layer, values in enumerate(value) for i, v in enumerate(values))
+
+
+def _sublayer(index: int) -> str:
+    return SUBLAYERS[index] if index < len(SUBLAYERS) else f"sublayer{index}"
 
 
 # -- summaries over steps (one run) and over seeds (a grid point) --------------------------------------------------

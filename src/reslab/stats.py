@@ -4,14 +4,16 @@
     compare({0: 3.20, 1: 3.24}, {0: 3.25, 1: 3.26})   # Comparison: scheme - baseline on the seeds both have
     holm([c.p for c in comparisons])                  # step-down adjusted p-values, one family of tests
 
-Every distribution comes from `scipy.stats` (imported on first use: `reslab --help` does not pay for it). A lower
-loss is better, so a comparison whose adjusted p is below `ALPHA` and whose difference is negative reads "better".
+Every distribution function is scipy's own (`scipy.special`: the Student t, noncentral t and normal CDFs and their
+inverses, which `scipy.stats` wraps; imported on first use, and without the seconds `scipy.stats` costs to import,
+so the report is not slower for it). A lower loss is better, so a comparison whose adjusted p is below `ALPHA` and
+whose difference is negative reads "better".
 """
 
 from __future__ import annotations
 
 import math
-import warnings
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
@@ -72,67 +74,61 @@ def _finite(values: Sequence[float | None]) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(v)]
 
 
-def _quiet():
-    """scipy warns of precision loss when seeds agree to the last digits; the numbers are still the right ones, and
-    a warning would land in the middle of the user's table."""
-    return warnings.catch_warnings(action="ignore", category=RuntimeWarning)
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values)
+
+
+def _t_quantile(df: int, level: float) -> float:
+    """The two-sided `level` quantile of Student's t with `df` degrees of freedom (scipy.special.stdtrit)."""
+    from scipy.special import stdtrit
+
+    return float(stdtrit(df, 1 - (1 - level) / 2))
 
 
 def interval(values: Sequence[float | None], level: float = LEVEL) -> Interval:
-    """The mean of the finite values and its Student-t interval (scipy.stats.t); bounds None below two values."""
-    from scipy import stats
-
+    """The mean of the finite values and its Student-t interval; bounds None below two values."""
     kept = _finite(values)
     if not kept:
         return Interval(None, None, 0, None, None)
-    mean = sum(kept) / len(kept)
     if len(kept) < 2:
-        return Interval(mean, 0.0, 1, None, None)
-    with _quiet():
-        std = stats.tstd(kept)
-    if std == 0:
-        return Interval(mean, 0.0, len(kept), mean, mean)
-    low, high = stats.t.interval(level, len(kept) - 1, loc=mean, scale=std / math.sqrt(len(kept)))
-    return Interval(mean, float(std), len(kept), float(low), float(high))
+        return Interval(kept[0], 0.0, 1, None, None)
+    mean, std = _mean_std(kept)
+    half = _t_quantile(len(kept) - 1, level) * std / math.sqrt(len(kept))
+    return Interval(mean, std, len(kept), mean - half, mean + half)
 
 
 def compare(scheme: Mapping[int, float | None], baseline: Mapping[int, float | None],
             level: float = LEVEL) -> Comparison:
-    """scheme - baseline, paired by seed (the same init and data order), over the seeds where both are finite:
-    `scipy.stats.ttest_rel` and its interval of the mean difference."""
-    from scipy import stats
+    """scheme - baseline, paired by seed (the same init and data order), over the seeds where both are finite: the
+    paired t-test (the one-sample t-test of the differences, as scipy.stats.ttest_rel) and the interval of the mean
+    difference."""
+    from scipy.special import stdtr
 
     pairs = [(scheme[s], baseline[s]) for s in sorted(scheme.keys() & baseline.keys())]
-    pairs = [(float(x), float(y)) for x, y in pairs if len(_finite([x, y])) == 2]
-    if not pairs:
-        return Comparison(0, None, None, None, None)
-    diffs = [x - y for x, y in pairs]
-    diff = sum(diffs) / len(diffs)
-    if len(pairs) < 2:
-        return Comparison(1, diff, None, None, None)
-    with _quiet():
-        if stats.tstd(diffs) == 0:  # every seed differs by exactly the same: no spread to test against
-            return Comparison(len(pairs), diff, diff, diff, 1.0 if diff == 0 else 0.0, diffs=tuple(diffs))
-        result = stats.ttest_rel([x for x, _ in pairs], [y for _, y in pairs])
-        bounds = result.confidence_interval(level)
-    return Comparison(len(pairs), diff, float(bounds.low), float(bounds.high), float(result.pvalue),
-                      diffs=tuple(diffs))
+    diffs = [float(x) - float(y) for x, y in pairs if len(_finite([x, y])) == 2]
+    if len(diffs) < 2:
+        return Comparison(len(diffs), diffs[0] if diffs else None, None, None, None, diffs=tuple(diffs))
+    mean, std = _mean_std(diffs)
+    if std == 0:  # every seed differs by exactly the same: no spread to test against
+        return Comparison(len(diffs), mean, mean, mean, 1.0 if mean == 0 else 0.0, diffs=tuple(diffs))
+    error = std / math.sqrt(len(diffs))
+    p = float(2 * stdtr(len(diffs) - 1, -abs(mean / error)))
+    half = _t_quantile(len(diffs) - 1, level) * error
+    return Comparison(len(diffs), mean, mean - half, mean + half, p, diffs=tuple(diffs))
 
 
 def seeds_needed(diffs: Sequence[float], alpha: float = ALPHA, power: float = POWER) -> int | None:
     """The fewest seeds at which a two-sided paired t-test at `alpha` has `power` to detect the observed mean
-    difference at the observed spread (noncentral t, scipy.stats.nct); None when not within MAX_SEEDS."""
-    from scipy import stats
+    difference at the observed spread (the noncentral t); None when not within MAX_SEEDS."""
+    from scipy.special import ndtri
 
-    mean = sum(diffs) / len(diffs)
-    with _quiet():
-        std = stats.tstd(diffs)
+    mean, std = _mean_std(diffs)
     if std == 0:  # no spread: any n resolves it
         return len(diffs) if mean != 0 else None
     if mean == 0:
         return None
     effect = abs(mean) / std
-    guess = ((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) / effect) ** 2  # the normal approximation
+    guess = ((ndtri(1 - alpha / 2) + ndtri(power)) / effect) ** 2  # the normal approximation
     if guess > MAX_SEEDS:
         return None
     n = max(2, math.ceil(guess))  # then step to the exact answer: one to three steps from the guess
@@ -144,11 +140,13 @@ def seeds_needed(diffs: Sequence[float], alpha: float = ALPHA, power: float = PO
 
 
 def _power(n: int, effect: float, alpha: float) -> float:
-    from scipy import stats
+    """The power of a two-sided one-sample t-test at `alpha` with n values and this effect size (scipy.special's
+    noncentral t CDF, nctdtr)."""
+    from scipy.special import nctdtr
 
     df, shift = n - 1, effect * math.sqrt(n)
-    critical = stats.t.ppf(1 - alpha / 2, df)
-    return float(stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift))
+    critical = _t_quantile(df, 1 - alpha)
+    return float(1 - nctdtr(df, shift, critical) + nctdtr(df, shift, -critical))
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:

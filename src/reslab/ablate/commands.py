@@ -5,8 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
-from reslab.cli_args import add_model_arguments, check_flags_apply, given_overrides, model_name, parse_sets
+from reslab.cli_args import (
+    SECTIONS,
+    add_config_argument,
+    add_model_arguments,
+    check_flags_apply,
+    file_model_config,
+    given_overrides,
+    parse_sets,
+    read_settings,
+)
 from reslab.errors import ReslabError
 from reslab.report.commands import add_comparison_arguments
 
@@ -16,13 +26,20 @@ DEFAULT_SEEDS = "0,1"
 DEFAULT_STEPS = 1000
 
 
+CONFIG_HELP = ("start from a settings file (TOML, YAML or JSON): model = NAME, [model_config], [train] and [grid] "
+               "(residual, layers, seeds: lists); a run's config.json gives its one grid point; flags given "
+               "override it")
+GRID = ("residual", "layers", "seeds")
+
+
 def register(commands) -> None:
     from reslab.train.commands import add_train_arguments
 
     ablate = commands.add_parser("ablate", help="train a grid of residual schemes x depths x seeds and compare them")
     add_model_arguments(ablate, lists=("--residual", "--layers"))
     group = add_train_arguments(ablate)
-    group.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma list of seeds (default {DEFAULT_SEEDS})")
+    group.add_argument("--seeds", help=f"comma list of seeds (default {DEFAULT_SEEDS})")
+    add_config_argument(group, CONFIG_HELP)
     group.add_argument("--jobs", default="auto", help="grid points trained in parallel processes (default auto: "
                        "one per core, each with cores/jobs threads)")
     group.add_argument("--out", type=Path, default=Path("runs/ablation"), help="ablation directory "
@@ -76,28 +93,57 @@ def executor_from_args(args: argparse.Namespace, jobs: int):
     return local_executor(jobs)
 
 
+def read_grid_settings(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """--config FILE's settings and its grid (each axis as comma text): [grid], else a run's own scheme, depth
+    and seed (a run's config.json: its one grid point)."""
+    settings = read_settings(path, (*SECTIONS, "grid"))
+    grid = settings.pop("grid", None) or {}
+    if not isinstance(grid, dict) or any(key not in GRID for key in grid):
+        raise ReslabError(f"{path}: grid must be a table of {', '.join(GRID)} (lists), got {grid!r}")
+    recorded = {"residual": settings["model_config"].pop("residual", None),
+                "layers": settings["model_config"].pop("layers", None), "seeds": settings["train"].pop("seed", None)}
+    axes = {}
+    for axis in GRID:
+        value = grid.get(axis, recorded[axis])
+        if value is not None:
+            axes[axis] = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    return settings, axes
+
+
+def grid_from_args(args: argparse.Namespace):
+    """The grid (model, residuals, layers, seeds), model overrides and training settings: the flags, over
+    --config FILE's settings, over the defaults. Checked before anything is written."""
+    from reslab.train.commands import train_overrides
+    from reslab.train.config import check_flags_apply as check_train_flags
+
+    settings, axes = read_grid_settings(args.config) if args.config is not None else (
+        {"model": None, "model_config": {}, "train": {}}, {})
+    residuals = comma_list(args.residual or axes.get("residual", DEFAULT_RESIDUALS), str, "--residual")
+    layers = comma_list(args.layers or axes.get("layers", DEFAULT_LAYERS), int, "--layers")
+    seeds = comma_list(args.seeds or axes.get("seeds", DEFAULT_SEEDS), int, "--seeds")
+    model = args.model or settings["model"] or args.default_model
+    grid = [key for key in parse_sets(args.sets) if key in ("residual", "layers")]
+    if grid:
+        raise ReslabError(f"--set {grid[0]}: the grid's {grid[0]} are --{grid[0]} A,B; give them there")
+    base = file_model_config(settings, model, args.config) if args.config is not None else {}
+    flags = argparse.Namespace(**{**vars(args), "residual": None, "layers": None})
+    overrides = {**base, **given_overrides(flags, model, base={**base, "residual": residuals[0]})}
+    for residual in residuals:  # a scheme option must apply to every scheme of the grid
+        check_flags_apply(model, {**overrides, "residual": residual})
+    given = train_overrides(args)
+    check_train_flags(given, settings["train"])
+    train = {**settings["train"], **given}
+    train.setdefault("steps", DEFAULT_STEPS)
+    return model, residuals, layers, seeds, overrides, train
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from reslab.ablate.grid import run_ablation
     from reslab.ablate.summary import comparison_table, few_seeds_warning, summary_table
-    from reslab.train.commands import train_overrides
-    from reslab.train.config import check_flags_apply as check_train_flags
 
-    residuals = comma_list(DEFAULT_RESIDUALS if args.residual is None else args.residual, str, "--residual")
-    layers = comma_list(DEFAULT_LAYERS if args.layers is None else args.layers, int, "--layers")
-    seeds = comma_list(args.seeds, int, "--seeds")
-    model = model_name(args)
-    grid = [key for key in parse_sets(args.sets) if key in ("residual", "layers")]
-    if grid:
-        raise ReslabError(f"--set {grid[0]}: the grid's {grid[0]} are --{grid[0]} A,B; give them there")
-    flags = argparse.Namespace(**{**vars(args), "residual": None, "layers": None})
-    overrides = given_overrides(flags, model, base={"residual": residuals[0]})
-    for residual in residuals:  # a scheme option must apply to every scheme of the grid
-        check_flags_apply(model, {**overrides, "residual": residual})
-    train = train_overrides(args)
-    check_train_flags(train)
-    train.setdefault("steps", DEFAULT_STEPS)
+    model, residuals, layers, seeds, overrides, train = grid_from_args(args)
     if args.jobs == "auto":
         jobs = default_jobs(len(residuals) * len(layers) * len(seeds))
     else:

@@ -8,7 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from reslab.checks import COUNT, NON_NEGATIVE, SEED, Declared, Range, check_numbers, declarations
-from reslab.cli_args import add_flags, add_model_arguments, flagged, given, model_name, model_overrides
+from reslab.cli_args import (
+    add_config_argument,
+    add_flags,
+    add_model_arguments,
+    file_model_config,
+    flagged,
+    given,
+    model_name,
+    model_overrides,
+    read_settings,
+)
 from reslab.data.corpus import normalise_data
 from reslab.errors import ReslabError
 from reslab.train.config import TrainConfig, check_flags_apply
@@ -51,6 +61,7 @@ def register(commands) -> None:
     group = add_train_arguments(train)
     group.add_argument("--out", type=Path, help="run directory (default runs/MODEL-RESIDUAL)")
     group.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
+    add_config_argument(group)
     group.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     group.add_argument("--json", action="store_true", help="print JSON to stdout on every exit: summary.json at "
                        "the end, or where the run stopped and the command that continues it")
@@ -91,10 +102,26 @@ def apply_recipe(args: argparse.Namespace, config: dict[str, Any]):
     return config, overrides
 
 
-def new_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """A new run's directory, training settings and model overrides, from the flags (over --recipe's)."""
-    config = train_overrides(args)
+def apply_settings_file(args: argparse.Namespace, config: dict[str, Any]):
+    """The settings of --config FILE under the flags given explicitly (a run's config.json: that run again)."""
     if args.recipe:
+        raise ReslabError("--recipe and --config both give the settings to start from; choose one")
+    settings = read_settings(args.config)
+    model = args.model or settings["model"] or args.default_model
+    base = settings["train"]
+    check_flags_apply(config, base)
+    config = {**base, **config, "model": model}
+    model_config = file_model_config(settings, model, args.config)
+    return config, {**model_config, **model_overrides(args, model, base=model_config)}
+
+
+def new_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """A new run's directory, training settings and model overrides, from the flags (over --config's or
+    --recipe's)."""
+    config = train_overrides(args)
+    if args.config is not None:
+        config, overrides = apply_settings_file(args, config)
+    elif args.recipe:
         config, overrides = apply_recipe(args, config)
     else:
         check_flags_apply(config)
@@ -111,8 +138,9 @@ def resumed_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[st
         raise ReslabError("--resume RUN_DIR continues that directory; drop --out")
     if args.overwrite:
         raise ReslabError("--resume and --overwrite contradict each other; choose one")
-    if args.recipe:
-        raise ReslabError("--recipe applies to new runs; a resumed run keeps its config: drop --recipe")
+    if args.recipe or args.config is not None:
+        flag = "--recipe" if args.recipe else "--config"
+        raise ReslabError(f"{flag} applies to new runs; a resumed run keeps its config: drop {flag}")
     config = train_overrides(args)
     saved = read_run_config(args.resume)
     check_flags_apply(config, saved["train"])

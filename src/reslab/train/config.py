@@ -82,6 +82,8 @@ class TrainConfig:
     diagnostics: bool = option(True, help="skip gradient norms and stream probes", flag="--no-diagnostics")
     print_grad_norms: bool = runtime(False, help="print every parameter's gradient norm", flag="--print-grad-norms")
     progress: bool = runtime(True, help="no progress bar", flag="--no-progress")
+    log: str = runtime("auto", flag=True, help="trackers beside metrics.jsonl: tensorboard, wandb, a comma list, or "
+                       "none (default auto: tensorboard when installed)")
     fsdp: bool = runtime(False, help="under torchrun: shard the model with FSDP2 (default DDP)", flag="--fsdp")
     # seconds a collective waits for the other ranks before the job fails
     dist_timeout: float = runtime(600.0, help="under torchrun: fail the job when a rank is silent this long",
@@ -104,6 +106,9 @@ class TrainConfig:
         if self.tokenizer == "bpe" and self.vocab_size is None:
             raise ReslabError("--tokenizer bpe needs --vocab-size N (e.g. 512)")
         check_device_name(self.device)
+        from reslab.train.loggers import trackers
+
+        trackers(self.log)  # known names, each installed: one line naming the pip command
 
     @property
     def floor_lr(self) -> float:

@@ -3,7 +3,7 @@
     LogWindow     the steps since the last log record (mean loss, tokens/s)      log_interval
     Evaluator     validation and train loss on fixed batches, the best so far    eval_interval
     Checkpointer  weights + optimizer + RNG + state, only when finite            checkpoint_interval
-    LoggerSet     metrics.jsonl, TensorBoard and the progress bar, closed on every path
+    LoggerSet     metrics.jsonl, the trackers (TensorBoard, W&B) and the progress bar, closed on every path
     StopSignal    Ctrl-C / SIGTERM: stop at the end of a step, checkpointed
 
 `Trainer` builds the model, optimizer and batches, restores them from the run's checkpoint when resuming, and runs
@@ -25,9 +25,9 @@ from reslab.data.shards import TokenSpan
 from reslab.data.tokenfiles import DataChanged, lease_breaks, reading
 from reslab.errors import Interrupted, ReslabError
 from reslab.faults import failpoint
-from reslab.metrics import computed, tensorboard_scalars
+from reslab.metrics import computed, run_summary
 from reslab.models import build_model
-from reslab.rundir import CHECKPOINT, TENSORBOARD, RunDir
+from reslab.rundir import CHECKPOINT
 from reslab.train.checkpoint import (
     check_model_tensors,
     check_optimizer_tensors,
@@ -36,6 +36,7 @@ from reslab.train.checkpoint import (
     model_tensors,
     read_checkpoint,
 )
+from reslab.train.loggers import Tracker, final_metrics, open_trackers, run_config
 from reslab.train.progress import Reporter
 from reslab.train.schedule import build_optimizer, lr_at
 from reslab.train.step import StepResult, TrainStep
@@ -191,40 +192,41 @@ class Checkpointer:
 
 
 class LoggerSet:
-    """Where records go: metrics.jsonl (rank 0), TensorBoard (when installed) and the progress display."""
+    """Where records go: metrics.jsonl and the trackers of `--log` (rank 0: `reslab.train.loggers`), and the
+    progress display. When the run finishes, the trackers get its config and final metrics (`finish`)."""
 
-    def __init__(self, run_dir: RunDir, is_main: bool, reporter: Reporter):
-        self.reporter = reporter
-        self.file = run_dir.open_metrics() if is_main else None
-        self.writer = _tensorboard_writer(run_dir) if is_main else None
+    def __init__(self, setup, is_main: bool, reporter: Reporter):
+        self.reporter, self.run_dir = reporter, setup.run
+        self.config = run_config(setup)
+        self.file = self.run_dir.open_metrics() if is_main else None
+        try:
+            self.trackers: list[Tracker] = open_trackers(setup) if is_main else []
+        except BaseException:
+            if self.file is not None:
+                self.file.close()
+            raise
 
     def write(self, record: dict[str, Any], last_val: float | None, eval_done: bool = False) -> None:
         if self.file is not None:
             self.file.write(record)
-        if self.writer is not None:
-            _write_tensorboard(self.writer, record)
+        for tracker in self.trackers:
+            tracker.log(record)
         self.reporter.update(record["step"], record.get("loss"), last_val, record.get("tokens_per_second"),
                              eval_done=eval_done)
+
+    def finish(self) -> None:
+        """The run reached its last step: the hyper-parameters with the final metrics (from metrics.jsonl)."""
+        if self.trackers:
+            final = final_metrics(run_summary(self.run_dir.read_metrics(), {}))
+            for tracker in self.trackers:
+                tracker.hparams(self.config, final)
 
     def close(self) -> None:
         self.reporter.stop()
         if self.file is not None:
             self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _tensorboard_writer(run_dir: RunDir):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # optional extra: reslab[tensorboard]
-        return None
-    return SummaryWriter(log_dir=str(run_dir / TENSORBOARD))
-
-
-def _write_tensorboard(writer, record: dict[str, Any]) -> None:
-    for tag, value in tensorboard_scalars(record):  # what each metric's declaration sends (reslab.metrics)
-        writer.add_scalar(tag, value, record["step"])
+        for tracker in self.trackers:
+            tracker.close()
 
 
 class Trainer:
@@ -291,7 +293,7 @@ class Trainer:
     def run(self, stop: StopSignal) -> None:
         """Train to `--steps` (or `--stop-at`), with every part on its cadence; a stop request ends it after a step.
         The loggers are closed on every path."""
-        self.loggers = LoggerSet(self.run_dir, self.world.is_main, self.reporter)
+        self.loggers = LoggerSet(self.setup, self.world.is_main, self.reporter)
         try:
             self.reporter.start(self.config.steps, self.step, f"{self.setup.model_name} / "
                                 f"{self.setup.model_config.get('residual', '')}")
@@ -301,6 +303,8 @@ class Trainer:
                 self.reporter.advance(self.step)  # the bar's count and ETA move every step
                 if stop.requested and self.step < self.end:
                     self._stop()
+            if self.step >= self.config.steps:
+                self.loggers.finish()
         finally:
             self.loggers.close()
 
