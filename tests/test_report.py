@@ -270,7 +270,8 @@ class DevTools:
 
 def inspect_page(binary: str, url: str, work: Path) -> dict:
     """Load `url` and return what went wrong (console calls, exceptions, error logs, failed loads), every request,
-    the page's visible text and each image's [complete, naturalWidth, naturalHeight]."""
+    the page's visible text, each image's [complete, naturalWidth, naturalHeight], the number of tables and each
+    inline SVG's rendered [width, height] (tests/test_notebook.py uses this too)."""
     work.mkdir(parents=True, exist_ok=True)
     browser = DevTools(binary, work / "profile", work / "chromium.log")
     try:
@@ -284,7 +285,9 @@ def inspect_page(binary: str, url: str, work: Path) -> dict:
         browser.wait_for("Page.loadEventFired")
         page = browser.send("Runtime.evaluate", {"returnByValue": True, "expression": (
             "JSON.stringify({text: document.body.innerText,"
-            " images: [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight])})")},
+            " images: [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight]),"
+            " tables: document.querySelectorAll('table').length,"
+            " svgs: [...document.querySelectorAll('svg')].map(s => [s.clientWidth, s.clientHeight])})")},
             session=session)
         page = json.loads(page["result"]["value"])
     finally:

@@ -6,12 +6,13 @@ from reslab.errors import ReslabError
 
 __version__ = "0.1.0"
 __all__ = ["ReslabError", "__version__", "build_model", "get_scheme", "lens", "list_models", "list_schemes",
-           "make_config"]
+           "load_ablation", "load_run", "make_config"]
 
 # name -> module: loaded on first use (PEP 562), so `import reslab` and the command line start without torch
 _LAZY = {"build_model": "reslab.models", "list_models": "reslab.models", "make_config": "reslab.models",
          "get_scheme": "reslab.residual", "list_schemes": "reslab.residual",
-         "lens": "reslab.lens"}  # the function reslab.lens(model, tokens); its package is callable the same way
+         "lens": "reslab.lens",  # the function reslab.lens(model, tokens); its package is callable the same way
+         "load_run": "reslab.runs", "load_ablation": "reslab.ablation_summary"}  # a run, an ablation's summary
 
 
 def __getattr__(name: str):

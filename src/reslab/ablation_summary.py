@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from reslab.ablationdir import COMPARISONS_CSV, SUMMARY, SUMMARY_CSV, AblationDir
+from reslab.display import data_frame, html_block, html_table
 from reslab.errors import ReslabError
 from reslab.io import atomic_write, write_json
 from reslab.metrics import SEED_STATS, point_values, seed_stats, seed_summaries
 from reslab.rundir import CONFIG, DIVERGED, RunDir
-from reslab.stats import FEW_SEEDS, adjust, compare
+from reslab.stats import ALPHA, FEW_SEEDS, LEVEL, adjust, compare
 
 DEFAULT_BASELINE = "pre"
 # per depth: each run's last val loss at or before the shortest run's training time (the matched wall time), and
@@ -166,3 +167,88 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> No
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write(path, buffer.getvalue().encode())
+
+
+# --- in a notebook: summary.json as the tables `reslab ablate` prints ----------------------------------------------
+
+@dataclass(repr=False)
+class AblationSummary:
+    """An ablation's summary (what `summarize` returns and writes as summary.json), shown in a notebook as the
+    tables `reslab ablate` prints: `columns()` (best scheme first) and `comparison_columns()` (against the
+    baseline), with the CLI's column names. Indexing reads the summary itself (`summary["rows"]`)."""
+
+    record: dict[str, Any]
+    path: Path | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.record[key]
+
+    def columns(self) -> dict[str, list[Any]]:
+        """scheme, depth, seeds, the headline field's mean, its 95% interval (low, high), every other field's mean."""
+        headline, *others = seed_summaries()
+        rows = self.record["rows"]
+        interval = [None if r.get(f"{headline.key}_ci_low") is None else
+                    (r[f"{headline.key}_ci_low"], r[f"{headline.key}_ci_high"]) for r in rows]
+        table = {"scheme": [r["residual"] for r in rows], "depth": [r["layers"] for r in rows],
+                 "seeds": [r["seeds"] for r in rows], _title(headline): [r.get(f"{headline.key}_mean") for r in rows],
+                 INTERVAL: interval}
+        table.update({_title(f): [r.get(f"{f.key}_mean") for r in rows] for f in others})
+        return table
+
+    def comparison_columns(self) -> dict[str, list[Any]]:
+        """Each scheme against the baseline on the headline field, paired by seed."""
+        key = seed_summaries()[0].key
+        tests = [c for c in self.record.get("comparisons", []) if c["metric"] == key]
+        return {"scheme": [t["residual"] for t in tests], "depth": [t["layers"] for t in tests],
+                "seeds": [t["n"] for t in tests], "difference": [t["diff"] for t in tests],
+                INTERVAL: [None if t["low"] is None else (t["low"], t["high"]) for t in tests],
+                "p (Holm)": [t["p_holm"] for t in tests], "verdict": [t["verdict"] for t in tests],
+                "seeds needed": [t["seeds_needed"] for t in tests]}
+
+    def to_pandas(self, comparisons: bool = False):
+        """The summary table (or, with `comparisons`, the comparison table) as a pandas DataFrame."""
+        return data_frame(self.comparison_columns() if comparisons else self.columns())
+
+    def _repr_html_(self) -> str:
+        headline = seed_summaries()[0]
+        shown = self.columns()
+        shown["seeds"] = [str(r["seeds"]) + (f" ({r['diverged']} diverged)" if r.get("diverged") else "")
+                          for r in self.record["rows"]]
+        digits = {_title(f): f".{f.digits}f" for f in seed_summaries()}
+        summary = html_table(shown, f"{self.record['model']}, {self.record['steps']} steps: mean over seeds, "
+                             f"{LEVEL:.0%} interval", {**digits, INTERVAL: _interval(f".{headline.digits}f")})
+        tests = self.comparison_columns()
+        against = html_table(tests, f"{_title(headline)} against {self.record['baseline']}, paired by seed "
+                             f"(Holm-corrected over the grid, alpha {ALPHA:g})",
+                             {"difference": "+.4f", INTERVAL: _interval("+.4f"), "p (Holm)": ".3g"})
+        fewest = min((r["seeds"] for r in self.record["rows"]), default=0)
+        warning = [(f"warning: {fewest} seed(s) at some grid point: the {LEVEL:.0%} intervals are wide and a paired "
+                    "test can rarely separate schemes")] if fewest < FEW_SEEDS else []
+        return html_block(summary, against if tests["scheme"] else "", notes=warning)
+
+    def __repr__(self) -> str:
+        rows = self.record["rows"]
+        best = f"; best {rows[0]['residual']} L{rows[0]['layers']}" if rows else ""
+        return (f"AblationSummary({self.record['model']}, {self.record['steps']} steps, {len(rows)} grid points"
+                f"{best}; baseline {self.record['baseline']})")
+
+
+INTERVAL = f"{LEVEL:.0%} interval"
+
+
+def _title(summary) -> str:
+    return summary.column.replace("\n", " ")
+
+
+def _interval(spec: str):
+    return lambda pair: "-" if pair is None else f"[{pair[0]:{spec}}, {pair[1]:{spec}}]"
+
+
+def load_ablation(path: Path | str) -> AblationSummary:
+    """The summary of the ablation directory `path` (its summary.json, written by `reslab ablate` and `reslab
+    report`), for a notebook."""
+    ablation = AblationDir(path).check()
+    record = RunDir(ablation.path).read_json_file(SUMMARY)
+    if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
+        raise ReslabError(f"{ablation / SUMMARY} is missing or holds no summary; write it with: reslab report {path}")
+    return AblationSummary(record, ablation.path)

@@ -140,10 +140,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     """The models, schemes (formula and paper) and reproductions, built in and from plug-ins: only a plug-in scheme
     is imported, for its formula."""
-    from reslab.registry import FORMULAS, load, names
+    from reslab.registry import described, names
 
-    formulas = {name: FORMULAS.get(name) or _formula(load("residual scheme", name))
-                for name in names("residual scheme")}
+    formulas = {name: described("residual scheme", name) for name in names("residual scheme")}
     print("models:       " + ", ".join(names("model")))
     print("schemes:")
     name_width = max(len(name) for name in formulas)
@@ -152,10 +151,6 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name:<{name_width}} {formula:<{formula_width}} {paper}")
     print("reproduce:    " + ", ".join(names("reproduction")))
     return 0
-
-
-def _formula(scheme) -> tuple[str, str]:
-    return getattr(scheme, "formula", "") or "?", getattr(scheme, "paper", "") or ""
 
 
 def _empty_option(argv: list[str]) -> str | None:

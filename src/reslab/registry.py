@@ -25,7 +25,8 @@ MODELS: dict[str, str] = {
 }
 TRANSFORMERS = ("tiny", "gpt", "llama", "deepseek")
 
-# scheme name -> "module:Class"; a new scheme is one file in reslab/residual/ plus one line here and in FORMULAS
+# scheme name -> "module:Class"; a new scheme is one file in reslab/residual/ plus one line here (its formula and
+# paper are its class's attributes, read by `described` without importing torch)
 SCHEMES: dict[str, str] = {
     "none": "reslab.residual.none:NoResidual",
     "post": "reslab.residual.post:PostLN",
@@ -41,29 +42,6 @@ SCHEMES: dict[str, str] = {
     "mhc": "reslab.residual.mhc:ManifoldHyperConnections",
     "attnres": "reslab.residual.attnres:AttentionResiduals",
     "value-residual": "reslab.residual.value_residual:ValueResidual",
-}
-
-# scheme name -> (formula, paper): the class attributes of the same names, for `reslab list` (a test keeps them equal)
-FORMULAS: dict[str, tuple[str, str]] = {
-    "none": ("x = F(LN(x))", "control: the skip removed, the norm kept"),
-    "post": ("x = LN(x + F(x))", "Vaswani et al. 2017, Attention Is All You Need (arXiv 1706.03762)"),
-    "post-none": ("x = LN(F(x))", "control for post-LN: the skip removed, the norm kept"),
-    "pre": ("x = x + F(LN(x))",
-            "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture (arXiv 2002.04745)"),
-    "sandwich": ("x = x + LN2(F(LN1(x)))", "Ding et al. 2021, CogView (arXiv 2105.13290)"),
-    "rezero": ("x = x + a * F(x),  a = 0 at init",
-               "Bachlechner et al. 2020, ReZero is All You Need (arXiv 2003.04887)"),
-    "layerscale": ("x = x + diag(l) * F(LN(x))", "Touvron et al. 2021, CaiT (arXiv 2103.17239)"),
-    "deepnorm": ("x = LN(alpha * x + F(x)),  alpha = (2L)^(1/4)", "Wang et al. 2022, DeepNet (arXiv 2203.00555)"),
-    "add": ("x = x + F(x)", "He et al. 2016, Deep Residual Learning (arXiv 1512.03385)"),
-    "article-edit": ("x = LN(x)   (F(x) computed, then discarded)",
-                     "the TinyTransformer article's ablation, reproduced to show its mistake"),
-    "hc": ("h = A_m^T H;  H = A_r^T H + B^T F(LN(h))", "Zhu et al. 2025, Hyper-Connections (arXiv 2409.19606)"),
-    "mhc": ("x = H_res x + H_post^T F(LN(H_pre x))",
-            "DeepSeek-AI 2025, mHC: Manifold-Constrained Hyper-Connections (arXiv 2512.24880)"),
-    "attnres": ("h = sum_i softmax_i(w . RMSNorm(v_i)) v_i", "Kimi Team 2026, Attention Residuals (arXiv 2603.15031)"),
-    "value-residual": ("x = x + F(LN(x)),  v = lerp(v_1, v, m)",
-                       "Zhou et al. 2024, ResFormer: Value Residual Learning (arXiv 2410.17897)"),
 }
 
 # scheme option -> (type, help): the model commands' flag `--<option>` for the built-in schemes' options (each a key
@@ -136,6 +114,33 @@ def load(kind: str, name: str) -> Any:
     except Exception as error:  # noqa: BLE001 (a plug-in's own bug: name it, not as reslab's traceback)
         message = " ".join(str(error).split()) or type(error).__name__
         raise ReslabError(f"plug-in {kind} {name!r} ({target}) failed to load: {message}") from None
+
+
+def described(kind: str, name: str) -> tuple[str, str]:
+    """(formula, paper) of a scheme: read from its class's source when built in (`reslab list` imports no torch),
+    else from the loaded plug-in class; "?" where it states none."""
+    target = GROUPS[kind][1].get(name)
+    found = _class_strings(target, ("formula", "paper")) if target else {}
+    if "formula" not in found:
+        scheme = load(kind, name)
+        found = {key: getattr(scheme, key, "") for key in ("formula", "paper")}
+    return found.get("formula") or "?", found.get("paper") or ""
+
+
+def _class_strings(target: str, keys: tuple[str, ...]) -> dict[str, str]:
+    """The string constants a built-in class assigns to `keys` in its body, from its source file."""
+    import ast
+    from pathlib import Path
+
+    module, _, cls = target.partition(":")
+    path = Path(__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            return {stmt.targets[0].id: stmt.value.value for stmt in node.body
+                    if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
+                    and stmt.targets[0].id in keys and isinstance(stmt.value, ast.Constant)
+                    and isinstance(stmt.value.value, str)}
+    return {}
 
 
 def _resolve(target: str) -> Any:

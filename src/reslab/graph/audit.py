@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch.nn as nn
 
+from reslab.display import data_frame, html_block, html_table
 from reslab.graph.paths import inside, relative
 from reslab.graph.residuals import KINDS, Residual, find_residuals
 from reslab.graph.trace import Trace, trace_model
@@ -32,7 +33,7 @@ class BlockSummary:
     residuals: list[int]  # indices into Audit.residuals
 
 
-@dataclass
+@dataclass(repr=False)
 class Audit:
     target: str
     model: str  # the model's class name
@@ -95,10 +96,12 @@ class Audit:
     __str__ = format
 
     def _block_line(self, block: BlockSummary) -> str:
-        parts = [self._residual_text(self.residuals[i], block) for i in block.residuals]
-        head = f"{block.path}: {_count(len(block.residuals), 'residual')}"
-        if parts:
-            head += " — " + ", ".join(parts)
+        head, around, sublayers = self._block_parts(block)
+        return head + (" — " + around if around else "") + ("; " + sublayers if sublayers else "")
+
+    def _block_parts(self, block: BlockSummary) -> tuple[str, str, str]:
+        """A block's line in three parts: "blocks.0: 2 residuals", what they are around, what its sublayers hold."""
+        around = ", ".join(self._residual_text(self.residuals[i], block) for i in block.residuals)
         clauses = []
         for sub in block.sublayers:
             name = relative(sub, block.path)
@@ -109,7 +112,7 @@ class Audit:
             elif self.trace.modules[sub].children:  # a bare layer (a Linear) cannot hold a residual
                 count = sum(1 for i in block.residuals if inside(self.residuals[i].owner, sub))
                 clauses.append(f"{count or 'none'} inside {name}")
-        return head + ("; " + ", ".join(clauses) if clauses else "")
+        return f"{block.path}: {_count(len(block.residuals), 'residual')}", around, ", ".join(clauses)
 
     def _residual_text(self, residual: Residual, block: BlockSummary | None) -> str:
         """"around attn (+norm)", the largest wrapped module first; where the add sits when that is news
@@ -126,9 +129,30 @@ class Audit:
             text += f" [{residual.kind}]"
         return text
 
+    # --- in a notebook -------------------------------------------------------------------------------------------
+    def columns(self) -> dict[str, list[Any]]:
+        """One row per block, in the words of `reslab audit`'s block lines ("blocks.0: 2 residuals — around attn
+        (+norm), ...; 1 inside attn"): block, residuals (the count), around, sublayers."""
+        parts = [self._block_parts(block) for block in self.blocks]
+        return {"block": [b.path for b in self.blocks], "residuals": [len(b.residuals) for b in self.blocks],
+                "around": [around for _, around, _ in parts], "sublayers": [subs for _, _, subs in parts]}
+
+    def to_pandas(self):
+        """The blocks table as a pandas DataFrame (`columns`)."""
+        return data_frame(self.columns())
+
     def _repr_html_(self) -> str:
-        rows = "".join(f"<li>{html.escape(line)}</li>" for line in self.lines())
-        return f"<div class='reslab-audit'><ul style='font-family:monospace'>{rows}</ul></div>"
+        """The blocks table, the lines `reslab audit` prints (one <li> each) and the diagram (SVG)."""
+        lines = "".join(f"<li>{html.escape(line)}</li>" for line in self.lines())
+        drawn = self.diagram().svg() if hasattr(type(self), "draw") else ""
+        table = html_table(self.columns(), self.lines()[0], left=("around", "sublayers"))
+        return html_block(table, f"<ul style='font-family:monospace'>{lines}</ul>", drawn)
+
+    def __repr__(self) -> str:
+        summary = self.summary()
+        return (f"Audit({self.target!r}: {self.model}, {summary['residual_count']} residuals in "
+                f"{summary['blocks_with_residuals']} of {len(self.blocks)} blocks, {len(self.dead)} dead, "
+                f"{len(self.not_run)} not run; print() for the report)")
 
     def diagram(self, **options):
         """The diagram of the same trace (see `reslab.graph.diagram.Diagram`)."""

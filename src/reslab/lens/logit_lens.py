@@ -15,56 +15,17 @@ The last entry is the model's output itself (its KL is 0 and its top-1 agreement
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from reslab.errors import ReslabError
 from reslab.lens.capture import capture_forward, decode, inputs_and_targets, site_names
-from reslab.lens.decompose import Decomposition, decomposition_from, refusal
+from reslab.lens.decompose import decomposition_from, refusal
+from reslab.lens.result import METRICS, LensResult
 from reslab.residual.base import StreamAdapter
 
-METRICS = ("loss", "entropy", "agreement", "kl")
-
-
-@dataclass
-class LensResult:
-    """The logit lens of one batch. Means are over evaluated tokens; `per_position[metric]` is (entries, batch,
-    positions). `stream` says how the stream was read at each site; `decomposition` is the final stream split into
-    its writes (None for schemes whose stream is not a sum, with the reason in `refused`)."""
-
-    names: list[str]
-    loss: list[float]
-    entropy: list[float]
-    agreement: list[float]
-    kl: list[float]
-    per_position: dict[str, torch.Tensor]
-    scheme: str
-    stream: str
-    tokens: int
-    decomposition: Decomposition | None = None
-    refused: str | None = None
-    logits: torch.Tensor | None = field(default=None, repr=False)  # (entries, batch, positions, vocab) if kept
-    tuned: dict[str, list[float]] | None = None  # the tuned lens's means by metric, when one was given
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One dict per entry: name and the four means (and the tuned lens's, as tuned_<metric>)."""
-        tuned = self.tuned or {}
-        return [{"name": name, **{metric: getattr(self, metric)[i] for metric in METRICS},
-                 **{f"tuned_{metric}": values[i] for metric, values in tuned.items()}}
-                for i, name in enumerate(self.names)]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able numbers: the table, how the stream was read, and the decomposition's means."""
-        record = {"scheme": self.scheme, "stream": self.stream, "tokens": self.tokens, "layers": self.rows()}
-        if self.decomposition is not None:
-            record["decomposition"] = self.decomposition.to_dict()
-        else:
-            record["decomposition_refused"] = self.refused
-        return record
+__all__ = ["METRICS", "LensResult", "lens", "lens_metrics"]
 
 
 def lens_metrics(logits: torch.Tensor, final_logp: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -134,6 +95,7 @@ def lens(model: nn.Module, tokens, targets=None, *, keep_logits: bool = False, t
     tuned_means = {m: [e[m].mean().item() for e in per_entry_tuned] for m in METRICS} if tuned is not None else None
     reason = refusal(model)
     decomposition = None if reason else decomposition_from(model, capture, output, targets, positions)
-    return LensResult(site_names(model), **means, per_position=per_position, scheme=type(capture.sites[0]).name,
+    return LensResult(site_names(model), means["loss"], means["entropy"], means["agreement"], means["kl"],
+                      per_position=per_position, scheme=type(capture.sites[0]).name,
                       stream=describe_stream(model), tokens=targets.numel(), decomposition=decomposition,
                       refused=reason, logits=torch.stack(kept) if keep_logits else None, tuned=tuned_means)

@@ -5,41 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from reslab.io import atomic_write
-from reslab.lens.logit_lens import LensResult
+from reslab.lens.result import LensResult
 
 DPI = 110
 
 
 def lens_table(result: LensResult) -> str:
     """One row per entry: loss, entropy, top-1 agreement with the output, KL to the output, and (additive
-    schemes) the mean direct logit contribution of that component to the correct token."""
-    parts = result.decomposition
-    header = f"{'after':<10} {'loss':>8} {'entropy':>8} {'top-1':>7} {'KL':>8}"
-    header += f" {'DLA':>8}" if parts else ""
-    header += f" {'tuned loss':>10} {'tuned KL':>8}" if result.tuned else ""
-    lines = [header, "-" * len(header)]
-    contributions = parts.mean_contributions() if parts else []
-    for i, row in enumerate(result.rows()):
-        line = (f"{row['name']:<10} {row['loss']:8.4f} {row['entropy']:8.4f} {row['agreement']:7.3f} "
-                f"{row['kl']:8.4f}")
-        line += f" {contributions[i]:8.4f}" if parts else ""
-        line += f" {row['tuned_loss']:10.4f} {row['tuned_kl']:8.4f}" if result.tuned else ""
-        lines.append(line)
-    return "\n".join(lines)
+    schemes) the mean direct logit contribution of that component to the correct token (`LensResult.table`, whose
+    columns a notebook shows too)."""
+    return result.table()
 
 
 def lens_notes(result: LensResult) -> list[str]:
     """What the table means, in a few lines."""
-    notes = [f"stream: {result.stream}",
-             "loss: next-token loss of the decoded stream; top-1 and KL (final || lens): against the model's output"]
-    parts = result.decomposition
-    if parts is None:
-        notes.append(f"decomposition refused: {result.refused}")
-    else:
-        notes.append(f"DLA: direct logit contribution to the correct token, {parts.norm} scale frozen at the final "
-                     f"stream's; components + bias ({parts.bias.mean().item():.4f}) = the model's logit "
-                     f"({parts.target_logit.mean().item():.4f}), max error {parts.sum_error:.1e}")
-    return notes
+    return result.notes()
 
 
 def plot_lens(result: LensResult, directory: Path) -> list[Path]:
