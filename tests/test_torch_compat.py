@@ -97,6 +97,24 @@ def check_load_inductor():
     compat.load_inductor()  # on the pinned torch (CPU wheels included) inductor imports
 
 
+def check_initialisers_skipped():
+    """Inside, a model builds on the meta device without its initialisers (and without importing torch._dynamo,
+    checked in a fresh process); after, torch.nn.init is as it was and initialises again."""
+    import subprocess
+    import sys
+
+    before = torch.nn.init.normal_
+    with compat.initialisers_skipped(), torch.device("meta"):
+        layer = torch.nn.Embedding(10, 4)
+        assert torch.nn.init.normal_ is not before
+    assert layer.weight.is_meta and torch.nn.init.normal_ is before
+    assert torch.nn.Embedding(10, 4).weight.std() > 0
+    code = ("import sys, torch; from reslab._torch_compat import initialisers_skipped\n"
+            "with initialisers_skipped(), torch.device('meta'): torch.nn.Embedding(10, 4)\n"
+            "print('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
 CHECKS = {name.removeprefix("check_"): check for name, check in globals().items() if name.startswith("check_")}
 
 

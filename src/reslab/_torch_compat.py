@@ -9,7 +9,8 @@ schemes' fused autograd Functions when they must step aside (under a tracer, tor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -85,5 +86,28 @@ def load_inductor() -> None:
 
 
 __all__ = ["cpu_bf16_flags", "foreach_add_", "foreach_lerp", "foreach_lerp_", "foreach_mul_", "foreach_norm",
-           "functorch_transforms_active", "is_batched_gradient", "load_inductor", "mkldnn_bf16_supported",
-           "torch_function_mode_enabled", "view_base"]
+           "functorch_transforms_active", "initialisers_skipped", "is_batched_gradient", "load_inductor",
+           "mkldnn_bf16_supported", "torch_function_mode_enabled", "view_base"]
+
+
+# --- building a model on the meta device without running its initialisers --------------------------------------
+@contextlib.contextmanager
+def initialisers_skipped() -> Iterator[None]:
+    """torch.nn.init's in-place initialisers as no-ops for the block, put back after. Under `torch.device("meta")`
+    an initialiser has nothing to fill, yet torch runs it through its Python reference kernels, whose first use
+    imports torch._dynamo: seconds at the start of every run that checks whether its model fits. (transformers'
+    `no_init_weights` does the same.) Not thread-safe: for a single-threaded build only."""
+    names = [name for name in vars(torch.nn.init) if name.endswith("_") and not name.startswith("_")
+             and callable(vars(torch.nn.init)[name])]
+    saved = {name: vars(torch.nn.init)[name] for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, _unchanged)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _unchanged(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor

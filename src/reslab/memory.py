@@ -17,18 +17,22 @@ from typing import Any
 
 import torch
 
+from reslab._torch_compat import initialisers_skipped
 from reslab.errors import ReslabError
 
 GIB = 2**30
 
 
 def parameter_count(model_name: str, model_config: dict[str, Any]) -> int:
-    """Parameters of the model the config describes, built on the meta device (no memory is allocated)."""
+    """Parameters of the model the config describes, built on the meta device (no memory is allocated) with its
+    initialisers skipped: a meta tensor has no values to fill, and torch fills one through its Python reference
+    kernels, whose first use imports torch._dynamo (seconds, at every run's start)."""
     from reslab.models import build_model
 
-    with torch.device("meta"):
+    with torch.device("meta"), initialisers_skipped():
         model = build_model(model_name, **model_config)
     return sum(p.numel() for p in model.parameters())
+
 
 
 def training_bytes(model_name: str, model_config: dict[str, Any], batch: int = 0, micro_batches: int = 1) -> dict:
