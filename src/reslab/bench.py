@@ -113,14 +113,16 @@ def register(commands) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                         help="auto (default): bf16 autocast where the hardware runs it natively, else fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
+                        help="adamw (default) or muon (Muon for hidden matrices, AdamW for the rest)")
     parser.add_argument("--no-diagnostics", action="store_true", help="no gradient norms / stream probes")
     parser.add_argument("--log-interval", type=int, default=50, help="diagnostics every N iterations (default 50)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed iterations first (default 10)")
     parser.add_argument("--iters", type=int, default=20, help="iterations per timed window (default 20)")
     parser.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported (default 5)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="torch device the model runs on: auto (default: cuda if "
+                        "present), cpu, cuda, cuda:N")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(handler=cmd_bench)
 

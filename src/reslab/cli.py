@@ -24,16 +24,50 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("reslab.data.commands", "prepare a corpus into memory-mapped token shards, or inspect one"),
     "export": ("reslab.interop.commands", "write a run as a Hugging Face folder that transformers loads as it is"),
 }
+# One example per subcommand, shown as the epilog of its --help (tests/test_cli_consistency.py keeps one for each).
+EXAMPLES: dict[str, str] = {
+    "info": "reslab info --model gpt --layers 6        # the model, its parameter count and its config (shape)",
+    "list": "reslab list",
+    "reproduce": "reslab reproduce depth --quick",
+    "train": "reslab train --model gpt --layers 4 --steps 500 --data text.txt --out runs/gpt4",
+    "sample": "reslab sample runs/gpt4 --prompt \"ROMEO:\" --tokens 200 --top-k 20",
+    "ablate": "reslab ablate --residual pre,post,none --layers 2,4 --seeds 0,1,2 --steps 300",
+    "bench": "reslab bench --model gpt --layers 4 --batch 12",
+    "report": "reslab report runs/ablation --baseline pre",
+    "audit": "reslab audit gpt --layers 4 --residual none",
+    "diagram": "reslab diagram gpt --layers 12 -o gpt12.svg",
+    "lens": "reslab lens runs/gpt4 --prompt \"ROMEO:\" --plot lens/",
+    "data": "reslab data prepare corpus/ --tokenizer bpe --vocab-size 4096 --out data/corpus",
+    "export": "reslab export runs/gpt4 --hf hf/gpt4",
+}
 # Subcommands that train in this process: the `reslab` command's own process then keeps freed memory in its heap for
 # the next step (reslab.heap).
 TRAINING_COMMANDS = ("train", "bench", "ablate", "reproduce")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with each option's default appended where its help does not already say it (a default of
+    None or False is no value, and is not shown)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or text == argparse.SUPPRESS):
+            return text
+        return f"{text} (default %(default)s)" if text else "default %(default)s"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example: "):  # a command line to paste: never wrapped
+            return indent + text
+        return super()._fill_text(text, width, indent)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the problem and `--help`), exit code 2; and a subcommand's arguments
-    can be added on first use (`fill`): when it is parsed or its help is shown."""
+    can be added on first use (`fill`): when it is parsed or its help is shown. Help shows defaults (HelpFormatter)."""
 
     def __init__(self, *args, fill: Callable[[], None] | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.fill = fill
 
@@ -78,18 +112,26 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--version", action="version", version=f"reslab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
-    info = commands.add_parser("info", help="build a model and print its structure and parameter count")
+    info = commands.add_parser("info", help="build a model and print its structure, parameter count and config",
+                               epilog=_example("info"))
     info.fill = lambda: _add_model_arguments(info)
     info.set_defaults(handler=cmd_info)
 
-    listing = commands.add_parser("list", help="list models, residual schemes and reproductions")
+    listing = commands.add_parser("list", help="list models, residual schemes and reproductions",
+                                  epilog=_example("list"))
     listing.set_defaults(handler=cmd_list)
 
-    reproduce = commands.add_parser("reproduce", help="re-run an experiment behind a published claim")
+    reproduce = commands.add_parser("reproduce", help="re-run an experiment behind a published claim",
+                                    epilog=_example("reproduce"))
     reproduce.fill = lambda: add_reproductions(reproduce)
     for name, (module, text) in COMMANDS.items():
-        commands.add_parser(name, help=text, fill=lambda module=module: _register(module, commands))
+        commands.add_parser(name, help=text, epilog=_example(name),
+                            fill=lambda module=module: _register(module, commands))
     return parser
+
+
+def _example(command: str) -> str:
+    return f"example: {EXAMPLES[command]}"
 
 
 def _add_model_arguments(parser: ArgumentParser) -> None:
@@ -115,6 +157,8 @@ def add_reproductions(reproduce: ArgumentParser) -> None:
         module = get_reproduction(name)
         sub = reproductions.add_parser(name, help=module.CLAIM)
         module.add_arguments(sub)
+        quick = " --quick" if "--quick" in sub._option_string_actions else ""
+        sub.epilog = f"example: reslab reproduce {name}{quick}"
         sub.set_defaults(handler=module.run)
 
 
@@ -134,7 +178,20 @@ def cmd_info(args: argparse.Namespace) -> int:
         model = model_from_args(args)
     print(model)
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
+    print_config(model.config)
     return 0
+
+
+def print_config(config) -> None:
+    """The model's config, one field a line: its shape (the model's defaults, under the flags and --set given).
+    A run trains with the vocabulary of its data, whatever `vocab_size` says here."""
+    import json
+
+    values = config.to_dict()
+    width = max(len(name) for name in values)
+    print(f"config ({type(config).__name__}; any field is settable with --set NAME=VALUE):")
+    for name, value in values.items():
+        print(f"  {name:<{width}}  {json.dumps(value) if isinstance(value, (dict, list, str)) else value}")
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -96,7 +96,8 @@ def _models_with(field: Declared) -> str:
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "tiny",
                         lists: tuple[str, ...] = ()) -> None:
     """Add the model flags and --set. Flags named in `lists` (e.g. "--residual", "--layers") take comma lists."""
-    group = parser.add_argument_group("model")
+    group = parser.add_argument_group("model", "a shape flag left out takes the model's default: `reslab info "
+                                      "--model NAME` lists them")
     group.add_argument("--model", help=f"one of {', '.join(MODELS)} (default {default_model})")
     parser.set_defaults(default_model=default_model)
     add_flags(group, model_fields().values(), lists, _models_with)

@@ -42,8 +42,9 @@ def register(commands) -> None:
     add_config_argument(group, CONFIG_HELP)
     group.add_argument("--jobs", default="auto", help="grid points trained in parallel processes (default auto: "
                        "one per core, each with cores/jobs threads)")
-    group.add_argument("--out", type=Path, default=Path("runs/ablation"), help="ablation directory "
-                       "(default runs/ablation); re-running into it skips finished points and resumes stopped ones")
+    group.add_argument("--out", type=Path, default=Path("runs/ablation"), metavar="DIR", help="the directory to "
+                       "write: the ablation directory (default runs/ablation); re-running into it skips finished "
+                       "points and resumes stopped ones")
     group.add_argument("--no-report", action="store_true", help="skip plots and report.html")
     group.add_argument("--no-progress", action="store_true", help="accepted as for train; grid points show no bar")
     group.add_argument("--shuffle", type=int, metavar="SEED", help="train the grid points in an order shuffled "

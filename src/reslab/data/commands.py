@@ -13,11 +13,15 @@ from reslab.errors import ReslabError
 def register(commands) -> None:
     data = commands.add_parser("data", help="prepare a corpus into memory-mapped token shards, or inspect one")
     actions = data.add_subparsers(dest="action", required=True, parser_class=type(data))
-    prepare = actions.add_parser("prepare", help="tokenize text files once into shards + manifest.json")
+    prepare = actions.add_parser("prepare", help="tokenize text files once into shards + manifest.json",
+                                 epilog="example: reslab data prepare corpus/ --tokenizer bpe --vocab-size 4096 "
+                                 "--out data/corpus")
     prepare.add_argument("sources", nargs="+", metavar="SOURCE",
                          help="text files, globs, directories of text, or hf:NAME_OR_FOLDER[:SPLIT] (a Hugging Face "
                          "dataset on this machine)")
-    prepare.add_argument("--out", type=Path, required=True, help="the directory to write (resumed if interrupted)")
+    prepare.add_argument("--out", type=Path, required=True, metavar="DIR",
+                         help="the directory to write: shards, tokenizer.reslab.json, manifest.json (resumed if "
+                         "interrupted)")
     prepare.add_argument("--tokenizer", default="char", help="char (default), bpe (trained here), gpt2 (from the local "
                          "Hugging Face cache) or a tokenizer.json file")
     prepare.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 512)")
@@ -29,8 +33,9 @@ def register(commands) -> None:
                          help="the last this fraction of the tokens is validation (default 0.1)")
     prepare.add_argument("--no-progress", action="store_true", help="no progress line")
     prepare.set_defaults(handler=cmd_prepare)
-    info = actions.add_parser("info", help="what a prepared directory holds (reslab, nanoGPT or modded-nanogpt)")
-    info.add_argument("dir", type=Path, metavar="DIR")
+    info = actions.add_parser("info", help="what a prepared directory holds (reslab, nanoGPT or modded-nanogpt)",
+                              epilog="example: reslab data info data/corpus --verify")
+    info.add_argument("dir", type=Path, metavar="DIR", help="a prepared data directory")
     info.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest")
     info.add_argument("--vocab-size", type=int, help="vocabulary of nanoGPT data without meta.pkl")
     info.set_defaults(handler=cmd_info)

@@ -51,9 +51,9 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:  # the TARGET names the model: hide the shared --model flag
         if action.dest == "model":
             action.help, action.default = argparse.SUPPRESS, None
-    parser.add_argument("--device", default="meta", choices=("meta", "cpu"),
-                        help="where to build built-in, run-directory and hf: models (default meta: no weights "
-                             "allocated; use cpu for models whose forward reads tensor values)")
+    parser.add_argument("--device", default="meta", choices=("meta", "cpu"), metavar="DEVICE",
+                        help="torch device the model runs on while traced (built-in, run-directory and hf: models): "
+                             "meta (default: no weights allocated) or cpu (for a forward that reads tensor values)")
 
 
 def load(args: argparse.Namespace):

@@ -21,7 +21,9 @@ def register(commands) -> None:
     lens.add_argument("--prompt", help="text to read the model on")
     lens.add_argument("--data", help="a corpus name or UTF-8 text file to read the model on (default: a run's "
                       "validation split; random ids for a built-in model or a Hugging Face folder)")
-    lens.add_argument("--tokens", type=int, default=256, help="evaluated tokens at most (default 256)")
+    lens.add_argument("--eval-tokens", dest="tokens", type=int, default=256, metavar="N",
+                      help="evaluated tokens at most (default 256)")
+    lens.add_argument("--tokens", dest="tokens", type=int, default=256, help=argparse.SUPPRESS)  # the old name
     lens.add_argument("--seed", type=int, default=0, help="seed of a built-in model's random weights and ids, and of "
                       "the tuned lens's batches (default 0)")
     lens.add_argument("--tuned", action="store_true", help="also fit a tuned lens (one affine translator per layer) "
@@ -30,7 +32,8 @@ def register(commands) -> None:
     lens.add_argument("--tuned-batch", type=int, default=8, help="tuned lens sequences per step (default 8)")
     lens.add_argument("--json", action="store_true", help="print the result as JSON")
     lens.add_argument("--plot", type=Path, metavar="DIR", help="write lens.png and contributions.png to DIR")
-    lens.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    lens.add_argument("--device", default="cpu", help="torch device the model runs on: cpu (default), auto (cuda "
+                      "if present), cuda, cuda:N")
     add_model_arguments(lens)
     lens.set_defaults(handler=cmd_lens)
 

@@ -9,8 +9,9 @@ from pathlib import Path
 def register(commands) -> None:
     report = commands.add_parser("report", help="draw the plots and write report.html for an ablation directory")
     report.add_argument("dir", type=Path, metavar="DIR", help="an ablation directory (the --out of `reslab ablate`)")
-    report.add_argument("--out", type=Path, metavar="FILE",
-                        help="where to write the HTML (default DIR/report.html); plots always go to DIR/plots/")
+    report.add_argument("-o", "--output", dest="out", type=Path, metavar="FILE",
+                        help="the HTML file to write (default DIR/report.html); plots always go to DIR/plots/")
+    report.add_argument("--out", dest="out", type=Path, help=argparse.SUPPRESS)  # the old name of --output
     add_comparison_arguments(report)
     report.set_defaults(handler=cmd_report)
 
@@ -29,8 +30,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from reslab.report import write_report
 
     if args.out is not None and args.out.is_dir():
-        raise ReslabError(f"--out {args.out} is a directory; give a file name such as "
-                          f"{command_line('--out', args.out / 'report.html')}")
+        raise ReslabError(f"--output {args.out} is a directory; give a file name such as "
+                          f"{command_line('--output', args.out / 'report.html')}")
     path = write_report(args.dir, args.out, args.baseline, args.target_loss)
     print(path)
     return 0

@@ -59,7 +59,8 @@ def register(commands) -> None:
     train = commands.add_parser("train", help="train a model; writes a run directory")
     add_model_arguments(train)
     group = add_train_arguments(train)
-    group.add_argument("--out", type=Path, help="run directory (default runs/MODEL-RESIDUAL)")
+    group.add_argument("--out", type=Path, metavar="DIR", help="the directory to write: the run directory "
+                       "(default runs/MODEL-RESIDUAL)")
     group.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
     add_config_argument(group)
     group.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -75,9 +76,10 @@ def register(commands) -> None:
     sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     sample.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     sample.add_argument("--top-p", type=float, help="nucleus sampling: smallest set with this probability")
-    sample.add_argument("--seed", type=int, default=1337)
+    sample.add_argument("--seed", type=int, default=1337, help="seed of the sampling (default 1337)")
     sample.add_argument("--samples", type=int, default=1, help="independent samples (default 1)")
-    sample.add_argument("--device", default="auto")
+    sample.add_argument("--device", default="auto", help="torch device the model runs on: auto (default: cuda if "
+                        "present), cpu, cuda, cuda:N")
     sample.set_defaults(handler=cmd_sample)
 
 
