@@ -18,6 +18,8 @@ SCHEME_KINDS = {
     "hc": "multi-stream", "mhc": "multi-stream",
     "attnres": "depth-attention",  # the sublayer output joins the stack of sources a depth attention reads
     "value-residual": "identity",  # its pre-LN adds; the value mix is one more residual, VALUE_MIX below
+    "olmo2": "identity", "completep": "scaled",
+    "mix-ln": "identity",  # floor(0.25 * 2) = 0 post-LN blocks at 2 layers; deeper: tests/test_schemes_2026.py
 }
 
 

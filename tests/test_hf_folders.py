@@ -70,7 +70,7 @@ def test_a_hf_folder_goes_through_every_command(folders, tmp_path, model_type):
     folder, hf = folders[model_type], hf_model(folders[model_type])
     code, out, err = reslab("info", folder)
     assert code == 0, err
-    assert out.strip().endswith(f"parameters: {hf.num_parameters():,}")  # the converted model is as large as HF's
+    assert f"\nparameters: {hf.num_parameters():,}\n" in out  # the converted model is as large as HF's
     code, out, err = reslab("audit", folder, "--json")
     assert code == 0, err
     assert json.loads(out)["summary"]["residual_count"] == 4  # around attention and FFN in each of 2 blocks

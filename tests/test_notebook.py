@@ -54,6 +54,7 @@ def test_notebook_runs_and_renders(tmp_path, monkeypatch, tinyshakespeare):
     html = [o.data["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert len(html) >= 4  # the run, the lens, the lens as a DataFrame, the audit, the ablation summary
 
+    monkeypatch.undo()  # Chromium puts its sockets under TMPDIR: the test's deep directory overflows a socket path
     page_path = tmp_path / "notebook.html"
     page_path.write_text(notebook_html(notebook))
     page = inspect_page(chromium_binary(), page_path.as_uri(), tmp_path / "chromium")

@@ -22,7 +22,6 @@ from reslab.data.prepare import PrepareOptions, prepare_data
 from reslab.data.shards import (
     MANIFEST,
     MODDED_MAGIC,
-    TOKENIZER_FILE,
     TokenSpan,
     dtype_for,
     fingerprint,
@@ -30,6 +29,7 @@ from reslab.data.shards import (
     open_reslab,
     read_meta_pkl,
 )
+from reslab.data.tokenizer import FILENAME as TOKENIZER_FILE
 from reslab.data.training import training_data
 from reslab.errors import ReslabError
 

@@ -18,7 +18,7 @@ from reslab.display import data_frame, html_block, html_table
 from reslab.errors import ReslabError
 from reslab.io import atomic_write, write_json
 from reslab.metrics import SEED_STATS, point_values, seed_stats, seed_summaries
-from reslab.rundir import CONFIG, DIVERGED, RunDir
+from reslab.rundir import CONFIG, DIVERGED, TIMING_KEYS, RunDir
 from reslab.stats import ALPHA, FEW_SEEDS, LEVEL, adjust, compare
 
 DEFAULT_BASELINE = "pre"
@@ -27,6 +27,9 @@ DEFAULT_BASELINE = "pre"
 AT_MATCHED_TIME = "val_loss_at_matched_time"
 TIME_TO_TARGET = "seconds_to_target"
 DERIVED = (AT_MATCHED_TIME, TIME_TO_TARGET)
+# the summary columns that depend on the wall clock (two equal grids differ in them): the timing metrics' fields, the
+# matched time, and the two fields read at it or measured in seconds
+TIMING_COLUMNS = (*TIMING_KEYS, "matched_seconds", *DERIVED)
 HELD_EQUAL = ("steps", "tokens (batch x context x steps)", "init seed and data order per seed")
 
 

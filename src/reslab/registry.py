@@ -42,6 +42,10 @@ SCHEMES: dict[str, str] = {
     "mhc": "reslab.residual.mhc:ManifoldHyperConnections",
     "attnres": "reslab.residual.attnres:AttentionResiduals",
     "value-residual": "reslab.residual.value_residual:ValueResidual",
+    "laurel": "reslab.residual.laurel:Laurel",
+    "olmo2": "reslab.residual.olmo2:Olmo2Norm",
+    "mix-ln": "reslab.residual.mixln:MixLN",
+    "completep": "reslab.residual.completep:CompleteP",
 }
 
 # scheme option -> (type, help): the model commands' flag `--<option>` for the built-in schemes' options (each a key
@@ -55,6 +59,12 @@ SCHEME_OPTIONS: dict[str, tuple[type, str]] = {
     "attnres_block": (int, "attnres: transformer blocks per AttnRes block (default 0 = full)"),
     "value_mix": (float, "value-residual: weight m of a layer's own values, lerp(v_1, v, m) (0.5)"),
     "value_mix_learned": (bool, "value-residual: learn m per head, starting at --value-mix"),
+    "laurel_form": (str, "laurel: rw, lr, rw+lr (default) or gemma3n (Gemma 3n's block)"),
+    "laurel_rank": (int, "laurel: rank r of the low-rank map W_R W_L (default 16, at most the width)"),
+    "mixln_alpha": (float, "mix-ln: fraction of post-LN blocks, the first floor(alpha L) (default 0.25)"),
+    "completep_alpha": (float, "completep: depth exponent, branch x (L/L_base)^-alpha (1 CompleteP, 0.5 depth-muP)"),
+    "completep_base_layers": (int, "completep: L_base, the depth the hyper-parameters were tuned at (default 1)"),
+    "completep_init_std": (float, "completep: std of every branch matrix at init (default 0.02)"),
 }
 
 # reproduction name -> module (with CLAIM, add_arguments, run)

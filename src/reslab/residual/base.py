@@ -123,6 +123,12 @@ class ResidualSite(nn.Module):
     def init_branch(self, sublayer: nn.Module) -> None:
         """Called once after the model's own init: schemes that prescribe a branch init (DeepNet) set it here."""
 
+    def optimizer_scales(self) -> tuple[float, float]:
+        """(learning-rate, Adam-epsilon) multipliers for every parameter of this site's block, for schemes whose
+        parametrisation prescribes them (CompleteP's depth rules); the AdamW builder (`train/schedule.py`) gives a
+        block's parameters their own groups when they are not (1, 1). The sites of one block must agree."""
+        return 1.0, 1.0
+
     def extra_repr(self) -> str:
         return f"{self.name}: {self.formula}"
 
