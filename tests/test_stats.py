@@ -134,3 +134,22 @@ def test_summary_matches_time_and_target_and_compares_with_the_baseline(tmp_path
     csv_rows = (tmp_path / "comparisons.csv").read_text().splitlines()
     assert csv_rows[0].startswith("residual,layers,baseline,metric,n,diff") and len(csv_rows) == 1 + 4
     assert summarize(tmp_path, baseline="post")["comparisons"][0]["residual"] == "pre"
+
+
+def test_a_baseline_outside_the_grid_is_one_line(tmp_path, cli):
+    record = {"model": "tiny", "grid": {"residual": ["pre", "post"], "layers": [2], "seeds": [0, 1]},
+              "train": {"steps": 100}}
+    (tmp_path / "ablation.json").write_text(json.dumps(record))
+    for seed in range(2):
+        _write_run(tmp_path, "pre", 2, seed, [3.0, 2.5 + 0.01 * seed], [10.0, 20.0])
+        _write_run(tmp_path, "post", 2, seed, [2.9, 2.4 + 0.02 * seed], [15.0, 30.0])
+    code, _, err = cli("report", tmp_path, "--baseline", "hc")
+    assert code == 2 and err.strip().count("\n") == 0
+    assert "--baseline hc is not a scheme of this grid (pre, post); choose one of them" in err
+    assert not (tmp_path / "report.html").exists()
+    code, _, err = cli("report", tmp_path, "--baseline", "post", "--target-loss", "2.45")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["baseline"] == "post" and {r["target_loss"] for r in summary["rows"]} == {2.45}
+    html = (tmp_path / "report.html").read_text()
+    assert "Against post, paired by seed" in html and "95% interval" in html and "2 seeds" in html

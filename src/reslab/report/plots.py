@@ -420,7 +420,8 @@ def plot_forest(ablation: Ablation, path: Path, colours: dict[str, str], metrics
              and t.get("metric") == "final_val_loss" and all(_finite(t.get(k)) for k in ("diff", "low", "high"))]
     if not tests:
         return False
-    tests.sort(key=lambda t: (str(t.get("layers")), str(t.get("residual"))))
+    depth = {id(t): t["layers"] if isinstance(t.get("layers"), int) else 0 for t in tests}
+    tests.sort(key=lambda t: (depth[id(t)], str(t.get("residual"))))
     figure, axes = _figure(1, 1, (6.4, 0.5 + 0.42 * len(tests)))
     ax = axes[0][0]
     for y, test in enumerate(reversed(tests)):
