@@ -171,7 +171,9 @@ def _scheme_legend(figure, ablation: Ablation, colours: dict[str, str], extra: S
 
     shown = ablation.schemes if schemes is None else schemes
     handles = [Line2D([], [], color=colours[s], lw=2.5, label=s) for s in shown] + list(extra)
-    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8), fontsize=10)
+    entry = max(len(h.get_label()) for h in handles) * 0.085 + 0.6  # inches per legend column at fontsize 10
+    columns = max(1, min(len(handles), int(figure.get_figwidth() / entry)))  # as many as fit the figure's width
+    figure.legend(handles=handles, loc="outside lower center", ncols=columns, fontsize=10)
 
 
 def _seed_note(ablation: Ablation) -> str:
