@@ -59,6 +59,14 @@ def workers(pid: int) -> list[int]:
     return [child for child, command in found if "spawn_main" in command]
 
 
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (state T in /proc: it sent itself SIGSTOP)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
 def recorded(out: Path) -> list[dict]:
     """The shards an unfinished prepare's state lists as done (none before the state exists)."""
     try:
@@ -143,14 +151,19 @@ def test_ctrl_c_stops_the_prepare_in_one_line_and_the_same_command_resumes(tmp_p
     it (exit 130, no worker's traceback), and the same command then finishes with the shards of a whole prepare."""
     command = [*CLI, corpus(tmp_path / "text.txt", 34), "--shard-tokens", "262144"]
     out = tmp_path / "data"
+    # The parent stops itself (a failpoint, as Ctrl-Z) while writing its state after the first shards: Ctrl-C then
+    # lands with work still to do on any machine, however loaded (a poll for "a shard is recorded" could catch the
+    # prepare as it finished).
+    env = {**ENV, "RESLAB_FAILPOINTS": f"write:{PREPARE_STATE}@3=stop"}
     process = subprocess.Popen([*command, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=ENV, start_new_session=True)
+                               text=True, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while process.poll() is None and time.monotonic() < deadline and not (workers(process.pid) and recorded(out)):
-            time.sleep(0.002)
-        assert process.poll() is None, "the prepare ended before Ctrl-C"
+        while process.poll() is None and time.monotonic() < deadline and not stopped(process.pid):
+            time.sleep(0.01)
+        assert stopped(process.pid) and recorded(out) and workers(process.pid), "the prepare did not stop mid-way"
         os.killpg(process.pid, signal.SIGINT)  # what the terminal does
+        os.kill(process.pid, signal.SIGCONT)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.returncode is None:

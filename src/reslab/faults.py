@@ -5,6 +5,7 @@ the first) the code passes failpoint NAME, ACTION happens there:
 
     kill    SIGKILL this process (nothing runs after it: no handler, no cleanup; as `kill -9`)
     sigint  send this process SIGINT (as Ctrl-C in its terminal)
+    stop    SIGSTOP this process (as Ctrl-Z): a test then sends what it wants and SIGCONT, at a known moment
     enospc  raise OSError(ENOSPC) (as a full disk)
 
 Names: `write:FILE` (inside an atomic write of FILE: the temp file is written, not yet renamed), `append:FILE`
@@ -57,6 +58,8 @@ def failpoint(name: str, before: Callable[[], None] | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "sigint":
         os.kill(os.getpid(), signal.SIGINT)
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as the OS raises it from a write: no file name
     else:
