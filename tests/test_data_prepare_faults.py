@@ -59,6 +59,12 @@ def workers(pid: int) -> list[int]:
     return [child for child, command in found if "spawn_main" in command]
 
 
+def as_in_a_terminal() -> None:
+    """In the child: SIGINT as a terminal's foreground job has it. A suite started in the background by a shell
+    (`... &`) runs with SIGINT ignored, which children inherit, and an ignored Ctrl-C would stop nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stopped(pid: int) -> bool:
     """Whether the process is stopped (state T in /proc: it sent itself SIGSTOP)."""
     try:
@@ -156,7 +162,7 @@ def test_ctrl_c_stops_the_prepare_in_one_line_and_the_same_command_resumes(tmp_p
     # prepare as it finished).
     env = {**ENV, "RESLAB_FAILPOINTS": f"write:{PREPARE_STATE}@3=stop"}
     process = subprocess.Popen([*command, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env, start_new_session=True)
+                               text=True, env=env, start_new_session=True, preexec_fn=as_in_a_terminal)
     try:
         deadline = time.monotonic() + 120
         while process.poll() is None and time.monotonic() < deadline and not stopped(process.pid):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SHARED_TINYSHAKESPEARE, make_corpus
+
 from reslab.cli import main
 from reslab.graph.targets import WEIGHTED, load_trained, resolve_target
 
@@ -173,6 +173,11 @@ def test_export_never_overwrites_what_it_did_not_write(runs, tmp_path):
     err = one_line(*reslab("export", runs["char"], "--hf", target, "--overwrite")[::2])
     assert "notes.txt" in err and (target / "notes.txt").read_text() == "a user's file\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary directory left beside it
+    (target / "notes.txt").unlink()
+    (target / ".reslab-export").unlink()  # as a save_pretrained folder of the same files: not reslab's to replace
+    kept = {path.name: path.read_bytes() for path in target.iterdir()}
+    err = one_line(*reslab("export", runs["char"], "--hf", target, "--overwrite")[::2])
+    assert "reslab did not export" in err and {p.name: p.read_bytes() for p in target.iterdir()} == kept
 
 
 def test_export_refuses_a_run_without_a_hugging_face_equivalent(runs, folders, tmp_path):
@@ -180,3 +185,20 @@ def test_export_refuses_a_run_without_a_hugging_face_equivalent(runs, folders, t
     assert "residual scheme 'post'" in err and "residual='pre'" in err and not (tmp_path / "hf").exists()
     err = one_line(*reslab("export", folders["gpt2"], "--hf", tmp_path / "hf")[::2])
     assert "is a Hugging Face folder" in err and "give a run directory" in err
+
+
+@pytest.mark.parametrize("files, commands, says", [
+    ({"config.json": '{"model_type": "llama", "hidden_size": "x"}'}, ("info", "sample"), "'hidden_size'"),
+    ({"config.json": '{"model_type": "llama"}', "model.safetensors.index.json": "{bad"}, ("sample",),
+     "is not valid JSON"),
+    ({"config.json": '{"model_type": "llama"}', "model.safetensors.index.json": '{"weight_map": [1]}'},
+     ("sample",), "not a shard index"),
+])
+def test_a_damaged_hugging_face_folder_is_one_line(tmp_path, files, commands, says):
+    """A config field transformers refuses, or a shard index that is not one: one line naming it (the info of a
+    folder reads only its config; sample reads its weights too)."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    for command in commands:
+        err = one_line(*reslab(command, tmp_path)[::2])
+        assert says in err, err

@@ -61,3 +61,28 @@ def test_the_run_name_is_built_and_parsed_in_one_place(name):
 
     assert tuple(parse_run_name(run_name(*name))) == name
     assert parse_run_name("my-notes") is None
+
+
+def test_overwrite_removes_an_old_runs_tokenizer_but_never_a_users_tokenizer_json(tmp_path):
+    """tokenizer.json was reslab's name before tokenizer.reslab.json: `--overwrite` removes it only when it is in
+    reslab's format and the run has no file of the new name; a Hugging Face tokenizer.json the user put there stays."""
+    import json
+
+    from reslab.rundir import OLD_TOKENIZER, TOKENIZER, RunDir
+
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / TOKENIZER).write_text(json.dumps({"kind": "char", "chars": "ab"}))
+    (new / OLD_TOKENIZER).write_text(json.dumps({"kind": "char", "version": "1.0", "added_tokens": []}))
+    RunDir(new).clear()
+    assert not (new / TOKENIZER).exists() and (new / OLD_TOKENIZER).exists()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / OLD_TOKENIZER).write_text(json.dumps({"kind": "char", "chars": "ab"}))
+    RunDir(old).clear()
+    assert not (old / OLD_TOKENIZER).exists()
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / OLD_TOKENIZER).write_text(json.dumps({"version": "1.0", "added_tokens": [], "model": {}}))
+    RunDir(hf).clear()
+    assert (hf / OLD_TOKENIZER).exists()

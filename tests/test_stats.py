@@ -153,3 +153,18 @@ def test_a_baseline_outside_the_grid_is_one_line(tmp_path, cli):
     assert summary["baseline"] == "post" and {r["target_loss"] for r in summary["rows"]} == {2.45}
     html = (tmp_path / "report.html").read_text()
     assert "Against post, paired by seed" in html and "95% interval" in html and "2 seeds" in html
+
+
+def test_a_seed_without_a_value_withholds_the_verdict(tmp_path):
+    """A seed that never reached the target (or was not evaluated by the matched time) is not left out quietly: the
+    comparison says how many of the paired seeds it rests on, and gives no verdict."""
+    record = {"model": "tiny", "grid": {"residual": ["pre", "post"], "layers": [2], "seeds": [0, 1, 2]},
+              "train": {"steps": 100}}
+    (tmp_path / "ablation.json").write_text(json.dumps(record))
+    for seed in range(3):
+        _write_run(tmp_path, "pre", 2, seed, [3.0, 2.40 + 0.01 * seed], [10.0, 20.0])
+        _write_run(tmp_path, "post", 2, seed, [2.9, 2.30 + 0.01 * seed], [15.0, 30.0])
+    tests = {c["metric"]: c for c in summarize(tmp_path, target_loss=2.405)["comparisons"]}
+    assert tests["seconds_to_target"]["n"] == 1 and tests["seconds_to_target"]["paired"] == 3
+    assert tests["seconds_to_target"]["verdict"] == "only 1 of 3 seeds measured"
+    assert tests["final_val_loss"]["verdict"] == "better"

@@ -93,21 +93,26 @@ __all__ = ["cpu_bf16_flags", "foreach_add_", "foreach_lerp", "foreach_lerp_", "f
 # --- building a model on the meta device without running its initialisers --------------------------------------
 @contextlib.contextmanager
 def initialisers_skipped() -> Iterator[None]:
-    """torch.nn.init's in-place initialisers as no-ops for the block, put back after. Under `torch.device("meta")`
+    """torch.nn.init's in-place initialisers leave a meta tensor as it is, for the block. Under `torch.device("meta")`
     an initialiser has nothing to fill, yet torch runs it through its Python reference kernels, whose first use
     imports torch._dynamo: seconds at the start of every run that checks whether its model fits. (transformers'
-    `no_init_weights` does the same.) Not thread-safe: for a single-threaded build only."""
-    names = [name for name in vars(torch.nn.init) if name.endswith("_") and not name.startswith("_")
-             and callable(vars(torch.nn.init)[name])]
-    saved = {name: vars(torch.nn.init)[name] for name in names}
-    for name in names:
-        setattr(torch.nn.init, name, _unchanged)
+    `no_init_weights` does the like.) A real tensor is still initialised, so a model built on another thread
+    meanwhile is unaffected, and overlapping blocks put back the originals captured at import."""
+    for name, original in _INITIALISERS.items():
+        setattr(torch.nn.init, name, _skipping_meta(original))
     try:
         yield
     finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
+        for name, original in _INITIALISERS.items():
+            setattr(torch.nn.init, name, original)
 
 
-def _unchanged(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return tensor
+def _skipping_meta(original):
+    def initialise(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
+
+    return initialise
+
+
+_INITIALISERS = {name: value for name, value in vars(torch.nn.init).items()
+                 if name.endswith("_") and not name.startswith("_") and callable(value)}

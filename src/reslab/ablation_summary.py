@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from reslab.display import data_frame, html_block, html_table
 from reslab.errors import ReslabError
 from reslab.io import atomic_write, write_json
 from reslab.metrics import SEED_STATS, point_values, seed_stats, seed_summaries
-from reslab.rundir import CONFIG, DIVERGED, TIMING_KEYS, RunDir
+from reslab.rundir import CONFIG, DIVERGED, TIMING_KEYS, DamagedRunError, RunDir
 from reslab.stats import ALPHA, FEW_SEEDS, LEVEL, adjust, compare
 
 DEFAULT_BASELINE = "pre"
@@ -65,13 +66,19 @@ def _points(ablation: AblationDir, steps: int) -> dict[tuple[str, int], Point]:
         point = points.setdefault(key, Point(*key))
         summary = run.read_summary()
         if summary is not None and summary.get("steps") == steps:
-            seed = config["train"]["seed"]
+            seed = config["train"].get("seed")
+            if not isinstance(seed, int) or isinstance(seed, bool):
+                raise DamagedRunError(f"{path / CONFIG}: train.seed is not an integer; restore the file from a copy")
             point.runs[seed] = point_values(summary)
             point.curves[seed] = [(r["train_seconds"], r["val_loss"]) for r in run.read_metrics()
-                                  if r.get("val_loss") is not None and r.get("train_seconds") is not None]
+                                  if _number(r.get("val_loss")) and _number(r.get("train_seconds"))]
         elif (run / DIVERGED).exists():
             point.diverged += 1
     return points
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _budgets(points: dict[tuple[str, int], Point], target: float | None) -> dict[int, tuple[float, float]]:
@@ -120,8 +127,9 @@ def comparisons(points: dict[tuple[str, int], Point], baseline: str | None) -> l
     for key in compared_keys():
         pairs = [(point, points.get((baseline, point.layers))) for point in points.values()
                  if point.residual != baseline]
-        tested = adjust([compare({s: v.get(key) for s, v in point.runs.items()},
-                                 {s: v.get(key) for s, v in base.runs.items()} if base else {})
+        tested = adjust([replace(compare({s: v.get(key) for s, v in point.runs.items()},
+                                         {s: v.get(key) for s, v in base.runs.items()} if base else {}),
+                                 paired=len(point.runs.keys() & base.runs.keys()) if base else 0)
                          for point, base in pairs])
         result += [{"residual": point.residual, "layers": point.layers, "baseline": baseline, "metric": key,
                     **test.to_dict()} for (point, _), test in zip(pairs, tested)]

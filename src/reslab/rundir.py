@@ -43,7 +43,7 @@ STATE = "state.json"
 SUMMARY = "summary.json"
 DIVERGED = "diverged.json"
 TENSORBOARD = "tensorboard"
-OWN_FILES = (CONFIG, TOKENIZER, OLD_TOKENIZER, METRICS, CHECKPOINT, STATE, SUMMARY, DIVERGED)
+OWN_FILES = (CONFIG, TOKENIZER, METRICS, CHECKPOINT, STATE, SUMMARY, DIVERGED)
 CONFIG_KEYS = ("model", "model_config", "train", "data")
 
 
@@ -163,6 +163,8 @@ class RunDir:
     def clear(self) -> None:
         """Remove reslab's own files (for `--overwrite`); the marker, the lock and the user's files stay."""
         self.remove_temp_files()
+        if self._old_tokenizer_is_reslabs():
+            (self / OLD_TOKENIZER).unlink()
         for name in OWN_FILES:
             (self / name).unlink(missing_ok=True)
         board = self / TENSORBOARD
@@ -172,9 +174,20 @@ class RunDir:
             if not any(board.iterdir()):
                 board.rmdir()
 
+    def _old_tokenizer_is_reslabs(self) -> bool:
+        """A tokenizer.json that an older reslab wrote (its format: an object with `kind`), in a run that has no file
+        of the new name: only then is it reslab's to remove; otherwise it is the user's (e.g. a Hugging Face one)."""
+        path = self / OLD_TOKENIZER
+        if (self / TOKENIZER).exists() or path.is_symlink() or not path.is_file():
+            return False
+        try:
+            return "kind" in json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            return False
+
     def remove_temp_files(self) -> list[Path]:
         """Temp files a killed write left behind (never read: the real file is the old or the new one)."""
-        return remove_temp_files(self.path, (*OWN_FILES, MARKER))
+        return remove_temp_files(self.path, (*OWN_FILES, OLD_TOKENIZER, MARKER))
 
     # -- the lock --------------------------------------------------------------------------------------------
 

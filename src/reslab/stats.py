@@ -50,6 +50,7 @@ class Comparison:
     p: float | None
     p_holm: float | None = None
     diffs: tuple[float, ...] = ()  # per seed, scheme - baseline
+    paired: int = 0  # the seeds both finished (set by the caller): more than n when some have no value here
 
     @property
     def seeds_needed(self) -> int | None:
@@ -57,6 +58,8 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
+        if self.paired > self.n:  # a seed without a value (not measured, not reached): no verdict from the others
+            return f"only {self.n} of {self.paired} seeds measured"
         if self.n == 0 or self.diff is None:
             return "no data"
         if self.n < 2 or self.p_holm is None:

@@ -18,7 +18,6 @@ from reslab.rundir import METRICS, peek_last_metrics
 from reslab.train.progress import StepClock, format_eta, make_console, stats_text, step_bars
 
 
-
 def _stamp(path: Path) -> tuple[int, int] | None:
     try:
         stat = path.stat()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,8 +39,9 @@ def read_hf_config(directory: Path) -> Any:
     transformers = require_transformers("reading a Hugging Face config")
     try:
         return transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    except (ValueError, KeyError, OSError) as error:
-        raise ReslabError(f"cannot read {directory / HF_CONFIG}: {error}") from None
+    except Exception as error:  # noqa: BLE001 (transformers validates fields with its own exception types)
+        message = " ".join(str(error).split())[:300] or type(error).__name__
+        raise ReslabError(f"cannot read {directory / HF_CONFIG}: {message}") from None
 
 
 def folder_tokenizer(directory: Path, vocab_size: int):
@@ -53,11 +53,22 @@ def folder_tokenizer(directory: Path, vocab_size: int):
     return load_tokenizer_file(path) if path.is_file() else IdTokenizer(vocab_size)
 
 
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names a model.safetensors.index.json maps weights to; one line when it is not such an index."""
+    from reslab.jsonfile import read_json_file
+
+    data = read_json_file(index, "copy the complete checkpoint", what="shard index")
+    weights = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(v, str) for v in weights.values()):
+        raise ReslabError(f"{index}: not a shard index (a weight_map of names to files); copy the complete checkpoint")
+    return sorted(set(weights.values()))
+
+
 def safetensors_files(directory: Path) -> list[Path]:
     """The weight files of a checkpoint: those its shard index names, else model.safetensors, else *.safetensors."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = _index_shards(index)
         files = [directory / shard for shard in shards]
         absent = [str(f) for f in files if not f.is_file()]
         if absent:

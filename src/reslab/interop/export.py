@@ -41,8 +41,9 @@ from reslab.io import TEMP_SUFFIX, temp_prefix
 
 TOLERANCE = 1e-4  # the largest |logit difference| accepted between the reslab model and its export (fp32)
 CHECK_TOKENS = 16  # positions of the logit check
+EXPORT_MARKER = ".reslab-export"  # written into every export: only a folder holding it is replaced by --overwrite
 EXPORT_FILES = (HF_CONFIG, "generation_config.json", "model.safetensors.index.json", HF_TOKENIZER,
-                HF_TOKENIZER_CONFIG, "special_tokens_map.json")  # and *.safetensors: what an export may replace
+                HF_TOKENIZER_CONFIG, "special_tokens_map.json", EXPORT_MARKER)  # and *.safetensors
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 
@@ -131,9 +132,17 @@ def check_destination(directory: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ReslabError(f"--hf {directory} is not empty; pass --overwrite to replace an earlier export there, or "
                           "choose another --hf DIR")
+    _check_earlier_export(directory, directory)
+
+
+def _check_earlier_export(directory: Path, shown: Path) -> None:
+    """Raise unless `directory` holds an export reslab wrote (its marker) and nothing an export does not write."""
+    if not (directory / EXPORT_MARKER).is_file():
+        raise ReslabError(f"--hf {shown} holds a folder reslab did not export (no {EXPORT_MARKER}); reslab never "
+                          "replaces what it did not write: choose another --hf DIR")
     foreign = sorted(path.name for path in directory.iterdir() if not _exported(path))
     if foreign:
-        raise ReslabError(f"--hf {directory} holds {foreign[0]}, which an export does not write; reslab never deletes "
+        raise ReslabError(f"--hf {shown} holds {foreign[0]}, which an export does not write; reslab never deletes "
                           "what it did not write: choose another --hf DIR")
 
 
@@ -149,10 +158,12 @@ def write_folder(directory: Path, write: Callable[[Path], None]) -> None:
     staged = _temporary_beside(directory)
     try:
         write(staged)
+        (staged / EXPORT_MARKER).write_text("written by reslab export; --overwrite replaces only such a folder\n")
         if directory.is_dir() and any(directory.iterdir()):
             earlier = _temporary_beside(directory)
             os.replace(directory, earlier)
             try:
+                _check_earlier_export(earlier, directory)  # again: a file may have come while the export ran
                 os.replace(staged, directory)
             except BaseException:
                 os.replace(earlier, directory)  # the earlier export back in place
