@@ -156,6 +156,15 @@ def check_integer_option(scheme: str, options: Mapping[str, Any], name: str, min
         raise ReslabError(f"residual scheme {scheme!r}: {name} must be {bound}, got {value!r}")
 
 
+def check_number_option(scheme: str, options: Mapping[str, Any], name: str, low: float, high: float,
+                        meaning: str = "") -> None:
+    """Scheme options that are fractions or scales must be numbers (not booleans) in [low, high]."""
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ReslabError(f"residual scheme {scheme!r}: {name} must be a number in [{low:g}, {high:g}]{meaning}, "
+                          f"got {value!r}")
+
+
 def layerscale_default_init(num_layers: int) -> float:
     """CaiT's rule for the LayerScale init by depth: 0.1 up to 18 blocks, 1e-5 at 24, 1e-6 deeper."""
     if num_layers <= 18:

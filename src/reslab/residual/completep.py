@@ -1,3 +1,4 @@
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -5,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from reslab.errors import ReslabError
-from reslab.residual.base import ResidualSite, SiteSpec, check_integer_option
+from reslab.residual.base import ResidualSite, SiteSpec, check_integer_option, check_number_option
 
 
 class CompleteP(ResidualSite):
@@ -43,11 +44,8 @@ class CompleteP(ResidualSite):
     def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
         options = super().resolve_options(given)
         check_integer_option(cls.name, options, "completep_base_layers", 1)
-        for key, low, high in (("completep_alpha", 0.0, 1.0), ("completep_init_std", 0.0, float("inf"))):
-            value = options[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise ReslabError(f"residual scheme 'completep': {key} must be a number in [{low:g}, {high:g}], "
-                                  f"got {value!r}")
+        check_number_option(cls.name, options, "completep_alpha", 0, 1)
+        check_number_option(cls.name, options, "completep_init_std", 0, math.inf)
         return options
 
     @classmethod

@@ -5,8 +5,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from reslab.errors import ReslabError
-from reslab.residual.base import ResidualSite, SiteSpec
+from reslab.residual.base import ResidualSite, SiteSpec, check_number_option
 
 
 class MixLN(ResidualSite):
@@ -31,10 +30,7 @@ class MixLN(ResidualSite):
     @classmethod
     def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
         options = super().resolve_options(given)
-        alpha = options["mixln_alpha"]
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ReslabError(f"residual scheme 'mix-ln': mixln_alpha is the fraction of post-LN blocks, a number "
-                              f"in [0, 1], got {alpha!r}")
+        check_number_option(cls.name, options, "mixln_alpha", 0, 1, " (the fraction of post-LN blocks)")
         return options
 
     def forward(self, x: torch.Tensor, sublayer: nn.Module) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from reslab.contracts import ValueMixing, is_attention, require
 from reslab.errors import ReslabError
-from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter, on_single_stream
+from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter, check_number_option, on_single_stream
 
 
 class ValueStream(NamedTuple):
@@ -53,9 +53,7 @@ class ValueResidual(ResidualSite):
     @classmethod
     def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
         options = super().resolve_options(given)
-        mix = options["value_mix"]
-        if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 <= mix <= 1.0:
-            raise ReslabError(f"value_mix must be a number in [0, 1], got {mix!r}")
+        check_number_option(cls.name, options, "value_mix", 0, 1)
         if not isinstance(options["value_mix_learned"], bool):
             raise ReslabError(f"value_mix_learned must be true or false, got {options['value_mix_learned']!r}")
         return options
