@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from reslab.ablationdir import COMPARISONS_CSV, SUMMARY, SUMMARY_CSV, AblationDi
 from reslab.display import data_frame, html_block, html_table
 from reslab.errors import ReslabError
 from reslab.io import atomic_write, write_json
+from reslab.jsonfile import finite_number
 from reslab.metrics import SEED_STATS, point_values, seed_stats, seed_summaries
 from reslab.rundir import CONFIG, DIVERGED, TIMING_KEYS, DamagedRunError, RunDir
 from reslab.stats import ALPHA, FEW_SEEDS, LEVEL, adjust, compare
@@ -71,14 +71,10 @@ def _points(ablation: AblationDir, steps: int) -> dict[tuple[str, int], Point]:
                 raise DamagedRunError(f"{path / CONFIG}: train.seed is not an integer; restore the file from a copy")
             point.runs[seed] = point_values(summary)
             point.curves[seed] = [(r["train_seconds"], r["val_loss"]) for r in run.read_metrics()
-                                  if _number(r.get("val_loss")) and _number(r.get("train_seconds"))]
+                                  if finite_number(r.get("val_loss")) and finite_number(r.get("train_seconds"))]
         elif (run / DIVERGED).exists():
             point.diverged += 1
     return points
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _budgets(points: dict[tuple[str, int], Point], target: float | None) -> dict[int, tuple[float, float]]:

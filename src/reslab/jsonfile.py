@@ -152,9 +152,15 @@ def _problem(value: Any, field: Field) -> str | None:
     return None
 
 
+def finite_number(value: Any) -> bool:
+    """An int or float, not a bool, and finite (an integer too large for a float is not): a number a record can
+    be computed with."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
+
+
 def _is(value: Any, kind: type) -> bool:
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
+        return finite_number(value)
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, kind)

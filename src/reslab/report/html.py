@@ -18,6 +18,7 @@ from html import escape
 from typing import Any
 
 from reslab.io import command_line
+from reslab.jsonfile import finite_number
 from reslab.metrics import seed_summaries
 from reslab.report.load import Ablation
 from reslab.report.plots import Plot, expected_plots, scheme_colours
@@ -39,7 +40,7 @@ def _num(value: Any, digits: int = 4) -> str:
 
 
 def _p(value: Any) -> str:
-    return f"{value:.2g}" if _finite(value) else _num(None)
+    return f"{value:.2g}" if finite_number(value) else _num(None)
 
 
 def _code(text: str) -> str:
@@ -118,17 +119,14 @@ def _rows(ablation: Ablation) -> list[dict[str, Any]]:
     """summary.json's rows, best first, with counts made safe to compare and format."""
     rows = [{**r, "seeds": _count(r.get("seeds")), "diverged": _count(r.get("diverged"))}
             for r in ablation.summary.get("rows", []) if isinstance(r, dict)]
-    return sorted(rows, key=lambda r: (not _finite(r.get("final_val_loss_mean")), r.get("final_val_loss_mean") or 0.0))
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    headline = "final_val_loss_mean"
+    return sorted(rows, key=lambda r: (not finite_number(r.get(headline)), r.get(headline) or 0.0))
 
 
 def _best_by_depth(rows: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
     best: dict[Any, dict[str, Any]] = {}
     for row in rows:
-        if _finite(row.get("final_val_loss_mean")):
+        if finite_number(row.get("final_val_loss_mean")):
             best.setdefault(row.get("layers"), row)  # rows are sorted best-first
     return best
 
@@ -140,7 +138,7 @@ def _comparisons(ablation: Ablation, metric: str = "final_val_loss") -> list[dic
 
 
 def _interval(low: Any, high: Any, digits: int = 4, signed: bool = False) -> str:
-    if not (_finite(low) and _finite(high)):
+    if not (finite_number(low) and finite_number(high)):
         return _num(None)
     sign = "+" if signed else ""
     return f"[{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
@@ -149,10 +147,10 @@ def _interval(low: Any, high: Any, digits: int = 4, signed: bool = False) -> str
 def _verdict_text(test: dict[str, Any], colours: dict[str, str]) -> str:
     """One scheme against the baseline, in words, from the paired test (never from the means alone)."""
     name = f"{_swatch(str(test.get('residual')), colours)}<b>{esc(test.get('residual'))}</b>"
-    if not _finite(test.get("diff")):
+    if not finite_number(test.get("diff")):
         return f"{name}: no seed finished alongside the baseline"
     verdict = str(test.get("verdict"))
-    p = f", p = {test['p_holm']:.2g} (Holm)" if _finite(test.get("p_holm")) else ""
+    p = f", p = {test['p_holm']:.2g} (Holm)" if finite_number(test.get("p_holm")) else ""
     needed = (f"; about {test['seeds_needed']} seeds would resolve a difference this size"
               if verdict == "no difference at this n" and isinstance(test.get("seeds_needed"), int) else "")
     return (f'{name} <span class="verdict {esc(verdict.split()[0])}">{esc(verdict)}</span> '
@@ -207,7 +205,7 @@ def _summary_table(rows: list[dict[str, Any]], colours: dict[str, str]) -> str:
         top = best.get(row.get("layers"))
         if top is row:
             versus = '<span class="best">best</span>'
-        elif top is None or not _finite(mean):
+        elif top is None or not finite_number(mean):
             versus = _num(None)
         else:
             versus = f"{mean - top['final_val_loss_mean']:+.4f}"
@@ -233,7 +231,7 @@ def _comparison_table(ablation: Ablation) -> str:
         return ""
     summary = ablation.summary
     budgets = sorted({(r.get("layers"), r.get("matched_seconds"), r.get("target_loss")) for r in _rows(ablation)
-                      if _finite(r.get("matched_seconds")) and _finite(r.get("target_loss"))}, key=str)
+                      if finite_number(r.get("matched_seconds")) and finite_number(r.get("target_loss"))}, key=str)
     budget = ("Per depth, the matched wall time is the shortest run's training time (each run's last evaluation at "
               "or before it counts, so evaluate often, --eval-interval, to use it) and the target loss the highest "
               "final val loss unless given (every run reaches it): "

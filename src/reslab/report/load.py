@@ -7,7 +7,6 @@ by `reslab.rundir.read_metrics`, with its one damage policy: a damaged line othe
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from reslab.ablation_summary import summarize
 from reslab.ablationdir import RECORD, AblationDir, parse_run_name
 from reslab.errors import ReslabError
-from reslab.jsonfile import parse_json, read_json_file
+from reslab.jsonfile import finite_number, parse_json, read_json_file
 from reslab.rundir import CONFIG, DIVERGED, METRICS, SUMMARY, DamagedRunError, read_metrics
 
 _DAMAGE_FIX = "repair the file or delete it, then write the report again"
@@ -44,7 +43,7 @@ class Run:
         steps, values = [], []
         for record in self.records:
             value = record.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if finite_number(value):
                 steps.append(record["step"])
                 values.append(float(value))
         return steps, values

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from reslab.ablationdir import PLOTS
+from reslab.jsonfile import finite_number
 from reslab.metrics import NATS, PER_SUBLAYER, SCALAR, Metric, figures, in_figure
 from reslab.report.load import Ablation, Run
 from reslab.stats import interval
@@ -75,10 +76,6 @@ def scheme_colours(schemes: Sequence[str]) -> dict[str, str]:
     return colours
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def aggregate(runs: Sequence[Run], get: Callable[[dict[str, Any]], Any]) -> tuple[list[int], list[float], list[float],
                                                                                      list[float]]:
     """Per step over the seeds: (steps, mean, low, high) of get(record), low and high the 95% Student-t interval of
@@ -87,7 +84,7 @@ def aggregate(runs: Sequence[Run], get: Callable[[dict[str, Any]], Any]) -> tupl
     for run in runs:
         for record in run.records:
             value = get(record)
-            if _finite(value):
+            if finite_number(value):
                 by_step.setdefault(record["step"], []).append(float(value))
     steps = sorted(by_step)
     spreads = [interval(by_step[s]) for s in steps]
@@ -117,7 +114,7 @@ def _block_profile(runs: Sequence[Run], key: str, sub: int | None = None) -> tup
             continue
         for block, item in enumerate(record[key]):
             value = _index(item, sub) if sub is not None else item
-            if _finite(value):
+            if finite_number(value):
                 values.setdefault(block, []).append(float(value))
     blocks = sorted(values)
     return (blocks, [sum(values[b]) / len(values[b]) for b in blocks], [min(values[b]) for b in blocks],
@@ -343,7 +340,7 @@ def plot_profile(ablation: Ablation, path: Path, colours: dict[str, str], metric
 
 def plot_amax(ablation: Ablation, path: Path, colours: dict[str, str], metrics: list[Metric], title: str) -> bool:
     """HC/mHC: Amax gain of the composite residual mixing vs step; a panel per metric some run recorded and depth."""
-    keys = [m.name for m in metrics if any(_finite(r.get(m.name)) for run in ablation.runs for r in run.records)]
+    keys = [m.name for m in metrics if any(finite_number(r.get(m.name)) for run in ablation.runs for r in run.records)]
     if not keys:
         return False
     labels = {m.name: m.plot.label for m in metrics}
@@ -419,7 +416,7 @@ def plot_forest(ablation: Ablation, path: Path, colours: dict[str, str], metrics
     """Each scheme's difference in final val loss to the baseline, per depth, with its 95% interval (summary.json's
     paired comparisons); a dashed line at zero."""
     tests = [t for t in ablation.summary.get("comparisons") or [] if isinstance(t, dict)
-             and t.get("metric") == "final_val_loss" and all(_finite(t.get(k)) for k in ("diff", "low", "high"))]
+             and t.get("metric") == "final_val_loss" and all(finite_number(t.get(k)) for k in ("diff", "low", "high"))]
     if not tests:
         return False
     depth = {id(t): t["layers"] if isinstance(t.get("layers"), int) else 0 for t in tests}

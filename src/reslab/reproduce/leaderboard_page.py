@@ -4,12 +4,12 @@ time, with its 95% interval and its paired test against `pre`; the forest and lo
 from __future__ import annotations
 
 import datetime as _dt
-import math
 from pathlib import Path
 from typing import Any
 
 from reslab.ablationdir import AblationDir, parse_run_name
 from reslab.io import atomic_write
+from reslab.jsonfile import finite_number
 from reslab.rundir import RunDir
 
 RANKINGS = (("final_val_loss", "equal steps: final val loss"),
@@ -19,7 +19,7 @@ HEAD = ("| # | scheme | val loss | 95% interval | Δ vs pre | 95% interval of Δ
 
 
 def _f(value: Any, digits: int = 3, signed: bool = False) -> str:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not finite_number(value):
         return "–"
     return f"{value:{'+' if signed else ''}.{digits}f}"
 

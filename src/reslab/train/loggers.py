@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 from typing import Any, NamedTuple, Protocol
 
 from reslab.ablationdir import RUNS, AblationDir, parse_run_name
 from reslab.errors import ReslabError
+from reslab.jsonfile import finite_number
 from reslab.metrics import tensorboard_scalars
 from reslab.rundir import TENSORBOARD
 
@@ -151,7 +151,7 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, bool | in
 def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """The finite numbers of a run's summary fields (`reslab.metrics.run_summary`): HParams' metrics."""
     return {key: float(value) for key, value in summary.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
+            if finite_number(value)}
 
 
 def wandb_names(run_dir) -> tuple[str | None, str]:
