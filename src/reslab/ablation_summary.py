@@ -154,7 +154,7 @@ def summarize(out_dir: Path, baseline: str | None = None, target_loss: float | N
     tests = comparisons(points, chosen)
     result = {"model": record["model"], "steps": record["train"]["steps"], "rows": rows, "baseline": chosen,
               "held_equal": list(HELD_EQUAL),
-              "few_seeds": min((r["seeds"] for r in rows), default=0) < FEW_SEEDS, "comparisons": tests}
+              "few_seeds": fewest_seeds(rows) < FEW_SEEDS, "comparisons": tests}
     write_json(ablation / SUMMARY, result)
     _write_csv(ablation / SUMMARY_CSV, rows, ["residual", "layers", "seeds", "diverged", "matched_seconds",
                                               "target_loss", *(f"{k}_{s}" for k in keys for s in SEED_STATS)])
@@ -165,6 +165,20 @@ def summarize(out_dir: Path, baseline: str | None = None, target_loss: float | N
 def _recorded_target(record: dict[str, Any]) -> float | None:
     target = record.get("target_loss")
     return float(target) if isinstance(target, (int, float)) and not isinstance(target, bool) else None
+
+
+def fewest_seeds(rows: list[dict[str, Any]]) -> int:
+    """The fewest seeds any grid point finished (0 for none)."""
+    return min((row.get("seeds", 0) for row in rows), default=0)
+
+
+def few_seeds_warning(rows: list[dict[str, Any]]) -> str | None:
+    """One line when some grid point has fewer than FEW_SEEDS seeds: its intervals are wide and its tests weak."""
+    fewest = fewest_seeds(rows)
+    if fewest >= FEW_SEEDS:
+        return None
+    return (f"warning: {fewest} seed(s) at some grid point: the {LEVEL:.0%} intervals are wide and a paired test "
+            f"can rarely separate schemes; use --seeds with at least {FEW_SEEDS} (see 'seeds needed')")
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -228,10 +242,8 @@ class AblationSummary:
         against = html_table(tests, f"{_title(headline)} against {self.record['baseline']}, paired by seed "
                              f"(Holm-corrected over the grid, alpha {ALPHA:g})",
                              {"difference": "+.4f", INTERVAL: _interval("+.4f"), "p (Holm)": ".3g"})
-        fewest = min((r["seeds"] for r in self.record["rows"]), default=0)
-        warning = [(f"warning: {fewest} seed(s) at some grid point: the {LEVEL:.0%} intervals are wide and a paired "
-                    "test can rarely separate schemes")] if fewest < FEW_SEEDS else []
-        return html_block(summary, against if tests["scheme"] else "", notes=warning)
+        warning = few_seeds_warning(self.record["rows"])
+        return html_block(summary, against if tests["scheme"] else "", notes=[warning] if warning else [])
 
     def __repr__(self) -> str:
         rows = self.record["rows"]

@@ -164,7 +164,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     versus = comparison_table(result)
     if versus is not None:
         out.print(versus)
-    warning = few_seeds_warning(result)
+    warning = few_seeds_warning(result["rows"])
     if warning:
         console.print(warning)
     if not args.no_report:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from reslab.ablation_summary import INTERVAL, AblationSummary, aggregated_keys, summarize
+from reslab.ablation_summary import INTERVAL, AblationSummary, aggregated_keys, few_seeds_warning, summarize
 from reslab.metrics import seed_summaries
-from reslab.stats import ALPHA, FEW_SEEDS, LEVEL
+from reslab.stats import ALPHA, LEVEL
 
 __all__ = ["aggregated_keys", "comparison_table", "few_seeds_warning", "summarize", "summary_table"]
 
@@ -55,10 +55,3 @@ def comparison_table(result: dict[str, Any]):
                   ("scheme", "verdict"))
 
 
-def few_seeds_warning(result: dict[str, Any]) -> str | None:
-    """One line when some grid point has fewer than FEW_SEEDS seeds: its intervals are wide and its tests weak."""
-    fewest = min((row["seeds"] for row in result["rows"]), default=0)
-    if fewest >= FEW_SEEDS:
-        return None
-    return (f"warning: {fewest} seed(s) at some grid point: the {LEVEL:.0%} intervals are wide and a paired test "
-            f"can rarely separate schemes; use --seeds with at least {FEW_SEEDS} (see 'seeds needed')")

@@ -17,6 +17,7 @@ import re
 from html import escape
 from typing import Any
 
+from reslab.ablation_summary import fewest_seeds
 from reslab.io import command_line
 from reslab.jsonfile import finite_number
 from reslab.metrics import seed_summaries
@@ -181,7 +182,7 @@ def _result_section(ablation: Ablation, rows: list[dict[str, Any]], colours: dic
 
 
 def _few_seeds_note(rows: list[dict[str, Any]]) -> str:
-    fewest = min((r.get("seeds", 0) for r in rows), default=0)
+    fewest = fewest_seeds(rows)
     if fewest >= FEW_SEEDS:
         return ""
     return (f'<p class="warn">With {_plural(fewest, "seed")} at some grid point the {LEVEL:.0%} intervals are wide '
