@@ -30,28 +30,30 @@ def _interval(low: Any, high: Any, signed: bool = False) -> str:
     return f"[{_f(low, signed=signed)}, {_f(high, signed=signed)}]"
 
 
-def point_facts(ablation: AblationDir, residual: str, layers: int) -> dict[str, Any]:
-    """The parameter count of a grid point, from the summary of any of its finished seeds."""
+def parameter_counts(ablation: AblationDir) -> dict[tuple[str, int], int]:
+    """Each grid point's parameter count, from the summary of the first of its seeds that finished (one pass over
+    the runs)."""
+    counts: dict[tuple[str, int], int] = {}
     for path in ablation.run_dirs():
         point = parse_run_name(path.name)
-        if point is not None and (point.residual, point.layers) == (residual, layers):
-            summary = RunDir(path).read_summary()
-            if summary is not None and summary.get("parameters") is not None:
-                return {"parameters": summary["parameters"]}
-    return {"parameters": None}
+        if point is None or (point.residual, point.layers) in counts:
+            continue
+        summary = RunDir(path).read_summary()
+        if summary is not None and summary.get("parameters") is not None:
+            counts[(point.residual, point.layers)] = summary["parameters"]
+    return counts
 
 
 def _ms_per_step(row: dict[str, Any], tokens_per_step: int) -> float | None:
     speed = row.get("tokens_per_second_mean")
-    return 1000 * tokens_per_step / speed if isinstance(speed, (int, float)) and speed > 0 else None
+    return 1000 * tokens_per_step / speed if finite_number(speed) and speed > 0 else None
 
 
 def _line(rank: int, row: dict[str, Any], key: str, test: dict[str, Any], baseline: str | None,
-          facts: dict[str, Any], ms: float | None) -> str:
+          parameters: int | None, ms: float | None) -> str:
     verdict = "baseline" if row["residual"] == baseline else test.get("verdict", "–")
     p = test.get("p_holm")
     seeds = f"{row['seeds']}" + (f" ({row['diverged']} diverged)" if row.get("diverged") else "")
-    parameters = facts.get("parameters")
     return (f"| {rank} | `{row['residual']}` | {_f(row.get(f'{key}_mean'))} | "
             f"{_interval(row.get(f'{key}_ci_low'), row.get(f'{key}_ci_high'))} | {_f(test.get('diff'), signed=True)} | "
             f"{_interval(test.get('low'), test.get('high'), signed=True)} | {'–' if p is None else f'{p:.2g}'} | "
@@ -59,13 +61,14 @@ def _line(rank: int, row: dict[str, Any], key: str, test: dict[str, Any], baseli
             f"{_f(row.get('seconds_to_target_mean'), 1)} |")
 
 
-def ranking(result: dict[str, Any], ablation: AblationDir, layers: int, key: str, tokens_per_step: int) -> str:
+def ranking(result: dict[str, Any], parameters: dict[tuple[str, int], int], layers: int, key: str,
+            tokens_per_step: int) -> str:
     """One depth's table ranked by `key`'s mean over seeds, best first, with each scheme's test against pre."""
     rows = sorted((r for r in result["rows"] if r["layers"] == layers),
                   key=lambda r: (r.get(f"{key}_mean") is None, r.get(f"{key}_mean") or 0.0))
     tests = {t["residual"]: t for t in result.get("comparisons", []) if t["metric"] == key and t["layers"] == layers}
     lines = [_line(rank, row, key, tests.get(row["residual"], {}), result.get("baseline"),
-                   point_facts(ablation, row["residual"], layers), _ms_per_step(row, tokens_per_step))
+                   parameters.get((row["residual"], layers)), _ms_per_step(row, tokens_per_step))
              for rank, row in enumerate(rows, 1)]
     return HEAD + "\n" + "\n".join(lines)
 
@@ -114,11 +117,11 @@ def page(results: dict[str, dict[str, Any]], dirs: dict[str, Path], context: dic
         "points running in parallel on a shared machine: compare them within one table, not across machines.", "",
         f"Reproduce: `{context['command']}` (resumable: the grids are under `{context['out']}`).", ""]
     for model, result in results.items():
-        ablation = AblationDir(dirs[model])
+        parameters = parameter_counts(AblationDir(dirs[model]))
         for layers in grid["layers"]:
             for key, title in RANKINGS:
                 heading = f"## {model}, {layers} block{'s' if layers != 1 else ''}: {title}"
-                parts += [heading, "", ranking(result, ablation, layers, key, tokens), ""]
+                parts += [heading, "", ranking(result, parameters, layers, key, tokens), ""]
         for name in _plots(dirs[model], plot_dir, model):
             parts += [f"![{name}]({plot_dir.name}/{name})", ""]
     return "\n".join(parts)
