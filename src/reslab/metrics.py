@@ -113,6 +113,9 @@ _BUILT_IN = (
            plot=Plotted("amax", "backward: largest column sum", log=True, expected=False)),
     Metric("attnres_weights", "", "attention residuals: mean depth-attention weight of each source, per sublayer",
            "residual/attnres.py scheme_metrics", OTHER),
+    Metric("depth_coefficients", "", "connections across depth: each one's learned coefficients (residual scales, "
+           "x0 and skip weights, gates, the depth-weight matrix), connection -> name -> one value per site",
+           "residual/depth/base.py scheme_metrics", OTHER),
     Metric("aux_losses", NATS, "each auxiliary loss of the model (ModelOutput.aux_losses), unweighted, on log steps",
            "the model's forward", BY_NAME, tensorboard="aux"),
     Metric("model_metrics", "", "the model's own metrics (ModelOutput.metrics), on log steps", "the model's forward",

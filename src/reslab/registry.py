@@ -46,6 +46,16 @@ SCHEMES: dict[str, str] = {
     "olmo2": "reslab.residual.olmo2:Olmo2Norm",
     "mix-ln": "reslab.residual.mixln:MixLN",
     "completep": "reslab.residual.completep:CompleteP",
+    # connections across depth (reslab/residual/depth/): alone on `pre`, or composed, `pre+x0+long-skip`
+    "scales": "reslab.residual.depth.scales:ResidualScales",
+    "x0": "reslab.residual.depth.x0:X0Injection",
+    "unet": "reslab.residual.depth.skips:UNetSkips",
+    "long-skip": "reslab.residual.depth.skips:LongSkip",
+    "value-embed": "reslab.residual.depth.value_embed:ValueEmbeddings",
+    "backout": "reslab.residual.depth.backout:Backout",
+    "denseformer": "reslab.residual.depth.denseformer:DenseFormerDWA",
+    "mudd": "reslab.residual.depth.mudd:MUDD",
+    "speedrun": "reslab.residual.depth.speedrun:Speedrun",
 }
 
 # scheme option -> (type, help): the model commands' flag `--<option>` for the built-in schemes' options (each a key

@@ -60,7 +60,7 @@ class LanguageModel(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.stream = scheme.stream_adapter(config.width, config.layers, config.residual_options)
         self.blocks = nn.ModuleList(Block(*sublayers(layer), scheme, layer, config.layers, config.width, norm,
-                                          config.residual_options) for layer in range(config.layers))
+                                          config.residual_options, config.vocab_size) for layer in range(config.layers))
         self.norm = norm(config.width) if scheme.final_norm else nn.Identity()
         self.head = nn.Linear(config.width, config.vocab_size, bias=False)
         if config.tie_embeddings:

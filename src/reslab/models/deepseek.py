@@ -45,7 +45,7 @@ class DeepSeek(LanguageModel):
 
     def forward(self, idx: torch.Tensor) -> ModelOutput:
         self.check_length(idx.shape[1])
-        stream = self.stream.widen(self.drop(self.tok_emb(idx)))
+        stream = self.stream.enter(self.drop(self.tok_emb(idx)), idx)
         for block in self.blocks:
             stream = block(stream)
         logits = self.head(self.norm(self.stream.reduce(stream)))

@@ -31,7 +31,7 @@ class GPT(LanguageModel):
             Block(
                 CausalSelfAttention(config.width, config.heads, bias=config.bias, dropout=config.dropout),
                 MLP(config.width, 4 * config.width, config.bias, config.dropout, config.activation),
-                scheme, layer, config.layers, config.width, norm, config.residual_options,
+                scheme, layer, config.layers, config.width, norm, config.residual_options, config.vocab_size,
             )
             for layer in range(config.layers)
         )
@@ -44,7 +44,7 @@ class GPT(LanguageModel):
     def forward(self, idx: torch.Tensor) -> ModelOutput:
         self.check_length(idx.shape[1])
         positions = torch.arange(idx.shape[1], device=idx.device)
-        stream = self.stream.widen(self.drop(self.tok_emb(idx) + self.pos_emb(positions)))
+        stream = self.stream.enter(self.drop(self.tok_emb(idx) + self.pos_emb(positions)), idx)
         for block in self.blocks:
             stream = block(stream)
         return ModelOutput(self.head(self.norm(self.stream.reduce(stream))))

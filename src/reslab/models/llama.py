@@ -41,7 +41,7 @@ class Llama(LanguageModel):
                               dropout=c.dropout)  # per sequence: MiniMind's default (seq_aux)
 
     def forward(self, idx: torch.Tensor) -> ModelOutput:
-        stream = self.stream.widen(self.drop(self.tok_emb(idx)))
+        stream = self.stream.enter(self.drop(self.tok_emb(idx)), idx)
         for block in self.blocks:
             stream = block(stream)
         logits = self.head(self.norm(self.stream.reduce(stream)))

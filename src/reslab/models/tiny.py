@@ -29,7 +29,7 @@ class TinyTransformer(LanguageModel):
             Block(
                 CausalSelfAttention(config.width, config.heads, bias=config.bias, dropout=config.dropout),
                 ReluFFN(config.width, config.ffn_mult * config.width, bias=config.bias, dropout=config.dropout),
-                scheme, layer, config.layers, config.width, norm, config.residual_options,
+                scheme, layer, config.layers, config.width, norm, config.residual_options, config.vocab_size,
             )
             for layer in range(config.layers)
         )
@@ -40,7 +40,7 @@ class TinyTransformer(LanguageModel):
     def forward(self, idx: torch.Tensor) -> ModelOutput:
         self.check_length(idx.shape[1])
         positions = torch.arange(idx.shape[1], device=idx.device)
-        stream = self.stream.widen(self.tok_emb(idx) + self.pos_emb(positions))
+        stream = self.stream.enter(self.tok_emb(idx) + self.pos_emb(positions), idx)
         for block in self.blocks:
             stream = block(stream)
         return ModelOutput(self.head(self.norm(self.stream.reduce(stream))))

@@ -21,12 +21,15 @@ class Block(nn.Module):
         width: int,
         make_norm: NormFactory,
         options: Mapping[str, Any],
+        vocab_size: int = 0,
     ):
         super().__init__()
         self.attn = attn
         self.ffn = ffn
-        self.attn_residual = scheme(SiteSpec(layer, 0, num_layers, width, make_norm, options))
-        self.ffn_residual = scheme(SiteSpec(layer, 1, num_layers, width, make_norm, options))
+        self.attn_residual = scheme(SiteSpec(layer, 0, num_layers, width, make_norm, options,
+                                                       vocab_size=vocab_size))
+        self.ffn_residual = scheme(SiteSpec(layer, 1, num_layers, width, make_norm, options,
+                                                      vocab_size=vocab_size))
 
     def forward(self, stream: torch.Tensor) -> torch.Tensor:
         stream = self.attn_residual(stream, self.attn)

@@ -35,6 +35,7 @@ class SiteSpec:
     make_norm: NormFactory
     options: Mapping[str, Any] = field(default_factory=dict)
     sublayers_per_block: int = 2
+    vocab_size: int = 0  # the model's vocabulary (token-indexed connections, e.g. value embeddings); 0: unknown
 
     @property
     def depth_index(self) -> int:
@@ -48,6 +49,11 @@ class Probe(Protocol):
 
 class StreamAdapter(nn.Module):
     """Turns the embedding into the residual stream and back. One stream: both directions are the identity."""
+
+    def enter(self, x: torch.Tensor, tokens: torch.Tensor):
+        """What a model calls after its embedding: `x` the embedded tokens, `tokens` their ids (batch, seq), for
+        adapters that index by token (value embeddings); the others widen `x` alone."""
+        return self.widen(x)
 
     def widen(self, x: torch.Tensor):
         return x
