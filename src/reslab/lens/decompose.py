@@ -17,8 +17,16 @@ summed over the components c in {e, w_1, ..., w_n}. `contributions` holds the te
 `W_y . b + bias_y` (zero without a norm bias or head bias); the two add up to the model's logit exactly, up to
 float rounding. The centring is split among the components (mean is linear), so it leaves no remainder.
 
+Connections across depth with fixed coefficients (x0 injection, residual scales, U-net and long skips, backout,
+DenseFormer's averages: `Connection.static`) keep the final stream a linear combination of the same components,
+`x_L = a_e e + sum_i a_i w_i`, with coefficients that do not depend on the stream. They are measured, not assumed:
+one more forward in which every sublayer's input is cut from the graph and its write (and the embedding) is a leaf;
+the gradient of `u . x_L` for a random direction `u` is `a_i u` at every token, so one backward gives every
+coefficient. The components are then `a_e e` and `a_i w_i`, and the rest is as above (`stream_error` checks it).
+
 Schemes whose stream is not such a sum (post, deepnorm, none, post-none, article-edit: a norm or no skip inside the
-sites; hc/mhc: mixed streams; attnres: a learned mix of earlier outputs) are refused with one line.
+sites; hc/mhc: mixed streams; attnres: a learned mix of earlier outputs; MUDD and gated x0: coefficients computed
+from the stream) are refused with one line.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ class Decomposition:
     target_logit: torch.Tensor  # (batch, positions): the model's own logit of the target token
     stream_error: float  # max |x_L - sum of the components|
     norm: str  # the final norm: layernorm, rmsnorm or none
+    coefficients: list[float] | None = None  # mean coefficient a of each component, where they are not all 1
 
     @property
     def sum_error(self) -> float:
@@ -56,7 +65,8 @@ class Decomposition:
         return self.contributions.flatten(1).mean(1).tolist()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"norm": self.norm, "components": dict(zip(self.names, self.mean_contributions())),
+        extra = {} if self.coefficients is None else {"coefficients": dict(zip(self.names, self.coefficients))}
+        return {**extra, "norm": self.norm, "components": dict(zip(self.names, self.mean_contributions())),
                 "bias": self.bias.mean().item(), "target_logit": self.target_logit.mean().item(),
                 "sum_error": self.sum_error, "stream_error": self.stream_error}
 
@@ -65,7 +75,11 @@ def refusal(model: nn.Module) -> str | None:
     """Why the final stream of `model` cannot be decomposed into writes, in one line; None when it can."""
     check_lens_model(model)
     sites = [site for _, _, site in model.residual_sites()]
-    plain = [site for site in sites if not type(site).additive_stream]
+    plain = [site for site in sites if not type(site).additive_stream and not weighted(site)]
+    dynamic = [c for site in plain for c in getattr(site, "connections", {}).values() if not (c.additive or c.static)]
+    if dynamic and type(plain[0]).base.additive_stream:
+        return (f"connection {dynamic[0].name!r} ({dynamic[0].formula}) computes its coefficients from the stream, so "
+                "the final stream is no sum of writes with fixed coefficients (the logit lens still applies)")
     if plain:
         scheme = type(plain[0])
         return (f"residual scheme {scheme.name!r} ({scheme.formula}) does not keep the stream as embedding + sum of "
@@ -92,10 +106,61 @@ def frozen_norm(norm: nn.Module, final: torch.Tensor) -> tuple[str, Callable[[to
     return "rmsnorm", lambda c: c / scale * weight, None
 
 
+def weighted(site: nn.Module) -> bool:
+    """Is `site` an additive scheme's with connections across depth of fixed coefficients only?"""
+    connections = getattr(site, "connections", None)
+    return connections is not None and type(site).base.additive_stream and all(
+        c.additive or c.static for c in connections.values())
+
+
+def write_coefficients(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(components, batch, seq): the coefficient of the embedding and of each sublayer's write in the final stream,
+    measured by one forward with every write (and the embedding) a leaf and every sublayer's input cut from the
+    graph, and one backward of `u . x_L` (see the module docstring)."""
+    leaves: list[torch.Tensor] = []
+
+    def embedding_leaf(site, args):
+        stream = args[0]
+        leaf = stream.x.detach().requires_grad_()
+        leaves.insert(0, leaf)
+        return (stream._replace(x=leaf, x0=leaf), *args[1:])
+
+    def write_leaf(sublayer, args, output):
+        leaves.append(output.detach().requires_grad_())
+        return leaves[-1]
+
+    sites = [site for _, _, site in model.residual_sites()]
+    sublayers = [sublayer for block in model.blocks for _, sublayer in block.sites()]
+    handles = [sites[0].register_forward_pre_hook(embedding_leaf)]
+    handles += [s.register_forward_pre_hook(lambda m, args: tuple(a.detach() for a in args)) for s in sublayers]
+    handles += [s.register_forward_hook(write_leaf) for s in sublayers]
+    final: list[Any] = []
+    handles.append(sites[-1].register_forward_hook(lambda m, args, output: final.append(output)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            model(tokens)
+            stream = model.stream.reduce(final[0])
+            direction = torch.randn(stream.shape, generator=torch.Generator().manual_seed(0)).to(stream)
+            grads = torch.autograd.grad((stream * direction).sum(), leaves, allow_unused=True)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    norm = direction.square().sum(-1)
+    return torch.stack([torch.zeros_like(norm) if g is None else (g * direction).sum(-1) / norm for g in grads])
+
+
 def decomposition_from(model: nn.Module, capture, output: torch.Tensor, targets: torch.Tensor,
                        positions: int) -> Decomposition:
     """The decomposition of a captured forward (see the module docstring); targets (batch, positions)."""
     writes = torch.stack([model.stream.reduce(capture.streams[0]), *capture.writes]).float()
+    coefficients = None
+    if weighted(capture.sites[0]):
+        measured = write_coefficients(model, capture.streams[0].tokens).float()
+        writes = writes * measured.unsqueeze(-1)
+        coefficients = measured.flatten(1).mean(1).tolist()
     final = model.stream.reduce(capture.streams[-1]).float()
     kind, linear, norm_bias = frozen_norm(model.norm, final)
     direction = model.head.weight.float()[targets]  # W_y: (batch, positions, width)
@@ -108,7 +173,7 @@ def decomposition_from(model: nn.Module, capture, output: torch.Tensor, targets:
     target_logit = output[:, :positions].float().gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     stream_error = (writes.sum(0) - final).abs().max().item()
     return Decomposition(site_names(model), writes.cpu(), contributions.cpu(), bias.cpu(), target_logit.cpu(),
-                         stream_error, kind)
+                         stream_error, kind, coefficients)
 
 
 @torch.no_grad()

@@ -77,7 +77,7 @@ class Connection(nn.Module):
     option_defaults: ClassVar[dict[str, Any]] = {}
     options_need_layers: ClassVar[int] = 1  # below this many blocks it connects nothing: refused
     replaces_update: ClassVar[bool] = False  # True: `update` replaces the base scheme's (which must be `pre`)
-    additive: ClassVar[bool] = False  # True: the final stream stays embedding + a known sum of the writes (lens)
+    additive: ClassVar[bool] = False  # True: the stream stays embedding + the sum of the writes (the lens)
 
     def __init__(self, spec: SiteSpec, options: Mapping[str, Any]):
         super().__init__()
@@ -101,6 +101,12 @@ class Connection(nn.Module):
     def head_part(cls, width: int, num_layers: int, options: Mapping[str, Any]) -> nn.Module | None:
         """A module applied once before the final norm, `DepthStream -> DepthStream` (backout), or None."""
         return None
+
+    @property
+    def static(self) -> bool:
+        """Does it combine streams with coefficients that are parameters, not computed from the stream? Then the
+        final stream is a fixed linear combination of the embedding and the writes, which the lens decomposes."""
+        return False
 
     @property
     def block_start(self) -> bool:

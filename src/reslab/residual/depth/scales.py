@@ -39,6 +39,8 @@ class ResidualScales(Connection):
             check_number_option(cls.name, options, key, -10.0, 10.0)
         return options
 
+    static = True  # a and b are parameters
+
     def update(self, site: ResidualSite, x: torch.Tensor, sublayer: nn.Module) -> torch.Tensor:
         fx = sublayer(site.norm(x))
         out = self.resid * x + self.branch * fx

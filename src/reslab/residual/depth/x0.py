@@ -28,7 +28,6 @@ class X0Injection(Connection):
     reference = "KellerJordan/modded-nanogpt records/track_1_short/2024-11-06_ShortcutsTweaks log lines 206-209,241-243"
     kind = "embedding re-injection"
     option_defaults = {"x0_init": 0.0, "x0_gated": False}
-    additive = True  # x_L = x0 (1 + sum c_i) + the writes: a known sum (the lens weighs the embedding)
 
     def __init__(self, spec, options: Mapping[str, Any]):
         super().__init__(spec, options)
@@ -43,6 +42,10 @@ class X0Injection(Connection):
         if not isinstance(options["x0_gated"], bool):
             raise ReslabError(f"connection 'x0': x0_gated must be true or false, got {options['x0_gated']!r}")
         return options
+
+    @property
+    def static(self) -> bool:
+        return not self.options["x0_gated"]  # a gated coefficient is computed from x0
 
     def enter(self, stream: DepthStream) -> DepthStream:
         if self.coefficient is None:
