@@ -92,7 +92,7 @@ def test_the_model_configs_are_the_models_own():
     (["info", "--model", "gpt", "--set", "layers=abc"], "layers must be an integer, got 'abc'"),
     (["info", "--model", "gpt", "--set", "dropout=1.5"], "dropout must be a finite number >= 0 and < 1"),
     (["info", "--model", "gpt", "--set", "norm_eps=-1"], "norm_eps must be a finite number > 0"),
-    (["info", "--model", "gpt", "--set", "depth=3"], "valid --set keys: activation, attnres_block, bias,"),
+    (["info", "--model", "gpt", "--set", "depth=3"], "valid --set keys: activation, attnres_block, backout_from, backout_init, bias,"),
     (["info", "--model", "gpt", "--residual", "hc", "--set", "streams=two"], "--streams must be an integer"),
     (["info", "--model", "gpt", "--set", "layers"], "--set takes KEY=VALUE"),
     (["train", "--set", "widht=64", "--steps", "1"], "TinyConfig has no field 'widht'"),

@@ -12,8 +12,11 @@ from reslab.lens import decompose
 from reslab.residual import SCHEMES
 
 TINY = {"layers": 2, "width": 32, "heads": 2, "context": 16, "vocab_size": 40}
-ADDITIVE = ["pre", "sandwich", "rezero", "layerscale", "add", "value-residual", "olmo2", "completep"]
-NOT_ADDITIVE = ["post", "deepnorm", "none", "post-none", "article-edit", "hc", "mhc", "attnres", "laurel", "mix-ln"]
+# decomposed: a sum of the writes, or (connections across depth with fixed coefficients) a measured combination
+ADDITIVE = ["pre", "sandwich", "rezero", "layerscale", "add", "value-residual", "olmo2", "completep",
+            "scales", "x0", "unet", "long-skip", "value-embed", "backout", "denseformer", "speedrun"]
+NOT_ADDITIVE = ["post", "deepnorm", "none", "post-none", "article-edit", "hc", "mhc", "attnres", "laurel", "mix-ln",
+                "mudd"]
 
 
 def tiny_model(name="gpt", residual="pre", **overrides):

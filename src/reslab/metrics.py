@@ -115,7 +115,8 @@ _BUILT_IN = (
            "residual/attnres.py scheme_metrics", OTHER),
     Metric("depth_coefficients", "", "connections across depth: each one's learned coefficients (residual scales, "
            "x0 and skip weights, gates, the depth-weight matrix), connection -> name -> one value per site",
-           "residual/depth/base.py scheme_metrics", OTHER),
+           "residual/depth/base.py scheme_metrics", OTHER,
+           plot=Plotted("depth_weights", "depth-weight matrix", expected=False)),
     Metric("aux_losses", NATS, "each auxiliary loss of the model (ModelOutput.aux_losses), unweighted, on log steps",
            "the model's forward", BY_NAME, tensorboard="aux"),
     Metric("model_metrics", "", "the model's own metrics (ModelOutput.metrics), on log steps", "the model's forward",

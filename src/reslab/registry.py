@@ -75,6 +75,22 @@ SCHEME_OPTIONS: dict[str, tuple[type, str]] = {
     "completep_alpha": (float, "completep: depth exponent, branch x (L/L_base)^-alpha (1 CompleteP, 0.5 depth-muP)"),
     "completep_base_layers": (int, "completep: L_base, the depth the hyper-parameters were tuned at (default 1)"),
     "completep_init_std": (float, "completep: std of every branch matrix at init (default 0.02)"),
+    "scales_resid_init": (float, "scales: initial a in x = a x + b F(LN(x)) (default sqrt(1.1), the speedrun's)"),
+    "scales_branch_init": (float, "scales: initial b (default 1)"),
+    "x0_init": (float, "x0: initial weight c of the re-injected embedding, per block (default 0)"),
+    "x0_gated": (bool, "x0: add a per-token gate read from the embedding's first 12 channels (zero at init)"),
+    "unet_init": (float, "unet: raw init of each skip weight (default -1.5 through the sigmoid, 1 without)"),
+    "unet_sigmoid": (bool, "unet: pass each skip weight through a sigmoid (record #32; default true)"),
+    "long_skip_from": (int, "long-skip: source block, 0-based (default 3 of 11 scaled to depth)"),
+    "long_skip_to": (int, "long-skip: destination block, 0-based (default 6 of 11 scaled to depth)"),
+    "long_skip_init": (float, "long-skip: raw init of the gate w, sigmoid(w) (default -1.5)"),
+    "value_embed_layers": (str, "value-embed: layers with value embeddings: all (U-net banks, default) or ends"),
+    "backout_from": (int, "backout: block whose output is backed out, 0-based (default the 8th of 11 scaled)"),
+    "backout_init": (float, "backout: initial lambda (default 0.5)"),
+    "denseformer_dilation": (int, "denseformer: dilation k, X_j enters the average after block i if j = i+1 mod k"),
+    "denseformer_period": (int, "denseformer: period p, an average after every p-th block only (default 1)"),
+    "mudd_streams": (str, "mudd: streams the dense connections feed: qkvr (the paper's) or r"),
+    "mudd_hidden": (int, "mudd: generator hidden width (0: C L_i, x4 after the last block)"),
 }
 
 # reproduction name -> module (with CLAIM, add_arguments, run)
@@ -89,6 +105,8 @@ REPRODUCTIONS: dict[str, str] = {
     "refine-not-replace": "reslab.reproduce.refine_not_replace",
     "deepseek-residuals": "reslab.reproduce.deepseek_residuals",
     "leaderboard": "reslab.reproduce.leaderboard",
+    "speedrun-ladder": "reslab.reproduce.speedrun_ladder",
+    "denseformer-depth": "reslab.reproduce.denseformer_depth",
 }
 
 # kind -> (entry-point group, the built-in table). A reproduction plug-in names a module (`name = package.module`).

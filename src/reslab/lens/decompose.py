@@ -79,7 +79,7 @@ def refusal(model: nn.Module) -> str | None:
     dynamic = [c for site in plain for c in getattr(site, "connections", {}).values() if not (c.additive or c.static)]
     if dynamic and type(plain[0]).base.additive_stream:
         return (f"connection {dynamic[0].name!r} ({dynamic[0].formula}) computes its coefficients from the stream, so "
-                "the final stream is no sum of writes with fixed coefficients (the logit lens still applies)")
+                "the final stream is not a sum of writes with fixed coefficients (the logit lens still applies)")
     if plain:
         scheme = type(plain[0])
         return (f"residual scheme {scheme.name!r} ({scheme.formula}) does not keep the stream as embedding + sum of "

@@ -16,6 +16,7 @@ from reslab.nn.rope import RotaryEmbedding
 
 class CausalSelfAttention(nn.Module):
     is_attention = True  # reslab.contracts.Attention (heads, head_dim, kv_heads); ValueMixing too (`value_mix`)
+    takes_kv_inputs = True  # forward(x, key_input=, value_input=): keys and values from their own streams (MUDD)
 
     def __init__(
         self,
@@ -47,9 +48,15 @@ class CausalSelfAttention(nn.Module):
         # layers (ResFormer's value residual, via `init_branch`); None: the values are used as computed
         self.value_mix: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_input: torch.Tensor | None = None,
+                value_input: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of `x` over itself; with `key_input` or `value_input` (same shape as `x`), the keys or the
+        values are computed from that stream instead (MUDDFormer's separate Q, K, V inputs). None: from `x`."""
         batch, seq, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
+        if key_input is None and value_input is None:
+            q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
+        else:
+            q, k, v = self.project_apart(x, key_input, value_input)
         q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -62,6 +69,15 @@ class CausalSelfAttention(nn.Module):
         y = self.attend(q, k, v)
         y = y.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
         return self.out_dropout(self.out(y))
+
+    def project_apart(self, x: torch.Tensor, key_input: torch.Tensor | None,
+                      value_input: torch.Tensor | None) -> list[torch.Tensor]:
+        """q from `x`, k from `key_input`, v from `value_input` (each `x` where None), with the q, k and v row
+        slices of the fused `qkv` matrix and bias: the same weights as the one-input path, three matmuls."""
+        weights = self.qkv.weight.split(self.split_sizes, dim=0)
+        biases = self.qkv.bias.split(self.split_sizes) if self.qkv.bias is not None else (None, None, None)
+        inputs = (x, x if key_input is None else key_input, x if value_input is None else value_input)
+        return [F.linear(i, w, b) for i, w, b in zip(inputs, weights, biases)]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return causal_attention(q, k, v, self.dropout if self.training else 0.0, gqa=self.kv_heads != self.heads)

@@ -27,6 +27,7 @@ from reslab.nn.rope import RotaryEmbedding
 
 class MultiHeadLatentAttention(nn.Module):
     is_attention = True  # reslab.contracts.Attention (heads, head_dim, kv_heads); ValueMixing too (`value_mix`)
+    takes_kv_inputs = True  # forward(x, key_input=, value_input=): keys and values from their own streams (MUDD)
 
     def __init__(self, width: int, heads: int, q_lora_rank: int | None, kv_lora_rank: int, qk_nope_head_dim: int,
                  qk_rope_head_dim: int, v_head_dim: int, rope_theta: float = 10000.0, rope_interleave: bool = True,
@@ -61,13 +62,26 @@ class MultiHeadLatentAttention(nn.Module):
         q = self.q_up(self.q_norm(self.q_down(x))) if hasattr(self, "q_up") else self.q(x)
         return q.view(*x.shape[:2], self.heads, self.qk_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k_nope, k_rope, v) of `x`: per head (batch, heads, seq, dim), k_rope shared (batch, 1, seq, dim)."""
         batch, seq, _ = x.shape
-        q_nope, q_rope = self.queries(x).split([self.nope, self.rope_dim], dim=-1)
         latent, k_rope = self.kv_down(x).split([self.kv_rank, self.rope_dim], dim=-1)
         kv = self.kv_up(self.kv_norm(latent)).view(batch, seq, self.heads, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k_rope = k_rope.view(batch, 1, seq, self.rope_dim)
+        return k_nope, k_rope.view(batch, 1, seq, self.rope_dim), v
+
+    def forward(self, x: torch.Tensor, key_input: torch.Tensor | None = None,
+                value_input: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of `x` over itself; with `key_input` or `value_input` (same shape as `x`), the keys (their
+        latent and k_rope) or the values (their latent) come from that stream instead (MUDDFormer's separate Q, K,
+        V inputs; each stream then has its own latent, which costs one more kv_down and kv_up). None: from `x`."""
+        batch, seq, _ = x.shape
+        q_nope, q_rope = self.queries(x).split([self.nope, self.rope_dim], dim=-1)
+        if key_input is None and value_input is None:
+            k_nope, k_rope, v = self.keys_values(x)
+        else:
+            k_nope, k_rope, _ = self.keys_values(x if key_input is None else key_input)
+            v = self.keys_values(x if value_input is None else value_input)[2]
         if self.rope is not None:
             q_rope, k_rope = self.rope(q_rope), self.rope(k_rope)
         q = torch.cat([q_nope, q_rope], dim=-1)

@@ -4,6 +4,7 @@
     grads.png     gradient norm of each block vs step: one panel per scheme and depth, colour = block
     profile.png   stream RMS, drift and update ratio per block at the end of training, a line per scheme
     amax.png      HC/mHC Amax gain vs step (only when some run logged `amax_gain_*`)
+    depth_weights.png  the depth-weight matrix a dense connection learned (DenseFormer's DWA), per scheme and depth
     NAME.png      a declared metric plotted in a figure of its own (`reslab.metrics.Plotted`): value vs step
 
 Which metric goes into which figure, with what label, is its declaration's (`reslab.metrics`). Every scheme has one
@@ -395,10 +396,88 @@ def _figures(seeds: str) -> dict[str, tuple[Callable[..., bool], str, str]]:
                     "drift (cosine similarity between what enters and what leaves a block: 1 = unchanged, 0 = "
                     "replaced) and the update ratio ||F(x)|| / ||x|| of the attention (solid) and FFN (dashed) "
                     "sublayers.")),
+        "depth_weights": (plot_depth_weights, "Depth-weight matrices learned by dense connections", (
+                          "DenseFormer's depth-weighted averages at the end of training: row r is the average after "
+                          "a block, column j the source it weighs (emb: the embedding, Bj: block j's output); 1 on "
+                          "the newest source and 0 elsewhere is the identity it starts from. As in the DenseFormer "
+                          "paper's figure, weights on older outputs show what the model reuses across depth.")),
         "amax": (plot_amax, "Amax gain of the composite residual mixing", (
                  "HC / mHC only: the largest absolute row sum (forward) or column sum (backward) of the product of the "
                  "residual mixing matrices over depth. Near 1 is stable; large values amplify signals and gradients.")),
     }
+
+
+def depth_weight_matrices(records: Sequence[dict[str, Any]]) -> dict[str, list[list[float | None]]]:
+    """connection -> its depth-weight matrix from the last record that logged one: row r for the r-th average,
+    column j for source X_j (0 the embedding), None where the average does not read X_j. A connection qualifies by
+    logging `alpha` (each average's weights) and `sources` (the X_j they weigh) in `depth_coefficients`."""
+    last = next((r["depth_coefficients"] for r in reversed(records) if isinstance(r.get("depth_coefficients"), dict)),
+                {})
+    found = {}
+    for name, values in last.items():
+        rows, sources = values.get("alpha"), values.get("sources")
+        if not isinstance(rows, list) or not isinstance(sources, list) or len(rows) != len(sources) or not rows:
+            continue
+        width = 1 + max((j for row in sources for j in row if isinstance(j, int)), default=0)
+        matrix = [[None] * width for _ in rows]
+        for r, (weights, columns) in enumerate(zip(rows, sources)):
+            for weight, j in zip(weights, columns):
+                matrix[r][j] = weight if finite_number(weight) else None
+        found[name] = matrix
+    return found
+
+
+def _matrix_panel(ax, matrix: list[list[float | None]], title: str):
+    """One heat map of a depth-weight matrix on `ax`, each weight written in its cell; returns the image."""
+    import numpy as np
+
+    values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    limit = max(float(np.nanmax(np.abs(values))), 1e-9)
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    if values.size <= 400:
+        for (r, c), v in np.ndenumerate(values):
+            if not np.isnan(v):
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(values.shape[1]), ["emb", *(f"B{j - 1}" for j in range(1, values.shape[1]))])
+    ax.set_yticks(range(values.shape[0]), [f"avg {r}" for r in range(values.shape[0])])
+    ax.set_title(title, fontsize=10)
+    ax.grid(False)
+    return image
+
+
+def draw_matrix(matrix: list[list[float | None]], path: Path, title: str) -> None:
+    """One depth-weight matrix as a PNG heat map."""
+    import matplotlib
+
+    with matplotlib.rc_context(STYLE):
+        figure, axes = _figure(1, 1, (0.6 * len(matrix[0]) + 2.5, 0.5 * len(matrix) + 1.5))
+        image = _matrix_panel(axes[0][0], matrix, title)
+        figure.colorbar(image, ax=axes[0][0], shrink=0.8)
+        _save(figure, path)
+
+
+def plot_depth_weights(ablation: Ablation, path: Path, colours: dict[str, str], metrics: list[Metric],
+                       title: str) -> bool:
+    """The depth-weight matrix each (scheme, depth) learned, from its first seed's last logged coefficients."""
+    panels = []
+    for scheme in ablation.schemes:
+        for depth in ablation.depths:
+            runs = sorted(ablation.runs_for(scheme, depth), key=lambda run: run.seed)
+            for name, matrix in (depth_weight_matrices(runs[0].records) if runs else {}).items():
+                panels.append((f"{scheme}, {depth} blocks ({name}, seed {runs[0].seed})", matrix))
+    if not panels:
+        return False
+    side = max(len(m[0]) for _, m in panels)
+    figure, axes = _figure(min(len(panels), 3), math.ceil(len(panels) / 3), (0.55 * side + 2.5, 0.45 * side + 1.8))
+    flat = [ax for row in axes for ax in row]
+    for ax, (label, matrix) in zip(flat, panels):
+        image = _matrix_panel(ax, matrix, label)
+        figure.colorbar(image, ax=ax, shrink=0.8)
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    figure.suptitle(title, fontsize=12, fontweight="bold")
+    _save(figure, path)
+    return True
 
 
 def _lens_figure(ablation: Ablation, path: Path, colours: dict[str, str], metrics: list[Metric], title: str) -> bool:
