@@ -44,7 +44,7 @@ SKIP_REASONS = {
 FENCE = re.compile(r"^(?:<!-- no-run: (\w+) -->\n)?```(\w*)([^\n]*)\n(.*?)^```", re.S | re.M)
 
 # the tiny size, per subcommand: flags set (replacing the docs' value) or added
-SHAPE = {"--width": "16", "--heads": "2", "--context": "16", "--layers": "1", "--batch": "2"}
+SHAPE = {"--width": "16", "--heads": "2", "--context": "16", "--layers": "2", "--batch": "2"}
 TRAIN = {**SHAPE, "--steps": "4", "--eval-interval": "2", "--eval-batches": "1", "--log-interval": "2",
          "--checkpoint-interval": "4", "--log": "none"}
 TINY = {"train": TRAIN, "ablate": {**TRAIN, "--jobs": "1"},
