@@ -32,6 +32,18 @@ SCHEMES: dict[str, tuple[str, dict]] = {
     "attnres": ("attnres", {}),  # full AttnRes
     "attnres-block2": ("attnres", {"attnres_block": 2}),
     "value-residual": ("value-residual", {}),
+    # connections across depth (issue 26), each on pre-LN at its defaults
+    "scales": ("scales", {}),
+    "x0": ("x0", {}),
+    "x0-gated": ("x0", {"x0_gated": True}),
+    "unet": ("unet", {}),
+    "long-skip": ("long-skip", {}),
+    "value-embed": ("value-embed", {}),
+    "backout": ("backout", {}),
+    "denseformer": ("denseformer", {}),
+    "mudd": ("mudd", {}),  # Q, K, V and residual streams
+    "mudd-r": ("mudd", {"mudd_streams": "r"}),
+    "speedrun": ("speedrun", {}),
 }
 
 

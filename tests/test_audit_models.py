@@ -6,21 +6,87 @@ import torch
 
 import reslab
 from reslab.graph import KINDS, audit
+from reslab.graph.residuals import ACROSS_KINDS
 from reslab.graph.targets import load_target
 from reslab.residual import get_scheme
 
-# What each scheme's residual is, by the definitions in reslab/graph/residuals.py; None: no residual at all.
+# What each scheme's residuals are, by the definitions in reslab/graph/residuals.py; None: no residual at all. A kind
+# is that of the two residuals per block (around attention, around the FFN); a tuple gives the four of a 2-block
+# model in order. Connections across depth come on top of these: `depth_connections` below reads them off the
+# model as built. A scheme missing here fails `test_every_scheme_of_every_model`: a new scheme says what its
+# audit must be.
 SCHEME_KINDS = {
     "none": None, "post-none": None, "article-edit": None,
     "pre": "identity", "sandwich": "identity", "add": "identity",
     "post": "normalized", "deepnorm": "normalized",
     "rezero": "scaled", "layerscale": "scaled",
-    "hc": "multi-stream", "mhc": "multi-stream",
+    "hc": "multi-stream", "mhc": "multi-stream", "mhc-lite": "multi-stream", "mhc-v4": "multi-stream",
+    "frac": "multi-stream",  # hyper-connections over fractions of the width
+    "gated-hc": "gated",  # every stream's identity skip, the write weighted by 2 sigmoid(W_inj Hn / n) of the data
     "attnres": "depth-attention",  # the sublayer output joins the stack of sources a depth attention reads
     "value-residual": "identity",  # its pre-LN adds; the value mix is one more residual, VALUE_MIX below
     "olmo2": "identity", "completep": "scaled",
     "mix-ln": "identity",  # floor(0.25 * 2) = 0 post-LN blocks at 2 layers; deeper: tests/test_schemes_2026.py
+    # rw+lr: alpha F(LN x) + beta (I + W_R W_L) x, one residual whose branch holds the low-rank map (other forms:
+    # test_laurel_forms_read_alike_on_every_model)
+    "laurel": "scaled",
+    "scales": "scaled",  # a x + b F(LN x)
+    # connections on pre-LN: the blocks' own residuals stay pre-LN's (tests/test_audit_depth.py checks more depths)
+    "x0": "identity", "unet": "identity", "long-skip": "identity", "value-embed": "identity",
+    "backout": "identity", "denseformer": "identity",
+    # MUDD (qkvr): block 1's attention reads Q, K, V, rows of the mix whose row R is its skip: a skip through a mix
+    # of streams
+    "mudd": ("identity", "identity", "multi-stream", "identity"),
+    "speedrun": "scaled",  # scales' a x + b F(LN x) under x0, long-skip and value-embed
+    # ResiDual: post-LN x = LN(x + F(x)) at every site, plus the dual stream's first add d = x0 + F(x0) (an identity
+    # around blocks.0.attn, popped below); its later adds d + s F(x) are no residual (F reads x, not d)
+    "resi-dual": "normalized",
+    # AltUp, four per block: the predict step, attention, FFN, and the correct step gated by the router
+    "altup": ("identity", "identity", "identity", "gated") * 2,
 }
+
+
+def site_of(module_path: str) -> str:
+    """blocks.1.attn_residual.connections.x0 -> blocks.1.attn_residual (the site whose forward runs the part)."""
+    return module_path.split(".connections.")[0]
+
+
+def boundary(j: int) -> str:
+    """X_j of a dense sum: the embedding (the first block's input) for 0, block j-1's output after that."""
+    return "blocks.0:in" if j == 0 else f"blocks.{j - 1}:out"
+
+
+def depth_connections(model) -> list[tuple[str, str, str]]:
+    """(owner, skip_from, kind) of every connection across depth, read off the modules the model was built with
+    (their sources and destinations), sorted. A skip from block d-1's output (or the embedding) into block d only
+    rescales the stream that block receives: it connects nothing and the audit must not report it."""
+    from reslab.residual.depth.backout import BackoutHead
+    from reslab.residual.depth.base import Connection
+
+    found = []
+    heads = [path for path, m in model.named_modules() if isinstance(m, BackoutHead)]
+    for path, part in model.named_modules():
+        if not isinstance(part, Connection):
+            continue
+        name, layer, site = part.name, part.spec.layer, site_of(path)
+        if name == "x0" and part.coefficient is not None and layer > 0:
+            found.append((site, "blocks.0:in", part.kind))
+        elif name in ("unet", "long-skip") and part.weight is not None and part.source < layer - 1:
+            found.append((site, f"blocks.{part.source}:out", part.kind))
+        elif name == "backout" and part.weight is not None:
+            found.append((heads[0], f"blocks.{layer}:out", part.kind))
+        elif name == "denseformer" and part.alpha is not None:
+            found += [(site, boundary(j), part.kind) for j in part.sources[:-1]]
+        elif name == "mudd" and part.w1 is not None:
+            found += [(site, boundary(j), part.kind) for j in range(layer + 1)]
+        elif name == "value-embed" and part.lambdas is not None:
+            table = f"blocks.{part.bank}.attn_residual.connections.value_embed"
+            found.append((f"blocks.{layer}.attn", f"{table}:embedding", part.kind))
+    return sorted(found)
+
+
+def audited_connections(result) -> list[tuple[str, str, str]]:
+    return sorted((r.owner, r.skip_from, r.kind) for r in result.residuals if r.kind in ACROSS_KINDS)
 
 
 def value_mix(layer: int) -> dict:
@@ -33,37 +99,79 @@ def value_mix(layer: int) -> dict:
             "kind": "scaled"}
 
 
-def meta_audit(name: str, **config):
+def meta_build(name: str, **config):
     with torch.device("meta"):
-        model = reslab.build_model(name, **config)
+        return reslab.build_model(name, **config)
+
+
+def meta_audit(name: str, model=None, **config):
+    model = model if model is not None else meta_build(name, **config)
     return audit(model, (torch.zeros(1, 8, dtype=torch.long, device="meta"),), name)
 
 
 @pytest.mark.parametrize("model", ["tiny", "gpt", "llama"])
 @pytest.mark.parametrize("scheme", reslab.list_schemes())
 def test_every_scheme_of_every_model(model, scheme):
-    result = meta_audit(model, layers=2, residual=scheme)
+    assert scheme in SCHEME_KINDS, f"scheme {scheme!r} is new: add what its audit must say to SCHEME_KINDS"
+    built = meta_build(model, layers=2, residual=scheme)
+    result = meta_audit(model, built)
     assert [b.path for b in result.blocks] == ["blocks.0", "blocks.1"]
     assert all(r.kind in KINDS for r in result.residuals)
     if not get_scheme(scheme).has_skip:
         assert result.residuals == [], f"{scheme} has no skip, yet the audit found {result.residuals}"
         assert result.summary() == {"residual_count": 0, "blocks_with_residuals": 0, "blocks_without": 2}
         return
-    if scheme not in SCHEME_KINDS:
-        pytest.skip(f"scheme {scheme!r} is new: add what its audit must say to SCHEME_KINDS")
     expected = SCHEME_KINDS[scheme]
     assert expected is not None, f"scheme {scheme} has a skip but SCHEME_KINDS says it has none"
-    residuals = list(result.residuals)
+    assert result.dead == [] and result.not_run == []
+    assert audited_connections(result) == depth_connections(built)  # none missed, none made up
+    residuals = [r for r in result.residuals if r.kind not in ACROSS_KINDS]
     if scheme == "value-residual":  # after blocks.0's two, before blocks.1's attention residual (it runs inside)
         assert residuals.pop(2).to_dict() == value_mix(1)
-    assert [r.kind for r in residuals] == [expected] * 4  # two per block: around attention, around the FFN
+    if scheme == "resi-dual":
+        extra = residuals.pop(1)
+        assert (extra.owner, extra.skip_from, list(extra.wraps), extra.kind) == (
+            "blocks.0.attn_residual", "blocks.0.attn_residual:in", ["blocks.0.attn"], "identity")
+    kinds = list(expected) if isinstance(expected, tuple) else [expected] * 4
+    assert [r.kind for r in residuals] == kinds  # two per block: around attention, around the FFN
+    if scheme == "altup":  # four per block; their owners and wraps: tests/test_scheme_altup.py
+        return
     for layer in range(2):
         attn, ffn = residuals[2 * layer: 2 * layer + 2]
         assert f"blocks.{layer}.attn" in attn.wraps and f"blocks.{layer}.ffn" not in attn.wraps
         assert f"blocks.{layer}.ffn" in ffn.wraps and f"blocks.{layer}.attn" not in ffn.wraps
         assert attn.owner == f"blocks.{layer}.attn_residual" and ffn.owner == f"blocks.{layer}.ffn_residual"
-        assert attn.skip_from == f"blocks.{layer}.attn_residual:in"
-    assert result.dead == [] and result.not_run == []
+
+
+# LAuReL's forms on pre-LN: `lr` adds `(I + W_R W_L) x`, the low-rank map beside the sublayer, so the branch of the
+# one residual holds it; rw's alpha and beta make it scaled; gemma3n's LaurelBlock `h + N(W_R W_L h)` on the
+# normalised input is a residual of its own inside the attention site (Gemma 3n's as in tests/test_audit_zoo.py).
+LAUREL = {"lr": "identity", "rw": "scaled", "rw+lr": "scaled", "gemma3n": "identity"}
+
+
+@pytest.mark.parametrize("model", ["tiny", "gpt", "llama"])
+@pytest.mark.parametrize("form", list(LAUREL))
+def test_laurel_forms_read_alike_on_every_model(model, form):
+    """The low-rank term is no projection shortcut of its own (it once was on gpt and not on llama: LayerNorm's
+    affine op counted as one more learned op on the branch than RMSNorm's scale, which decided `_deeper`)."""
+    result = meta_audit(model, layers=2, residual="laurel", residual_options={"laurel_form": form})
+    low_rank = ["blocks.{}.{}_residual.laurel.linear_left", "blocks.{}.{}_residual.laurel.linear_right"]
+    expected = []
+    for layer in range(2):
+        for site in ("attn", "ffn"):
+            sublayer = [f"blocks.{layer}.{site}_residual.norm", f"blocks.{layer}.{site}"]
+            if form == "gemma3n":
+                expected.append((f"blocks.{layer}.{site}_residual", sublayer + [f"blocks.{layer}.{site}_residual."
+                                                                                "norm_out"], "identity"))
+                if site == "attn":
+                    laurel = f"blocks.{layer}.attn_residual.laurel"
+                    expected.append((laurel, [f"{laurel}.linear_left", f"{laurel}.linear_right",
+                                              f"{laurel}.post_laurel_norm"], "identity"))
+            else:
+                extra = [p.format(layer, site) for p in low_rank] if "lr" in form else []
+                expected.append((f"blocks.{layer}.{site}_residual", sublayer + extra, LAUREL[form]))
+    assert [(r.owner, list(r.wraps), r.kind) for r in result.residuals] == expected
+    assert all(r.skip_from == f"{r.owner}:in" for r in result.residuals)
 
 
 @pytest.mark.parametrize("learned", [False, True])

@@ -135,6 +135,7 @@ def test_a_connection_composes_with_another_single_stream_scheme():
     ("pre+x0+x0", "names connection 'x0' twice"),
     ("post+scales", "connection 'scales' replaces pre-LN's update and composes only with 'pre'"),
     ("pre+nonesuch", "unknown residual scheme 'nonesuch'"),
+    ("pre+", "no empty part"), ("pre++x0", "no empty part"), ("pre + x0", "no spaces"),
 ])
 def test_a_composition_that_cannot_be_built_is_one_line(name, message):
     with pytest.raises(ReslabError, match="^[^\n]*$") as error:

@@ -75,3 +75,12 @@ def test_a_gated_x0_is_refused_in_one_line_and_the_lens_says_why():
     model = build("gpt", "x0", x0_gated=True)
     result = lens(model, tokens())
     assert result.decomposition is None and "'x0'" in result.refused and "\n" not in result.refused
+
+
+@pytest.mark.parametrize("residual", ["sandwich+x0", "layerscale+long-skip", "rezero+unet"])
+def test_coefficients_are_measured_only_where_the_write_is_the_sublayers_output(residual):
+    """sandwich normalises each write, layerscale and rezero scale it: the sublayer's output is not the write, so a
+    measured coefficient would be wrong; refused in one line (the logit lens still runs)."""
+    model = build("gpt", residual)
+    result = lens(model, tokens())
+    assert result.decomposition is None and "on pre or add only" in result.refused and "\n" not in result.refused

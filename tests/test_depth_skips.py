@@ -83,12 +83,12 @@ def test_unet_at_its_default_init_is_the_sigmoid_of_minus_1_5():
 
 
 def test_unet_without_the_sigmoid_is_record_11s_plain_weight_from_1():
-    model = build("unet", unet_sigmoid=False)
+    model = build("unet", unet_plain=True)
     with torch.no_grad():
         check(model, by_hand(model, {2: (1, 1.0), 3: (0, 1.0)}))
         set_parameters(model, "unet", {2: -0.25, 3: 0.6})
         check(model, by_hand(model, {2: (1, -0.25), 3: (0, 0.6)}))
-    model = build("unet", unet_init=0.0, unet_sigmoid=False)  # weight 0: pre-LN exactly
+    model = build("unet", unet_init=0.0, unet_plain=True)  # weight 0: pre-LN exactly
     with torch.no_grad():
         check(model, by_hand(model, {}))
 
@@ -171,7 +171,7 @@ def test_the_weights_get_gradients_and_are_reported_as_applied():
     assert found["unet"]["w"] == pytest.approx([sigmoid(2.0), SIG])  # after the sigmoid, one per destination
     assert found["long-skip"]["gate"] == pytest.approx([SIG])
     assert found["backout"]["lambda"] == pytest.approx([0.5])
-    plain = build("unet", unet_sigmoid=False)
+    plain = build("unet", unet_plain=True)
     sites = [site for _, _, site in plain.residual_sites()]
     assert type(sites[0]).scheme_metrics(sites)["depth_coefficients"] == {"unet": {"w": [1.0, 1.0]}}
 

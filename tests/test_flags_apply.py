@@ -101,16 +101,28 @@ def fingerprint(model) -> dict:
         out = model(inputs)
     weights = dict(getattr(model, "aux_loss_weights", {}))
     logits = out.logits if hasattr(out, "logits") else out
+    parameters = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trained = forward_moved(model, inputs)  # a flag that acts only once weights move (a tanh on zero-init gates)
     aux = sum((v * weights.get(k, 1.0) for k, v in getattr(out, "aux_losses", {}).items()), torch.zeros(()))
-    return {"context": getattr(config, "context", None), "weights": weights,
-            "parameters": {name: p.detach().clone() for name, p in model.named_parameters()},
-            "logits": logits, "aux": aux}
+    return {"context": getattr(config, "context", None), "weights": weights, "parameters": parameters,
+            "logits": logits, "aux": aux, "trained": trained}
+
+
+@torch.no_grad()
+def forward_moved(model, inputs) -> torch.Tensor:
+    """The output after every parameter moved by the same seeded noise (the model is discarded afterwards)."""
+    generator = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.add_(0.05 * torch.randn(p.shape, generator=generator).to(p))
+    torch.manual_seed(0)
+    out = model(inputs)
+    return out.logits if hasattr(out, "logits") else out
 
 
 def same(a: dict, b: dict) -> bool:
     if (a["context"], a["weights"]) != (b["context"], b["weights"]) or a["parameters"].keys() != b["parameters"].keys():
         return False
-    tensors = [(a["logits"], b["logits"]), (a["aux"], b["aux"])]
+    tensors = [(a["logits"], b["logits"]), (a["aux"], b["aux"]), (a["trained"], b["trained"])]
     tensors += [(a["parameters"][n], b["parameters"][n]) for n in a["parameters"]]
     return all(x.shape == y.shape and torch.equal(x, y) for x, y in tensors)
 
@@ -118,7 +130,8 @@ def same(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("model, residual, flag", cases(), ids=lambda v: str(v))
 def test_a_flag_changes_the_model_or_is_refused(cli, built, model, residual, flag):
     action = next(a for a in model_flags() if a.option_strings[0] == flag)
-    base = ["info", "--model", model, *(["--residual", residual] if residual else [])]
+    # a scheme's options are tried on 4 blocks: connections across depth need several to connect anything
+    base = ["info", "--model", model, *(["--residual", residual, "--layers", "4"] if residual else [])]
     if (model, residual) not in REFERENCES:  # the model without the flag, built once per model and scheme
         torch.manual_seed(0)
         code, _, err = cli(*base)

@@ -23,7 +23,6 @@ from reslab.checks import (
     check_declared,
     check_field_type,
     declarations,
-    flag_name,
 )
 from reslab.errors import ReslabError
 from reslab.registry import MODELS, SCHEME_OPTIONS, TRANSFORMERS
@@ -80,9 +79,9 @@ def model_fields() -> dict[str, Declared]:
 
 
 def scheme_fields() -> list[Declared]:
-    """The built-in schemes' options as flags; a bool option is a switch that sets it (`--hc-dynamic`)."""
-    return [Declared(name, kind, None, {"help": text, "flag": flag_name(name) if kind is bool else True})
-            for name, (kind, text) in SCHEME_OPTIONS.items()]
+    """The built-in schemes' options as flags; a bool option is a pair of switches (`--hc-dynamic/--no-hc-dynamic`),
+    so that one whose default is true can be turned off too."""
+    return [Declared(name, kind, None, {"help": text, "flag": True}) for name, (kind, text) in SCHEME_OPTIONS.items()]
 
 
 def _models_with(field: Declared) -> str:

@@ -113,6 +113,8 @@ _BUILT_IN = (
            plot=Plotted("amax", "backward: largest column sum", log=True, expected=False)),
     Metric("attnres_weights", "", "attention residuals: mean depth-attention weight of each source, per sublayer",
            "residual/attnres.py scheme_metrics", OTHER),
+    Metric("dual_stream_rms", "RMS", "resi-dual: RMS of the un-normalised dual stream d after each block",
+           "residual/resi_dual.py scheme_metrics", PER_BLOCK, tensorboard="dual_stream_rms"),
     Metric("depth_coefficients", "", "connections across depth: each one's learned coefficients (residual scales, "
            "x0 and skip weights, gates, the depth-weight matrix), connection -> name -> one value per site",
            "residual/depth/base.py scheme_metrics", OTHER,

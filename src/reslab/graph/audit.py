@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from reslab.display import data_frame, html_block, html_table
 from reslab.graph.paths import inside, relative
-from reslab.graph.residuals import KINDS, Residual, find_residuals
+from reslab.graph.depth import find_connections
+from reslab.graph.residuals import ACROSS_KINDS, KINDS, Residual
 from reslab.graph.trace import Trace, trace_model
 
 
@@ -119,6 +120,9 @@ class Audit:
         (inside a sublayer, or outside any block); the kind unless it is identity."""
         sizes = self.trace.modules
         path = block.path if block else None
+        if residual.kind in ACROSS_KINDS:  # "long skip from blocks.0:out in attn_residual"
+            where = f" in {relative(residual.owner, path) or '(block)'}" if residual.owner != path else ""
+            return f"{residual.kind} from {residual.skip_from}" + where
         wraps = sorted(residual.wraps, key=lambda p: -sizes[p].subtree_params if p in sizes else 0)
         text = "around " + relative(wraps[0], path) if wraps else "around nothing learned"
         if len(wraps) > 1:
@@ -165,9 +169,11 @@ def audit(model: nn.Module, example_inputs: Any, target: str | None = None) -> A
 
 
 def audit_trace(trace: Trace, target: str) -> Audit:
-    residuals = find_residuals(trace)
+    paths = _block_paths(trace)
+    residuals = find_connections(trace, paths)  # the blocks first: connections across depth are named by them
     dead, not_run = _unused(trace)
-    blocks = _blocks(trace, residuals)
+    blocks = [BlockSummary(path, _sublayers(trace, path), [i for i, r in enumerate(residuals)
+                                                            if _home(r, paths) == path]) for path in paths]
     holders = [p for p, info in trace.modules.items() if any(trace.modules[c].subtree_params for c in info.children)]
     modules = {p: sum(1 for r in residuals if inside(r.owner, p)) for p in holders}
     return Audit(target, trace.model_cls, residuals, dead, not_run, modules, blocks, trace)
@@ -219,7 +225,7 @@ def _unused(trace: Trace) -> tuple[list[str], list[str]]:
     return dead, not_run
 
 
-def _blocks(trace: Trace, residuals: list[Residual]) -> list[BlockSummary]:
+def _block_paths(trace: Trace) -> list[str]:
     modules = trace.modules
     calls_of: dict[str, list[int]] = {}
     for call in trace.calls:
@@ -236,12 +242,7 @@ def _blocks(trace: Trace, residuals: list[Residual]) -> list[BlockSummary]:
             visit(child)
 
     visit("")
-    paths = _outermost(trace, paths, calls_of)
-    blocks = []
-    for path in paths:
-        mine = [i for i, r in enumerate(residuals) if _home(r, paths) == path]
-        blocks.append(BlockSummary(path, _sublayers(trace, path), mine))
-    return blocks
+    return _outermost(trace, paths, calls_of)
 
 
 def _outermost(trace: Trace, paths: list[str], calls_of: dict[str, list[int]]) -> list[str]:
@@ -283,8 +284,9 @@ def _depends(trace: Trace, starts, targets: set[int]) -> bool:
 
 
 def _home(residual: Residual, blocks: list[str]) -> str | None:
-    """The block a residual belongs to: the one holding its add, else the one holding what it wraps."""
-    for path in [residual.owner, *residual.wraps]:
+    """The block a residual belongs to: the one holding its add, else the one holding what it wraps (a connection
+    across depth wraps whole blocks: only its add places it)."""
+    for path in [residual.owner, *(residual.wraps if residual.kind not in ACROSS_KINDS else ())]:
         for block in blocks:
             if inside(path, block):
                 return block

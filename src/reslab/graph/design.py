@@ -3,7 +3,10 @@
 A *design* lists residual claims, each a module pattern with one relation:
 
 - `{"around": M}`: a residual whose branch wraps module M (M is among the residual's `wraps`);
-- `{"inside": M}`: a residual performed inside M or below (its add runs in M's forward or deeper).
+- `{"inside": M}`: a residual performed inside M or below (its add runs in M's forward or deeper);
+- `{"from": S, "to": M}`: a connection whose skip leaves at S (the module part of its `skip_from`, and its boundary
+  when S ends in one: `blocks.*:out`, `blocks.0:in`) and whose add runs inside M: a connection across depth
+  (a long skip `{"from": "blocks.2:out", "to": "blocks.9"}`, the embedding re-injected into every block).
 
 In a pattern, `*` stands for one whole path component (`layers.*.self_attn`). A claim holds for every module the
 pattern matches: each needs at least one such residual, or exactly `count` of them when the claim gives a count;
@@ -19,37 +22,40 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from reslab.errors import ReslabError
 from reslab.graph.audit import Audit
 from reslab.graph.paths import inside
-from reslab.graph.residuals import KINDS, Residual
+from reslab.graph.residuals import ACROSS_KINDS, KINDS, Residual
 from reslab.io import write_json
 from reslab.jsonfile import read_json_file
 
-RELATIONS = ("around", "inside")
-CLAIM_KEYS = (*RELATIONS, "kind", "count")
+RELATIONS = ("around", "inside", "to")  # "to" comes with "from": a connection from a source into a module
+CLAIM_KEYS = ("around", "inside", "from", "to", "kind", "count")
 DESIGN_KEYS = ("residuals", "note")
 FIX = "see docs/audit.md, 'Design against code'"
 
 
 @dataclass(frozen=True)
 class Claim:
-    relation: str  # "around" or "inside"
+    relation: str  # "around", "inside" or "to" (with `source`)
     pattern: str  # a module path; "*" stands for one component
     kind: str | None = None
     count: int | None = None  # per matched module; None: at least one
+    source: str | None = None  # "to" claims: where the skip leaves, a module pattern with an optional ":boundary"
 
     def text(self) -> str:
         extra = [f"kind {self.kind}"] if self.kind else []
         extra += [f"count {self.count}"] if self.count is not None else []
-        return f"{self.relation} {self.pattern or '(model)'}" + (f" ({', '.join(extra)})" if extra else "")
+        where = f"from {self.source} " if self.source is not None else ""
+        return f"{where}{self.relation} {self.pattern or '(model)'}" + (f" ({', '.join(extra)})" if extra else "")
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {self.relation: self.pattern}
+        out: dict[str, Any] = {} if self.source is None else {"from": self.source}
+        out[self.relation] = self.pattern
         if self.kind:
             out["kind"] = self.kind
         if self.count is not None:
@@ -64,12 +70,16 @@ class Claim:
         """Does `residual` count for this claim at module `path`?"""
         if self.kind and residual.kind != self.kind:
             return False
+        if self.source is not None and not from_matches(self.source, residual.skip_from):
+            return False
         if self.relation == "around":
             return path in residual.wraps
         return inside(residual.owner, path)
 
     def covers(self, residual: Residual) -> bool:
         if self.kind and residual.kind != self.kind:
+            return False
+        if self.source is not None and not from_matches(self.source, residual.skip_from):
             return False
         if self.relation == "around":
             return any(matches(self.pattern, w) for w in residual.wraps)
@@ -83,6 +93,15 @@ def matches(pattern: str, path: str) -> bool:
         return pattern == path
     want, got = pattern.split("."), path.split(".")
     return len(want) == len(got) and all(w in ("*", g) for w, g in zip(want, got, strict=True))
+
+
+def from_matches(pattern: str, skip_from: str) -> bool:
+    """Does a residual's `skip_from` ("blocks.2:out", "(model):in") fit a claim's `from` pattern ("blocks.*:out",
+    "blocks.2": any boundary of blocks.2)?"""
+    module, _, where = skip_from.rpartition(":")
+    module = "" if module == "(model)" else module
+    want, colon, boundary = pattern.partition(":")
+    return matches(want, module) and (not colon or boundary == where)
 
 
 @dataclass
@@ -139,19 +158,33 @@ def parse_design(data: Any, source: str) -> Design:
 def _claim(item: Any, where: str) -> Claim:
     _object(item, where, CLAIM_KEYS, '{"around": "layers.*.mlp"}')
     relations = [key for key in RELATIONS if key in item]
-    if len(relations) != 1:
-        raise ReslabError(f"{where} needs exactly one of 'around' or 'inside', naming a module path")
-    pattern = item[relations[0]]
-    if not isinstance(pattern, str) or any(("*" in part and part != "*") or not part for part in pattern.split(".")):
-        raise ReslabError(f"{where}: {relations[0]!r} takes a module path like \"layers.*.mlp\", a '*' standing "
-                          f"for one whole path component; got {pattern!r}")
+    if len(relations) != 1 or ("from" in item) != ("to" in item):
+        raise ReslabError(f"{where} needs exactly one of 'around' or 'inside' (a module path), or 'from' with 'to' "
+                          "(a connection across depth)")
+    pattern = _pattern(item[relations[0]], relations[0], where)
+    source = None
+    if "from" in item:
+        source = item["from"]
+        module, colon, boundary = source.partition(":") if isinstance(source, str) else ("", "", "")
+        if not isinstance(source, str) or (colon and (not boundary or ":" in boundary)):
+            raise ReslabError(f"{where}: 'from' takes a module path with an optional boundary, like "
+                              f"\"blocks.*:out\" or \"blocks.0:in\"; got {source!r}")
+        _pattern(module, "from", where)
     kind = item.get("kind")
     if kind is not None and kind not in KINDS:
         raise ReslabError(f"{where}: unknown kind {kind!r}; choose one of: {', '.join(KINDS)}")
     count = item.get("count")
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count <= 0):
         raise ReslabError(f"{where}: count must be a positive integer (residuals per matched module), got {count!r}")
-    return Claim(relations[0], pattern, kind, count)
+    return Claim(relations[0], pattern, kind, count, source)
+
+
+def _pattern(pattern: Any, key: str, where: str) -> str:
+    """A module path pattern, each component a name or a whole `*`; else the one-line error."""
+    if not isinstance(pattern, str) or any(("*" in part and part != "*") or not part for part in pattern.split(".")):
+        raise ReslabError(f"{where}: {key!r} takes a module path like \"layers.*.mlp\", a '*' standing "
+                          f"for one whole path component; got {pattern!r}")
+    return pattern
 
 
 @dataclass
@@ -256,23 +289,34 @@ def _result(claim: Claim, result: Audit) -> ClaimResult:
 
 def design_from_audit(result: Audit) -> Design:
     """The design that matches the code: one claim per residual, around the largest module it wraps (inside the
-    module that adds it when it wraps none), with its kind and count; layer indices become `*` when every module
-    the generalised pattern matches has the same count."""
+    module that adds it when it wraps none; from its source to the module that adds it for a connection across
+    depth), with its kind and count; layer indices become `*` when every module the generalised pattern matches has
+    the same count."""
     claims: list[Claim] = []
-    for relation, path, kind in dict.fromkeys(_anchor(result, r) for r in result.residuals):
-        general = ".".join("*" if part.isdigit() else part for part in path.split(".")) if path else path
-        claim = _exact(Claim(relation, general, kind), result) or _exact(Claim(relation, path, kind), result)
+    for relation, path, kind, source in dict.fromkeys(_anchor(result, r) for r in result.residuals):
+        general = Claim(relation, _general(path), kind, source=None if source is None else _general(source))
+        claim = _exact(general, result) or _exact(Claim(relation, path, kind, source=source), result)
         if claim is not None and claim not in claims:
             claims.append(claim)
     return Design(claims, note=f"written by reslab audit --write-design from {result.target}")
 
 
-def _anchor(result: Audit, residual: Residual) -> tuple[str, str, str]:
+def _general(path: str) -> str:
+    """`path` with each layer index a `*` (a boundary suffix kept: blocks.2:out -> blocks.*:out)."""
+    module, colon, boundary = path.partition(":")
+    return ".".join("*" if part.isdigit() else part for part in module.split(".")) + colon + boundary if module \
+        else path
+
+
+def _anchor(result: Audit, residual: Residual) -> tuple[str, str, str, str | None]:
     sizes = result.trace.modules
+    if residual.kind in ACROSS_KINDS:  # a connection across depth: where it leaves and where it is added
+        module, _, boundary = residual.skip_from.rpartition(":")
+        return "to", residual.owner, residual.kind, f"{'' if module == '(model)' else module}:{boundary}"
     if not residual.wraps:
-        return "inside", residual.owner, residual.kind
+        return "inside", residual.owner, residual.kind, None
     largest = max(residual.wraps, key=lambda p: sizes[p].subtree_params if p in sizes else 0)
-    return "around", largest, residual.kind
+    return "around", largest, residual.kind, None
 
 
 def _exact(claim: Claim, result: Audit) -> Claim | None:
@@ -280,7 +324,7 @@ def _exact(claim: Claim, result: Audit) -> Claim | None:
     counts = set(_result(claim, result).found.values())
     if len(counts) != 1 or 0 in counts:
         return None
-    return Claim(claim.relation, claim.pattern, claim.kind, counts.pop())
+    return replace(claim, count=counts.pop())
 
 
 def write_design(design: Design, path: str | Path) -> Path:

@@ -23,7 +23,11 @@ VIEW_OPS = frozenset({
 # Ops that cut a part out of their input without changing its rank: a skip may pass through them (Reformer's
 # `X1, X2 = chunk(cat([h, h]))`). A slice that drops a dimension (`x[:, t]`, a scan loop's step) is no view.
 SLICE_OPS = frozenset({"getitem", "chunk", "split", "split_with_sizes", "tensor_split", "narrow"})
-ADD_OPS = frozenset({"add", "lerp"})  # the elementwise adds a residual can be made of
+# The elementwise adds a residual can be made of; `sub` is an add of the negated operand (backout's `x - lambda h`).
+ADD_OPS = frozenset({"add", "sub", "lerp"})
+SUM_OPS = frozenset({"add", "addcmul"})  # the steps of a weighted sum term by term (DenseFormer, MUDD)
+# Ops that pick one slice of a leading axis and drop it: a row of a stack of streams (MUDD's Q, K, V, R)
+ROW_OPS = frozenset({"unbind"})
 NORM_OPS = frozenset({"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm", "local_response_norm"})
 # Ops that are linear maps of their data input: a skip path made only of these (plus views) is a *projection*
 # shortcut (ResNet's 1x1 conv + BN downsampling); a branch made only of these is no residual branch (LoRA).

@@ -26,6 +26,10 @@ Kinds, checked in this order (the first that applies wins):
   LayerScale, `torch.add(..., alpha=)`, `lerp` with a constant weight).
 - `identity`: `x + F(x)` as it stands (pre-LN, GPT-2, Llama).
 
+A subtraction is an add of the negated operand; `depth.py` keeps it only as a connection across depth (backout).
+`depth.py` also names and classifies the residuals that reach over whole blocks (`ACROSS_KINDS`), and finds dense
+sums and value embeddings, which this rule cannot see.
+
 Depth attention (attention residuals) has no add: the stream is a stack of the earlier stream values (the
 embedding, the sublayer outputs), each sublayer reads a data-weighted sum over that stack, and its output joins
 the stack (`cat`). That cat is reported as the residual, kind
@@ -45,7 +49,10 @@ from dataclasses import dataclass, field
 from reslab.graph import ops
 from reslab.graph.trace import Node, Trace
 
-KINDS = ("identity", "scaled", "gated", "normalized", "multi-stream", "projection", "depth-attention")
+# Connections across depth (`depth.py`): a skip from the stream at a block boundary over one or more whole blocks,
+# a dense sum of block outputs, a token-indexed table added inside a block.
+ACROSS_KINDS = ("embedding re-injection", "long skip", "backout", "dense", "value embedding")
+KINDS = ("identity", "scaled", "gated", "normalized", "multi-stream", "projection", "depth-attention", *ACROSS_KINDS)
 _PROJECTION_STEPS = 3  # conv + BN, or pool + conv + BN
 _WALK_LIMIT = 256  # nodes a skip walk may visit before it gives up
 
@@ -59,15 +66,19 @@ class Residual:
     kind: str
     add: int = field(default=-1, compare=False)  # the add's node id in the trace
     skip: int = field(default=-1, compare=False)  # x's node id
+    branch: int = field(default=-1, compare=False)  # the add's other operand (F(x)), -1 when there is none
 
     def to_dict(self) -> dict:
         return {"owner": self.owner, "skip_from": self.skip_from, "wraps": list(self.wraps), "kind": self.kind}
 
 
-def find_residuals(trace: Trace) -> list[Residual]:
-    """Every residual connection in the traced pass, in execution order."""
+def find_residuals(trace: Trace, exclude: frozenset[int] = frozenset()) -> list[Residual]:
+    """Every residual connection in the traced pass by the rules above, in execution order; the adds in `exclude`
+    are left to other rules (`depth.py`: the sums of a dense connection, value embeddings)."""
     found = []
     for node in trace.nodes:
+        if node.id in exclude:
+            continue
         if node.op in ops.ADD_OPS and node.data and len(node.operands) >= 2:
             residual = _match(trace, node)
             if residual is not None:
@@ -76,7 +87,23 @@ def find_residuals(trace: Trace) -> list[Residual]:
             residual = _match_depth_attention(trace, node)
             if residual is not None:
                 found.append(residual)
-    return found
+    return _without_partial_sums(trace, found)
+
+
+def _without_partial_sums(trace: Trace, found: list[Residual]) -> list[Residual]:
+    """A projection shortcut whose sum a later residual of the same stream brings the stream into is no residual of
+    its own: it sums two branches of that residual (LAuReL's `x + (F(LN x) + W_R W_L x)`, the low-rank map beside
+    the sublayer), as parallel branches are (see the module doc)."""
+    kept = []
+    for residual in found:
+        if residual.kind == "projection" and any(
+                other.add > residual.add and other.kind != "projection" and other.branch >= 0
+                and not _same_value(trace, other.skip).isdisjoint(_same_value(trace, residual.skip))
+                and (other.branch == residual.add or _branch(trace, residual.add, other.branch) is not None)
+                for other in found):
+            continue
+        kept.append(residual)
+    return kept
 
 
 def _match_depth_attention(trace: Trace, cat: Node) -> Residual | None:
@@ -224,6 +251,9 @@ def _skip_steps(trace: Trace, node: Node) -> list[tuple[int, str, int]]:
         return [(node.through, "scaled", 0)]
     if node.role == "mix":
         return [(node.through, "mixed", 0)]
+    if node.op in ops.ROW_OPS and node.inputs and trace.nodes[node.inputs[0]].data:
+        # one row of a stack of streams mixed together, the branch reading the other rows (MUDD's R beside Q, K, V)
+        return [(node.inputs[0], "mixed", 0)]
     if node.role == "gate" and not trace.in_norm(node):
         return [(operand, "gated", 0) for operand in node.operands]
     if _projection_step(node):
@@ -302,6 +332,7 @@ def _describe(trace: Trace, add: Node, root: int, branch_side: int, branch: set[
         kind=kind or _kind(trace, add, branch_side, flags),
         add=add.id,
         skip=root,
+        branch=branch_side,
     )
 
 
@@ -325,7 +356,8 @@ def _boundary(trace: Trace, root: int, lca: int) -> str:
     call = trace.calls[lca]
     if not _same_value(trace, root).isdisjoint(call.inputs):  # the input itself, or the input reshaped
         return f"{call.path or '(model)'}:in"
-    producers = [c for c in trace.calls if root in c.outputs and c.id != lca and trace.within(c.id, lca)]
+    rows = {root} | {u for u in trace.users()[root] if trace.nodes[u].op in ops.ROW_OPS}  # a stack leaves in rows
+    producers = [c for c in trace.calls if not rows.isdisjoint(c.outputs) and c.id != lca and trace.within(c.id, lca)]
     if producers:
         return f"{min(producers, key=lambda c: c.depth).path}:out"
     return f"{call.path or '(model)'}:{trace.nodes[root].op}"

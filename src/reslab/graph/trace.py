@@ -44,7 +44,7 @@ class Node:
     role: str = "op"  # "leaf", "view", "scale", "gate", "mix" or "op" (see ops.py)
     through: int = -1  # view / scale / mix: the node whose value passes through
     operands: tuple[int, ...] = ()  # add / lerp / mul: positional operands in order, -1 for a python number
-    scaled: bool = False  # an add with alpha != 1
+    scaled: bool = False  # an add with alpha != 1, or a subtraction
     name: str = ""  # leaves: the input, parameter or buffer name
 
 
@@ -283,12 +283,12 @@ class Tracer:
             if isinstance(first, torch.Tensor):
                 return "view", self.ids.get(first, -1), (), False
             return "op", -1, (), False
-        if name in ("add", "lerp", "mul", "div"):
+        if name in ("add", "sub", "lerp", "mul", "div"):
             names = ("input", "end", "weight") if name == "lerp" else ("input", "other")
             values = [args[i] if i < len(args) else kwargs.get(key) for i, key in enumerate(names)]
             operands = tuple(self.ids.get(v, -1) if isinstance(v, torch.Tensor) else -1 for v in values)
-            if name == "add":
-                return "op", -1, operands, kwargs.get("alpha", 1) != 1
+            if name in ("add", "sub"):  # x - y adds y scaled by -1
+                return "op", -1, operands, name == "sub" or kwargs.get("alpha", 1) != 1
             if name in ("mul", "div"):
                 return self.classify_product(name, values, operands)
             return "op", -1, operands, False

@@ -76,6 +76,12 @@ def refusal(model: nn.Module) -> str | None:
     check_lens_model(model)
     sites = [site for _, _, site in model.residual_sites()]
     plain = [site for site in sites if not type(site).additive_stream and not weighted(site)]
+    composed = [site for site in plain if getattr(site, "connections", None) is not None]
+    if composed and type(composed[0]).base.name not in RAW_WRITE_BASES and type(composed[0]).base.additive_stream:
+        scheme = type(composed[0])
+        return (f"residual {scheme.name!r}: the lens measures the coefficients of connections across depth on pre "
+                f"or add only, whose writes are the sublayers' outputs as they are ({scheme.base.name!r} changes "
+                "them); the logit lens still applies")
     dynamic = [c for site in plain for c in getattr(site, "connections", {}).values() if not (c.additive or c.static)]
     if dynamic and type(plain[0]).base.additive_stream:
         return (f"connection {dynamic[0].name!r} ({dynamic[0].formula}) computes its coefficients from the stream, so "
@@ -106,10 +112,15 @@ def frozen_norm(norm: nn.Module, final: torch.Tensor) -> tuple[str, Callable[[to
     return "rmsnorm", lambda c: c / scale * weight, None
 
 
+# the bases whose write is the sublayer's output as it is (x + F): where the measured coefficients take the sublayers'
+# outputs as the writes (sandwich normalises F, layerscale and rezero scale it: a coefficient would count it twice)
+RAW_WRITE_BASES = ("pre", "add")
+
+
 def weighted(site: nn.Module) -> bool:
-    """Is `site` an additive scheme's with connections across depth of fixed coefficients only?"""
+    """Is `site` a composition on pre or add with connections across depth of fixed coefficients only?"""
     connections = getattr(site, "connections", None)
-    return connections is not None and type(site).base.additive_stream and all(
+    return connections is not None and type(site).base.name in RAW_WRITE_BASES and all(
         c.additive or c.static for c in connections.values())
 
 

@@ -436,10 +436,12 @@ def _matrix_panel(ax, matrix: list[list[float | None]], title: str):
     image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit)
     if values.size <= 400:
         for (r, c), v in np.ndenumerate(values):
-            if not np.isnan(v):
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7)
+            if not np.isnan(v):  # white on the dark cells, black on the light ones
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(v) > 0.6 * limit else "black")
     ax.set_xticks(range(values.shape[1]), ["emb", *(f"B{j - 1}" for j in range(1, values.shape[1]))])
-    ax.set_yticks(range(values.shape[0]), [f"avg {r}" for r in range(values.shape[0])])
+    newest = [max(c for c, v in enumerate(row) if v is not None) for row in matrix]  # X_(i+1): block i's output
+    ax.set_yticks(range(values.shape[0]), [f"after B{j - 1}" if j else "embedding" for j in newest])
     ax.set_title(title, fontsize=10)
     ax.grid(False)
     return image

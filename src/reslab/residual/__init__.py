@@ -29,8 +29,12 @@ def get_scheme(name: str) -> type[ResidualSite]:
 def _composed(name: str) -> type[ResidualSite]:
     base: type[ResidualSite] | None = None
     parts: list[type[Connection]] = []
-    for word in name.split(COMPOSE):
-        found = load("residual scheme", word.strip())
+    words = name.split(COMPOSE)
+    if not all(words) or name != "".join(name.split()):
+        raise ReslabError(f"residual {name!r}: join a scheme and connections with + and nothing else, no empty part "
+                          "and no spaces (e.g. pre+x0+long-skip)")
+    for word in words:
+        found = load("residual scheme", word)
         if isinstance(found, type) and issubclass(found, Recipe):
             base = _one_base(name, base, get_scheme(found.base))
             parts += [load("residual scheme", part) for part in found.parts]

@@ -54,6 +54,8 @@ def render_dot(view: View) -> str:
             colour = "#7b2cbf" if edge.unclaimed else "#d9822b"
             attrs.update(label=f"skip ({edge.skip})" + (", unclaimed" if edge.unclaimed else ""), color=colour,
                          penwidth="1.6", fontcolor=colour)
+            if edge.across:  # a connection across depth: the pairs it stands for, and drawn as an arc
+                attrs.update(label=f"{edge.skip}: {', '.join(edge.across)}", constraint="false")
         elif edge.dead:
             attrs.update(style="dashed", color="#bbbbbb")
         rendered = ", ".join(f"{k}={_quote(v)}" for k, v in attrs.items())

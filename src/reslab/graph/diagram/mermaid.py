@@ -37,6 +37,10 @@ def render_mermaid(view: View) -> str:
     for edge in view.edges:
         if edge.claim:
             lines.append(f'  {edge.src} -.->|"claimed, missing: {edge.claim}"| {edge.dst}')
+        elif edge.across:  # a connection across depth: the pairs it stands for
+            pairs = ", ".join(edge.across).replace('"', "#quot;")
+            lines.append(f'  {edge.src} -.->|"{edge.skip}: {pairs}{", unclaimed" if edge.unclaimed else ""}"| '
+                         f"{edge.dst}")
         elif edge.skip:
             lines.append(f"  {edge.src} -.->|skip {edge.skip}{', unclaimed' if edge.unclaimed else ''}| {edge.dst}")
         elif edge.label:

@@ -2,7 +2,9 @@
 it, and each residual no claim covers is highlighted (see `reslab.graph.design`).
 
 - `around M` missing: a skip from the item that feeds M to the item that first reads what M made;
-- `inside M` missing: a skip from M's first drawn item to its last, a loop on M's box when M is drawn as one box.
+- `inside M` missing: a skip from M's first drawn item to its last, a loop on M's box when M is drawn as one box;
+- `from S to M` missing: a skip from S (the item that feeds S for `S:in`, S's last item otherwise) to M's first
+  item, when S names one module (no `*`); else drawn as `inside M`.
 
 The overlay runs before blocks are folded, so blocks that differ in what the design says are drawn apart.
 """
@@ -57,6 +59,10 @@ def claimed_edge(view: View, paths: dict[str, str | None], module: str, claim: C
         return None
     ids = {item.id for item in members}
     first, last = members[0].id, members[-1].id  # view items are in execution order
+    if claim.source is not None:
+        source = _source_item(view, paths, claim.source)
+        if source is not None and source not in ids:  # from where the skip would leave to where it would join
+            return Edge(source, first, claim=claim.text())
     if claim.relation == "around":
         order = {item.id: item.order for item in view.items}
         feeds = [e.src for e in view.edges if e.dst in ids and e.src not in ids and not e.skip]
@@ -64,3 +70,18 @@ def claimed_edge(view: View, paths: dict[str, str | None], module: str, claim: C
         if feeds and reads:
             return Edge(max(feeds, key=order.get), min(reads, key=order.get), claim=claim.text())
     return Edge(first, last, claim=claim.text(), span=True)  # inside M, or around M at the model's edge
+
+
+def _source_item(view: View, paths: dict[str, str | None], source: str) -> str | None:
+    """The item a `from` claim's skip leaves at: what feeds module S (`S:in`), or S's last drawn item."""
+    module, _, where = source.partition(":")
+    if "*" in module.split("."):
+        return None
+    members = [item.id for item in view.items if paths[item.id] is not None and inside(paths[item.id], module)]
+    if not members:
+        return None
+    if where == "in":
+        order = {item.id: item.order for item in view.items}
+        feeds = [e.src for e in view.edges if e.dst == members[0] and e.src not in members and not e.skip]
+        return max(feeds, key=order.get) if feeds else None
+    return members[-1]

@@ -273,7 +273,43 @@ def _edge(route: Route, plan: Layout) -> str:
     marker = ("arrow-unclaimed" if edge.unclaimed else "arrow-skip") if edge.skip else "arrow"
     note = ", not claimed by the design" if edge.unclaimed else ""
     title = f"<title>skip ({escape(edge.skip)}){note}</title>" if edge.skip else ""
+    if edge.across and route.how == "right":
+        return _arc(route, plan, css, marker, note)
+    if edge.across:  # from the side column: drawn as the other edges there, the connections named in its title
+        title = f"<title>{escape(edge.skip)}: {escape(', '.join(edge.across))}{note}</title>"
     return f'<path class="{css}" d="{d}" marker-end="url(#{marker})">{title}</path>{label}'
+
+
+def _arc(route: Route, plan: Layout, css: str, marker: str, note: str) -> str:
+    """A connection across depth: an arc out to its lane and back, from the source (a block's output, the
+    embedding) to the add it joins, however many folded blocks lie between, labelled along the lane with the
+    connections it stands for ("blocks.2:out → blocks.5"; a folded arc lists every pair)."""
+    edge = route.edge
+    points, _ = _points(route, plan)
+    (x1, y1), (x2, y2) = points[0], points[-1]
+    lane = max(x for x, _ in points)
+    bulge = max(x1, x2) + (lane - max(x1, x2)) * 4 / 3  # a cubic's control points at 4/3 reach the lane itself
+    d = f"M{x1:.1f},{y1:.1f} C{bulge:.1f},{y1:.1f} {bulge:.1f},{y2:.1f} {x2:.1f},{y2:.1f}"
+    pairs = ", ".join(edge.across)
+    title = f"<title>{escape(edge.skip)}: {escape(pairs)}{note}</title>"
+    text = f"{edge.skip}: {_short(edge.across)}"
+    room = max(abs(y2 - y1) - 16, 0) / SMALL
+    if len(text) > room:
+        text = text[:max(int(room) - 1, 0)] + "…" if room >= 4 else ""
+    mid = (y1 + y2) / 2
+    label = (f'<text class="kind" x="{lane + 4:.1f}" y="{mid:.1f}" text-anchor="middle" '
+             f'transform="rotate(90 {lane + 4:.1f} {mid:.1f})">{escape(text)}</text>') if text else ""
+    return f'<path class="{css} across" d="{d}" marker-end="url(#{marker})">{title}</path>{label}'
+
+
+def _short(pairs: tuple[str, ...]) -> str:
+    """Pairs with the list they share named once: "blocks 2:out → 5, 1:out → 6" for blocks.2:out → blocks.5, ..."""
+    ends = [end for pair in pairs for end in pair.split(" → ")]
+    lists = {end.partition(":")[0].rpartition(".")[0] for end in ends}
+    if len(lists) != 1 or not next(iter(lists)):
+        return ", ".join(pairs)
+    prefix = next(iter(lists)) + "."
+    return prefix[:-1] + " " + ", ".join(pair.replace(prefix, "") for pair in pairs)
 
 
 def _points(route: Route, plan: Layout) -> tuple[list[tuple[float, float]], str]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from reslab.graph.audit import Audit
 from reslab.graph.paths import inside, relative
+from reslab.graph.residuals import ACROSS_KINDS
 from reslab.graph.trace import Trace
 
 
@@ -46,6 +47,7 @@ class Edge:
     claim: str = ""  # a design claim the code lacks ("inside layers.*.mlp"), drawn where the design puts it
     unclaimed: bool = False  # the skip edge of a residual no claim of the design covers
     span: bool = False  # a claim edge from the top of `src` to the bottom of `dst` (a loop on one box)
+    across: tuple[str, ...] = ()  # a connection across depth: "blocks.2:out → blocks.5", one per connection drawn
 
 
 @dataclass
@@ -178,6 +180,11 @@ class _Builder:
     def _edges(self) -> list[Edge]:
         nodes = self.trace.nodes
         skips = {(self.unit[r.skip], self.unit[r.add]): r.kind for r in self.audit.residuals}
+        across: dict[tuple[str | None, str | None], list[str]] = {}
+        for r in self.audit.residuals:
+            if r.kind in ACROSS_KINDS:
+                across.setdefault((self.unit[r.skip], self.unit[r.add]), []).append(f"{r.skip_from} → "
+                                                                                   f"{self._destination(r.owner)}")
         edges: dict[tuple[str, str], Edge] = {}
         for node in nodes:
             dst = self.unit[node.id]
@@ -189,7 +196,7 @@ class _Builder:
                     continue
                 if (src, dst) not in edges:
                     edges[(src, dst)] = Edge(src, dst, shape_text(nodes[source].shape), skips.get((src, dst), ""),
-                                             self.items[src].dead)
+                                             self.items[src].dead, across=tuple(across.get((src, dst), ())))
         for index, (name, node_id) in enumerate(self.trace.outputs):
             src = self.unit[node_id]
             if src is None or src not in self.items:
@@ -200,6 +207,10 @@ class _Builder:
         for item_id in [i for i, item in self.items.items() if item.kind == "input" and i not in used]:
             del self.items[item_id]
         return list(edges.values())
+
+    def _destination(self, owner: str) -> str:
+        """Where a connection across depth arrives: the block holding its add, else the module that adds it."""
+        return next((b.path for b in self.audit.blocks if inside(owner, b.path)), owner or "(model)")
 
     def _groups(self) -> list[Group]:
         trace = self.trace
@@ -264,13 +275,16 @@ def fold(view: View) -> View:
         if src not in order or dst not in order or (src == dst and not edge.claim):
             continue
         if order[src] >= order[dst] and group_of[src] is not None and group_of[src] == group_of[dst] and \
-                not edge.claim:
+                not edge.claim and not edge.across:
             continue  # block k's output into block k+1: inside a folded frame this is the repetition itself
         key = (src, dst, edge.claim)
         if key not in edges:
             edges[key] = replace(edge, src=src, dst=dst)
-        elif edge.skip:
-            edges[key].skip = edge.skip
+        else:
+            if edge.skip:
+                edges[key].skip = edge.skip
+            # connections across depth folded onto one arc keep every pair they stand for
+            edges[key].across = tuple(dict.fromkeys(edges[key].across + edge.across))
     return View(view.title, items, list(edges.values()), keep_groups, view.notes)
 
 

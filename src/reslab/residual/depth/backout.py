@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from reslab.residual.base import check_number_option
-from reslab.residual.depth.base import Connection, DepthStream
+from reslab.residual.depth.base import Connection, DepthStream, block_output
 from reslab.residual.depth.skips import check_block_option, check_block_range
 
 BACKED_OUT = "backout"  # the DepthStream entry holding lambda * h_k, saved at block k's end, read before the head
@@ -80,7 +80,9 @@ class Backout(Connection):
     def leave(self, before: DepthStream, after: DepthStream) -> DepthStream:
         if self.weight is None:
             return after
-        return after.save(BACKED_OUT, self.weight * after.x)
+        # block k's output as the composed site saved it, before any connection's `leave` at this site changed the
+        # stream (a DenseFormer average, MUDD's mix): the same h_k whatever the order the connections are written in
+        return after.save(BACKED_OUT, self.weight * after.saved[block_output(self.spec.layer)])
 
     def coefficients(self) -> dict[str, Any]:
         return {} if self.weight is None else {"lambda": self.weight.item()}

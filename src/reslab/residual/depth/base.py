@@ -51,9 +51,6 @@ def block_output(layer: int) -> str:
     return f"blocks.{layer}:out"
 
 
-EMBEDDING = "embedding"  # the name of the stream before the first block (x0)
-
-
 def resolve_options(kind: str, name: str, defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
     """`given` over `defaults`: an unknown key or a non-finite number is one line naming `kind` `name`."""
     unknown = set(given) - set(defaults)

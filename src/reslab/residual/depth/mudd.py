@@ -77,6 +77,9 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
 
 
+MAX_HIDDEN = 65536
+
+
 class MUDD(Connection):
     """Multiway dynamic dense connections: after block i, each stream the next block reads (Q, K, V, R, or R
     alone) is a per-position, input-dependent weighted sum of the embedding and every block output so far.
@@ -130,6 +133,9 @@ class MUDD(Connection):
             raise ReslabError(f"connection 'mudd': mudd_streams must be 'qkvr' (the paper's: query, key, value and "
                               f"residual streams) or 'r' (the residual stream alone), got {options['mudd_streams']!r}")
         check_integer_option(cls.name, options, "mudd_hidden", 0, " (0: C L_i, the number of weights it makes)")
+        if options["mudd_hidden"] > MAX_HIDDEN:
+            raise ReslabError(f"connection 'mudd': mudd_hidden must be at most {MAX_HIDDEN} (a generator wider than "
+                              f"any model here), got {options['mudd_hidden']}")
         return options
 
     def init_branch(self, sublayer: nn.Module) -> None:

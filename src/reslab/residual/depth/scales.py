@@ -23,7 +23,7 @@ class ResidualScales(Connection):
     formula = "x = a_i x + b_i F(LN(x))"
     paper = "Jordan et al. 2024-26, modded-nanogpt speedrun records #45 (2025-11-18), train_gpt.py @f411b3d"
     reference = "KellerJordan/modded-nanogpt @f411b3d train_gpt.py:1334-1338,1634-1640,1663-1665"
-    kind = "residual scale"
+    kind = "scaled"  # the audit reads a x + b F as a scaled residual
     option_defaults = {"scales_resid_init": math.sqrt(1.1), "scales_branch_init": 1.0}
     replaces_update = True
 

@@ -50,8 +50,8 @@ class UNetSkips(Connection):
     L/2 blocks push their outputs on a stack and block L/2 + j starts with `x = x + w_j pop()`, pairs (5->6, 4->7,
     ..., 0->11) at 12 layers, `skip_weights` init 1. Record #32 (2025-09-11, README) passes each weight through a
     sigmoid with raw init -1.5 (0.18), the form kept through record #40 (Backout log d655b12a...txt:
-    `gate = torch.sigmoid(skip_weights[i - n])`). That later form is the default here (`unet_sigmoid` true);
-    `unet_sigmoid=false` gives record #11's plain weight. `unet_init` is the raw init: by default -1.5 through the
+    `gate = torch.sigmoid(skip_weights[i - n])`). That later form is the default here; `unet_plain` (`--unet-plain`)
+    gives record #11's plain weight. `unet_init` is the raw init: by default -1.5 through the
     sigmoid, 1 without. With an odd L the middle block receives nothing. (x-transformers' `unet_skips` is not this
     form: it concatenates the skip with the stream and projects them with a learned (2D -> D) matrix.)
     """
@@ -62,7 +62,7 @@ class UNetSkips(Connection):
     reference = ("KellerJordan/modded-nanogpt records/track_1_short/2024-11-10_UNetDoubleLr log lines 241-244,257-270;"
                  " README record #32 (sigmoid, init -1.5)")
     kind = "long skip"
-    option_defaults = {"unet_init": None, "unet_sigmoid": True}
+    option_defaults = {"unet_init": None, "unet_plain": False}
     options_need_layers = 2  # one block has no pair
     static = True  # the weights are parameters: the final stream is a fixed linear combination of the writes (lens)
 
@@ -70,7 +70,7 @@ class UNetSkips(Connection):
         super().__init__(spec, options)
         layers = spec.num_layers
         self.source = layers - 1 - spec.layer if self.block_start and spec.layer >= layers - layers // 2 else None
-        self.sigmoid = bool(options["unet_sigmoid"])
+        self.sigmoid = not options["unet_plain"]
         init = options["unet_init"]
         if init is None:
             init = SIGMOID_INIT if self.sigmoid else PLAIN_INIT
@@ -81,8 +81,8 @@ class UNetSkips(Connection):
         options = super().resolve_options(given)
         if options["unet_init"] is not None:
             check_number_option(cls.name, options, "unet_init", -10.0, 10.0)
-        if not isinstance(options["unet_sigmoid"], bool):
-            raise ReslabError(f"connection 'unet': unet_sigmoid must be true or false, got {options['unet_sigmoid']!r}")
+        if not isinstance(options["unet_plain"], bool):
+            raise ReslabError(f"connection 'unet': unet_plain must be true or false, got {options['unet_plain']!r}")
         return options
 
     def coefficient(self) -> torch.Tensor:
