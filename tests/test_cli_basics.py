@@ -66,6 +66,6 @@ def test_residual_flag_accepts_every_scheme(cli, model):
     from reslab.residual import SCHEMES
 
     for name in SCHEMES:
-        code, out, err = cli("info", "--model", model, "--residual", name, "--layers", "1")
+        code, out, err = cli("info", "--model", model, "--residual", name, "--layers", "2")  # 2: connections need 2
         assert code == 0, err
         assert f"{name}:" in out and "parameters:" in out

@@ -117,8 +117,7 @@ _BUILT_IN = (
            "residual/resi_dual.py scheme_metrics", PER_BLOCK, tensorboard="dual_stream_rms"),
     Metric("depth_coefficients", "", "connections across depth: each one's learned coefficients (residual scales, "
            "x0 and skip weights, gates, the depth-weight matrix), connection -> name -> one value per site",
-           "residual/depth/base.py scheme_metrics", OTHER,
-           plot=Plotted("depth_weights", "depth-weight matrix", expected=False)),
+           "residual/depth/base.py scheme_metrics", OTHER),  # drawn as a matrix: report/plots.py plot_depth_weights
     Metric("aux_losses", NATS, "each auxiliary loss of the model (ModelOutput.aux_losses), unweighted, on log steps",
            "the model's forward", BY_NAME, tensorboard="aux"),
     Metric("model_metrics", "", "the model's own metrics (ModelOutput.metrics), on log steps", "the model's forward",

@@ -396,11 +396,6 @@ def _figures(seeds: str) -> dict[str, tuple[Callable[..., bool], str, str]]:
                     "drift (cosine similarity between what enters and what leaves a block: 1 = unchanged, 0 = "
                     "replaced) and the update ratio ||F(x)|| / ||x|| of the attention (solid) and FFN (dashed) "
                     "sublayers.")),
-        "depth_weights": (plot_depth_weights, "Depth-weight matrices learned by dense connections", (
-                          "DenseFormer's depth-weighted averages at the end of training: row r is the average after "
-                          "a block, column j the source it weighs (emb: the embedding, Bj: block j's output); 1 on "
-                          "the newest source and 0 elsewhere is the identity it starts from. As in the DenseFormer "
-                          "paper's figure, weights on older outputs show what the model reuses across depth.")),
         "amax": (plot_amax, "Amax gain of the composite residual mixing", (
                  "HC / mHC only: the largest absolute row sum (forward) or column sum (backward) of the product of the "
                  "residual mixing matrices over depth. Near 1 is stable; large values amplify signals and gradients.")),
@@ -519,6 +514,11 @@ def plot_forest(ablation: Ablation, path: Path, colours: dict[str, str], metrics
     return True
 
 
+DEPTH_WEIGHTS_CAPTION = ("DenseFormer's depth-weighted averages at the end of training: row r is the average after "
+                          "a block, column j the source it weighs (emb: the embedding, Bj: block j's output); 1 on "
+                          "the newest source and 0 elsewhere is the identity it starts from. As in the DenseFormer "
+                          "paper's figure, weights on older outputs show what the model reuses across depth.")
+
 FOREST_CAPTION = ("Each scheme minus the baseline in final validation loss, paired by seed: the point is the mean "
                   "difference, the bar its 95% interval, the label the verdict of the paired t-test after Holm's "
                   "correction over the grid. A bar that crosses the dashed line at zero cannot tell the two apart at "
@@ -542,6 +542,8 @@ def make_plots(ablation: Ablation) -> list[Plot]:
                                                       f"{metrics[0].description} ({seeds}).")
         specs.append((name, draw, title, caption, metrics))
     specs.append(("forest", plot_forest, "Difference to the baseline", FOREST_CAPTION, []))
+    specs.append(("depth_weights", plot_depth_weights, "Depth-weight matrices learned by dense connections",
+                  DEPTH_WEIGHTS_CAPTION, []))
     specs.append(("lens", _lens_figure, "Logit lens by block", LENS_CAPTION, []))
     written = []
     with matplotlib.rc_context(STYLE):

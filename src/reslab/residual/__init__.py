@@ -47,7 +47,10 @@ def _composed(name: str) -> type[ResidualSite]:
     repeated = [part.name for part in parts if parts.count(part) > 1]
     if repeated:
         raise ReslabError(f"residual {name!r} names connection {repeated[0]!r} twice; name it once")
-    return compose(name, base or get_scheme("pre"), tuple(parts))
+    composed = compose(name, base or get_scheme("pre"), tuple(parts))
+    if len(words) == 1:  # a connection or recipe by its own name states its own formula and paper (`reslab list`)
+        composed.formula, composed.paper = found.formula, found.paper
+    return composed
 
 
 def _one_base(name: str, chosen: type[ResidualSite] | None, found: type[ResidualSite]) -> type[ResidualSite]:
