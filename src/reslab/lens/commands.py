@@ -105,6 +105,8 @@ def cmd_lens(args: argparse.Namespace) -> int:
     print(f"on {result.tokens} tokens of {given.text}, {given.inputs.shape[0]} window(s) of "
           f"{given.inputs.shape[1]}")
     print(lens_table(result))
+    if result.streams is not None:
+        print(result.streams.table(result.names))
     for note in lens_notes(result):
         print(note)
     for path in plots:

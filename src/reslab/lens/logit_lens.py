@@ -23,6 +23,7 @@ from reslab.errors import ReslabError
 from reslab.lens.capture import capture_forward, decode, inputs_and_targets, site_names
 from reslab.lens.decompose import decomposition_from, refusal
 from reslab.lens.result import METRICS, LensResult
+from reslab.lens.streams import per_stream
 from reslab.residual.base import StreamAdapter
 
 __all__ = ["METRICS", "LensResult", "lens", "lens_metrics"]
@@ -98,4 +99,5 @@ def lens(model: nn.Module, tokens, targets=None, *, keep_logits: bool = False, t
     return LensResult(site_names(model), means["loss"], means["entropy"], means["agreement"], means["kl"],
                       per_position=per_position, scheme=type(capture.sites[0]).name,
                       stream=describe_stream(model), tokens=targets.numel(), decomposition=decomposition,
-                      refused=reason, logits=torch.stack(kept) if keep_logits else None, tuned=tuned_means)
+                      refused=reason, logits=torch.stack(kept) if keep_logits else None, tuned=tuned_means,
+                      streams=per_stream(model, capture, final_logp, targets, positions, lens_metrics))

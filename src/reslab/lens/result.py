@@ -13,6 +13,7 @@ import torch
 
 from reslab.display import data_frame, html_block, html_table
 from reslab.lens.decompose import Decomposition
+from reslab.lens.streams import StreamLens
 
 METRICS = ("loss", "entropy", "agreement", "kl")  # the keys of per_position, rows() and the JSON
 # the columns of `reslab lens`, each with the format it prints (`after` left-aligned, the numbers right-aligned)
@@ -39,6 +40,7 @@ class LensResult:
     refused: str | None = None
     logits: torch.Tensor | None = field(default=None, repr=False)  # (entries, batch, positions, vocab) if kept
     tuned: dict[str, list[float]] | None = None  # the tuned lens's means by metric, when one was given
+    streams: StreamLens | None = None  # each parallel stream decoded on its own (multi-stream schemes)
 
     @property
     def agreement(self) -> list[float]:
@@ -71,6 +73,8 @@ class LensResult:
             record["decomposition"] = self.decomposition.to_dict()
         else:
             record["decomposition_refused"] = self.refused
+        if self.streams is not None:
+            record["streams"] = self.streams.to_dict()
         return record
 
     # --- the table `reslab lens` prints, and the same in a notebook ------------------------------------------------
@@ -99,6 +103,9 @@ class LensResult:
         notes = [f"stream: {self.stream}",
                  "loss: next-token loss of the decoded stream; "
                  "top-1 and KL (final || lens): against the model's output"]
+        if self.streams is not None:
+            notes.append(f"per stream ({self.streams.count} streams): each decoded alone with the final norm and "
+                         "head; read: the mean weight the next site reads it with")
         parts = self.decomposition
         if parts is None:
             notes.append(f"decomposition refused: {self.refused}")

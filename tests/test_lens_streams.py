@@ -1,0 +1,77 @@
+"""The lens per stream on multi-stream schemes: each parallel stream decoded on its own with the model's final norm
+and head, and the weight each site reads it with (issue 28, item 4, for reslab's own models)."""
+
+import json
+
+import pytest
+import torch
+
+import reslab
+
+MULTI = ["hc", "mhc", "mhc-v4", "mhc-lite", "gated-hc"]
+
+
+def build(residual: str, perturb: bool = False, **options):
+    torch.manual_seed(0)
+    model = reslab.build_model("gpt", width=32, heads=2, layers=2, vocab_size=65, context=16, residual=residual,
+                               residual_options=options)
+    if perturb:  # every connection weight away from its init, so the streams part ways
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(1)
+            for name, parameter in model.named_parameters():
+                if "_residual." in name or name.startswith("stream."):
+                    parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("residual", MULTI)
+def test_every_stream_is_decoded_at_every_entry(residual):
+    result = reslab.lens(build(residual), tokens())
+    streams = result.streams
+    assert streams is not None and streams.count == 4
+    assert all(len(values) == len(result.names) for values in streams.loss + streams.agreement + streams.kl)
+    assert all(torch.isfinite(torch.tensor(values)).all() for values in streams.loss)
+
+
+def test_hc_at_init_carries_copies_so_each_stream_reads_as_the_collapse():
+    """Hyper-connections start with an identity mix and every write into every stream: n equal copies, whose sum the
+    final LayerNorm reads as one copy. Each stream's lens equals the reduced stream's."""
+    result = reslab.lens(build("hc"), tokens())
+    assert all(result.streams.loss[k] == result.streams.loss[0] for k in range(4))  # equal copies, bit for bit
+    # LayerNorm(4 x) is LayerNorm(x) but for its eps (1e-5 against a 16x larger variance): 1e-4 nats apart
+    assert result.streams.loss[0] == pytest.approx(result.loss, abs=5e-4)
+
+
+def test_streams_part_ways_once_the_connections_move():
+    result = reslab.lens(build("hc", perturb=True), tokens())
+    last = [result.streams.loss[k][-1] for k in range(4)]
+    assert max(last) - min(last) > 1e-3
+
+
+def test_read_weights_are_the_sites_own_static_reads():
+    model = build("hc", perturb=True)
+    result = reslab.lens(model, tokens())
+    sites = [site for _, _, site in model.residual_sites()]
+    for s, site in enumerate(sites):
+        assert [result.streams.read[k][s] for k in range(4)] == pytest.approx(site.read.tolist(), abs=1e-6)
+
+
+def test_one_stream_has_no_per_stream_lens(cli):
+    assert reslab.lens(build("pre"), tokens()).streams is None
+    code, out, err = cli("lens", "gpt", "--layers", "2", "--width", "32", "--heads", "2", "--tokens", "12", "--json")
+    assert code == 0, err and "streams" not in json.loads(out)
+
+
+def test_cli_prints_and_writes_the_per_stream_lens(cli):
+    flags = ["lens", "gpt", "--residual", "mhc", "--layers", "2", "--width", "32", "--heads", "2", "--tokens", "12"]
+    code, out, err = cli(*flags, "--json")
+    assert code == 0, err
+    streams = json.loads(out)["streams"]
+    assert streams["count"] == 4 and len(streams["loss"]) == 4 and len(streams["read"][0]) == 4  # 4 sites
+    code, out, err = cli(*flags)
+    assert code == 0, err
+    assert "loss s0" in out and "read s3" in out and "per stream (4 streams)" in out
