@@ -126,6 +126,8 @@ REPRODUCTIONS: dict[str, str] = {
     "leaderboard": "reslab.reproduce.leaderboard",
     "speedrun-ladder": "reslab.reproduce.speedrun_ladder",
     "denseformer-depth": "reslab.reproduce.denseformer_depth",
+    "mix-ln": "reslab.reproduce.mix_ln",
+    "depth-transfer": "reslab.reproduce.depth_transfer",
 }
 
 # kind -> (entry-point group, the built-in table). A reproduction plug-in names a module (`name = package.module`).

@@ -54,15 +54,32 @@ HF_SMALL: dict[str, dict[str, Any]] = {
            "vocab_size": 128},
     "vit": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
             "image_size": 32, "patch_size": 8},
+    # Qwen4-Exp (configuration_qwen4_exp.py, Qwen4ExpTextConfig): every 4th layer is `indexed_attention`, so 4 layers
+    # to have one; its QSA indexer needs all five indexer_* fields, one key head, a head at least head_dim wide
+    # (the rotary part must fit) and a budget divisible by the compress ratio (validate_architecture).
+    "qwen4_exp_text": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                       "head_dim": 16, "vocab_size": 128, "max_position_embeddings": 64, "num_experts": 4,
+                       "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
+                       "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+                       "linear_value_head_dim": 16, "hc_lowrank": 8, "indexer_n_heads": 2, "indexer_kv_heads": 1,
+                       "indexer_head_dim": 16, "indexer_budget": 4, "indexer_compress_ratio": 2},
+    # Gemma 3n (configuration_gemma3n.py, Gemma3nTextConfig): the last num_kv_shared_layers (15) layers reuse the KV
+    # of an earlier layer of their type (kv_sharing_modes), which 2 layers do not have: no sharing. Both attention
+    # types, and the per-layer-input embedding (262144 x 256 per layer by default) made small.
+    "gemma3n_text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "head_dim": 16, "intermediate_size": 128, "vocab_size": 128, "max_position_embeddings": 64,
+                     "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 8, "num_kv_shared_layers": 0,
+                     "laurel_rank": 4, "altup_num_inputs": 2, "layer_types": ["sliding_attention", "full_attention"],
+                     "sliding_window": 16},
 }
 HF_GENERIC = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
               "vocab_size": 128}
 # Fields set only on configs that have them: as many key-value heads as heads (HF_GENERIC has 4), a few small
-# experts with the mixture from layer 1 on.
+# experts with the mixture from layer 1 on, no layer reusing another's KV cache (2 layers have none to share).
 HF_SMALL_OPTIONAL = {"rotary_dim": 8, "num_key_value_heads": 4, "num_experts": 4, "num_local_experts": 4,
                      "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                      "shared_expert_intermediate_size": 64, "first_k_dense_replace": 1, "n_group": 1,
-                     "topk_group": 1}
+                     "topk_group": 1, "num_kv_shared_layers": 0}
 
 
 @dataclass
@@ -318,14 +335,18 @@ def _huggingface(model_type: str, overrides: dict[str, Any], device: str) -> tup
         else:
             note = "with random weights"
         _note_cpu(f"hf:{model_type}", note)
-        if getattr(config, "use_cache", None):  # on CPU, without a KV cache: a hybrid whose few layers are all
-            config.use_cache = False  # recurrent has no attention layer to tell a cache's length
+        for part in (config, config.get_text_config()):  # on CPU, without a KV cache (a composite's text model
+            if getattr(part, "use_cache", None):  # reads its own): a hybrid whose few layers are all recurrent
+                part.use_cache = False  # has no attention layer to tell a cache's length
         model = _hf_build(model_type, config, "cpu")
         inputs = _hf_inputs(model, config, "cpu")
     return model, inputs
 
 
 def _hf_config(model_type: str, overrides: dict[str, Any]):
+    """MODEL_TYPE's config with the small values and `overrides`. A composite config (a vision-language or
+    multimodal one) gets them in its text sub-config, which its causal LM builds from: on the outer config they
+    would be kept as attributes nobody reads, and the default full-size text model built."""
     try:
         from transformers import AutoConfig
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -335,17 +356,34 @@ def _hf_config(model_type: str, overrides: dict[str, Any]):
         raise ReslabError(f"unknown transformers model type {model_type!r}; e.g. {', '.join(HF_SMALL)} "
                           "(any key of transformers' CONFIG_MAPPING)")
     defaults = CONFIG_MAPPING[model_type]()
-    unknown = sorted(key for key in overrides if not hasattr(defaults, key))
+    text, key = _text_part(defaults)
+    unknown = sorted(name for name in overrides if not hasattr(defaults, name) and not hasattr(text, name))
     if unknown:  # transformers would keep a typo as an attribute nobody reads
         raise ReslabError(f"--set {unknown[0]}: hf:{model_type}'s config has no field {unknown[0]!r}; check the name "
                           f"in transformers' {type(defaults).__name__}")
-    optional = {key: value for key, value in HF_SMALL_OPTIONAL.items() if getattr(defaults, key, None) is not None}
-    values = {**optional, **HF_SMALL.get(model_type, HF_GENERIC), **overrides}
+    optional = {name: value for name, value in HF_SMALL_OPTIONAL.items() if getattr(text, name, None) is not None}
+    small = {**optional, **HF_SMALL.get(model_type, HF_SMALL.get(text.model_type, HF_GENERIC))}
+    if key is None:
+        values = {**small, **overrides}
+    else:  # an override the text config has goes into it; the outer config's own fields stay outside
+        inner = {name: value for name, value in overrides.items() if hasattr(text, name)}
+        values = {name: value for name, value in overrides.items() if name not in inner}
+        given = values.get(key)
+        values[key] = {**small, **(given if isinstance(given, dict) else {}), **inner}
     with quiet_transformers():
         try:
             return AutoConfig.for_model(model_type, **values)
         except Exception as error:  # transformers validates configs with several exception types
             raise ReslabError(f"cannot build hf:{model_type} from its config: {_reason(error)[:300]}") from None
+
+
+def _text_part(config) -> tuple[Any, str | None]:
+    """(text config, the outer config's field holding it) of a composite config; (config, None) otherwise."""
+    text = config.get_text_config()
+    if text is config:
+        return config, None
+    key = next((name for name in getattr(config, "sub_configs", {}) if getattr(config, name, None) is text), None)
+    return (text, key) if key else (config, None)
 
 
 def _hf_build(model_type: str, config, device: str) -> nn.Module:
