@@ -162,6 +162,12 @@ def check_integer_option(scheme: str, options: Mapping[str, Any], name: str, min
         raise ReslabError(f"residual scheme {scheme!r}: {name} must be {bound}, got {value!r}")
 
 
+def check_bool_option(scheme: str, options: Mapping[str, Any], name: str) -> None:
+    """Scheme options that switch something on or off must be booleans (not 1, not "yes")."""
+    if not isinstance(options[name], bool):
+        raise ReslabError(f"residual scheme {scheme!r}: {name} must be true or false, got {options[name]!r}")
+
+
 def check_number_option(scheme: str, options: Mapping[str, Any], name: str, low: float, high: float,
                         meaning: str = "") -> None:
     """Scheme options that are fractions or scales must be numbers (not booleans) in [low, high]."""

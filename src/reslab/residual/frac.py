@@ -46,6 +46,7 @@ from reslab.residual.base import (
     ResidualSite,
     SiteSpec,
     StreamAdapter,
+    check_bool_option,
     check_integer_option,
     on_single_stream,
 )
@@ -96,8 +97,7 @@ class FracConnections(ResidualSite):
         check_integer_option(cls.name, options, "frac_fractions", 2,
                              " (one fraction is hyper-connections: use --residual hc)")
         for key in ("frac_dynamic", "frac_tanh"):
-            if not isinstance(options[key], bool):
-                raise ReslabError(f"residual scheme 'frac': {key} must be true or false, got {options[key]!r}")
+            check_bool_option(cls.name, options, key)
         return options
 
     @classmethod

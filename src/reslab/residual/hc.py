@@ -4,8 +4,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from reslab.errors import ReslabError
-from reslab.residual.base import SiteSpec
+from reslab.residual.base import SiteSpec, check_bool_option
 from reslab.residual.multistream import MultiStreamSite
 
 
@@ -51,8 +50,7 @@ class HyperConnections(MultiStreamSite):
     @classmethod
     def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
         options = super().resolve_options(given)
-        if not isinstance(options["hc_dynamic"], bool):
-            raise ReslabError(f"hc_dynamic must be true or false, got {options['hc_dynamic']!r}")
+        check_bool_option(cls.name, options, "hc_dynamic")
         return options
 
     @classmethod

@@ -5,8 +5,14 @@ import torch
 import torch.nn as nn
 
 from reslab.contracts import ValueMixing, is_attention, require
-from reslab.errors import ReslabError
-from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter, check_number_option, on_single_stream
+from reslab.residual.base import (
+    ResidualSite,
+    SiteSpec,
+    StreamAdapter,
+    check_bool_option,
+    check_number_option,
+    on_single_stream,
+)
 
 
 class ValueStream(NamedTuple):
@@ -54,8 +60,7 @@ class ValueResidual(ResidualSite):
     def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
         options = super().resolve_options(given)
         check_number_option(cls.name, options, "value_mix", 0, 1)
-        if not isinstance(options["value_mix_learned"], bool):
-            raise ReslabError(f"value_mix_learned must be true or false, got {options['value_mix_learned']!r}")
+        check_bool_option(cls.name, options, "value_mix_learned")
         return options
 
     @classmethod

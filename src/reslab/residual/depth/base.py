@@ -125,6 +125,17 @@ class Connection(nn.Module):
     def init_branch(self, sublayer: nn.Module) -> None:
         """Called once after the model's own init, with this site's sublayer."""
 
+    def source(self, stream: DepthStream, j: int) -> torch.Tensor:
+        """X_j of a dense connection: the embedding for j = 0, else block j-1's raw output as the composed site
+        saved it; one line when the stream does not carry it (a site called alone, outside a model)."""
+        if j == 0:
+            return stream.x0
+        key = block_output(j - 1)
+        if key not in stream.saved:
+            raise ReslabError(f"connection {self.name!r} after block {self.spec.layer} needs {key!r}, which the "
+                              "stream does not carry; run its sites in a model, block by block")
+        return stream.saved[key]
+
     def coefficients(self) -> dict[str, Any]:
         """The learned coefficients of this site's part, by name (plain numbers or nested lists)."""
         return {}

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from reslab.errors import ReslabError
 from reslab.residual.base import check_integer_option
-from reslab.residual.depth.base import Connection, DepthStream, block_output
+from reslab.residual.depth.base import Connection, DepthStream
 
 
 def dwa_sources(layer: int, dilation: int) -> list[int]:
@@ -90,16 +90,6 @@ class DenseFormerDWA(Connection):
 
     static = True  # the weights are parameters: the final stream is a fixed combination of the writes (the lens)
 
-    def output(self, stream: DepthStream, j: int) -> torch.Tensor:
-        """X_j: the embedding for j = 0, else block j-1's raw output as the composed site saved it."""
-        if j == 0:
-            return stream.x0
-        key = block_output(j - 1)
-        if key not in stream.saved:
-            raise ReslabError(f"connection 'denseformer' after block {self.spec.layer} needs {key!r}, which the "
-                              "stream does not carry; run its sites in a model, block by block")
-        return stream.saved[key]
-
     def leave(self, before: DepthStream, after: DepthStream) -> DepthStream:
         """After the block's last sublayer: the stream becomes `Y_i`; the saved raw output stays `X_{i+1}`.
 
@@ -107,10 +97,10 @@ class DenseFormerDWA(Connection):
         for the backward pass (the reference shares one buffer for the same reason, denseformer.py:4-25)."""
         if self.alpha is None:
             return after
-        raw = self.output(after, self.sources[-1])
-        y = self.alpha[0] * self.output(after, self.sources[0])
+        raw = self.source(after, self.sources[-1])
+        y = self.alpha[0] * self.source(after, self.sources[0])
         for weight, j in zip(self.alpha[1:], self.sources[1:]):
-            y = y + weight * self.output(after, j)
+            y = y + weight * self.source(after, j)
         if after.x is not raw:  # an earlier connection changed the stream at this site: keep its change on top
             y = y + (after.x - raw)
         return after._replace(x=y)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from reslab.errors import ReslabError
 from reslab.residual.base import ResidualSite, check_integer_option
-from reslab.residual.depth.base import Connection, DepthStream, block_output
+from reslab.residual.depth.base import Connection, DepthStream
 
 STREAMS = ("qkvr", "r")  # the values of `mudd_streams`: the stream names, R (the residual) last
 RMS_EPS = 1e-6  # RMSnormNoscale(epsilon=config.norm_eps), norm_eps 1e-6 (modeling_muddformer.py:57, config)
@@ -175,16 +175,6 @@ class MUDD(Connection):
         residual = mixed[-1] if after.x is raw else mixed[-1] + (after.x - raw)  # keep an earlier connection's change
         saved = {**after.saved, **{carried_key(name): s for name, s in zip(self.streams, mixed[:-1])}}
         return after._replace(x=residual, saved=saved)
-
-    def source(self, stream: DepthStream, j: int) -> torch.Tensor:
-        """X_j: the embedding for j = 0, else block j-1's raw output as the composed site saved it."""
-        if j == 0:
-            return stream.x0
-        key = block_output(j - 1)
-        if key not in stream.saved:
-            raise ReslabError(f"connection 'mudd' after block {self.spec.layer} needs {key!r}, which the stream does "
-                              "not carry; run its sites in a model, block by block")
-        return stream.saved[key]
 
     def weights(self, current: torch.Tensor) -> torch.Tensor:
         """A_i (batch, seq, C, L_i) from the current block's output (modeling_muddformer.py:68-72, 182-183)."""

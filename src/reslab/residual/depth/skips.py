@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from reslab.errors import ReslabError
-from reslab.residual.base import check_number_option
+from reslab.residual.base import check_bool_option, check_number_option
 from reslab.residual.depth.base import Connection, DepthStream, block_output
 
 SIGMOID_INIT = -1.5  # the raw init of the speedrun's gated skips: sigmoid(-1.5) = 0.18 (records #32 and HEAD)
@@ -81,8 +81,7 @@ class UNetSkips(Connection):
         options = super().resolve_options(given)
         if options["unet_init"] is not None:
             check_number_option(cls.name, options, "unet_init", -10.0, 10.0)
-        if not isinstance(options["unet_plain"], bool):
-            raise ReslabError(f"connection 'unet': unet_plain must be true or false, got {options['unet_plain']!r}")
+        check_bool_option(cls.name, options, "unet_plain")
         return options
 
     def coefficient(self) -> torch.Tensor:

@@ -4,8 +4,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from reslab.errors import ReslabError
-from reslab.residual.base import check_number_option
+from reslab.residual.base import check_bool_option, check_number_option
 from reslab.residual.depth.base import Connection, DepthStream
 
 GATE_CHANNELS = 12  # a dynamic gate reads the first 12 channels, as the speedrun's gates do
@@ -39,8 +38,7 @@ class X0Injection(Connection):
     def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
         options = super().resolve_options(given)
         check_number_option(cls.name, options, "x0_init", -10.0, 10.0)
-        if not isinstance(options["x0_gated"], bool):
-            raise ReslabError(f"connection 'x0': x0_gated must be true or false, got {options['x0_gated']!r}")
+        check_bool_option(cls.name, options, "x0_gated")
         return options
 
     @property
