@@ -55,3 +55,29 @@ def make_corpus(path: Path, chars: int = 30_000, seed: int = 0) -> Path:
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     return make_corpus(tmp_path / "corpus.txt")
+
+
+@pytest.fixture(scope="module")
+def reproduce(tmp_path_factory):
+    """`reslab reproduce NAME --quick --json` run once per test module (in-process, one job, on a corpus of its own);
+    returns (exit code, the verdict JSON, the ablation directory)."""
+    import contextlib
+    import io
+    import json
+
+    from reslab.cli import main
+
+    cache = {}
+
+    def run(name: str):
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            corpus = make_corpus(root / "corpus.txt")
+            stdout = io.StringIO()
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+                code = main(["reproduce", name, "--quick", "--json", "--jobs", "1", "--data", str(corpus),
+                             "--out", str(root / "out")])
+            cache[name] = (code, json.loads(stdout.getvalue()), root / "out")
+        return cache[name]
+
+    return run

@@ -11,28 +11,6 @@ KEYS = {"tiny-residual": {"residual", "article_edit", "no_residual"}, "depth": {
         "post-vs-pre": {"post", "pre", "deepnorm"}, "deepseek-residuals": {"pre", "post", "none", "mhc"}}
 
 
-@pytest.fixture(scope="module")
-def reproduce(tmp_path_factory):
-    """Run each quick reproduction once per module (in-process, one job); returns (code, verdict JSON, out dir)."""
-    import contextlib
-    import io
-
-    cache = {}
-
-    def run(name: str):
-        if name not in cache:
-            root = tmp_path_factory.mktemp(name)
-            corpus = make_corpus(root / "corpus.txt")
-            stdout = io.StringIO()
-            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-                code = main(["reproduce", name, "--quick", "--json", "--jobs", "1", "--data", str(corpus),
-                             "--out", str(root / "out")])
-            cache[name] = (code, json.loads(stdout.getvalue()), root / "out")
-        return cache[name]
-
-    return run
-
-
 @pytest.mark.parametrize("name", list(KEYS))
 def test_quick_reproduction_prints_a_verdict(reproduce, name):
     code, result, out = reproduce(name)

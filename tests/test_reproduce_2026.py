@@ -5,33 +5,9 @@ depth-transfer one sweeps one ablation directory per learning rate and draws the
 import json
 
 import pytest
-from conftest import make_corpus
 
-from reslab.cli import main
 
 QUICK_NOTE = "(quick mode: too short to be conclusive; run without --quick)"
-
-
-@pytest.fixture(scope="module")
-def reproduce(tmp_path_factory):
-    """Run each quick reproduction once per module (in-process, one job); returns (code, verdict JSON, out dir)."""
-    import contextlib
-    import io
-
-    cache = {}
-
-    def run(name: str):
-        if name not in cache:
-            root = tmp_path_factory.mktemp(name)
-            corpus = make_corpus(root / "corpus.txt")
-            stdout = io.StringIO()
-            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-                code = main(["reproduce", name, "--quick", "--json", "--jobs", "1", "--data", str(corpus),
-                             "--out", str(root / "out")])
-            cache[name] = (code, json.loads(stdout.getvalue()), root / "out")
-        return cache[name]
-
-    return run
 
 
 def run_file(ablation, scheme: str, depth: int, name: str, seed: int = 0):

@@ -4,31 +4,8 @@ whose numbers are the grid's own (read back from the runs), and the DenseFormer 
 import json
 
 import pytest
-from conftest import make_corpus
 
-from reslab.cli import main
 from reslab.reproduce.speedrun_ladder import LADDER
-
-
-@pytest.fixture(scope="module")
-def reproduce(tmp_path_factory):
-    import contextlib
-    import io
-
-    cache = {}
-
-    def run(name: str):
-        if name not in cache:
-            root = tmp_path_factory.mktemp(name)
-            corpus = make_corpus(root / "corpus.txt")
-            stdout = io.StringIO()
-            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-                code = main(["reproduce", name, "--quick", "--json", "--jobs", "1", "--data", str(corpus),
-                             "--out", str(root / "out")])
-            cache[name] = (code, json.loads(stdout.getvalue()), root / "out")
-        return cache[name]
-
-    return run
 
 
 def run_losses(out, scheme: str, depth: int, seed: int = 0) -> float:
