@@ -206,9 +206,7 @@ class AltUp(ResidualSite):
         check_number_option(cls.name, options, "altup_coef_clip", 0, float("inf"), " (0: no clipping)")
         return options
 
-    @classmethod
-    def streams(cls, options: Mapping[str, Any]) -> int:
-        return cls.resolve_options(options)["altup_streams"]
+    streams_option = "altup_streams"  # the option that counts its streams (ResidualSite.streams)
 
     @classmethod
     def stream_adapter(cls, width: int, num_layers: int, options: Mapping[str, Any]) -> StreamAdapter:

@@ -72,6 +72,7 @@ class ResidualSite(nn.Module):
     has_skip: ClassVar[bool] = True  # False only for schemes without an identity path (`none`)
     additive_stream: ClassVar[bool] = False  # True: the final stream is exactly embedding + every write (reslab.lens)
     option_defaults: ClassVar[dict[str, Any]] = {}  # the scheme's hyper-parameters and their defaults
+    streams_option: ClassVar[str | None] = None  # the option that counts the parallel streams it carries, if any
     options_need_layers: ClassVar[int] = 1  # below this many blocks the options change nothing, so they are refused
 
     def __init__(self, spec: SiteSpec):
@@ -105,8 +106,9 @@ class ResidualSite(nn.Module):
 
     @classmethod
     def streams(cls, options: Mapping[str, Any]) -> int:
-        """How many copies of the (batch, seq, width) stream the scheme carries (memory estimates)."""
-        return 1
+        """How many copies of the (batch, seq, width) stream the scheme carries (memory estimates): the value of its
+        `streams_option` where it has one, else 1."""
+        return cls.resolve_options(options)[cls.streams_option] if cls.streams_option else 1
 
     @classmethod
     def stream_adapter(cls, width: int, num_layers: int, options: Mapping[str, Any]) -> StreamAdapter:

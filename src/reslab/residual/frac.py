@@ -100,9 +100,7 @@ class FracConnections(ResidualSite):
             check_bool_option(cls.name, options, key)
         return options
 
-    @classmethod
-    def streams(cls, options: Mapping[str, Any]) -> int:
-        return cls.resolve_options(options)["frac_streams"]
+    streams_option = "frac_streams"  # the option that counts its streams (ResidualSite.streams)
 
     @classmethod
     def stream_adapter(cls, width: int, num_layers: int, options: Mapping[str, Any]) -> StreamAdapter:

@@ -141,9 +141,7 @@ class GatedHyperConnections(ResidualSite):
         check_integer_option(cls.name, options, "gated_hc_rank", 0, " (0: 320/2048 of the width)")
         return options
 
-    @classmethod
-    def streams(cls, options: Mapping[str, Any]) -> int:
-        return cls.resolve_options(options)["gated_hc_streams"]
+    streams_option = "gated_hc_streams"  # the option that counts its streams (ResidualSite.streams)
 
     @classmethod
     def stream_adapter(cls, width: int, num_layers: int, options: Mapping[str, Any]) -> StreamAdapter:

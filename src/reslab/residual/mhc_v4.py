@@ -155,9 +155,7 @@ class DeepSeekV4MHC(MultiStreamSite):
         check_integer_option(cls.name, options, "mhc_v4_sinkhorn_iters", 1)
         return options
 
-    @classmethod
-    def streams(cls, options: Mapping[str, Any]) -> int:
-        return cls.resolve_options(options)["mhc_v4_streams"]
+    streams_option = "mhc_v4_streams"  # the option that counts its streams (ResidualSite.streams)
 
     @classmethod
     def stream_adapter(cls, width: int, num_layers: int, options: Mapping[str, Any]) -> StreamAdapter:

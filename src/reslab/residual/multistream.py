@@ -90,9 +90,7 @@ class MultiStreamSite(ResidualSite):
         check_integer_option(cls.name, options, "streams", 1)
         return options
 
-    @classmethod
-    def streams(cls, options: Mapping[str, Any]) -> int:
-        return cls.resolve_options(options)["streams"]
+    streams_option = "streams"  # the option that counts its streams (ResidualSite.streams)
 
     @classmethod
     def stream_adapter(cls, width: int, num_layers: int, options: Mapping[str, Any]) -> StreamAdapter:
