@@ -41,6 +41,13 @@ CASES = {
     "deepseek": [dict(first_k_dense=1, moe_experts=8, moe_top_k=2, routed_scale=2.5, expert_groups=4, top_groups=2),
                  dict(q_lora_rank=None, rope_interleave=False, first_k_dense=0, moe_experts=4, moe_top_k=1,
                       moe_shared=2, norm_top_k=False, tie_embeddings=True)],
+    # a window shorter than the 16 tokens compared, hash and top-k layers, the clamp inside the activations' range
+    "deepseek-v4": [dict(head_dim=16, q_lora_rank=32, rope_dim=8, out_groups=2, out_rank=16, window=5, moe_experts=4,
+                         moe_top_k=2, moe_hidden=32, hash_layers=1, swiglu_limit=0.05,
+                         residual_options={"mhc_v4_streams": 4, "mhc_v4_sinkhorn_iters": 20}),
+                    dict(head_dim=32, q_lora_rank=16, rope_dim=32, out_groups=4, out_rank=8, window=64, moe_experts=3,
+                         moe_top_k=1, moe_hidden=16, hash_layers=0, router_scoring="sigmoid", routed_scale=2.5,
+                         tie_embeddings=True, residual_options={"mhc_v4_streams": 2, "mhc_v4_sinkhorn_iters": 5})],
 }
 
 

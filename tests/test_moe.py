@@ -160,7 +160,7 @@ def test_flops_count_the_active_experts_only():
     assert sum(p.numel() for p in many.parameters()) > sum(p.numel() for p in few.parameters()) + 12 * 3 * 64 * 32 - 1
 
 
-@pytest.mark.parametrize("model,scheme", [(m, s) for m in ("deepseek", "llama") for s in SCHEMES])
+@pytest.mark.parametrize("model,scheme", [(m, s) for m in ("deepseek", "deepseek-v4", "llama") for s in SCHEMES])
 def test_every_residual_scheme_trains_on_the_moe_models(model, scheme):
     torch.manual_seed(0)
     extra = {"moe_experts": 4, "moe_shared": 1} if model == "llama" else {}

@@ -22,8 +22,9 @@ MODELS: dict[str, str] = {
     "gpt": "reslab.models.gpt:GPT",
     "llama": "reslab.models.llama:Llama",
     "deepseek": "reslab.models.deepseek:DeepSeek",
+    "deepseek-v4": "reslab.models.deepseek_v4:DeepSeekV4",
 }
-TRANSFORMERS = ("tiny", "gpt", "llama", "deepseek")
+TRANSFORMERS = ("tiny", "gpt", "llama", "deepseek", "deepseek-v4")
 
 # scheme name -> "module:Class"; a new scheme is one file in reslab/residual/ plus one line here (its formula and
 # paper are its class's attributes, read by `described` without importing torch)

@@ -9,6 +9,7 @@ import torch.nn as nn
 from reslab.errors import ReslabError
 from reslab.interop.base import HFAdapter
 from reslab.interop.deepseek import DeepSeekV3
+from reslab.interop.deepseek_v4 import DeepSeekV4
 from reslab.interop.gpt2 import GPT2
 from reslab.interop.llama import Llama
 from reslab.models import get_model_class
@@ -17,6 +18,7 @@ ADAPTERS: dict[str, HFAdapter] = {
     "gpt2": GPT2(),
     "llama": Llama(),
     "deepseek": DeepSeekV3(),
+    "deepseek-v4": DeepSeekV4(),
 }
 
 

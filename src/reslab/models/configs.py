@@ -205,6 +205,54 @@ class DeepSeekConfig(TransformerConfig):
         check_routing(self.moe_experts, self.moe_top_k, self.expert_groups, self.top_groups)
 
 
+@dataclass
+class DeepSeekV4Config(TransformerConfig):
+    """DeepSeek-V4 at lab size (`reslab.models.deepseek_v4`); each field's V4 name in transformers' DeepseekV4Config
+    is in its comment. V4-Flash itself: width 4096, 43 layers, 64 heads of 512, q_lora_rank 1024, rope 64, 8 output
+    groups of rank 1024, window 128, 256 experts top-6 of 2048, 3 hash layers, 4 streams."""
+
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = option(32, help="per-head dimension of queries and the shared key-value head", flag=True)
+    q_lora_rank: int = 64
+    rope_dim: int = 8  # the rotated tail of each head (qk_rope_head_dim = head_dim * partial_rotary_factor)
+    rope_theta: float = option(10000.0, range=POSITIVE)  # rope_parameters["main"]["rope_theta"]
+    out_groups: int = 2  # o_groups: heads are projected out in this many groups ...
+    out_rank: int = 32  # ... each to o_lora_rank
+    window: int = option(128, help="sliding-window attention: the keys each query sees, itself included", flag=True)
+    moe_experts: int = option(8, help="routed experts per MoE layer", flag=True)  # n_routed_experts
+    moe_top_k: int = option(2, help="experts each token is routed to", flag=True)  # num_experts_per_tok
+    moe_hidden: int = 64  # moe_intermediate_size: each routed expert's and the shared expert's hidden size
+    hash_layers: int = option(1, help="the first N MoE layers route by a hash of the token id", flag=True)
+    router_scoring: str = "sqrtsoftplus"  # scoring_func
+    routed_scale: float = option(1.5, range=POSITIVE)  # routed_scaling_factor
+    swiglu_limit: float = option(10.0, range=POSITIVE)  # the experts' pre-activation clamp
+    moe_aux_weight: float = option(0.0001, range=NON_NEGATIVE)  # the sequence-wise balance loss
+    balance_rate: float = option(0.001, range=NON_NEGATIVE)  # auxiliary-loss-free balancing (e_score_correction_bias)
+    tie_embeddings: bool = False
+    norm_eps: float = option(1e-6, range=POSITIVE)
+    residual: str = "mhc-v4"
+
+    def validate(self) -> None:
+        from reslab.nn.moe import SCORING
+
+        super().validate()
+        check_positive(head_dim=self.head_dim, q_lora_rank=self.q_lora_rank, out_groups=self.out_groups,
+                       out_rank=self.out_rank, window=self.window, moe_experts=self.moe_experts,
+                       moe_top_k=self.moe_top_k, moe_hidden=self.moe_hidden)
+        if self.router_scoring not in SCORING:
+            raise unknown("router scoring", self.router_scoring, SCORING)
+        if self.rope_dim < 0 or self.rope_dim % 2 or self.rope_dim > self.head_dim:
+            raise ReslabError(f"rope_dim must be even and within 0..head_dim {self.head_dim}, got {self.rope_dim}")
+        if self.heads % self.out_groups:
+            raise ReslabError(f"heads {self.heads} cannot form {self.out_groups} output groups; choose out_groups "
+                              f"among {divisors(self.heads)}")
+        if not 0 <= self.hash_layers <= self.layers:
+            raise ReslabError(f"hash_layers {self.hash_layers} is outside 0..layers {self.layers}; choose fewer")
+        check_routing(self.moe_experts, self.moe_top_k)
+
+
 def check_routing(experts: int, top_k: int, groups: int = 1, top_groups: int = 1) -> None:
     """One line for a top-k or grouping that cannot route."""
     if top_k > experts:
@@ -229,4 +277,5 @@ class MLPConfig(ModelConfig):
 
 # model name -> its config, for the built-in models (a test keeps them equal to each model's `config_class`)
 CONFIGS: dict[str, type[ModelConfig]] = {"mlp": MLPConfig, "tiny": TinyConfig, "gpt": GPTConfig,
-                                         "llama": LlamaConfig, "deepseek": DeepSeekConfig}
+                                         "llama": LlamaConfig, "deepseek": DeepSeekConfig,
+                                         "deepseek-v4": DeepSeekV4Config}

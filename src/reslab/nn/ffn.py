@@ -61,19 +61,28 @@ class MLP(_TwoLayerFFN):
         super().__init__(width, hidden, ACTIVATIONS[activation](), bias, dropout)
 
 
-class SwiGLU(nn.Module):
-    """Shazeer 2020 (arXiv 2002.05202): down(silu(gate(x)) * up(x)); gate and up fused in one matmul."""
+def swiglu(gate_up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """silu(gate) * up of the fused [gate | up] pre-activations. With `limit`, DeepSeek-V4's clamp first: gate at
+    most `limit`, up within [-limit, limit] (transformers 5.25 `DeepseekV4MLP.forward`, `swiglu_limit`)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.silu(gate) * up
 
-    def __init__(self, width: int, hidden: int, bias: bool = False, dropout: float = 0.0):
+
+class SwiGLU(nn.Module):
+    """Shazeer 2020 (arXiv 2002.05202): down(silu(gate(x)) * up(x)); gate and up fused in one matmul. `limit`:
+    DeepSeek-V4's clamp of the pre-activations (`swiglu`)."""
+
+    def __init__(self, width: int, hidden: int, bias: bool = False, dropout: float = 0.0, limit: float | None = None):
         super().__init__()
-        self.hidden = hidden
+        self.hidden, self.limit = hidden, limit
         self.gate_up = nn.Linear(width, 2 * hidden, bias=bias)
         self.down = nn.Linear(hidden, width, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.dropout(self.down(F.silu(gate) * up))
+        return self.dropout(self.down(swiglu(self.gate_up(x), self.limit)))
 
     @property
     def output_projection(self) -> nn.Linear:

@@ -32,9 +32,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reslab.nn.ffn import SwiGLU
+from reslab.nn.ffn import SwiGLU, swiglu
 
-SCORING = ("softmax", "sigmoid")
+# router scoring by name: logits (tokens, experts) -> affinities. sqrtsoftplus: DeepSeek-V4's `scoring_func`
+# (transformers 5.25 `SqrtSoftplusActivation`, sqrt(softplus(x)))
+SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "softmax": lambda logits: logits.softmax(dim=-1),
+    "sigmoid": torch.sigmoid,
+    "sqrtsoftplus": lambda logits: F.softplus(logits).sqrt(),
+}
+SCORING = tuple(SCORES)
 
 
 class Routing(NamedTuple):
@@ -46,6 +53,8 @@ class Routing(NamedTuple):
 class TopKRouter(nn.Module):
     """`s = score(x W_g^T)`; top-k of `s (+ bias)`, within the best `top_groups` groups; gates from `s`."""
 
+    learned_choice = True  # the experts are chosen from the scores, so the balance loss can move the choice
+
     def __init__(self, width: int, experts: int, top_k: int, scoring: str = "softmax", normalize: bool = True,
                  scale: float = 1.0, groups: int = 1, top_groups: int = 1, balance_bias: bool = False):
         super().__init__()
@@ -55,12 +64,18 @@ class TopKRouter(nn.Module):
         self.register_buffer("bias", torch.zeros(experts) if balance_bias else None)
 
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = F.linear(x.float(), self.gate.weight.float())  # routing in fp32, as DeepSeek-V3 and HF do
-        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        scores = self.scores(x)
         choice = scores if self.bias is None else scores + self.bias
         if self.groups > 1:
             choice = self.limit_groups(choice)
-        chosen = choice.topk(self.top_k, dim=-1).indices
+        return self.route(scores, choice.topk(self.top_k, dim=-1).indices)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The affinities of tokens `x` (tokens, width) for each expert, in fp32 (as DeepSeek-V3 and HF route)."""
+        return SCORES[self.scoring](F.linear(x.float(), self.gate.weight.float()))
+
+    def route(self, scores: torch.Tensor, chosen: torch.Tensor) -> Routing:
+        """The gates of the `chosen` experts: their scores, normalised to sum 1 if asked, times the scale."""
         gates = scores.gather(1, chosen)
         if self.normalize:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
@@ -81,16 +96,54 @@ class TopKRouter(nn.Module):
         return grouped.masked_fill(~mask.unsqueeze(-1), float("-inf")).view_as(choice)
 
 
+class HashRouter(TopKRouter):
+    """DeepSeek-V4's hash routing (transformers 5.25 `DeepseekV4HashRouter`; the paper's hash-MoE bootstrap): a
+    frozen table `tid2eid` (vocab, k) chooses each token's experts from its id alone; the learned scores still
+    weigh the chosen experts' outputs (normalised to sum 1, times the scale, as `TopKRouter`).
+
+    The model hands the token ids over before each forward (`tokens`, set by `bind_tokens`): a sublayer sees only
+    the normalised stream. reslab fills the table with a fixed pseudo-random choice of k distinct experts per token
+    (seeded, so every build and rank agrees); a converted V4 checkpoint brings its own table."""
+
+    learned_choice = False
+
+    def __init__(self, width: int, experts: int, top_k: int, vocab_size: int, scoring: str = "sqrtsoftplus",
+                 normalize: bool = True, scale: float = 1.0):
+        super().__init__(width, experts, top_k, scoring, normalize, scale)
+        generator = torch.Generator().manual_seed(vocab_size * 1_000_003 + experts)
+        table = torch.rand(vocab_size, experts, generator=generator).argsort(dim=-1)[:, :top_k]
+        self.register_buffer("tid2eid", table)
+        self.tokens: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        tokens = self.tokens
+        if tokens is None or tokens.numel() != x.shape[0]:
+            raise ValueError("a hash router needs the token ids of its input; the model passes them with "
+                             "bind_tokens(idx) before running its blocks")
+        return self.route(self.scores(x), self.tid2eid[tokens.reshape(-1)].long())
+
+    def extra_repr(self) -> str:
+        return f"hash of the token id, {self.scoring}, top-{self.top_k} of {self.experts}, scale={self.scale}"
+
+
+def bind_tokens(model: nn.Module, idx: torch.Tensor) -> None:
+    """Give every hash router of `model` the token ids `idx` (batch, seq) of the forward about to run."""
+    for module in model.modules():
+        if isinstance(module, HashRouter):
+            module.tokens = idx
+
+
 class StackedExperts(nn.Module):
-    """`experts` SwiGLU FFNs stored as (experts, 2 hidden, width) and (experts, width, hidden) stacks."""
+    """`experts` SwiGLU FFNs stored as (experts, 2 hidden, width) and (experts, width, hidden) stacks; `limit`:
+    DeepSeek-V4's clamp of the pre-activations (`reslab.nn.ffn.swiglu`)."""
 
     stacked_matrices = ("gate_up", "down")  # reslab.contracts: each [e] is a matrix (decay, Muon, init)
 
-    def __init__(self, experts: int, width: int, hidden: int, top_k: int):
+    def __init__(self, experts: int, width: int, hidden: int, top_k: int, limit: float | None = None):
         super().__init__()
         self.gate_up = nn.Parameter(torch.empty(experts, 2 * hidden, width))
         self.down = nn.Parameter(torch.empty(experts, width, hidden))
-        self.top_k = top_k
+        self.top_k, self.limit = top_k, limit
         nn.init.normal_(self.gate_up, 0.0, 0.02)
         nn.init.normal_(self.down, 0.0, 0.02)
 
@@ -102,8 +155,7 @@ class StackedExperts(nn.Module):
         counts = torch.bincount(flat, minlength=self.gate_up.shape[0]).tolist()
         outputs = []
         for e, xs in enumerate(x[tokens].split(counts)):
-            gate, up = F.linear(xs, self.gate_up[e]).chunk(2, dim=-1)
-            outputs.append(F.linear(F.silu(gate) * up, self.down[e]))
+            outputs.append(F.linear(swiglu(F.linear(xs, self.gate_up[e]), self.limit), self.down[e]))
         weighted = torch.cat(outputs) * routing.gates.flatten()[order].unsqueeze(-1).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, weighted)
 
@@ -134,11 +186,13 @@ class MoEFeedForward(nn.Module):
     not_for_muon = ("router",)  # reslab.contracts: the router's rows are per-expert scores, not a hidden matrix
 
     def __init__(self, width: int, hidden: int, experts: int, top_k: int, shared: int, router: TopKRouter,
-                 per_sequence: bool = False, balance_rate: float = 0.0, dropout: float = 0.0):
+                 per_sequence: bool = False, balance_rate: float = 0.0, dropout: float = 0.0,
+                 limit: float | None = None):
         super().__init__()
         self.router = router
-        self.experts = StackedExperts(experts, width, hidden, top_k)
-        self.shared = SwiGLU(width, shared * hidden) if shared else None  # n shared experts = one n times wider
+        self.experts = StackedExperts(experts, width, hidden, top_k, limit)
+        # n shared experts = one n times wider
+        self.shared = SwiGLU(width, shared * hidden, limit=limit) if shared else None
         self.dropout = nn.Dropout(dropout)
         self.per_sequence, self.balance_rate = per_sequence, balance_rate
         self.counts: torch.Tensor | None = None  # assignments per expert since the last update_bias (not a buffer)
@@ -160,7 +214,10 @@ class MoEFeedForward(nn.Module):
             self.counts = counts if self.counts is None else self.counts + counts
         probs = routing.scores / routing.scores.sum(dim=-1, keepdim=True)
         entropy = -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean()
-        loss = balance_loss(probs, routing.experts, batch if self.per_sequence else 1)
+        if self.router.learned_choice:
+            loss = balance_loss(probs, routing.experts, batch if self.per_sequence else 1)
+        else:  # a fixed choice (hash routing): nothing to balance, as DeepSeek-V4 leaves its hash layers out
+            loss = probs.new_zeros(())
         self.stats = MoEStats(loss, counts / counts.sum(), entropy.detach())
 
     @torch.no_grad()
