@@ -8,7 +8,8 @@ from conftest import make_corpus
 from reslab.cli import main
 
 KEYS = {"tiny-residual": {"residual", "article_edit", "no_residual"}, "depth": {"none", "pre"},
-        "post-vs-pre": {"post", "pre", "deepnorm"}, "deepseek-residuals": {"pre", "post", "none", "mhc"}}
+        "post-vs-pre": {"post", "pre", "deepnorm"}, "deepseek-residuals": {"pre", "post", "none", "mhc",
+                                                                                  "deepseek-v4"}}
 
 
 @pytest.mark.parametrize("name", list(KEYS))
@@ -22,7 +23,8 @@ def test_quick_reproduction_prints_a_verdict(reproduce, name):
     assert ("-> AGREES" in result["verdict"]) == result["agrees"]
     assert (out / "summary.json").exists() and (out / "ablation.json").exists()
     # every number reported is the mean over the grid's runs, read back from their summaries
-    rows = json.loads((out / "summary.json").read_text())["rows"]
+    summaries = [out / "summary.json", *out.glob("*/summary.json")]  # a second grid (deepseek-residuals' V4) in out/*
+    rows = [row for summary in summaries for row in json.loads(summary.read_text())["rows"]]
     reported = {round(r["final_val_loss_mean"], 3) for r in rows if r["final_val_loss_mean"] is not None}
     for value in result["numbers"].values():
         for number in (value.values() if isinstance(value, dict) else [value]):
