@@ -164,6 +164,11 @@ def _tensors(values, out: list) -> list:
     return out
 
 
+def call_tensors(args, kwargs) -> list[torch.Tensor]:
+    """A call's tensor arguments in the order `Tracer.enter` records a call's inputs: positional, then keyword."""
+    return _tensors(list(args) + list(kwargs.values()), [])
+
+
 class TraceError(RuntimeError):
     """The forward pass failed while being traced; `path` names the module that was running."""
 
@@ -337,7 +342,7 @@ class Tracer:
     def enter(self, module: nn.Module, args, kwargs) -> None:
         parent = self.stack[-1] if self.stack else -1
         depth = self.calls[parent].depth + 1 if parent >= 0 else 0
-        inputs = tuple(self.node_of(t) for t in _tensors(list(args) + list(kwargs.values()), []))
+        inputs = tuple(self.node_of(t) for t in call_tensors(args, kwargs))
         call = Call(len(self.calls), self.paths.get(id(module), "?"), type(module).__name__, parent, depth,
                     len(self.nodes), inputs=inputs)
         self.calls.append(call)

@@ -4,7 +4,8 @@
     result.decomposition                        # Decomposition (additive schemes) or None, with result.refused
 
 The lens attaches at the residual sites (hooks on the site modules and the site's probe slot) for one forward pass;
-models are never edited. See docs/lens.md.
+models are never edited. Any other module (a Hugging Face model, a callable's) is read where its traced graph puts
+the stream between blocks, the final norm and the head (`lens/traced.py`). See docs/lens.md.
 """
 
 import sys

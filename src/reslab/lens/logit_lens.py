@@ -10,7 +10,13 @@ For every entry l (the embedding, then each sublayer's site, in forward order) a
     top-1    = [argmax p_l == argmax p_final]
     KL       = sum_v p_final(v) (log p_final(v) - log p_l(v))    KL(final || lens), as the tuned-lens paper
 
-The last entry is the model's output itself (its KL is 0 and its top-1 agreement 1).
+The last entry is the model's output itself (its KL is 0 and its top-1 agreement 1). `frozen_norm=True` normalises
+every entry with the final norm's scale on the model's own last stream instead of its own (TransformerLens' cached
+scale; for additive schemes the running sum of the decomposition's direct logit attributions).
+
+A module that is not a reslab language model (no `stream`, `norm`, `head`: a Hugging Face model, anything a
+callable builds) is read where its traced graph says: the stream entering the first block and leaving each block,
+decoded by everything after the last block (`lens/traced.py`); its entries are named by the blocks' paths.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reslab.contracts import LensModel, missing
 from reslab.errors import ReslabError
 from reslab.lens.capture import capture_forward, decode, inputs_and_targets, site_names
 from reslab.lens.decompose import decomposition_from, refusal
-from reslab.lens.result import METRICS, LensResult
+from reslab.lens.result import FROZEN, METRICS, RECOMPUTED, LensResult
 from reslab.lens.streams import per_stream
 from reslab.residual.base import StreamAdapter
 
@@ -53,11 +60,26 @@ def describe_stream(model: nn.Module) -> str:
             f"adapter (model.stream.reduce, {adapter.__name__}{summary}), then decoded by {norm}")
 
 
+CONTEXT_FIELDS = ("context", "max_position_embeddings", "n_positions", "n_ctx")  # how configs name the context
+TRACED_REFUSAL = ("the decomposition reads a reslab model's residual sites (each sublayer's write); a traced model "
+                  "gives the stream between blocks only")
+
+
+def model_context(model: nn.Module) -> int | None:
+    """The most positions the model reads, from its config (reslab's `context`, Hugging Face's names); None if
+    it does not say."""
+    config = getattr(model, "config", None)
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 def check_ids(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> None:
     """Ids the model can read and score, and no more positions than its context: one error line, not an
     IndexError from inside the embedding."""
-    config = getattr(model, "config", None)
-    vocab, context = getattr(config, "vocab_size", None), getattr(config, "context", None)
+    vocab, context = getattr(getattr(model, "config", None), "vocab_size", None), model_context(model)
     if tokens.device.type == "meta":
         raise ReslabError("the lens needs real token ids, not meta tensors; pass ids on the CPU or the model's device")
     for name, ids in (("tokens", tokens), ("targets", targets)):
@@ -69,30 +91,56 @@ def check_ids(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> 
                           "split them into windows")
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights are (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def summarise(per_entry: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
+    """(per_position[metric]: (entries, batch, positions), means[metric]: one per entry) from each entry's metrics."""
+    per_position = {m: torch.stack([entry[m] for entry in per_entry]).cpu() for m in METRICS}
+    return per_position, {m: per_position[m].flatten(1).mean(1).tolist() for m in METRICS}
+
+
+def site_modules(model: nn.Module, capture) -> dict:
+    """The modules a reslab model's lens used, for the JSON: its final norm, its head, each entry's site."""
+    paths = {id(module): path for path, module in model.named_modules()}
+    sites = [paths.get(id(site), "?") for site in capture.sites]
+    streams = {"embed": f"{sites[0]}:in", **{name: f"{site}:out" for name, site in zip(site_names(model)[1:], sites)}}
+    return {"final_norm": [] if isinstance(model.norm, nn.Identity) else ["norm"], "head": "head",
+            "streams": streams}
+
+
 @torch.no_grad()
-def lens(model: nn.Module, tokens, targets=None, *, keep_logits: bool = False, tuned: nn.Module | None = None
-         ) -> LensResult:
+def lens(model: nn.Module, tokens, targets=None, *, keep_logits: bool = False, tuned: nn.Module | None = None,
+         frozen_norm: bool = False) -> LensResult:
     """The logit lens of `model` on `tokens` ((seq,) or (batch, seq) ids), see the module docstring.
 
     Without `targets` each position is scored on the next token. Additive schemes also get the decomposition of the
     final stream (`result.decomposition`); the others a one-line reason (`result.refused`). With a `tuned` lens
-    (`reslab.lens.tuned.fit_tuned_lens`) its metrics are reported beside the logit lens's (`result.tuned`)."""
+    (`reslab.lens.tuned.fit_tuned_lens`) its metrics are reported beside the logit lens's (`result.tuned`). With
+    `frozen_norm` every entry is normalised with the final norm's scale on the model's own last stream instead of
+    its own. A module that is not a reslab language model is read where its traced graph says (`lens/traced.py`)."""
     tokens, targets, positions = inputs_and_targets(tokens, targets)
     check_ids(model, tokens, targets)
-    tokens, targets = tokens.to(next(model.parameters()).device), targets.to(next(model.parameters()).device)
+    tokens, targets = tokens.to(model_device(model)), targets.to(model_device(model))
+    if missing(model, LensModel) is not None:
+        if tuned is not None:
+            raise ReslabError(f"a tuned lens needs a reslab language model; {type(model).__name__} is read traced")
+        return traced_lens(model, tokens, targets, positions, keep_logits=keep_logits, frozen_norm=frozen_norm)
     capture, output = capture_forward(model, tokens)
     final_logp = F.log_softmax(output[:, :positions].float(), dim=-1)
+    decode_entry = entry_decoder(model, capture, frozen_norm)
     per_entry, per_entry_tuned, kept = [], [], []
     for entry, stream in enumerate(capture.streams):
-        logits = decode(model, stream)[:, :positions]
+        logits = decode_entry(stream)[:, :positions]
         per_entry.append(lens_metrics(logits, final_logp, targets))
         if tuned is not None:
             translated = model.head(model.norm(tuned(entry, model.stream.reduce(stream))))[:, :positions]
             per_entry_tuned.append(lens_metrics(translated, final_logp, targets))
         if keep_logits:
             kept.append(logits.float())
-    per_position = {m: torch.stack([entry[m] for entry in per_entry]).cpu() for m in METRICS}
-    means = {m: per_position[m].flatten(1).mean(1).tolist() for m in METRICS}
+    per_position, means = summarise(per_entry)
     tuned_means = {m: [e[m].mean().item() for e in per_entry_tuned] for m in METRICS} if tuned is not None else None
     reason = refusal(model)
     decomposition = None if reason else decomposition_from(model, capture, output, targets, positions)
@@ -100,4 +148,48 @@ def lens(model: nn.Module, tokens, targets=None, *, keep_logits: bool = False, t
                       per_position=per_position, scheme=type(capture.sites[0]).name,
                       stream=describe_stream(model), tokens=targets.numel(), decomposition=decomposition,
                       refused=reason, logits=torch.stack(kept) if keep_logits else None, tuned=tuned_means,
-                      streams=per_stream(model, capture, final_logp, targets, positions, lens_metrics))
+                      streams=per_stream(model, capture, final_logp, targets, positions, lens_metrics),
+                      norm=FROZEN if frozen_norm else RECOMPUTED, modules=site_modules(model, capture))
+
+
+def entry_decoder(model: nn.Module, capture, frozen_norm: bool):
+    """stream -> logits for a reslab model: its stream adapter, final norm and head (`capture.decode`); with
+    `frozen_norm`, the norm's scale frozen at its value on the model's own last stream."""
+    if not frozen_norm:
+        return lambda stream: decode(model, stream)
+    from reslab.lens.traced import frozen_decoder
+
+    norm = frozen_decoder(model.norm, model.stream.reduce(capture.streams[-1]))
+    return lambda stream: model.head(norm(model.stream.reduce(stream)))
+
+
+def traced_lens(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, positions: int, *,
+                keep_logits: bool, frozen_norm: bool) -> LensResult:
+    """The lens of any other module: blocks, stream, final norm and head found from its traced graph, each entry
+    decoded by everything that follows the last block (`reslab.lens.traced`)."""
+    from reslab.lens.traced import TracedLens
+
+    was_training = model.training
+    model.eval()
+    try:
+        traced = TracedLens(model, tokens)
+        streams, output = traced.capture(tokens)
+        final_logp = F.log_softmax(output[:, :positions].float(), dim=-1)
+        per_entry, kept = [], []
+        for stream in streams:
+            logits = traced.decode(tokens, stream, frozen_norm)[:, :positions]
+            per_entry.append(lens_metrics(logits, final_logp, targets))
+            if keep_logits:
+                kept.append(logits.float())
+    except ReslabError as error:  # say why the graph was read at all: the model is not a reslab one
+        raise ReslabError(f"{type(model).__name__} has no 'stream' (not a reslab language model), so the lens read "
+                          f"its traced graph: {error}") from None
+    finally:
+        model.train(was_training)
+    per_position, means = summarise(per_entry)
+    plan = traced.plan
+    return LensResult(plan.names, means["loss"], means["entropy"], means["agreement"], means["kl"],
+                      per_position=per_position, scheme=f"{plan.model} (traced)", stream=plan.describe(),
+                      tokens=targets.numel(), refused=TRACED_REFUSAL,
+                      logits=torch.stack(kept) if keep_logits else None,
+                      norm=FROZEN if frozen_norm else RECOMPUTED, modules=plan.modules())

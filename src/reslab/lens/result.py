@@ -16,6 +16,11 @@ from reslab.lens.decompose import Decomposition
 from reslab.lens.streams import StreamLens
 
 METRICS = ("loss", "entropy", "agreement", "kl")  # the keys of per_position, rows() and the JSON
+# how each entry's stream went through the final norm: the JSON's "norm", and the note that explains it
+RECOMPUTED, FROZEN = "recomputed", "frozen"
+NORMS = {RECOMPUTED: "the final norm recomputed on each entry's own stream (the standard logit lens)",
+         FROZEN: "the final norm's scale frozen at its value on the model's own last stream (--frozen-norm; "
+                 "TransformerLens' cached scale)"}
 # the columns of `reslab lens`, each with the format it prints (`after` left-aligned, the numbers right-aligned)
 COLUMNS = {"after": "<10", "loss": "8.4f", "entropy": "8.4f", "top-1": "7.3f", "KL": "8.4f", "DLA": "8.4f",
            "tuned loss": "10.4f", "tuned KL": "8.4f"}
@@ -41,6 +46,8 @@ class LensResult:
     logits: torch.Tensor | None = field(default=None, repr=False)  # (entries, batch, positions, vocab) if kept
     tuned: dict[str, list[float]] | None = None  # the tuned lens's means by metric, when one was given
     streams: StreamLens | None = None  # each parallel stream decoded on its own (multi-stream schemes)
+    norm: str = RECOMPUTED  # how the final norm was applied to each entry (a key of NORMS)
+    modules: dict[str, Any] | None = None  # the modules the lens used: final norm, head, each entry's stream
 
     @property
     def agreement(self) -> list[float]:
@@ -68,7 +75,10 @@ class LensResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able numbers: the table, how the stream was read, and the decomposition's means."""
-        record = {"scheme": self.scheme, "stream": self.stream, "tokens": self.tokens, "layers": self.rows()}
+        record = {"scheme": self.scheme, "stream": self.stream, "norm": self.norm, "tokens": self.tokens,
+                  "layers": self.rows()}
+        if self.modules is not None:
+            record["modules"] = self.modules
         if self.decomposition is not None:
             record["decomposition"] = self.decomposition.to_dict()
         else:
@@ -92,17 +102,22 @@ class LensResult:
     def table(self) -> str:
         """The table as `reslab lens` prints it."""
         columns = self.columns()
-        header = " ".join(format(name, "<10" if name == "after" else f">{_width(COLUMNS[name])}")
+        formats = {**COLUMNS, "after": f"<{max(10, *map(len, self.names))}"}  # traced entries: block paths
+        header = " ".join(format(name, formats[name] if name == "after" else f">{_width(COLUMNS[name])}")
                           for name in columns)
-        lines = [" ".join(format(value, COLUMNS[name]) for name, value in zip(columns, row))
+        lines = [" ".join(format(value, formats[name]) for name, value in zip(columns, row))
                  for row in zip(*columns.values())]
         return "\n".join([header, "-" * len(header), *lines])
 
     def notes(self) -> list[str]:
         """What the table means, in a few lines."""
-        notes = [f"stream: {self.stream}",
+        notes = [f"stream: {self.stream}", f"norm: {NORMS[self.norm]}",
                  "loss: next-token loss of the decoded stream; "
                  "top-1 and KL (final || lens): against the model's output"]
+        if self.modules is not None:
+            used, after = self.modules, self.modules.get("after_head")
+            notes.append(f"modules: final norm {', '.join(used['final_norm']) or 'none'}; head {used['head']}"
+                         + (f"; after the head {', '.join(after)}" if after else ""))
         if self.streams is not None:
             notes.append(f"per stream ({self.streams.count} streams): each decoded alone with the final norm and "
                          "head; read: the mean weight the next site reads it with")
@@ -120,14 +135,15 @@ class LensResult:
         return data_frame(self.columns())
 
     def _repr_html_(self) -> str:
-        caption = f"logit lens, {self.scheme}: {self.tokens} tokens"
+        caption = f"logit lens, {self.scheme}: {self.tokens} tokens, final norm {self.norm}"
         return html_block(html_table(self.columns(), caption, COLUMNS), notes=self.notes())
 
     def __repr__(self) -> str:
         dla = f"DLA ({self.decomposition.norm})" if self.decomposition is not None else "no DLA (not additive)"
         return (f"LensResult({self.scheme!r}, {self.tokens} tokens, {len(self.names)} entries: {self.names[0]} .. "
-                f"{self.names[-1]})\n  loss {self.loss[0]:.4f} -> {self.loss[-1]:.4f}, KL {self.kl[0]:.4f} -> "
-                f"{self.kl[-1]:.4f}, {dla}{', tuned lens' if self.tuned else ''}; .table(), .to_pandas()")
+                f"{self.names[-1]}, final norm {self.norm})\n  loss {self.loss[0]:.4f} -> {self.loss[-1]:.4f}, "
+                f"KL {self.kl[0]:.4f} -> {self.kl[-1]:.4f}, {dla}{', tuned lens' if self.tuned else ''}; "
+                ".table(), .to_pandas()")
 
     __str__ = table
 
