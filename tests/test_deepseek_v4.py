@@ -5,6 +5,8 @@ The reslab -> HF -> reslab round trip is in test_interop_adapters.py (its CASES)
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from faults.helpers import RUN, metrics, reslab_process
@@ -61,7 +63,6 @@ def test_logits_equal_transformers_deepseek_v4():
     ({"layer_types": ["sliding_attention", "compressed_sparse_attention", "sliding_attention"]}, "layer_types"),
     ({"layer_types": ["heavily_compressed_attention"] * 3}, "layer_types"),
     ({"mlp_layer_types": ["moe", "hash_moe", "moe"]}, "mlp_layer_types"),
-    ({"num_key_value_heads": 2}, "num_key_value_heads"),
     ({"hc_eps": 1e-4}, "hc_eps"),
     ({"rope_parameters": {"main": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                                    "original_max_position_embeddings": 8},
@@ -81,6 +82,11 @@ def test_a_hugging_face_folder_is_read_by_the_cli_or_refused_in_one_line(cli, tm
     code, out, err = cli("info", tmp_path / "v4")
     assert code == 0, err
     assert "DeepSeekV4Config" in out and '"mhc-v4"' in out and "sinkhorn_iters=7" in out
+    # transformers writes V4's files under DeepSeek's own names (attn.wq_a, hc_attn_fn, ffn.experts.0.w1, ...)
+    code, out, err = cli("lens", tmp_path / "v4", "--eval-tokens", "24", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["streams"]["count"] == 4 and record["layers"][-1]["kl"] == pytest.approx(0, abs=1e-6)
     code, out, err = cli("info", tmp_path / "csa")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "layer_types" in err, err
 
@@ -108,7 +114,7 @@ def test_its_mhc_is_swapped_for_another_scheme_by_the_flag(cli, corpus, tmp_path
     code, out, err = cli("train", *V4_FLAGS, "--residual", residual, "--context", "16", "--batch", "4", "--steps",
                          "3", "--eval-batches", "1", "--data", corpus, "--out", tmp_path / "run", "--no-progress")
     assert code == 0, err
-    config = __import__("json").loads((tmp_path / "run" / "config.json").read_text())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"] == "deepseek-v4" and config["model_config"]["residual"] == residual
 
 
@@ -129,3 +135,29 @@ def test_killed_mid_step_it_resumes_to_the_uninterrupted_run(cli, corpus, tmp_pa
     code, _, err = cli("train", "--resume", tmp_path / "run", "--no-progress")
     assert code == 0, err
     assert metrics(tmp_path / "run") == metrics(tmp_path / "reference")
+
+
+def test_the_lens_reads_every_stream_of_transformers_v4_and_its_collapse_is_the_models_own():
+    """transformers' V4 read by the lens: four streams decoded apart; the collapse the lens reduces the streams with
+    (the HyperHead, then the final norm) gives transformers' final hidden state, and the last entry its logits."""
+    hf = random_hf_v4()
+    ours = from_hf(hf)
+    collapsed = []
+    ours.norm.register_forward_hook(lambda module, inputs, out: collapsed.append(out.detach()))
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(2))
+    result = reslab.lens(ours, ids, keep_logits=True)
+    with torch.no_grad():
+        expected = hf(ids, output_hidden_states=True)
+    assert result.streams.count == 4 and len(result.streams.loss[0]) == len(result.names)
+    assert result.streams.read is not None and all(0 < w < 1 for row in result.streams.read for w in row)
+    torch.testing.assert_close(collapsed[0], expected.hidden_states[-1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(result.logits[-1], expected.logits[:, :-1], rtol=0, atol=1e-5)
+    assert result.kl[-1] == pytest.approx(0, abs=1e-6) and result.top_1[-1] == 1
+
+
+def test_the_cli_lens_on_hf_v4_decodes_each_stream(cli):
+    code, out, err = cli("lens", "hf:deepseek_v4", "--set", 'layer_types=["sliding_attention","sliding_attention"]',
+                         "--eval-tokens", "24", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["streams"]["count"] == 4 and len(record["streams"]["loss"]) == 4

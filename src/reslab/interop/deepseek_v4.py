@@ -3,14 +3,15 @@ mHC as reslab's `mhc-v4` scheme: the sites hold `attn_hc` / `ffn_hc` (fn, base, 
 stream adapter holds `hc_head`.
 
 Refused, one line each naming the field: compressed attention layers (`layer_types` other than
-sliding_attention), more than one key-value head, a main RoPE other than plain (YaRN), hash layers that are not the
-first ones, and mHC or norm epsilons other than reslab's (1e-6). HF builds one shared expert of
-moe_intermediate_size whatever `n_shared_experts` says, and always normalises the chosen gates
-(`norm_topk_prob` is not read), so neither field changes the function.
+sliding_attention), a main RoPE other than plain (YaRN), hash layers that are not the first ones, and mHC or norm
+epsilons other than reslab's (1e-6). HF's V4 attention has one shared key-value head whatever
+`num_key_value_heads` says, builds one shared expert of moe_intermediate_size whatever `n_shared_experts` says, and
+always normalises the chosen gates (`norm_topk_prob` is not read): none of these fields changes the function.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +47,31 @@ BLOCK = (
            sizes=lambda c: [c.moe_hidden] * 2),
     weight("ffn.shared.down.weight", "mlp.shared_experts.down_proj.weight"),
 )
+# DeepSeek's own tensor names (its checkpoints, and the files transformers 5.25 writes for V4, which `save_pretrained`
+# converts back to them) -> the names of transformers' modules: the renamings of transformers' conversion_mapping.py
+# ("deepseek_v4"), in order; names already in the modules' layout pass unchanged
+FILE_NAMES = tuple((re.compile(pattern), replacement) for pattern, replacement in (
+    (r"(^|\.)embed\.weight$", r"\1embed_tokens.weight"),
+    (r"^head\.weight$", "lm_head.weight"),
+    (r"(^|\.)hc_head_(fn|base|scale)$", r"\1hc_head.hc_\2"),
+    (r"\.attn_norm\.", ".input_layernorm."),
+    (r"\.ffn_norm\.", ".post_attention_layernorm."),
+    (r"\.hc_(attn|ffn)_(fn|base|scale)$", r".\1_hc.\2"),
+    (r"\.attn\.", ".self_attn."),
+    (r"\.ffn\.", ".mlp."),
+    (r"\.attn_sink$", ".sinks"),
+    (r"\.self_attn\.norm\.", ".self_attn.kv_norm."),
+    (r"\.wq_a\.", ".q_a_proj."),
+    (r"\.wq_b\.", ".q_b_proj."),
+    (r"\.wkv\.", ".kv_proj."),
+    (r"\.wo_a\.", ".o_a_proj."),
+    (r"\.wo_b\.", ".o_b_proj."),
+    (r"\.q_norm\.", ".q_a_norm."),
+    (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
+    (r"\.shared_experts\.w1\.", ".shared_experts.gate_proj."),
+    (r"\.shared_experts\.w2\.", ".shared_experts.down_proj."),
+    (r"\.shared_experts\.w3\.", ".shared_experts.up_proj."),
+))
 HASH = (weight("ffn.router.tid2eid", "mlp.gate.tid2eid"),)
 TOP_K = (weight("ffn.router.bias", "mlp.gate.e_score_correction_bias"),)
 
@@ -60,7 +86,6 @@ class DeepSeekV4(HFAdapter):
         Refusal("hidden_act", "silu", "reslab's experts use silu"),
         Refusal("attention_bias", False, "reslab's V4 attention has no biases"),
         Refusal("mlp_bias", False, "reslab's experts have no biases"),
-        Refusal("num_key_value_heads", 1, "V4's attention has one shared key-value head; set num_key_value_heads=1"),
         Refusal("hc_eps", HC_EPS, f"reslab's mhc-v4 uses hc_eps={HC_EPS}; set it"),
         Refusal("rms_norm_eps", RMS_EPS, f"reslab's mhc-v4 normalises its streams with eps {RMS_EPS}; set it"),
     )
@@ -101,7 +126,8 @@ class DeepSeekV4(HFAdapter):
         )
 
     def module_layout(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        return stack_experts(tensors)
+        """DeepSeek's file names renamed to the modules' (`FILE_NAMES`), then the per-expert w1/w3/w2 stacked."""
+        return stack_experts({_module_name(key): tensor for key, tensor in tensors.items()})
 
     def outer_weights(self, config: Any) -> tuple[Weight, ...]:
         return (weight("tok_emb.weight", "embed_tokens.weight"), weight("norm.weight", "norm.weight"),
@@ -112,6 +138,12 @@ class DeepSeekV4(HFAdapter):
 
     def layer_weights(self, config: Any, layer: int) -> tuple[Weight, ...]:
         return BLOCK + (HASH if layer < config.hash_layers else TOP_K)
+
+
+def _module_name(key: str) -> str:
+    for pattern, replacement in FILE_NAMES:
+        key = pattern.sub(replacement, key)
+    return key
 
 
 def _main_rope(cfg: Any) -> float:

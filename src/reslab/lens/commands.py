@@ -105,8 +105,34 @@ def traced_input(args: argparse.Namespace, target, device):
         ids = char_ids(text, vocab)
     x, y = windows(ids, model_context(model) or example_length(loaded.inputs, loaded.label), args.tokens)
     weights = "random weights: an untrained model" if target.kind is Kind.HF_TYPE else "as the callable builds it"
-    return LensInput(model, x.to(device), y.to(device), f"{loaded.label} ({type(model).__name__}), {weights}",
-                     description)
+    label = f"{loaded.label} ({type(model).__name__}), {weights}"
+    converted = multi_stream_conversion(model)
+    if converted is not None:  # read at its residual sites, every stream on its own
+        model, label = converted.to(device), f"{label}, read as reslab's {converted_name(converted)} (logits equal)"
+    return LensInput(model, x.to(device), y.to(device), label, description)
+
+
+def multi_stream_conversion(model):
+    """The reslab model computing what a `transformers` model computes, when reslab converts its family and the
+    family carries parallel residual streams (DeepSeek-V4's [batch, seq, hc_mult, width]): the lens then decodes
+    each stream at every residual site, which the traced graph (one tensor between blocks) cannot. None otherwise."""
+    from reslab.interop.convert import config_from_hf, from_hf
+    from reslab.residual import get_scheme
+
+    config = getattr(model, "config", None)
+    try:
+        _, overrides = config_from_hf(config)
+    except ReslabError:
+        return None  # a family reslab does not convert (or a feature it refuses): the traced lens reads it
+    if get_scheme(overrides["residual"]).streams(overrides.get("residual_options", {})) < 2:
+        return None
+    return from_hf(model)
+
+
+def converted_name(model) -> str:
+    from reslab.interop.registry import adapter_for_model
+
+    return adapter_for_model(model).reslab_model
 
 
 def unconverted_folder(text: str) -> str | None:

@@ -245,9 +245,10 @@ class DeepSeekV4Config(TransformerConfig):
             raise unknown("router scoring", self.router_scoring, SCORING)
         if self.rope_dim < 0 or self.rope_dim % 2 or self.rope_dim > self.head_dim:
             raise ReslabError(f"rope_dim must be even and within 0..head_dim {self.head_dim}, got {self.rope_dim}")
-        if self.heads % self.out_groups:
-            raise ReslabError(f"heads {self.heads} cannot form {self.out_groups} output groups; choose out_groups "
-                              f"among {divisors(self.heads)}")
+        if (self.heads * self.head_dim) % self.out_groups:  # V4 groups the heads' channels, not whole heads
+            raise ReslabError(f"the {self.heads * self.head_dim} attention channels (heads x head_dim) cannot form "
+                              f"{self.out_groups} output groups; choose out_groups among "
+                              f"{divisors(self.heads * self.head_dim)}")
         if not 0 <= self.hash_layers <= self.layers:
             raise ReslabError(f"hash_layers {self.hash_layers} is outside 0..layers {self.layers}; choose fewer")
         check_routing(self.moe_experts, self.moe_top_k)
