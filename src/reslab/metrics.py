@@ -53,12 +53,14 @@ class Summary:
 class Plotted:
     """How the report plots a metric: in `figure` (plots/<figure>.png, shared with other metrics of that figure;
     a name no built-in figure has gets a figure of its own, value vs step), labelled `label`. `expected`: the report
-    names the figure as not plotted when no run recorded it (False for metrics only some schemes log)."""
+    names the figure as not plotted when no run recorded it (False for metrics only some schemes log). `reference`:
+    the value a dotted line marks in the panels that plot each metric on its own (e.g. 1 for a gain), if any."""
 
     figure: str
     label: str
     log: bool = False
     expected: bool = True
+    reference: float | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,31 @@ class Metric:
 
 
 NATS = "nats / token"
+_SUMS_SOURCE = "residual/multistream.py connection_sums"
+_ON_SITES = (" (multi-stream schemes: each site's weights averaged over the tokens of the probed forward, then over "
+             "ranks; H_res multiplies the streams, H_pre reads the sublayer's input, H_post writes its output)")
+_CONNECTION_SUMS = (  # mHC's notation (arXiv 2512.24880): x' = H_res x + H_post^T F(H_pre x), row sum = forward gain
+    Metric("h_res_row_sum_dev", "|sum - 1|", "largest |row sum - 1| of H_res over the sites and rows: how far one "
+           "site's skip mix scales an output stream's signal; 0 for a doubly-stochastic mix (mhc)" + _ON_SITES,
+           _SUMS_SOURCE, tensorboard="connection_sums/h_res_row_dev",
+           plot=Plotted("connection_sums", "H_res: largest |row sum - 1|", expected=False, reference=0.0)),
+    Metric("h_res_col_sum_dev", "|sum - 1|", "largest |column sum - 1| of H_res over the sites and columns: the "
+           "same for the gradient flowing back into an input stream" + _ON_SITES, _SUMS_SOURCE,
+           tensorboard="connection_sums/h_res_col_dev",
+           plot=Plotted("connection_sums", "H_res: largest |column sum - 1|", expected=False, reference=0.0)),
+    Metric("h_res_sum_mean", "sum", "mean row sum of H_res over the sites (equal to its mean column sum); 1 for the "
+           "identity (gated-hc, which has no stream mix) and any doubly-stochastic mix" + _ON_SITES, _SUMS_SOURCE,
+           tensorboard="connection_sums/h_res_mean",
+           plot=Plotted("connection_sums", "H_res: mean row (= column) sum", expected=False, reference=1.0)),
+    Metric("h_pre_sum_mean", "sum", "mean over the sites of the sum of H_pre, the read weights (gated-hc: its read "
+           "gate's mean over streams and channels; frac: per fraction; altup: row 0 of I + C)" + _ON_SITES,
+           _SUMS_SOURCE, tensorboard="connection_sums/h_pre_mean",
+           plot=Plotted("connection_sums", "H_pre: mean sum", expected=False)),
+    Metric("h_post_sum_mean", "sum", "mean over the sites of the sum of H_post, the write weights (n for HC's init; "
+           "gated-hc: its injection weights; frac: per fraction; altup: the correction scales c)" + _ON_SITES,
+           _SUMS_SOURCE, tensorboard="connection_sums/h_post_mean",
+           plot=Plotted("connection_sums", "H_post: mean sum", expected=False)),
+)
 _BUILT_IN = (
     Metric("step", "steps", "optimizer steps completed (every record)", "the trainer"),
     Metric("val_loss", NATS, "validation loss on fixed batches (eval steps)", "the evaluator", tensorboard="val_loss",
@@ -107,10 +134,11 @@ _BUILT_IN = (
            tensorboard="update_ratio", plot=Plotted("profile", "update ratio ||F(x)|| / ||x||", log=True)),
     Metric("amax_gain_forward", "Amax gain", "hyper-connections: largest gain of the composed stream mixing, forward "
            "(Amax)", "residual/multistream.py scheme_metrics", tensorboard="amax_gain/forward",
-           plot=Plotted("amax", "forward: largest row sum", log=True, expected=False)),
+           plot=Plotted("amax", "forward: largest row sum", log=True, expected=False, reference=1.0)),
     Metric("amax_gain_backward", "Amax gain", "hyper-connections: the same for the backward pass",
            "residual/multistream.py scheme_metrics", tensorboard="amax_gain/backward",
-           plot=Plotted("amax", "backward: largest column sum", log=True, expected=False)),
+           plot=Plotted("amax", "backward: largest column sum", log=True, expected=False, reference=1.0)),
+    *_CONNECTION_SUMS,
     Metric("attnres_weights", "", "attention residuals: mean depth-attention weight of each source, per sublayer",
            "residual/attnres.py scheme_metrics", OTHER),
     Metric("dual_stream_rms", "RMS", "resi-dual: RMS of the un-normalised dual stream d after each block",

@@ -4,6 +4,7 @@
     grads.png     gradient norm of each block vs step: one panel per scheme and depth, colour = block
     profile.png   stream RMS, drift and update ratio per block at the end of training, a line per scheme
     amax.png      HC/mHC Amax gain vs step (only when some run logged `amax_gain_*`)
+    connection_sums.png  row and column sums of H_res, sums of H_pre and H_post vs step (multi-stream schemes only)
     depth_weights.png  the depth-weight matrix a dense connection learned (DenseFormer's DWA), per scheme and depth
     NAME.png      a declared metric plotted in a figure of its own (`reslab.metrics.Plotted`): value vs step
 
@@ -339,45 +340,54 @@ def plot_profile(ablation: Ablation, path: Path, colours: dict[str, str], metric
     return True
 
 
-def plot_amax(ablation: Ablation, path: Path, colours: dict[str, str], metrics: list[Metric], title: str) -> bool:
-    """HC/mHC: Amax gain of the composite residual mixing vs step; a panel per metric some run recorded and depth."""
-    keys = [m.name for m in metrics if any(finite_number(r.get(m.name)) for run in ablation.runs for r in run.records)]
-    if not keys:
+def plot_panels(ablation: Ablation, path: Path, colours: dict[str, str], metrics: list[Metric], title: str) -> bool:
+    """Scalar metrics only some schemes log, vs step: a panel per metric some run recorded and per depth, a line per
+    scheme that logged it (mean over seeds, band: the 95% interval). Each panel as its metric is declared
+    (`Plotted`): a log y-axis for `log` (values <= 0 left out), a dotted line at `reference`, the unit as y label.
+    Draws the Amax gain (`amax`) and the connection-weight sums (`connection_sums`)."""
+    shown = [m for m in metrics if any(finite_number(r.get(m.name)) for run in ablation.runs for r in run.records)]
+    if not shown:
         return False
-    labels = {m.name: m.plot.label for m in metrics}
+    keys = {m.name for m in shown}
     with_data = [s for s in ablation.schemes
                  if any(k in r for run in ablation.runs if run.residual == s for r in run.records for k in keys)]
     depths = ablation.depths
-    figure, axes = _figure(len(keys), len(depths), (4.6, 3.1), sharex=True)
+    figure, axes = _figure(len(shown), len(depths), (4.6, 3.1), sharex=True)
     for row, depth in enumerate(depths):
-        for col, key in enumerate(keys):
+        for col, metric in enumerate(shown):
             ax = axes[row][col]
-            drawn = False
-            for scheme in ablation.schemes:
-                runs = ablation.runs_for(scheme, depth)
-                steps, mean, lo, hi = aggregate(runs, lambda r, k=key: r.get(k))
-                points = [(s, m, a, b) for s, m, a, b in zip(steps, mean, lo, hi) if m > 0 and a > 0]
-                if not points:
-                    continue
-                drawn = True
-                steps, mean, lo, hi = (list(v) for v in zip(*points))
-                ax.plot(steps, mean, color=colours[scheme], lw=2)
-                if len(runs) > 1:
-                    ax.fill_between(steps, lo, hi, color=colours[scheme], alpha=0.18, lw=0)
-            ax.set_title(f"{labels[key]}  ·  {depth} block{'s' if depth != 1 else ''}", fontsize=10)
-            if not drawn:
+            if not _scheme_lines(ax, ablation, colours, metric, depth):
                 _no_data(ax)
-                continue
-            ax.axhline(1.0, color="#999999", lw=0.8, ls=":")
-            _log_y(ax)
-            if col == 0:
-                ax.set_ylabel("Amax gain")
+            ax.set_title(f"{metric.plot.label}  ·  {depth} block{'s' if depth != 1 else ''}", fontsize=10)
+            if col == 0 or metric.unit != shown[col - 1].unit:
+                ax.set_ylabel(metric.unit)
             if row == len(depths) - 1:
                 ax.set_xlabel("training step")
     _scheme_legend(figure, ablation, colours, schemes=with_data)
     figure.suptitle(f"{title} ({_seed_note(ablation)})", fontsize=12, fontweight="bold")
     _save(figure, path)
     return True
+
+
+def _scheme_lines(ax, ablation: Ablation, colours: dict[str, str], metric: Metric, depth: int) -> bool:
+    """One panel of `plot_panels`: each scheme's line of `metric` at `depth`; False when none has a value."""
+    drawn = False
+    for scheme in ablation.schemes:
+        runs = ablation.runs_for(scheme, depth)
+        steps, mean, lo, hi = aggregate(runs, lambda r, k=metric.name: r.get(k))
+        points = [p for p in zip(steps, mean, lo, hi) if not metric.plot.log or (p[1] > 0 and p[2] > 0)]
+        if not points:
+            continue
+        drawn = True
+        steps, mean, lo, hi = (list(v) for v in zip(*points))
+        ax.plot(steps, mean, color=colours[scheme], lw=2, marker="o" if len(steps) <= 12 else None, ms=3.5)
+        if len(runs) > 1:
+            ax.fill_between(steps, lo, hi, color=colours[scheme], alpha=0.18, lw=0)
+    if drawn and metric.plot.reference is not None:
+        ax.axhline(metric.plot.reference, color="#999999", lw=0.8, ls=":")
+    if drawn and metric.plot.log:
+        _log_y(ax)
+    return drawn
 
 
 def _figures(seeds: str) -> dict[str, tuple[Callable[..., bool], str, str]]:
@@ -396,9 +406,16 @@ def _figures(seeds: str) -> dict[str, tuple[Callable[..., bool], str, str]]:
                     "drift (cosine similarity between what enters and what leaves a block: 1 = unchanged, 0 = "
                     "replaced) and the update ratio ||F(x)|| / ||x|| of the attention (solid) and FFN (dashed) "
                     "sublayers.")),
-        "amax": (plot_amax, "Amax gain of the composite residual mixing", (
+        "amax": (plot_panels, "Amax gain of the composite residual mixing", (
                  "HC / mHC only: the largest absolute row sum (forward) or column sum (backward) of the product of the "
                  "residual mixing matrices over depth. Near 1 is stable; large values amplify signals and gradients.")),
+        "connection_sums": (plot_panels, "Row and column sums of the connection weights", (
+                            f"Multi-stream schemes only ({seeds}), in mHC's notation x' = H_res x + H_post^T "
+                            "F(H_pre x): each site's H_res (the stream mix), H_pre (the read) and H_post (the write), "
+                            "averaged over the tokens of a log step's batch, then summarised over the sites. A "
+                            "doubly-stochastic H_res (mHC) keeps every row and column sum at 1, its deviations at 0 "
+                            "(dotted): the skips alone neither grow nor shrink a stream. Unconstrained HC is free to "
+                            "move away from it as it trains.")),
     }
 
 

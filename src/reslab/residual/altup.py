@@ -42,7 +42,10 @@ stream receives the update), as it does when given K streams with no state from 
 coefficients either site alone is pre-LN.
 
 Probes see the active stream (stream in: X_0 at the attention site, u at the FFN site; stream out: u, then X~_0).
-`scheme_metrics` reports the Amax gain of the composite skip mix prod_l (I + C_l), as hc and mhc do for theirs.
+`scheme_metrics` reports the Amax gain of the composite skip mix prod_l (I + C_l), as hc and mhc do for theirs, and the
+sums of each block's connection weights in mHC's terms: H_res = I + C (the prediction), H_pre = row 0 of I + C (the
+block reads the active prediction X^_0), H_post = c (every stream takes c_i times the block's update v - p, both
+sublayers' outputs); the attention site logs the first two, the FFN site the third.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from reslab.residual.base import (
     check_integer_option,
     check_number_option,
 )
-from reslab.residual.multistream import amax_gain
+from reslab.residual.multistream import connection_sums, stream_metrics
 
 ACTIVE = 0  # the stream the blocks compute on (Gemma 3n's altup_active_idx default, configuration_gemma3n.py:120)
 INIT_STD = 0.02  # Gemma 3n's initializer_range (configuration_gemma3n.py:104), for a site built outside a model
@@ -118,9 +121,13 @@ class AltUpCoefficients(nn.Module):
         predicted = torch.matmul(streams.permute(1, 2, 3, 0), mix.transpose(-1, -2)).permute(3, 0, 1, 2)
         return streams + predicted, mix
 
+    def correction_scale(self, activated: torch.Tensor) -> torch.Tensor:
+        """`c = W_c m(v) + 1` (batch, seq, K): how much of the active stream's innovation each stream takes."""
+        return F.linear(self.modalities(activated), self.clipped(self.correction_coefs)) + 1.0
+
     def correct(self, predictions: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
         """`X^_i + c_i (v - X^_0)` with `c = W_c m(v) + 1`: every stream moves by the active stream's innovation."""
-        scale = F.linear(self.modalities(activated), self.clipped(self.correction_coefs)) + 1.0
+        scale = self.correction_scale(activated)
         return predictions + scale.movedim(-1, 0).unsqueeze(-1) * (activated - predictions[ACTIVE])
 
     def extra_repr(self) -> str:
@@ -198,6 +205,7 @@ class AltUp(ResidualSite):
             self.altup = AltUpCoefficients(spec.width, self.num_streams, spec.make_norm,
                                            float(self.options["altup_coef_clip"]))
         self.last_stream_mix: torch.Tensor | None = None  # I + C of the last probed forward, for `scheme_metrics`
+        self.last_sums: torch.Tensor | None = None  # `connection_sums` of the last probed forward, likewise
 
     @classmethod
     def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -233,6 +241,8 @@ class AltUp(ResidualSite):
         if self.probe is not None:
             eye = torch.eye(self.num_streams, device=mix.device, dtype=mix.dtype)
             self.last_stream_mix = (eye + mix).detach()
+            self.last_sums = connection_sums(self.num_streams, self.last_stream_mix[..., ACTIVE, :].sum(-1),
+                                             self.last_stream_mix)
         self.observe(streams[ACTIVE], fx, advanced)  # the probe's stream: the active one
         return AltUpState(predictions, advanced, self.altup)
 
@@ -243,6 +253,8 @@ class AltUp(ResidualSite):
         advanced = state.advanced
         fx = sublayer(self.norm(advanced))
         out = corrected(state, advanced + fx)
+        if self.probe is not None:
+            self.last_sums = correction_sums(state, advanced + fx, self.num_streams)
         self.observe(advanced, fx, out[ACTIVE])
         return out
 
@@ -258,13 +270,10 @@ class AltUp(ResidualSite):
     @classmethod
     def scheme_metrics(cls, sites: list[ResidualSite], ranks: RankReduce | None = None) -> dict[str, float]:
         """Amax gain of the composite skip mix `prod_l (I + C_l)` (per token; the max over tokens and ranks) of the
-        last probed forward: how far the predictions alone can grow the streams, forward and backward."""
-        mixes = [site.last_stream_mix for site in sites if getattr(site, "altup", None) is not None]
-        if not mixes or any(mix is None for mix in mixes):
-            return {}
-        gains = torch.tensor(amax_gain(mixes), device=mixes[0].device)
-        forward, backward = (ranks.max(gains) if ranks is not None else gains).tolist()
-        return {"amax_gain_forward": forward, "amax_gain_backward": backward}
+        last probed forward: how far the predictions alone can grow the streams, forward and backward; and the
+        sums of each block's H_res, H_pre and H_post (see the module docstring)."""
+        mixes = [getattr(site, "last_stream_mix", None) for site in sites if getattr(site, "altup", None) is not None]
+        return stream_metrics(mixes, [getattr(site, "last_sums", None) for site in sites], ranks)
 
     def extra_repr(self) -> str:
         role = "predict + attention" if self.altup is not None else "FFN + correct"
@@ -276,6 +285,15 @@ def corrected(state: AltUpState, activated: torch.Tensor) -> torch.Tensor:
     if state.altup is None:
         return state.predictions + (activated - state.predictions[ACTIVE])
     return state.altup.correct(state.predictions, activated)
+
+
+@torch.no_grad()
+def correction_sums(state: AltUpState, activated: torch.Tensor, streams: int) -> torch.Tensor:
+    """`connection_sums` of the FFN site: H_post = c, the block's write into each stream (c = 1 without
+    coefficients); this site has no H_pre or H_res of its own (its block's attention site logs them)."""
+    if state.altup is None:
+        return connection_sums(streams, write_sum=torch.full((), float(streams), device=activated.device))
+    return connection_sums(streams, write_sum=state.altup.correction_scale(activated).sum(-1))
 
 
 def describe(stream: Any) -> str:

@@ -51,7 +51,7 @@ from reslab.residual.base import (
     on_single_stream,
 )
 from reslab.residual.depth.base import ComposedSite
-from reslab.residual.multistream import ParallelStreams, amax_gain
+from reslab.residual.multistream import ParallelStreams, connection_sums, stream_metrics
 
 NORM_EPS = 1e-12  # F.normalize's floor on the L2 norm, as the package's RMSNorm (hyper_connections.py:93)
 DYNAMIC_SCALE_INIT = 0.01  # s_a and s_b (hyper_connections.py:235, 247)
@@ -89,6 +89,7 @@ class FracConnections(ResidualSite):
             self.dynamic_beta = nn.Parameter(torch.zeros(d, m))
             self.dynamic_scale = nn.Parameter(torch.full((2,), DYNAMIC_SCALE_INIT))  # s_a, s_b
         self.last_stream_mix: torch.Tensor | None = None  # kept from a probed forward for `scheme_metrics`
+        self.last_sums: torch.Tensor | None = None  # `connection_sums` of a probed forward, for `scheme_metrics`
 
     @classmethod
     def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,6 +126,7 @@ class FracConnections(ResidualSite):
             out = (mixed[1:] + torch.einsum("...asg,...ad->s...gd", beta, y)).flatten(-2)
         if self.probe is not None:
             self.last_stream_mix = stream_mix(alpha.detach())
+            self.last_sums = fraction_sums(alpha.detach(), beta.detach(), self.last_stream_mix)
             # the probe measures one stream: the mean of the n (at init, exactly pre-LN's stream)
             self.observe(streams.mean(0), fx, out.mean(0))
         return out.squeeze(0) if n == 1 else out
@@ -146,13 +148,10 @@ class FracConnections(ResidualSite):
     @classmethod
     def scheme_metrics(cls, sites: list[ResidualSite], ranks: RankReduce | None = None) -> dict[str, float]:
         """Amax gain (mHC paper, arXiv 2512.24880) of the composite stream mix over the n m fraction streams of the
-        last probed forward (max over tokens, and over ranks): 1 at init, where every mix is the identity."""
-        mixes = [getattr(site, "last_stream_mix", None) for site in sites]
-        if not mixes or any(mix is None for mix in mixes):
-            return {}
-        gains = torch.tensor(amax_gain(mixes), device=mixes[0].device)
-        forward, backward = (ranks.max(gains) if ranks is not None else gains).tolist()
-        return {"amax_gain_forward": forward, "amax_gain_backward": backward}
+        last probed forward (max over tokens, and over ranks): 1 at init, where every mix is the identity; and the
+        sums of H_res, H_pre and H_post (`fraction_sums`)."""
+        return stream_metrics([getattr(site, "last_stream_mix", None) for site in sites],
+                              [getattr(site, "last_sums", None) for site in sites], ranks)
 
     def extra_repr(self) -> str:
         kind = ("dynamic" if self.dynamic else "static") + (", tanh" if self.dynamic and self.tanh else "")
@@ -194,3 +193,13 @@ def stream_mix(alpha: torch.Tensor) -> torch.Tensor:
     lead = alpha.dim() - 4
     mix = alpha[..., 1:].permute(*range(lead), lead + 3, lead + 2, lead + 1, lead)  # (..., s', g, s, a)
     return mix.flatten(-4, -3).flatten(-2, -1)
+
+
+def fraction_sums(alpha: torch.Tensor, beta: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """`connection_sums` over the n m fraction streams: H_res is `stream_mix(alpha)`; H_pre reads each fraction g
+    of the sublayer's input from the fraction streams (alpha[a, s, g, 0]), its sum taken per g and averaged over
+    the m fractions; H_post writes each fraction a of the output into the fraction streams (beta[a, s', g]), its
+    sum taken per a and averaged over the m. At init both read sums are 1 and each write sum is n, as in HC."""
+    read_sum = alpha[..., 0].sum((-3, -2)).mean(-1)  # (..., a, s, g) -> per g -> mean over g
+    write_sum = beta.sum((-2, -1)).mean(-1)  # (..., a, s', g) -> per a -> mean over a
+    return connection_sums(mix.shape[-1], read_sum, mix, write_sum)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from reslab.errors import ReslabError
 from reslab.residual.base import RankReduce, ResidualSite, SiteSpec, StreamAdapter, check_integer_option
-from reslab.residual.multistream import STREAM_AXIS, ParallelStreams, amax_gain
+from reslab.residual.multistream import STREAM_AXIS, ParallelStreams, connection_sums, stream_metrics
 
 INIT_STD = 0.02  # Qwen4-Exp's initializer_range: the gate projections start N(0, 0.02^2) (`_init_weights`)
 RMS_EPS = 1e-6  # Qwen4-Exp's rms_norm_eps
@@ -133,6 +133,7 @@ class GatedHyperConnections(ResidualSite):
         self.rank = self.options["gated_hc_rank"] or default_rank(spec.width)
         self.read = GatedRead(self.num_streams, spec.width, self.rank, inject=True)
         self.probed = False  # a probed forward ran: `scheme_metrics` reports
+        self.last_sums: torch.Tensor | None = None  # `connection_sums` of a probed forward, for `scheme_metrics`
 
     @classmethod
     def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -155,12 +156,13 @@ class GatedHyperConnections(ResidualSite):
             raise ReslabError(f"residual scheme 'gated-hc': got {streams.shape[STREAM_AXIS]} streams, built for "
                               f"{self.num_streams}; widen the stream with the scheme's own stream_adapter")
         by_token = streams.movedim(STREAM_AXIS, -2)  # (batch, seq, n, width): contiguous, tokens first
-        h, weights, _ = self.read(by_token)
+        h, weights, gate = self.read(by_token)
         fx = sublayer(h)
         out = by_token + weights.to(fx.dtype).unsqueeze(-1) * fx.unsqueeze(-2)  # H_k + b_k F(h), every stream
         out = out.to(streams.dtype).movedim(-2, STREAM_AXIS)
         if self.probe is not None:
             self.probed = True
+            self.last_sums = gated_sums(gate, weights)
             # the probe measures one stream: the mean of the n (at init, all n are equal copies)
             self.observe(streams.mean(STREAM_AXIS), fx, out.mean(STREAM_AXIS))
         return out
@@ -174,12 +176,22 @@ class GatedHyperConnections(ResidualSite):
     @classmethod
     def scheme_metrics(cls, sites: list[ResidualSite], ranks: RankReduce | None = None) -> dict[str, float]:
         """The Amax gain of the composite stream mix, as for hc and mhc: here every stream keeps an identity
-        residual (no mixing matrix), so the composite is the identity and both gains are exactly 1."""
+        residual (no mixing matrix), so the composite is the identity and both gains are exactly 1; and the sums
+        of H_res (the identity), H_pre and H_post (`gated_sums`)."""
         if not sites or not all(getattr(site, "probed", False) for site in sites):
             return {}
-        n = sites[0].num_streams
-        forward, backward = amax_gain([torch.eye(n) for _ in sites])
-        return {"amax_gain_forward": forward, "amax_gain_backward": backward}
+        identity = torch.eye(sites[0].num_streams, device=sites[0].read.mix_down.device)  # where the ranks reduce
+        return stream_metrics([identity for _ in sites], [getattr(site, "last_sums", None) for site in sites], ranks)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, streams={self.num_streams}, rank={self.rank}"
+
+
+def gated_sums(gate: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`connection_sums` of one gated site, from its read gate G (..., n, D) and injection weights b (..., n):
+    H_res is the identity (every stream keeps its residual); H_pre weighs stream k by G_k / n, per channel, so its
+    sum is the mean of G over the streams, averaged over the channels (it reads the grouped-normalised streams, and
+    no norm follows: the sum scales the sublayer's input); H_post is b."""
+    n = gate.shape[-2]
+    eye = torch.eye(n, dtype=weights.dtype, device=weights.device)
+    return connection_sums(n, gate.detach().mean((-2, -1)), eye, weights.detach().sum(-1))

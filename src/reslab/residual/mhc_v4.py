@@ -142,6 +142,7 @@ class DeepSeekV4MHC(MultiStreamSite):
         n = self.num_streams = self.options["mhc_v4_streams"]
         self.norm = spec.make_norm(spec.width)  # the sublayer's pre-norm, on the collapsed read
         self.last_stream_mix: torch.Tensor | None = None
+        self.last_sums: torch.Tensor | None = None  # MultiStreamSite's probe fills both
         self.sinkhorn_iters = self.options["mhc_v4_sinkhorn_iters"]
         self.hc_eps, self.rms_eps = HC_EPS, RMS_EPS
         self.fn = nn.Parameter(torch.randn((2 + n) * n, n * spec.width) * INIT_STD)

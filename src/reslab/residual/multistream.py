@@ -15,12 +15,15 @@ the same update runs as fused autograd Functions (`stream_ops`).
 The model calls `ParallelStreams.widen` once after the embedding (n copies) and `reduce` once before the final norm
 (the sum over streams, as in the HC paper).
 
-Diagnostic (mHC paper, arXiv 2512.24880): the *Amax gain* of the composite mix `stream_mix_L ... stream_mix_1`,
-its largest absolute row sum (how much the forward signal can grow) and column sum (the backward gradient).
+Diagnostics (mHC paper, arXiv 2512.24880): the *Amax gain* of the composite mix `stream_mix_L ... stream_mix_1`,
+its largest absolute row sum (how much the forward signal can grow) and column sum (the backward gradient); and per
+site the row and column sums of H_res (`stream_mix`), the sum of H_pre (`read`) and of H_post (`write`), averaged over
+the tokens (`connection_sums`, summarised over the sites by `connection_metrics`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,6 +86,7 @@ class MultiStreamSite(ResidualSite):
         self.num_streams = self.options["streams"]
         self.norm = spec.make_norm(spec.width)  # the sublayer's own pre-norm, applied to what it reads
         self.last_stream_mix: torch.Tensor | None = None  # kept from a probed forward for `scheme_metrics`
+        self.last_sums: torch.Tensor | None = None  # `connection_sums` of a probed forward, for `scheme_metrics`
 
     @classmethod
     def resolve_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,19 +124,17 @@ class MultiStreamSite(ResidualSite):
             out = mix_streams(stream_mix, streams) + write_streams(write, fx)
         if self.probe is not None:
             self.last_stream_mix = stream_mix.detach()
+            self.last_sums = connection_sums(self.num_streams, read.sum(-1), stream_mix, write.sum(-1))
             # the probe measures one stream: the mean of the n (at HC's init, exactly pre-LN's stream)
             self.observe(streams.mean(STREAM_AXIS), fx, out.mean(STREAM_AXIS))
         return out
 
     @classmethod
     def scheme_metrics(cls, sites: list[ResidualSite], ranks: RankReduce | None = None) -> dict[str, float]:
-        """Amax gain of the composite stream mix of the last probed forward (max over tokens, and over ranks)."""
-        mixes = [site.last_stream_mix for site in sites]
-        if not mixes or any(mix is None for mix in mixes):
-            return {}
-        gains = torch.tensor(amax_gain(mixes), device=mixes[0].device)
-        forward, backward = (ranks.max(gains) if ranks is not None else gains).tolist()
-        return {"amax_gain_forward": forward, "amax_gain_backward": backward}
+        """Amax gain of the composite stream mix of the last probed forward (max over tokens, and over ranks), and
+        the sums of H_res, H_pre and H_post (`connection_metrics`)."""
+        return stream_metrics([getattr(site, "last_stream_mix", None) for site in sites],
+                              [getattr(site, "last_sums", None) for site in sites], ranks)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, streams={self.num_streams}"
@@ -157,3 +159,59 @@ def amax_gain(stream_mixes: list[torch.Tensor]) -> tuple[float, float]:
     return composite.sum(-1).amax().item(), composite.sum(-2).amax().item()
 
 
+def stream_metrics(mixes: list[torch.Tensor | None], sums: list[torch.Tensor | None],
+                   ranks: RankReduce | None = None) -> dict[str, float]:
+    """A multi-stream scheme's `scheme_metrics`: the Amax gain of the composite of `mixes` (max over tokens and
+    ranks) when every one is there, and `connection_metrics` of `sums` (one per site) when every one is there.
+    Whether each is there is the same on every rank (all probed the same forward), so the ranks reduce in step."""
+    found: dict[str, float] = {}
+    if mixes and all(mix is not None for mix in mixes):
+        gains = torch.tensor(amax_gain(mixes), device=mixes[0].device)
+        forward, backward = (ranks.max(gains) if ranks is not None else gains).tolist()
+        found.update(amax_gain_forward=forward, amax_gain_backward=backward)
+    if sums and all(entry is not None for entry in sums):
+        found.update(connection_metrics(sums, ranks))
+    return found
+
+
+@torch.no_grad()
+def connection_sums(streams: int, read_sum: torch.Tensor | None = None, stream_mix: torch.Tensor | None = None,
+                    write_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """One site's connection-weight sums, each averaged over the tokens, in float64 (2 + 2n,):
+    [sum of H_pre, sum of H_post, the n row sums of H_res, its n column sums]; NaN for a weight the site lacks.
+
+    `read_sum` and `write_sum` are the per-token sums of the read (H_pre) and write (H_post) weights, with any
+    leading token axes (none for static weights); `stream_mix` is H_res, (..., n, n), the matrix that multiplies
+    the streams, so row i weighs what enters output stream i (the forward gain) and column j where input stream j
+    goes (the backward gain), as in the mHC paper's plots of its learned mappings (arXiv 2512.24880)."""
+    given = [value for value in (read_sum, stream_mix, write_sum) if value is not None]
+    sums = torch.full((2 + 2 * streams,), math.nan, dtype=torch.float64, device=given[0].device)  # ranks reduce it
+    for index, value in ((0, read_sum), (1, write_sum)):
+        if value is not None:
+            sums[index] = value.double().mean()
+    if stream_mix is not None:
+        mix = stream_mix.double().reshape(-1, streams, streams).mean(0)  # the token-mean: the sums are linear
+        sums[2:] = torch.cat([mix.sum(-1), mix.sum(-2)])
+    return sums
+
+
+def connection_metrics(sums: list[torch.Tensor], ranks: RankReduce | None = None) -> dict[str, float]:
+    """The sites' `connection_sums` (averaged over ranks first: each holds an equal share of the batch) summarised
+    over the sites: the largest |row sum - 1| and |column sum - 1| of H_res, its mean row sum (the mean column sum
+    too: both are the sum of its entries over n), and the mean sums of H_pre and H_post. A weight no site has
+    (NaN throughout) is left out."""
+    table = torch.stack(sums)
+    if ranks is not None:
+        table = ranks.mean(table)
+    streams = (table.shape[1] - 2) // 2
+    pre, post, rows, cols = table[:, 0], table[:, 1], table[:, 2:2 + streams], table[:, 2 + streams:]
+    values = torch.stack([_largest((rows - 1).abs()), _largest((cols - 1).abs()), rows.nanmean(), pre.nanmean(),
+                          post.nanmean()]).tolist()
+    names = ("h_res_row_sum_dev", "h_res_col_sum_dev", "h_res_sum_mean", "h_pre_sum_mean", "h_post_sum_mean")
+    return {name: value for name, value in zip(names, values) if not math.isnan(value)}
+
+
+def _largest(values: torch.Tensor) -> torch.Tensor:
+    """The largest value that is not NaN (a 0-dim tensor); NaN when there is none."""
+    largest = values.nan_to_num(nan=-math.inf).max()
+    return torch.where(largest == -math.inf, math.nan, largest)
