@@ -161,3 +161,12 @@ def test_the_cli_lens_on_hf_v4_decodes_each_stream(cli):
     assert code == 0, err
     record = json.loads(out)
     assert record["streams"]["count"] == 4 and len(record["streams"]["loss"]) == 4
+
+
+@pytest.mark.parametrize("residual, kind", [("mhc-v4", "multi-stream"), ("pre", "identity")])
+def test_the_audit_reads_the_scheme_it_was_built_with(cli, residual, kind):
+    code, out, err = cli("audit", "deepseek-v4", "--layers", "2", "--residual", residual, "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert [r["kind"] for r in record["residuals"]] == [kind] * 4
+    assert record["dead"] == [] and record["not_run"] == []
