@@ -75,3 +75,25 @@ def test_cli_prints_and_writes_the_per_stream_lens(cli):
     code, out, err = cli(*flags)
     assert code == 0, err
     assert "loss s0" in out and "read s3" in out and "per stream (4 streams)" in out
+
+
+def test_the_ablation_reports_lens_panel_draws_each_stream(cli, corpus, tmp_path, monkeypatch):
+    """A trained mhc run and a pre run: the panel's data has each of mhc's 4 streams beside its collapse (by block,
+    the same entries), and none for pre; the report draws it."""
+    from reslab.lens import ablation
+
+    code, _, err = cli("ablate", "--model", "gpt", "--residual", "pre,mhc", "--layers", "2", "--seeds", "1",
+                       "--width", "32", "--heads", "2", "--context", "16", "--batch", "4", "--steps", "6",
+                       "--eval-batches", "1", "--data", corpus, "--out", tmp_path / "abl", "--jobs", "1",
+                       "--no-progress", "--no-report")
+    assert code == 0, err
+    drawn = {}
+    real = ablation.draw_curves
+    monkeypatch.setattr(ablation, "draw_curves", lambda curves, *rest: (drawn.update(curves), real(curves, *rest)))
+    code, _, err = cli("report", tmp_path / "abl")
+    assert code == 0, err
+    assert (tmp_path / "abl" / "plots" / "lens.png").stat().st_size > 10_000
+    pre, mhc = drawn[("pre", 2)], drawn[("mhc", 2)]
+    assert pre.streams is None and len(pre.loss) == 3
+    assert len(mhc.streams) == 4 and all(len(stream) == len(mhc.loss) == 3 for stream in mhc.streams)
+    assert all(stream[0] == pytest.approx(mhc.loss[0], abs=1e-4) for stream in mhc.streams)  # equal copies at first

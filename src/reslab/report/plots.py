@@ -502,7 +502,9 @@ def _lens_figure(ablation: Ablation, path: Path, colours: dict[str, str], metric
 
 LENS_CAPTION = ("For the first seed's finished runs: the next-token loss of the stream after the embedding and after "
                 "each block, decoded by the model's own final norm and head (the logit lens, `reslab lens RUN` for "
-                "one run), on the run's validation split. Falling block by block: each block refines the prediction.")
+                "one run), on the run's validation split. Falling block by block: each block refines the prediction. "
+                "For a scheme with parallel streams (hc, mhc, mhc-v4, ...) the solid line is the model's own collapse "
+                "of its streams and each dotted line one stream decoded alone (`reslab lens RUN`'s second table).")
 
 
 def plot_forest(ablation: Ablation, path: Path, colours: dict[str, str], metrics: list[Metric], title: str) -> bool:
