@@ -250,7 +250,8 @@ class DeepSeekV4Config(TransformerConfig):
                               f"{self.out_groups} output groups; choose out_groups among "
                               f"{divisors(self.heads * self.head_dim)}")
         if not 0 <= self.hash_layers <= self.layers:
-            raise ReslabError(f"hash_layers {self.hash_layers} is outside 0..layers {self.layers}; choose fewer")
+            raise ReslabError(f"hash_layers {self.hash_layers} is outside 0..layers {self.layers}; choose hash_layers "
+                              f"<= {self.layers}")
         check_routing(self.moe_experts, self.moe_top_k)
 
 
