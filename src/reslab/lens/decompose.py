@@ -55,6 +55,7 @@ class Decomposition:
     stream_error: float  # max |x_L - sum of the components|
     norm: str  # the final norm: layernorm, rmsnorm or none
     coefficients: list[float] | None = None  # mean coefficient a of each component, where they are not all 1
+    entries: list[str] | None = None  # traced models: the lens entry (block) each component is written in
 
     @property
     def sum_error(self) -> float:
@@ -64,8 +65,18 @@ class Decomposition:
     def mean_contributions(self) -> list[float]:
         return self.contributions.flatten(1).mean(1).tolist()
 
+    def by_entry(self, entries: list[str]) -> list[float]:
+        """The mean contribution written in each lens entry (the sum of the components of that block, traced
+        models), in the order of `entries`; one per component where components are the entries."""
+        means = self.mean_contributions()
+        if self.entries is None:
+            return means
+        return [sum(m for m, entry in zip(means, self.entries) if entry == name) for name in entries]
+
     def to_dict(self) -> dict[str, Any]:
         extra = {} if self.coefficients is None else {"coefficients": dict(zip(self.names, self.coefficients))}
+        if self.entries is not None:
+            extra["entries"] = dict(zip(self.names, self.entries))
         return {**extra, "norm": self.norm, "components": dict(zip(self.names, self.mean_contributions())),
                 "bias": self.bias.mean().item(), "target_logit": self.target_logit.mean().item(),
                 "sum_error": self.sum_error, "stream_error": self.stream_error}
@@ -189,7 +200,15 @@ def decomposition_from(model: nn.Module, capture, output: torch.Tensor, targets:
 
 @torch.no_grad()
 def decompose(model: nn.Module, tokens, targets=None) -> Decomposition:
-    """The decomposition of `model`'s final stream on `tokens`; a ReslabError (one line) for schemes without one."""
+    """The decomposition of `model`'s final stream on `tokens`; a ReslabError (one line) for schemes without one.
+    A module that is not a reslab language model (a Hugging Face model, a callable's) is read from its traced graph:
+    its writes are what its residual adds add to the stream (`lens/dla_traced.py`)."""
+    from reslab.contracts import LensModel, missing
+
+    if missing(model, LensModel) is not None:
+        from reslab.lens.dla_traced import decompose_traced
+
+        return decompose_traced(model, tokens, targets)
     reason = refusal(model)
     if reason:
         raise ReslabError(reason)

@@ -61,8 +61,6 @@ def describe_stream(model: nn.Module) -> str:
 
 
 CONTEXT_FIELDS = ("context", "max_position_embeddings", "n_positions", "n_ctx")  # how configs name the context
-TRACED_REFUSAL = ("the decomposition reads a reslab model's residual sites (each sublayer's write); a traced model "
-                  "gives the stream between blocks only")
 
 
 def model_context(model: nn.Module) -> int | None:
@@ -167,6 +165,7 @@ def traced_lens(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, p
                 keep_logits: bool, frozen_norm: bool) -> LensResult:
     """The lens of any other module: blocks, stream, final norm and head found from its traced graph, each entry
     decoded by everything that follows the last block (`reslab.lens.traced`)."""
+    from reslab.lens.dla_traced import decomposition_or_refusal
     from reslab.lens.traced import TracedLens
 
     was_training = model.training
@@ -181,6 +180,7 @@ def traced_lens(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, p
             per_entry.append(lens_metrics(logits, final_logp, targets))
             if keep_logits:
                 kept.append(logits.float())
+        decomposition, refused = decomposition_or_refusal(traced, tokens, targets, positions, streams, output)
     except ReslabError as error:  # say why the graph was read at all: the model is not a reslab one
         raise ReslabError(f"{type(model).__name__} has no 'stream' (not a reslab language model), so the lens read "
                           f"its traced graph: {error}") from None
@@ -190,6 +190,6 @@ def traced_lens(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, p
     plan = traced.plan
     return LensResult(plan.names, means["loss"], means["entropy"], means["agreement"], means["kl"],
                       per_position=per_position, scheme=f"{plan.model} (traced)", stream=plan.describe(),
-                      tokens=targets.numel(), refused=TRACED_REFUSAL,
+                      tokens=targets.numel(), decomposition=decomposition, refused=refused,
                       logits=torch.stack(kept) if keep_logits else None,
                       norm=FROZEN if frozen_norm else RECOMPUTED, modules=plan.modules())

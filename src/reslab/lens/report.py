@@ -57,10 +57,10 @@ def _heatmap(result: LensResult):
 
     values = result.decomposition.contributions.mean(1)  # (components, positions), averaged over windows
     limit = values.abs().max().item() or 1.0
-    figure = Figure(figsize=(max(5, 0.25 * values.shape[1] + 3), 0.35 * len(result.names) + 1.5), layout="constrained")
+    figure = Figure(figsize=(max(5, 0.25 * values.shape[1] + 3), 0.35 * values.shape[0] + 1.5), layout="constrained")
     ax = figure.subplots()
     image = ax.imshow(values.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
-    ax.set_yticks(range(len(result.names)), result.decomposition.names, fontsize=8)
+    ax.set_yticks(range(values.shape[0]), result.decomposition.names, fontsize=8)
     ax.set_xlabel("position")
     ax.set_title(f"direct logit contribution to the correct token ({result.scheme})")
     figure.colorbar(image, ax=ax)

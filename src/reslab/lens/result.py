@@ -61,9 +61,9 @@ class LensResult:
 
     @property
     def dla(self) -> list[float] | None:
-        """The `DLA` column: each component's mean direct logit contribution to the correct token (None when the
-        scheme's stream has no decomposition)."""
-        return self.decomposition.mean_contributions() if self.decomposition is not None else None
+        """The `DLA` column: each entry's mean direct logit contribution to the correct token (None when the
+        scheme's stream has no decomposition); for a traced model, the sum of the writes of that entry's block."""
+        return self.decomposition.by_entry(self.names) if self.decomposition is not None else None
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per entry: name and the four means (and the tuned lens's, as tuned_<metric>)."""
@@ -128,6 +128,9 @@ class LensResult:
             notes.append(f"DLA: direct logit contribution to the correct token, {parts.norm} scale frozen at the "
                          f"final stream's; components + bias ({parts.bias.mean().item():.4f}) = the model's logit "
                          f"({parts.target_logit.mean().item():.4f}), max error {parts.sum_error:.1e}")
+            if parts.entries is not None:
+                notes.append("DLA of a block: the sum of the writes its residual adds put on the stream "
+                             f"({len(parts.names) - 1} writes in all: decomposition.names; lens/dla_traced.py)")
         return notes
 
     def to_pandas(self):

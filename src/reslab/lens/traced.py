@@ -60,6 +60,8 @@ class TracedPlan:
     after_head: list[str]  # the ops between the head and the logits (softcapping), in forward order
     carried: list[str]  # per block, the residual kinds it carries the stream with
     scales: frozenset[int]  # which scale ops (SCALE_OPS) after the last block are the final norm's
+    first_in: int = -1  # the trace's node of the stream entering the first block (in the trace the plan read)
+    last_out: int = -1  # ... and of the stream leaving the last block
 
     @property
     def names(self) -> list[str]:
@@ -87,20 +89,27 @@ class TracedPlan:
 def trace_plan(model: nn.Module, tokens: torch.Tensor) -> TracedPlan:
     """Trace `model` on `tokens` once and find its blocks, stream, head and final norm (see the module doc)."""
     from reslab.graph import audit
-    from reslab.graph.depth import chains
     from reslab.graph.trace import TraceError
 
     try:
         found = audit(model, (tokens,))
     except TraceError as error:
         raise ReslabError(f"tracing {type(model).__name__} for the lens failed: {error}") from None
+    return plan_from_audit(found)
+
+
+def plan_from_audit(found) -> TracedPlan:
+    """The plan (blocks, stream, head, final norm) an audit's trace (`reslab.graph.Audit`) says, as `trace_plan`;
+    its `first_in` and `last_out` are node ids of that trace (the direct logit attribution walks it)."""
+    from reslab.graph.depth import chains
+
     trace = found.trace
     lists = chains(trace, [block.path for block in found.blocks])
     if not lists:
-        raise ReslabError(f"{type(model).__name__} has no blocks the stream runs through (a module list whose "
+        raise ReslabError(f"{trace.model_cls} has no blocks the stream runs through (a module list whose "
                           "elements each run once, each reading the one before); the lens reads the stream there")
     chain = max(lists, key=lambda c: c.calls[-1])
-    skips = {_root(trace, r.skip) for r in found.residuals}
+    skips = {value_root(trace, r.skip) for r in found.residuals}
     stream_input, outputs = _streams(trace, list(chain.paths), list(chain.calls), skips)
     last_call = trace.calls[chain.calls[-1]]
     last = last_call.outputs[outputs[-1]]
@@ -111,12 +120,13 @@ def trace_plan(model: nn.Module, tokens: torch.Tensor) -> TracedPlan:
     kinds = {block.path: [found.residuals[i].kind for i in block.residuals] for block in found.blocks}
     return TracedPlan(trace.model_cls, list(chain.paths), stream_input, outputs, output,
                       _head_name(trace, head), _names(trace, between, last_call.id, head.call),
-                      [_op_name(trace, trace.nodes[i]) for i in after],
+                      [op_label(trace, trace.nodes[i]) for i in after],
                       [", ".join(kinds.get(p) or ["no residual"]) for p in chain.paths],
-                      frozenset(j for j, node_id in enumerate(tail) if node_id in between))
+                      frozenset(j for j, node_id in enumerate(tail) if node_id in between),
+                      trace.calls[chain.calls[0]].inputs[stream_input], last)
 
 
-def _root(trace: Trace, node_id: int) -> int:
+def value_root(trace: Trace, node_id: int) -> int:
     """The value a node is a view of (a reshape, a cast): views of one value are that value."""
     nodes = trace.nodes
     while node_id >= 0 and nodes[node_id].role == "view" and nodes[node_id].through >= 0:
@@ -154,12 +164,12 @@ def _streams(trace: Trace, paths: list[str], calls: list[int], skips: set[int]) 
         call = trace.calls[call_id]
         inputs = [i for i, node_id in enumerate(call.inputs) if nodes[node_id].data]
         if previous is not None:
-            inputs = [i for i in inputs if _root(trace, call.inputs[i]) == previous]
+            inputs = [i for i in inputs if value_root(trace, call.inputs[i]) == previous]
             if not inputs:
                 raise ReslabError(f"{path} does not read {paths[len(outputs) - 1]}'s output: the stream is not "
                                   "carried from block to block, so the lens has no stream between them to decode")
         else:
-            inputs = [i for i in inputs if _root(trace, call.inputs[i]) in skips] or inputs
+            inputs = [i for i in inputs if value_root(trace, call.inputs[i]) in skips] or inputs
         pair = next(((i, o) for i in inputs for o, out in enumerate(call.outputs)
                      if nodes[out].shape == nodes[call.inputs[i]].shape and _reaches(trace, call.inputs[i], out)),
                     None)
@@ -168,7 +178,7 @@ def _streams(trace: Trace, paths: list[str], calls: list[int], skips: set[int]) 
                               "passes through it for the lens to read")
         first = pair[0] if first < 0 else first
         outputs.append(pair[1])
-        previous = _root(trace, call.outputs[pair[1]])
+        previous = value_root(trace, call.outputs[pair[1]])
     return first, outputs
 
 
@@ -195,7 +205,7 @@ def _head(trace: Trace, logits: int, last: int, block: str):
         if node.role == "view" and node.through >= 0:
             data = [node.through]
         if len(data) != 1 or data[0] <= last:
-            where = _op_name(trace, node)
+            where = op_label(trace, node)
             raise ReslabError(f"no unembedding reachable from the stream: walking back from the logits, {where} is "
                               f"not a learned linear map of {block}'s output (linear, matmul or einsum with a weight)")
         if node.role != "view":
@@ -203,7 +213,7 @@ def _head(trace: Trace, logits: int, last: int, block: str):
         node = nodes[data[0]]
     data = [i for i in node.inputs if nodes[i].data]
     if len(data) != 1:
-        raise ReslabError(f"the head {_op_name(trace, node)} reads {len(data)} computed values; the lens needs a "
+        raise ReslabError(f"the head {op_label(trace, node)} reads {len(data)} computed values; the lens needs a "
                           "head that reads the stream alone")
     return node, after[::-1], data[0]
 
@@ -234,13 +244,13 @@ def _names(trace: Trace, between: set[int], block_call: int, head_call: int) -> 
             continue
         chain = trace.chain(node.call)
         own = next((c for c in chain if not trace.within(block_call, c) and not trace.within(head_call, c)), None)
-        name = trace.calls[own].path if own is not None else _op_name(trace, node)
+        name = trace.calls[own].path if own is not None else op_label(trace, node)
         if name not in names:
             names.append(name)
     return names
 
 
-def _op_name(trace: Trace, node) -> str:
+def op_label(trace: Trace, node) -> str:
     path = trace.calls[node.call].path if node.call >= 0 else ""
     return f"{node.op} in {path or '(model)'}"
 
@@ -326,8 +336,6 @@ def _frozen(name: str, args, kwargs, statistic: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-
-
 def _named_output(output: Any, name: str) -> torch.Tensor:
     tensors = {key or "output": tensor for key, tensor in named_tensors(output, "")}
     if name not in tensors:
@@ -339,9 +347,9 @@ class TracedLens:
     """The lens of a model that is not a reslab language model: its plan (`trace_plan`), then `capture` (the
     streams and the model's logits) and `decode` (one stream through everything after the last block)."""
 
-    def __init__(self, model: nn.Module, tokens: torch.Tensor):
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, plan: TracedPlan | None = None):
         self.model = model
-        self.plan = trace_plan(model, tokens[:1])
+        self.plan = plan if plan is not None else trace_plan(model, tokens[:1])
         modules = dict(model.named_modules())
         self.blocks = [modules[path] for path in self.plan.blocks]
         self.recorded: dict[int, torch.Tensor] = {}
@@ -435,4 +443,5 @@ def frozen_decoder(norm: nn.Module, last: torch.Tensor):
     return decode
 
 
-__all__ = ["FrozenScales", "TracedLens", "TracedPlan", "call_tensors", "frozen_decoder", "trace_plan"]
+__all__ = ["FrozenScales", "TracedLens", "TracedPlan", "call_tensors", "frozen_decoder", "plan_from_audit",
+           "trace_plan"]
