@@ -182,7 +182,7 @@ class TraceError(RuntimeError):
         self.error = error
 
 
-class _Recorder(TorchFunctionMode):
+class Recorder(TorchFunctionMode):
     """Sees every torch call of the forward pass and hands its inputs and outputs to the tracer."""
 
     def __init__(self, tracer: Tracer):
@@ -406,7 +406,7 @@ def trace_model(model: nn.Module, example_inputs: Any) -> Trace:
         for module in model.modules():
             handles.append(module.register_forward_pre_hook(tracer.enter, with_kwargs=True))
             handles.append(module.register_forward_hook(tracer.leave, with_kwargs=True, always_call=True))
-        with torch.no_grad(), _Recorder(tracer):
+        with torch.no_grad(), Recorder(tracer):
             output = model(*args, **kwargs)
     except Exception as error:
         on_meta = any(p.is_meta for p in model.parameters()) or any(

@@ -42,12 +42,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.overrides import TorchFunctionMode
 
 from reslab.errors import ReslabError
 from reslab.graph import ops
 from reslab.graph.residuals import ACROSS_KINDS
-from reslab.graph.trace import Trace, TraceError, Tracer, describe_modules, named_tensors
+from reslab.graph.trace import Recorder, Trace, TraceError, Tracer, describe_modules, named_tensors
 from reslab.lens.decompose import Decomposition
 from reslab.lens.traced import TracedLens, TracedPlan, op_label, value_root
 
@@ -60,29 +59,22 @@ ACROSS = frozenset(kind for kind in ACROSS_KINDS if kind != "value embedding")
 # --- one traced pass that keeps the values added ---------------------------------------------------------------------
 
 
-class _Keeping(TorchFunctionMode):
-    """Records every torch call into the tracer (as the audit's tracer does) and clones each data operand of an add
+class _Keeping(Recorder):
+    """Records every torch call into the tracer (the audit's `Recorder`) and clones each data operand of an add
     just before the add runs (an in-place `x += w` overwrites x), keyed by the operand's node id."""
 
     def __init__(self, tracer: Tracer):
-        super().__init__()
-        self.tracer = tracer
+        super().__init__(tracer)
         self.values: dict[int, torch.Tensor] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         kept = []
         if ops.op_name(func)[0] == "add":
             for value in args[:2]:
                 node_id = self.tracer.ids.get(value) if isinstance(value, torch.Tensor) else None
                 if node_id is not None and self.tracer.nodes[node_id].data:
                     kept.append((node_id, value.detach().clone()))
-        try:
-            out = func(*args, **kwargs)
-        except Exception:
-            self.tracer.note_failure()
-            raise
-        self.tracer.record(func, args, kwargs, out)
+        out = super().__torch_function__(func, types, args, kwargs)
         self.values.update(kept)
         return out
 
