@@ -97,3 +97,42 @@ def test_the_ablation_reports_lens_panel_draws_each_stream(cli, corpus, tmp_path
     assert pre.streams is None and len(pre.loss) == 3
     assert len(mhc.streams) == 4 and all(len(stream) == len(mhc.loss) == 3 for stream in mhc.streams)
     assert all(stream[0] == pytest.approx(mhc.loss[0], abs=1e-4) for stream in mhc.streams)  # equal copies at first
+
+
+# --- models read from their traced graph (transformers' own classes) ------------------------------------------------
+
+def hf_target(name: str, **overrides):
+    from reslab.graph.targets import Kind, load_target, resolve_target
+
+    torch.manual_seed(0)
+    return load_target(resolve_target(name, tuple(Kind), name), overrides, device="cpu").model.eval()
+
+
+def test_traced_deepseek_v4_decodes_each_of_its_four_streams_by_hand():
+    """transformers' DeepSeek-V4 (its default small config: compressed attention, which reslab does not convert, so
+    the lens reads the traced graph): stream k of an entry decoded alone is lm_head(norm(H_k)) computed by hand from
+    transformers' own stream (its HyperHead of n equal copies is a positive multiple of H_k; the norm drops it)."""
+    model = hf_target("hf:deepseek_v4")
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(4))
+    result = reslab.lens(model, ids)
+    assert result.scheme.endswith("(traced)") and result.streams is not None and result.streams.count == 4
+    kept = []
+    model.model.layers[0].register_forward_hook(lambda module, inputs, out: kept.append(out.detach()))
+    with torch.no_grad():
+        final_logp = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+        for k in range(4):
+            logits = model.lm_head(model.model.norm(kept[0][:, :, k]))[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()
+            assert result.streams.loss[k][1] == pytest.approx(loss, abs=1e-4)
+    assert result.streams.read is None and final_logp.shape[1] == 11
+
+
+def test_traced_qwen4_exp_reads_its_concatenated_streams():
+    """Qwen4-Exp carries its 4 streams side by side, (batch, seq, 4 x hidden_size): four streams, equal copies of the
+    embedding at entry 0, apart after a block."""
+    model = hf_target("hf:qwen4_exp")
+    result = reslab.lens(model, torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(4)))
+    streams = result.streams
+    assert streams is not None and streams.count == 4
+    assert len({round(streams.loss[k][0], 6) for k in range(4)}) == 1
+    assert len({round(streams.loss[k][-1], 7) for k in range(4)}) > 1

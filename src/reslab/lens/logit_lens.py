@@ -161,11 +161,21 @@ def entry_decoder(model: nn.Module, capture, frozen_norm: bool):
     return lambda stream: model.head(norm(model.stream.reduce(stream)))
 
 
+def hidden_size(model: nn.Module) -> int | None:
+    """A `transformers` model's width (its text config's hidden_size), which tells a stream of n concatenated
+    streams from one; None for a model without such a config."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text, "hidden_size", None)
+    return size if isinstance(size, int) else None
+
+
 def traced_lens(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, positions: int, *,
                 keep_logits: bool, frozen_norm: bool) -> LensResult:
     """The lens of any other module: blocks, stream, final norm and head found from its traced graph, each entry
     decoded by everything that follows the last block (`reslab.lens.traced`)."""
     from reslab.lens.dla_traced import decomposition_or_refusal
+    from reslab.lens.streams import traced_per_stream
     from reslab.lens.traced import TracedLens
 
     was_training = model.training
@@ -181,6 +191,8 @@ def traced_lens(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, p
             if keep_logits:
                 kept.append(logits.float())
         decomposition, refused = decomposition_or_refusal(traced, tokens, targets, positions, streams, output)
+        stream_lens = traced_per_stream(lambda stream: traced.decode(tokens, stream, frozen_norm), streams,
+                                        hidden_size(model), final_logp, targets, positions, lens_metrics)
     except ReslabError as error:  # say why the graph was read at all: the model is not a reslab one
         raise ReslabError(f"{type(model).__name__} has no 'stream' (not a reslab language model), so the lens read "
                           f"its traced graph: {error}") from None
@@ -190,6 +202,6 @@ def traced_lens(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, p
     plan = traced.plan
     return LensResult(plan.names, means["loss"], means["entropy"], means["agreement"], means["kl"],
                       per_position=per_position, scheme=f"{plan.model} (traced)", stream=plan.describe(),
-                      tokens=targets.numel(), decomposition=decomposition, refused=refused,
+                      tokens=targets.numel(), decomposition=decomposition, refused=refused, streams=stream_lens,
                       logits=torch.stack(kept) if keep_logits else None,
                       norm=FROZEN if frozen_norm else RECOMPUTED, modules=plan.modules())
