@@ -70,3 +70,17 @@ def test_deepseek_v4_reads_its_hyper_connections_as_multi_stream(capsys):
     assert found(report) == layers("model.layers", 2, ("", "multi-stream"), ("", "multi-stream"))
     wrapped = {name for r in report["residuals"] for name in r["wraps"]}
     assert {"model.layers.0.attn_hc", "model.layers.0.self_attn"} <= wrapped
+
+
+def test_the_json_gives_the_shapes_of_the_mixing_weights(capsys):
+    """Per token (batch 1, the audit's 8 positions): V4's H_res (hc_mult 4 x 4) on the skip and H_post (4 streams)
+    on the branch; Qwen4-Exp's injection weights (4 streams); Gemma 3n's AltUp correction (its 2 streams)."""
+    def mixing(report: dict) -> list:
+        return [{(m["on"], m["role"], tuple(m["shape"])) for m in r.get("mixing", [])} for r in report["residuals"]]
+
+    v4 = mixing(audit_json(capsys, "hf:deepseek_v4"))
+    assert len(v4) == 4 and all({("skip", "mix", (1, 8, 4, 4)), ("branch", "gate", (1, 8, 4, 1))} <= m for m in v4)
+    qwen = mixing(audit_json(capsys, "hf:qwen4_exp"))
+    assert len(qwen) == 8 and all(("branch", "gate", (1, 8, 4, 1)) in m for m in qwen)
+    gemma = [m for m in mixing(audit_json(capsys, "hf:gemma3n_text")) if m]
+    assert len(gemma) == 2 and all(("branch", "gate", (2, 1, 8, 1)) in m for m in gemma)

@@ -179,9 +179,9 @@ def test_hyper_connections_that_mix_and_read_in_one_einsum_are_multi_stream(expa
     """`[A_m | A_r]^T H` in one einsum (n streams in, n + 1 out), then sliced into the branch input and the mixed
     streams: the skip is a slice of a stream mix, so it passes through the mix, as `A_r^T H` alone does."""
     result = audit(rules.PackageStyleHyperConnections(expand).eval(), (toys.features(),))
-    assert [r.to_dict() for r in result.residuals] == [
+    assert [r.to_dict() for r in result.residuals] == [  # the JSON gives the mix's shape: 3 streams in, 3 + 1 out
         {"owner": f"layers.{i}", "skip_from": f"layers.{i}:in", "wraps": [f"layers.{i}.branch"],
-         "kind": "multi-stream"} for i in range(2)]
+         "kind": "multi-stream", "mixing": [{"on": "skip", "role": "mix", "shape": [3, 4]}]} for i in range(2)]
 
 
 def test_the_hyper_connections_package_is_multi_stream():
@@ -203,6 +203,8 @@ def test_the_hyper_connections_package_is_multi_stream():
                 h = layer(h)
             return self.head(reduce_streams(h))
 
+    # its dynamic [A_m | A_r] per token (batch 1, 3 positions), broadcast over its einsum: 4 streams in, 4 + 1 out
+    mix = [{"on": "skip", "role": "mix", "shape": [1, 3, 1, 4, 1, 5]}]
     assert residuals(Model(), (toys.features(),)) == [
         {"owner": f"layers.{i}", "skip_from": f"layers.{i}:in", "wraps": [f"layers.{i}.norm", f"layers.{i}.branch"],
-         "kind": "multi-stream"} for i in range(2)]
+         "kind": "multi-stream", "mixing": mix} for i in range(2)]

@@ -67,9 +67,15 @@ class Residual:
     add: int = field(default=-1, compare=False)  # the add's node id in the trace
     skip: int = field(default=-1, compare=False)  # x's node id
     branch: int = field(default=-1, compare=False)  # the add's other operand (F(x)), -1 when there is none
+    # multi-stream and gated residuals: the weights that mix, gate or scale the skip or the branch on their way into
+    # the add, (side, role, shape)
+    mixing: tuple[tuple[str, str, tuple[int, ...]], ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict:
-        return {"owner": self.owner, "skip_from": self.skip_from, "wraps": list(self.wraps), "kind": self.kind}
+        record = {"owner": self.owner, "skip_from": self.skip_from, "wraps": list(self.wraps), "kind": self.kind}
+        if self.mixing:  # multi-stream and gated residuals: what their weights look like
+            record["mixing"] = [{"on": side, "role": role, "shape": list(shape)} for side, role, shape in self.mixing]
+        return record
 
 
 def find_residuals(trace: Trace, exclude: frozenset[int] = frozenset()) -> list[Residual]:
@@ -325,15 +331,43 @@ def _describe(trace: Trace, add: Node, root: int, branch_side: int, branch: set[
     nodes, calls = trace.nodes, trace.calls
     starts = [u for u in trace.users()[root] if u in branch or u == add.id]
     lca = _common_call(trace, [nodes[u].call for u in starts] + [add.call])
+    kind = kind or _kind(trace, add, branch_side, flags)
     return Residual(
         owner=calls[add.call].path if add.call >= 0 else "",
         skip_from=_boundary(trace, root, lca),
         wraps=_wraps(trace, branch, add, lca),
-        kind=kind or _kind(trace, add, branch_side, flags),
+        kind=kind,
         add=add.id,
         skip=root,
         branch=branch_side,
+        mixing=_mixing(trace, add, root, branch_side) if kind in MIXED_KINDS else (),
     )
+
+
+_WEIGHING = ("mix", "gate", "scale")
+MIXED_KINDS = ("multi-stream", "gated")  # the residuals whose JSON gives the shapes of their weights
+
+
+def _mixing(trace: Trace, add: Node, root: int, branch_side: int) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    """The tensors that mix, gate or scale the skip (from the add back to x) and the branch's output (its tail into
+    the add), each once: (side, role, shape). Python numbers are not tensors and are left out."""
+    nodes, found = trace.nodes, []
+    sides = [("skip", operand) for operand in add.operands if operand >= 0 and operand != branch_side][:1]
+    sides += [("branch", branch_side)] if branch_side >= 0 else []
+    for side, node_id in sides:
+        for _ in range(_WALK_LIMIT):
+            if node_id < 0 or node_id == root:
+                break
+            node = nodes[node_id]
+            if node.role in _WEIGHING:
+                for weight in dict.fromkeys(i for i in node.inputs if i != node.through):
+                    shape = nodes[weight].shape
+                    if shape is not None and (side, node.role, tuple(shape)) not in found:
+                        found.append((side, node.role, tuple(shape)))
+            elif node.role != "view":
+                break
+            node_id = node.through
+    return tuple(found)
 
 
 def _common_call(trace: Trace, call_ids: list[int]) -> int:
