@@ -51,7 +51,9 @@ from reslab.residual.base import (
     on_single_stream,
 )
 from reslab.residual.depth.base import ComposedSite
+from reslab.residual.mhc import normalized_projection
 from reslab.residual.multistream import ParallelStreams, connection_sums, stream_metrics
+from reslab.residual.stream_ops import fused_path
 
 NORM_EPS = 1e-12  # F.normalize's floor on the L2 norm, as the package's RMSNorm (hyper_connections.py:93)
 DYNAMIC_SCALE_INIT = 0.01  # s_a and s_b (hyper_connections.py:235, 247)
@@ -112,10 +114,25 @@ class FracConnections(ResidualSite):
         return ParallelStreams(options["frac_streams"], token_major=options["frac_dynamic"])
 
     def forward(self, stream: torch.Tensor, sublayer: nn.Module) -> torch.Tensor:
-        n, m = self.num_streams, self.num_fracs
+        n = self.num_streams
         if n > 1 and stream.dim() == 3:  # one plain stream (batch, seq, width): called outside a model
             return on_single_stream(self, stream, sublayer)
         streams = stream.unsqueeze(0) if n == 1 else stream  # (n, batch, seq, width)
+        if self.dynamic and fused_path(streams):
+            out, fx, alpha, beta = self.fused_update(streams, sublayer)
+        else:
+            out, fx, alpha, beta = self.plain_update(streams, sublayer)
+        if self.probe is not None:
+            self.last_stream_mix = stream_mix(alpha.detach())
+            self.last_sums = fraction_sums(alpha.detach(), beta.detach(), self.last_stream_mix)
+            # the probe measures one stream: the mean of the n (at init, exactly pre-LN's stream)
+            self.observe(streams.mean(0), fx, out.mean(0))
+        return out.squeeze(0) if n == 1 else out
+
+    def plain_update(self, streams: torch.Tensor, sublayer: nn.Module):
+        """(new streams, F's output, alpha, beta) in plain ops, as the module docstring writes them: the static
+        variant, and wherever the fused Functions step aside (`fused_path`: the audit's tracer, compile, torch.func)."""
+        m = self.num_fracs
         fracs = streams.unflatten(-1, (m, self.fraction_width))  # (n, batch, seq, m, d): H[s, a]
         with stream_precision(streams):
             alpha, beta = self.connection_weights(fracs)
@@ -124,12 +141,32 @@ class FracConnections(ResidualSite):
         with stream_precision(streams):
             y = fx.to(streams.dtype).unflatten(-1, (m, self.fraction_width))
             out = (mixed[1:] + torch.einsum("...asg,...ad->s...gd", beta, y)).flatten(-2)
-        if self.probe is not None:
-            self.last_stream_mix = stream_mix(alpha.detach())
-            self.last_sums = fraction_sums(alpha.detach(), beta.detach(), self.last_stream_mix)
-            # the probe measures one stream: the mean of the n (at init, exactly pre-LN's stream)
-            self.observe(streams.mean(0), fx, out.mean(0))
-        return out.squeeze(0) if n == 1 else out
+        return out, fx, alpha, beta
+
+    def fused_update(self, streams: torch.Tensor, sublayer: nn.Module):
+        """`plain_update` for the dynamic variant as batched matmuls over tokens: a token's n m fraction streams
+        are the rows of one (n m, d) matrix (a view of token-major streams), its weights one (n m, (1+n) m) matrix
+        for the read and the mix and one (n m, m) matrix for the write; `FracRead` computes the weights, the read
+        and the mix in one Function, the write is one `baddbmm`."""
+        n, m, d = self.num_streams, self.num_fracs, self.fraction_width
+        lead = streams.shape[1:-1]
+        rows = streams.movedim(0, -2).reshape(-1, n * m, d)  # (tokens, n m, d): H[s, a] in row s m + a
+        with stream_precision(streams):
+            proj = torch.cat([self.dynamic_alpha.transpose(1, 2).flatten(1), self.dynamic_beta], dim=1)
+            proj = proj * (1 + self.dynamic_gain).unsqueeze(-1)  # the norm's gain (1 + gamma), folded into W
+            static_alpha = self.alpha.permute(1, 0, 3, 2).reshape(n * m, (1 + n) * m)  # [s m + a, u m + g]
+            static_beta = self.beta.permute(1, 2, 0).reshape(n * m, m)  # [s m + g, a]
+            h, mixed, write = FracRead.apply(rows, proj, static_alpha, static_beta, self.dynamic_scale,
+                                             (n, m, self.tanh))
+        fx = sublayer(self.norm(h.reshape(*lead, m * d)))  # under the model's autocast, if any
+        with stream_precision(streams):
+            out = torch.baddbmm(mixed, write, fx.to(streams.dtype).reshape(-1, m, d))  # (tokens, n m, d)
+        out = out.view(*lead, n, m * d).movedim(-2, 0)  # token-major streams (n, batch, seq, D)
+        if self.probe is None:
+            return out, fx, None, None
+        with torch.no_grad():  # the probe's copy of the weights, in the plain layout
+            alpha, beta = self.connection_weights(streams.unflatten(-1, (m, d)))
+        return out, fx, alpha, beta
 
     def connection_weights(self, fracs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha, beta): static (m, n, m, 1+n) and (m, n, m), or per token with leading (batch, seq) axes, from
@@ -156,6 +193,76 @@ class FracConnections(ResidualSite):
     def extra_repr(self) -> str:
         kind = ("dynamic" if self.dynamic else "static") + (", tanh" if self.dynamic and self.tanh else "")
         return f"{super().extra_repr()}, streams={self.num_streams}, fractions={self.num_fracs}, {kind}"
+
+
+def fast_tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x) as 2 sigmoid(2x) - 1, the same function (to about one unit of the last place in absolute terms):
+    torch's CPU sigmoid is several times faster than its tanh, and the dynamic weights are (tokens, n m, (2+n) m)."""
+    return torch.sigmoid(2 * x).mul_(2).sub_(1)
+
+
+def beta_layout(values: torch.Tensor, streams: int, fractions: int) -> torch.Tensor:
+    """(tokens, n m, m) [t, s m + i, j] -> [t, s m + j, i]: between the projection's beta (rows (s, a), columns g)
+    and the write's (rows (s, g), columns a); its own inverse."""
+    return values.view(-1, streams, fractions, fractions).transpose(-1, -2).reshape(values.shape)
+
+
+class FracRead(torch.autograd.Function):
+    """Frac-connections' dynamic weights, read and mix for (tokens, n m, d) fraction rows H, in one Function:
+
+        P = H_flat W / (rms(H_flat) + eps)          one projection of each fraction row onto alpha's and beta's columns
+        weights = A + s_a act(P_alpha)              (tokens, n m, (1+n) m), `FracConnections.fused_update`'s layout
+        write = B + s_b beta_layout(act(P_beta))    (tokens, n m, m)
+        [h; mixed] = weights^T H                    one batched matmul over tokens; h: (tokens, m, d)
+
+    act is tanh or the identity. The backward is the chain rule through the same steps (the normalised projection's
+    as `reslab.residual.mhc.NormalizedProjection`), with the gradients of H from the mix, the read and the projection
+    summed in place in one buffer, and no concatenated gradient of [h; mixed]."""
+
+    @staticmethod
+    def forward(ctx, rows, proj, static_alpha, static_beta, scales, shape):
+        n, m, tanh = shape
+        tokens, count, d = rows.shape
+        flat, reads = rows.view(-1, d), static_alpha.shape[-1]
+        projected, rms = normalized_projection(flat, proj, NORM_EPS / d ** 0.5)
+        act = (fast_tanh(projected) if tanh else projected).view(tokens, count, -1)
+        weights = torch.addcmul(static_alpha, act[..., :reads], scales[0])
+        write = torch.addcmul(static_beta, beta_layout(act[..., reads:], n, m), scales[1])
+        out = torch.bmm(weights.transpose(1, 2), rows)  # (tokens, (1+n) m, d)
+        ctx.save_for_backward(rows, proj, rms, projected, act, weights, scales)
+        ctx.shape, ctx.eps = shape, NORM_EPS / d ** 0.5
+        return out[:, :m], out[:, m:], write
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_mixed, grad_write):
+        rows, proj, rms, projected, act, weights, scales = ctx.saved_tensors
+        (n, m, tanh), reads = ctx.shape, weights.shape[-1]
+        grad_out = torch.cat([grad_h, grad_mixed], dim=1)  # one copy: then 2 batched matmuls where there were 4
+        grad_weights = torch.bmm(rows, grad_out.transpose(1, 2))
+        grad_rows = torch.bmm(weights, grad_out)
+        # d(s act)/d(s, act) for both blocks at once: [dweights | dwrite in the projection's layout] (tokens, n m, C)
+        grad_scaled = torch.cat([grad_weights, beta_layout(grad_write, n, m)], dim=-1)
+        product = grad_scaled * act
+        grad_scales = torch.stack([product[..., :reads].sum(), product[..., reads:].sum()])
+        grad_act = grad_scaled.mul_(torch.cat([scales[:1].expand(reads), scales[1:].expand(m)])).view(projected.shape)
+        if tanh:  # tanh' = 1 - act^2
+            flat_act = act.view(projected.shape)
+            grad_act.addcmul_(grad_act * flat_act, flat_act, value=-1)
+        d = rows.shape[-1]
+        grad_proj = normalized_projection_backward(grad_rows.view(-1, d), rows.view(-1, d), proj, rms, projected,
+                                                   grad_act, ctx.eps)
+        return grad_rows, grad_proj, grad_weights.sum(0), grad_write.sum(0), grad_scales, None
+
+
+def normalized_projection_backward(grad_rows, rows, proj, rms, out, grad_out, eps: float) -> torch.Tensor:
+    """The gradient of `out = rows proj / (rms(rows) + eps)` (`reslab.residual.mhc.NormalizedProjection`'s math):
+    adds the rows' share into `grad_rows` in place and returns proj's."""
+    denom = rms + eps
+    grad_q = grad_out / denom
+    grad_rms = (grad_out * out).sum(-1, keepdim=True).div_(denom).neg_()
+    coef = torch.where(rms > 0, grad_rms / (rows.shape[-1] * rms), torch.zeros_like(rms))
+    grad_rows.addmm_(grad_q, proj.t()).addcmul_(coef, rows)
+    return rows.t() @ grad_q
 
 
 def stream_precision(streams: torch.Tensor):

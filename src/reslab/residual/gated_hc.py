@@ -26,10 +26,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from reslab.errors import ReslabError
 from reslab.residual.base import RankReduce, ResidualSite, SiteSpec, StreamAdapter, check_integer_option
 from reslab.residual.multistream import STREAM_AXIS, ParallelStreams, connection_sums, stream_metrics
+from reslab.residual.stream_ops import fused_path
 
 INIT_STD = 0.02  # Qwen4-Exp's initializer_range: the gate projections start N(0, 0.02^2) (`_init_weights`)
 RMS_EPS = 1e-6  # Qwen4-Exp's rms_norm_eps
@@ -81,6 +83,12 @@ class GatedRead(nn.Module):
     def forward(self, by_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(h (..., D), injection weights (..., n) or None, read gate G (..., n, D)) from (..., n, D) streams."""
         n = self.num_streams
+        if fusable(by_token, self.norm.weight, self.mix_down, self.mix_up):
+            shape = by_token.shape
+            h, weights, gate = FusedGatedRead.apply(by_token.reshape(-1, n, self.width), self.norm.weight,
+                                                    self.mix_down, self.mix_up, self.inject, self.norm.eps)
+            return (h.view(*shape[:-2], self.width), None if weights is None else weights.reshape(shape[:-1]),
+                    gate.view(shape))
         normed = self.norm(by_token)
         flat = normed.flatten(-2)  # vec(Hn): a token's n D values, stream k at k D ... (k + 1) D - 1
         hidden = F.silu((flat @ self.mix_down.t()) / n)  # the /n is a fixed constant in Qwen4-Exp, not learned
@@ -158,7 +166,10 @@ class GatedHyperConnections(ResidualSite):
         by_token = streams.movedim(STREAM_AXIS, -2)  # (batch, seq, n, width): contiguous, tokens first
         h, weights, gate = self.read(by_token)
         fx = sublayer(h)
-        out = by_token + weights.to(fx.dtype).unsqueeze(-1) * fx.unsqueeze(-2)  # H_k + b_k F(h), every stream
+        if fusable(by_token, weights, fx):
+            out = FusedGatedWrite.apply(by_token, weights, fx)
+        else:
+            out = by_token + weights.to(fx.dtype).unsqueeze(-1) * fx.unsqueeze(-2)  # H_k + b_k F(h), every stream
         out = out.to(streams.dtype).movedim(-2, STREAM_AXIS)
         if self.probe is not None:
             self.probed = True
@@ -195,3 +206,94 @@ def gated_sums(gate: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     n = gate.shape[-2]
     eye = torch.eye(n, dtype=weights.dtype, device=weights.device)
     return connection_sums(n, gate.detach().mean((-2, -1)), eye, weights.detach().sum(-1))
+
+
+# --- fused ----------------------------------------------------------------------------------------------------
+def fusable(streams: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Take the fused Functions below? Where the multi-stream schemes take theirs (`fused_path`: not on meta, under
+    the audit's tracer, torch.compile or torch.func; fp32/fp64 streams), and only with autocast off and one dtype
+    throughout: under autocast the plain ops run the gate projections in low precision, as Qwen4-Exp does."""
+    return (fused_path(streams) and not torch.is_autocast_enabled(streams.device.type)
+            and all(other.dtype == streams.dtype for other in others))
+
+
+def stream_sum(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """`sum_k weights_k * streams_k` over axis 1 of two (tokens, n, D) tensors: n fused multiply-adds of one stream
+    each, which CPU runs in half the time of a product of the whole width and a sum over its middle axis."""
+    out = weights[:, 0] * streams[:, 0]
+    for k in range(1, streams.shape[1]):
+        out.addcmul_(weights[:, k], streams[:, k])
+    return out
+
+
+class FusedGatedRead(torch.autograd.Function):
+    """`GatedRead` on (tokens, n, D) streams, forward and backward written out: `(h, b, G)` as the plain ops compute
+    them, but with half the passes over the n x D width that autograd makes of them (the grouped RMS norm alone is
+    six ops there, each differentiated on its own). Forward: the per-stream RMS from `vector_norm` (reads, writes
+    nothing wide), `U = x rsqrt(ms + eps)`, `Hn = U (1 + w)`, one matrix product for the gate's down projection and
+    the injection together, `G = sigmoid(.)` in place, `h` by `stream_sum`. Backward, with `dHn` gathered in one
+    buffer: `dHn = [da; dc] [W_down; W_inj] / n + G dh / n`, `dw = sum_tokens dHn U`, and the RMS norm's
+    `dx = r (dU - U <dU, U> / D)` with `dU = dHn (1 + w)`, in place. G is returned for the metrics, not
+    differentiated."""
+
+    @staticmethod
+    def forward(ctx, streams, norm_weight, mix_down, mix_up, inject, eps):
+        tokens, n, width = streams.shape
+        rsqrt = torch.linalg.vector_norm(streams, dim=-1).square_().div_(width).add_(eps).rsqrt_()  # (tokens, n)
+        unit = streams * rsqrt.unsqueeze(-1)
+        gain = norm_weight.view(n, width) + 1
+        normed = unit * gain
+        flat = normed.view(tokens, n * width)
+        projection = mix_down if inject is None else torch.cat([mix_down, inject])
+        pre = (flat @ projection.t()).div_(n)  # the fixed 1/n of Qwen4-Exp
+        down = pre[:, :mix_down.shape[0]]
+        hidden = F.silu(down)
+        gate = (hidden @ mix_up.t()).sigmoid_().view(tokens, n, width)
+        h = stream_sum(gate, normed).div_(n)
+        weights = None if inject is None else pre[:, mix_down.shape[0]:].sigmoid().mul_(2)
+        ctx.save_for_backward(unit, normed, gate, rsqrt, gain, down, hidden, projection, mix_up, weights)
+        ctx.mark_non_differentiable(gate)
+        return h, weights, gate
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h, grad_weights, _grad_gate):
+        unit, normed, gate, rsqrt, gain, down, hidden, projection, mix_up, weights = ctx.saved_tensors
+        tokens, n, width = unit.shape
+        grad_h = (grad_h / n).unsqueeze(1)  # (tokens, 1, D)
+        grad_gate = torch.ops.aten.sigmoid_backward(normed * grad_h, gate).view(tokens, n * width)
+        grad_hidden = grad_gate @ mix_up
+        grad_pre = torch.ops.aten.silu_backward(grad_hidden, down)
+        if weights is not None:  # b = 2 sigmoid(c): db/dc = b (1 - b / 2)
+            grad_pre = torch.cat([grad_pre, grad_weights * weights * (1 - weights / 2)], dim=1)
+        grad_pre = grad_pre.div_(n)
+        grad_projection = grad_pre.t() @ normed.view(tokens, n * width)
+        grad_normed = (grad_pre @ projection).view(tokens, n, width).addcmul_(gate, grad_h)
+        product = grad_normed * unit
+        dot = torch.linalg.vecdot(product, gain)  # <dU, U> per token and stream, dU = dHn (1 + w)
+        grad_streams = grad_normed.mul_(gain).mul_(rsqrt.unsqueeze(-1))
+        grad_streams.addcmul_(unit, (rsqrt * dot).div_(-width).unsqueeze(-1))
+        rank = mix_up.shape[1]
+        grad_inject = None if weights is None else grad_projection[rank:]
+        return (grad_streams, product.sum(0).view(-1), grad_projection[:rank], grad_gate.t() @ hidden, grad_inject,
+                None)
+
+
+class FusedGatedWrite(torch.autograd.Function):
+    """`out = H + b (x) F(h)` on token-major (..., n, D) streams, one fused multiply-add. Backward: `dH = dout`
+    (passed on as it is), `db = <dout_k, F>` per stream, `dF = sum_k b_k dout_k` (one small matrix product per
+    token): nothing of the width n x D is written but the forward's output."""
+
+    @staticmethod
+    def forward(ctx, streams, weights, fx):
+        ctx.save_for_backward(weights, fx)
+        return torch.addcmul(streams, weights.unsqueeze(-1), fx.unsqueeze(-2))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        weights, fx = ctx.saved_tensors
+        n, width = grad.shape[-2:]
+        grad_weights = torch.linalg.vecdot(grad, fx.unsqueeze(-2))
+        grad_fx = torch.bmm(weights.reshape(-1, 1, n), grad.reshape(-1, n, width)).view(fx.shape)
+        return grad, grad_weights, grad_fx

@@ -4,9 +4,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 from reslab.errors import ReslabError
 from reslab.residual.base import ResidualSite, SiteSpec, check_integer_option
+from reslab.residual.stream_ops import fused_path
 
 FORMS = ("rw", "lr", "rw+lr", "gemma3n")
 
@@ -85,6 +87,9 @@ class Laurel(ResidualSite):
         if self.form == "gemma3n":
             return self._gemma3n(x, sublayer)
         fx = sublayer(self.norm(x))
+        if self.form == "rw+lr" and self.probe is None and fusable(x, fx, self.alpha, self.laurel.linear_left.weight):
+            return WeightedLowRankSum.apply(x, fx, self.laurel.linear_left.weight, self.laurel.linear_right.weight,
+                                            self.alpha, self.beta)
         low_rank = None if self.laurel is None else self.laurel.low_rank(x)
         skip = x
         if self.weighted:
@@ -111,3 +116,42 @@ class Laurel(ResidualSite):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, form={self.form}"
+
+
+def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Take `WeightedLowRankSum`? Where the multi-stream schemes take their fused Functions (`fused_path`: not on
+    meta, under the audit's tracer, torch.compile or torch.func; fp32/fp64), and only with autocast off and one dtype
+    throughout (under autocast fx comes back in bf16 and the plain ops keep the stream in fp32)."""
+    return (fused_path(x) and not torch.is_autocast_enabled(x.device.type)
+            and all(other.dtype == x.dtype for other in others))
+
+
+class WeightedLowRankSum(torch.autograd.Function):
+    """`out = alpha fx + beta (x + W_R W_L x)`, LAuReL's rw+lr update, in fewer passes over the stream than the
+    plain ops (three scalar products, two adds, each differentiated on its own): forward, `s = x + (x W_L^T) W_R^T`
+    is one `addmm` (the add rides on the matrix product), then `beta s` and a fused `+= alpha fx`; backward, with
+    `ds = beta dout`: `dx = ds + (ds W_R) W_L` (again one `addmm`), `dfx = alpha dout`, and the scalars' gradients
+    `dalpha = <dout, fx>`, `dbeta = <dout, s>` as dot products, which write nothing of the stream's size."""
+
+    @staticmethod
+    def forward(ctx, x, fx, left, right, alpha, beta):
+        flat = x.reshape(-1, x.shape[-1])
+        low = flat @ left.t()  # (tokens, rank)
+        skip = torch.addmm(flat, low, right.t())  # x + W_R W_L x
+        out = skip * beta
+        out.addcmul_(fx.reshape(flat.shape), alpha)
+        ctx.save_for_backward(flat, fx, left, right, alpha, beta, low, skip)
+        return out.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        flat, fx, left, right, alpha, beta, low, skip = ctx.saved_tensors
+        grad = grad.reshape(flat.shape)
+        grad_skip = grad * beta
+        grad_low = grad_skip @ right  # (tokens, rank)
+        grad_x = torch.addmm(grad_skip, grad_low, left)
+        grad_alpha = torch.dot(grad.flatten(), fx.reshape(-1)).view(alpha.shape)
+        grad_beta = torch.dot(grad.flatten(), skip.flatten()).view(beta.shape)
+        return (grad_x.view(fx.shape), (grad * alpha).view(fx.shape), grad_low.t() @ flat, grad_skip.t() @ low,
+                grad_alpha, grad_beta)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from reslab.residual.base import ResidualSite, SiteSpec, StreamAdapter, check_integer_option
 from reslab.residual.multistream import STREAM_AXIS, MultiStreamSite, ParallelStreams
-from reslab.residual.stream_ops import read_streams
+from reslab.residual.sinkhorn_ops import rsqrt_projection, unrolled_sinkhorn
+from reslab.residual.stream_ops import fused_path, read_streams
 
 INIT_STD = 0.02  # initializer_range: fn and hc_fn ~ N(0, 0.02^2) (tf-5.25 modeling_deepseek_v4.py:1280-1287)
 HC_EPS = 1e-6  # hc_eps (configuration_deepseek_v4.py:146-148)
@@ -61,6 +62,19 @@ def v4_sinkhorn(logits: torch.Tensor, iterations: int, eps: float) -> torch.Tens
     return comb
 
 
+def token_rows(streams: torch.Tensor) -> torch.Tensor:
+    """vec(H) per token in `weight_dtype`, (tokens, n D), stream-major as `flat_rms` lays it out: a view of
+    token-major fp32 streams (no copy, no dtype round trip)."""
+    flat = streams.movedim(STREAM_AXIS, -2).flatten(-2)
+    return flat.reshape(-1, flat.shape[-1]).to(weight_dtype(streams))
+
+
+def by_token(channels: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """(C, tokens) channel-major weights as (batch, seq, C) for `streams`' tokens, token-major in memory (a small
+    copy: the batched matmuls of `stream_ops` want each token's weights contiguous)."""
+    return channels.t().contiguous().view(*streams.shape[1:-1], channels.shape[0])
+
+
 class DeepSeekV4HyperHead(ParallelStreams):
     """The stream adapter of `mhc-v4`: n copies of the embedding in (V4 line 1356: identical copies, no stream
     embedding), and out, before the final norm, V4's `HyperHead` collapse with learned per-token weights:
@@ -82,6 +96,11 @@ class DeepSeekV4HyperHead(ParallelStreams):
     def collapse_weights(self, streams: torch.Tensor) -> torch.Tensor:
         """The head's per-token weights w (batch, seq, n), in `weight_dtype`."""
         dtype = weight_dtype(streams)
+        if fused_path(streams):  # the RMS and the projection in one Function, channel-major
+            with weight_precision(streams):
+                mixes = rsqrt_projection(token_rows(streams), self.hc_fn.to(dtype), self.rms_eps)
+                weights = torch.sigmoid(mixes * self.hc_scale.to(dtype) + self.hc_base.to(dtype).unsqueeze(-1))
+            return by_token(weights + self.hc_eps, streams)
         with weight_precision(streams):
             mixes = F.linear(flat_rms(streams, self.rms_eps), self.hc_fn.to(dtype))
             return torch.sigmoid(mixes * self.hc_scale.to(dtype) + self.hc_base.to(dtype)) + self.hc_eps
@@ -164,6 +183,8 @@ class DeepSeekV4MHC(MultiStreamSite):
 
     def connection_weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pre, comb^T, post) per token, computed in `weight_dtype` (fp32 or fp64), cast to the streams' dtype."""
+        if fused_path(streams):
+            return self.fused_connection_weights(streams)
         n, dtype = self.num_streams, weight_dtype(streams)
         with weight_precision(streams):
             z_pre, z_post, z_comb = F.linear(flat_rms(streams, self.rms_eps), self.fn.to(dtype)).split(
@@ -175,6 +196,20 @@ class DeepSeekV4MHC(MultiStreamSite):
             comb = v4_sinkhorn(z_comb.unflatten(-1, (n, n)) * s_comb + b_comb.view(n, n), self.sinkhorn_iters,
                                self.hc_eps)
         return pre.to(streams.dtype), comb.transpose(-1, -2).to(streams.dtype), post.to(streams.dtype)
+
+    def fused_connection_weights(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`connection_weights` through `sinkhorn_ops`' Functions, channel-major (tokens last): the same math and
+        the same gradient (the Sinkhorn's unrolled), in far fewer and wider kernels. The results are views."""
+        n, dtype = self.num_streams, weight_dtype(streams)
+        with weight_precision(streams):
+            z = rsqrt_projection(token_rows(streams), self.fn.to(dtype), self.rms_eps)  # ((2+n) n, tokens)
+            base, scale = self.base.to(dtype).unsqueeze(-1), self.scale.to(dtype)
+            gates = torch.sigmoid(z[:2 * n] * scale[:2].repeat_interleave(n).unsqueeze(-1) + base[:2 * n])
+            pre, post = gates[:n] + self.hc_eps, 2 * gates[n:]
+            logits = (z[2 * n:] * scale[2] + base[2 * n:]).view(n, n, -1)  # (j, k, tokens)
+            comb = unrolled_sinkhorn(logits, self.sinkhorn_iters, self.hc_eps)
+        stream_mix = comb.permute(2, 1, 0).reshape(*streams.shape[1:-1], n, n).to(streams.dtype)  # comb^T by token
+        return by_token(pre, streams).to(streams.dtype), stream_mix, by_token(post, streams).to(streams.dtype)
 
     def forward(self, streams: torch.Tensor, sublayer: nn.Module) -> torch.Tensor:
         if streams.dim() == 3:  # one plain stream, outside a model: n copies in, their sum out
