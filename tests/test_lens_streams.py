@@ -136,3 +136,13 @@ def test_traced_qwen4_exp_reads_its_concatenated_streams():
     assert streams is not None and streams.count == 4
     assert len({round(streams.loss[k][0], 6) for k in range(4)}) == 1
     assert len({round(streams.loss[k][-1], 7) for k in range(4)}) > 1
+
+
+def test_frac_with_several_streams_is_read_per_stream_without_read_weights(cli):
+    """frac's connection weights are per fraction ((alpha, beta), not MultiStreamSite's read/mix/write): the lens
+    decodes its streams and leaves the read weights out instead of failing."""
+    code, out, err = cli("lens", "gpt", "--residual", "frac", "--frac-streams", "2", "--layers", "2", "--width", "32",
+                         "--heads", "2", "--tokens", "12", "--json")
+    assert code == 0, err
+    streams = json.loads(out)["streams"]
+    assert streams["count"] == 2 and streams["read"] is None

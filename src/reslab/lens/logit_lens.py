@@ -55,9 +55,16 @@ def describe_stream(model: nn.Module) -> str:
     adapter = type(model.stream)
     if adapter is StreamAdapter:
         return f"the residual stream at each site's output, decoded by {norm}"
-    summary = f": {adapter.__doc__.strip().splitlines()[0]}" if adapter.__doc__ else ""
+    summary = f": {first_sentence(adapter.__doc__)}" if adapter.__doc__ else ""
     return (f"the stream at each site's output as the scheme carries it, reduced to one by the model's stream "
             f"adapter (model.stream.reduce, {adapter.__name__}{summary}), then decoded by {norm}")
+
+
+def first_sentence(doc: str, limit: int = 200) -> str:
+    """A docstring's first sentence on one line, cut at a word under `limit` characters."""
+    text = " ".join(doc.split())
+    sentence = text.split(". ", 1)[0].rstrip(".") + "."
+    return sentence if len(sentence) <= limit else sentence[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 CONTEXT_FIELDS = ("context", "max_position_embeddings", "n_positions", "n_ctx")  # how configs name the context

@@ -4,9 +4,9 @@ with several streams): what each stream would predict on its own, and how much e
 For every entry l (the widened embedding, then each site's output) and every stream k, stream k alone is decoded
 with the model's own final norm and head, `head(norm(H_l[k]))`, and scored as the logit lens scores the reduced
 stream (loss on the next token, top-1 agreement and KL against the model's output). Where a site states its
-connection weights (`connection_weights`: hc, mhc, mhc-v4, mhc-lite), `read` holds the mean weight with which the
-site reads each stream into its sublayer (H_pre, averaged over tokens when it is computed per token). The reduced
-stream the main table decodes is the model's own collapse (`model.stream.reduce`).
+connection weights (`MultiStreamSite.connection_weights`: hc, mhc, mhc-v4, mhc-lite), `read` holds the mean weight
+with which the site reads each stream into its sublayer (H_pre, averaged over tokens when it is computed per
+token). The reduced stream the main table decodes is the model's own collapse (`model.stream.reduce`).
 
 A model read from its traced graph (`lens/traced.py`) whose stream between blocks holds several streams, (batch, seq,
 n, width) as DeepSeek-V4 carries them or (batch, seq, n width) as Qwen4-Exp does (width: its config's hidden_size),
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from reslab.residual.multistream import ParallelStreams
+from reslab.residual.multistream import MultiStreamSite, ParallelStreams
 
 STREAM_METRICS = ("loss", "agreement", "kl")
 
@@ -66,7 +66,7 @@ def parallel_streams(model: nn.Module) -> int:
 
 def read_weights(sites: list[nn.Module], streams: list[torch.Tensor], count: int) -> list[list[float]] | None:
     """[stream][site]: the mean weight each site reads each stream with, from the stream entering it."""
-    if not all(hasattr(site, "connection_weights") for site in sites):
+    if not all(isinstance(site, MultiStreamSite) for site in sites):  # read, mix, write: MultiStreamSite's contract
         return None
     means = []
     for site, entering in zip(sites, streams):
