@@ -119,8 +119,7 @@ class LensResult:
             notes.append(f"modules: final norm {', '.join(used['final_norm']) or 'none'}; head {used['head']}"
                          + (f"; after the head {', '.join(after)}" if after else ""))
         if self.streams is not None:
-            notes.append(f"per stream ({self.streams.count} streams): each decoded alone with the final norm and "
-                         "head; read: the mean weight the next site reads it with")
+            notes.append(f"per stream ({self.streams.count} streams): {self.streams.how}")
         parts = self.decomposition
         if parts is None:
             notes.append(f"decomposition refused: {self.refused}")

@@ -27,6 +27,8 @@ import torch.nn as nn
 from reslab.residual.multistream import MultiStreamSite, ParallelStreams
 
 STREAM_METRICS = ("loss", "agreement", "kl")
+TRACED_HOW = ("each decoded alone as n copies of it through everything after the last block (the model's own "
+              "collapse, final norm and head); read weights: not known from the traced graph")
 
 
 @dataclass
@@ -39,6 +41,7 @@ class StreamLens:
     agreement: list[list[float]]
     kl: list[list[float]]
     read: list[list[float]] | None
+    how: str = "each decoded alone with the final norm and head; read: the mean weight the next site reads it with"
 
     def to_dict(self) -> dict[str, Any]:
         return {"count": self.count, "loss": self.loss, "top_1": self.agreement, "kl": self.kl, "read": self.read}
@@ -100,7 +103,7 @@ def traced_per_stream(decode, streams: list[torch.Tensor], width: int | None, fi
             scored = score(decode(copies(k))[:, :positions], final_logp, targets)
             for metric in STREAM_METRICS:
                 values[metric][k].append(scored[metric].mean().item())
-    return StreamLens(count, values["loss"], values["agreement"], values["kl"], None)
+    return StreamLens(count, values["loss"], values["agreement"], values["kl"], None, TRACED_HOW)
 
 
 def per_stream(model: nn.Module, capture, final_logp: torch.Tensor, targets: torch.Tensor,
