@@ -11,6 +11,37 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 SHARED_TINYSHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """`reslab ARGS...` in this process, outside any fixture (a module's own setup): (exit code, stdout, stderr)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from reslab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def load_benchmark(name: str):
+    """The module benchmarks/NAME.py (which may import its neighbours, e.g. scheme_cost's timer)."""
+    import importlib.util
+    import sys
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

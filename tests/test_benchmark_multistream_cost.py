@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from reslab.residual import get_scheme
 
@@ -18,19 +18,9 @@ ISSUE_MULTI_STREAM = ["frac", "mhc-lite", "gated-hc", "mhc-v4", "altup"]
 ISSUE_SINGLE_STREAM = ["laurel", "olmo2", "mix-ln", "completep", "resi-dual"]
 
 
-def load_benchmark():
-    if str(ROOT / "benchmarks") not in sys.path:  # it imports its timer from its neighbour scheme_cost.py
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("multistream_cost", ROOT / "benchmarks" / "multistream_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return load_benchmark()
+    return load_benchmark("multistream_cost")
 
 
 @pytest.fixture(scope="module")

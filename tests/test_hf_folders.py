@@ -3,17 +3,14 @@ diagram, lens and sample (checked against transformers' own model on the same we
 folder that is neither is one line, and `reslab export` writes runs that transformers loads as they are, with the
 same logits and the same token ids."""
 
-import io
 import json
 import shutil
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_TINYSHAKESPEARE, make_corpus
+from conftest import SHARED_TINYSHAKESPEARE, make_corpus, run_cli
 
-from reslab.cli import main
 from reslab.graph.targets import WEIGHTED, load_trained, resolve_target
 
 transformers = pytest.importorskip("transformers")
@@ -30,17 +27,6 @@ TRAIN = ["train", "--layers", "2", "--width", "32", "--heads", "2", "--context",
          "--no-progress", "--no-diagnostics", "--dtype", "fp32"]
 TEXT = "ROMEO:\nthe king, my lord"  # characters every corpus below has
 PROMPT_IDS = [3, 1, 4, 1, 5, 9, 2, 6]
-
-
-def reslab(*args) -> tuple[int, str, str]:
-    """`reslab ARGS...` in this process (one transformers import for the whole file): (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main([str(arg) for arg in args])
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def one_line(code: int, err: str) -> str:
@@ -68,38 +54,46 @@ def hf_model(folder: Path):
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_a_hf_folder_goes_through_every_command(folders, tmp_path, model_type):
     folder, hf = folders[model_type], hf_model(folders[model_type])
-    code, out, err = reslab("info", folder)
+    code, out, err = run_cli("info", folder)
     assert code == 0, err
     assert f"\nparameters: {hf.num_parameters():,}\n" in out  # the converted model is as large as HF's
-    code, out, err = reslab("audit", folder, "--json")
+    code, out, err = run_cli("audit", folder, "--json")
     assert code == 0, err
     assert json.loads(out)["summary"]["residual_count"] == 4  # around attention and FFN in each of 2 blocks
-    code, out, err = reslab("diagram", folder, "-o", tmp_path / "model.svg")
+    code, out, err = run_cli("diagram", folder, "-o", tmp_path / "model.svg")
     assert code == 0 and (tmp_path / "model.svg").stat().st_size > 1000, err
     # no tokenizer.json: the prompt is token ids, as the sample prints them
-    code, out, err = reslab("lens", folder, "--prompt", " ".join(map(str, PROMPT_IDS)), "--json")
+    code, out, err = run_cli("lens", folder, "--prompt", " ".join(map(str, PROMPT_IDS)), "--json")
     assert code == 0, err
     ids = torch.tensor([PROMPT_IDS])
     with torch.no_grad():
         logits = hf(ids).logits[0, :-1]
     expected = torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
     assert json.loads(out)["layers"][-1]["loss"] == pytest.approx(expected, abs=1e-5)  # the lens reads HF's model
-    code, out, err = reslab("sample", folder, "--prompt", "3 1 4", "--tokens", "6", "--temperature", "0")
+    code, out, err = run_cli("sample", folder, "--prompt", "3 1 4", "--tokens", "6", "--temperature", "0")
     assert code == 0, err
     greedy = hf.generate(torch.tensor([[3, 1, 4]]), max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert out.split() == [str(i) for i in greedy[0].tolist()]
 
 
-@pytest.mark.parametrize("command", [["info"], ["audit"], ["diagram", "-o", "x.svg"], ["lens"], ["sample"]])
+@pytest.mark.parametrize("command", [["info"], ["audit"], ["diagram", "-o", "x.svg"], ["sample"]])
 def test_an_unsupported_family_is_one_line_naming_it(folders, command):
-    err = one_line(*reslab(command[0], folders["bert"], *command[1:])[::2])
+    err = one_line(*run_cli(command[0], folders["bert"], *command[1:])[::2])
     assert "model type 'bert' is not supported" in err and "gpt2, llama" in err
+
+
+def test_the_lens_reads_an_unsupported_family_from_its_traced_graph(folders):
+    """`reslab lens` takes any folder transformers loads as a causal LM (issue 28): BERT's, read traced."""
+    code, out, err = run_cli("lens", folders["bert"], "--tokens", "8", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["scheme"].endswith("(traced)") and record["layers"][-1]["kl"] == pytest.approx(0, abs=1e-6)
 
 
 def test_a_folder_that_is_neither_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden": 3}))
     for command in ("info", "audit", "lens", "sample"):
-        err = one_line(*reslab(command, tmp_path)[::2])
+        err = one_line(*run_cli(command, tmp_path)[::2])
         assert "not a reslab run directory" in err and "nor a Hugging Face folder" in err
 
 
@@ -116,14 +110,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                                                   "--vocab-size", "300"],
              "post": ["--model", "gpt", "--residual", "post", "--steps", "1"]}
     for name, extra in flags.items():
-        code, _, err = reslab(*TRAIN, *extra, "--data", corpus, "--out", root / name)
+        code, _, err = run_cli(*TRAIN, *extra, "--data", corpus, "--out", root / name)
         assert code == 0, err
     return {name: root / name for name in flags}
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_an_exported_run_loads_in_transformers_with_the_same_logits_and_ids(runs, tmp_path, kind):
-    code, out, err = reslab("export", runs[kind], "--hf", tmp_path / "hf")
+    code, out, err = run_cli("export", runs[kind], "--hf", tmp_path / "hf")
     assert code == 0, err
     assert "logits within" in out and (tmp_path / "hf" / "tokenizer.json").is_file()
     ours = load_trained(resolve_target(str(runs[kind]), WEIGHTED))
@@ -137,11 +131,11 @@ def test_an_exported_run_loads_in_transformers_with_the_same_logits_and_ids(runs
     assert difference <= 1e-5
     assert ours.tokenizer.kind == kind
     greedy = ["--prompt", TEXT, "--tokens", "8", "--temperature", "0"]  # the folder, as a target, samples as the run
-    assert reslab("sample", tmp_path / "hf", *greedy)[1] == reslab("sample", runs[kind], *greedy)[1]
+    assert run_cli("sample", tmp_path / "hf", *greedy)[1] == run_cli("sample", runs[kind], *greedy)[1]
 
 
 def test_an_exported_char_tokenizer_has_every_id_of_the_run(runs, tmp_path):
-    assert reslab("export", runs["char"], "--hf", tmp_path / "hf")[0] == 0
+    assert run_cli("export", runs["char"], "--hf", tmp_path / "hf")[0] == 0
     ours = load_trained(resolve_target(str(runs["char"]), WEIGHTED)).tokenizer
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     every = ours.decode(list(range(ours.vocab_size)))
@@ -153,37 +147,37 @@ def test_a_run_whose_tokenizer_has_the_old_name_still_loads(runs, tmp_path):
     shutil.copytree(runs["char"], old)
     (old / "tokenizer.reslab.json").rename(old / "tokenizer.json")  # as runs written before the rename have it
     sample = ["--prompt", "ROMEO:", "--tokens", "8", "--temperature", "0"]
-    code, out, err = reslab("sample", old, *sample)
+    code, out, err = run_cli("sample", old, *sample)
     assert code == 0, err
-    assert out == reslab("sample", runs["char"], *sample)[1]
-    code, _, err = reslab("export", old, "--hf", tmp_path / "hf")
+    assert out == run_cli("sample", runs["char"], *sample)[1]
+    code, _, err = run_cli("export", old, "--hf", tmp_path / "hf")
     assert code == 0 and (tmp_path / "hf" / "tokenizer.json").is_file(), err
 
 
 def test_export_never_overwrites_what_it_did_not_write(runs, tmp_path):
     target = tmp_path / "hf"
-    assert reslab("export", runs["char"], "--hf", target)[0] == 0
+    assert run_cli("export", runs["char"], "--hf", target)[0] == 0
     written = {path.name: path.read_bytes() for path in target.iterdir()}
-    err = one_line(*reslab("export", runs["bpe"], "--hf", target)[::2])
+    err = one_line(*run_cli("export", runs["bpe"], "--hf", target)[::2])
     assert "not empty" in err and "--overwrite" in err
     assert {path.name: path.read_bytes() for path in target.iterdir()} == written  # untouched
-    code, _, err = reslab("export", runs["bpe"], "--hf", target, "--overwrite")  # an earlier export: replaced
+    code, _, err = run_cli("export", runs["bpe"], "--hf", target, "--overwrite")  # an earlier export: replaced
     assert code == 0 and json.loads((target / "config.json").read_text())["model_type"] == "llama", err
     (target / "notes.txt").write_text("a user's file\n")
-    err = one_line(*reslab("export", runs["char"], "--hf", target, "--overwrite")[::2])
+    err = one_line(*run_cli("export", runs["char"], "--hf", target, "--overwrite")[::2])
     assert "notes.txt" in err and (target / "notes.txt").read_text() == "a user's file\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary directory left beside it
     (target / "notes.txt").unlink()
     (target / ".reslab-export").unlink()  # as a save_pretrained folder of the same files: not reslab's to replace
     kept = {path.name: path.read_bytes() for path in target.iterdir()}
-    err = one_line(*reslab("export", runs["char"], "--hf", target, "--overwrite")[::2])
+    err = one_line(*run_cli("export", runs["char"], "--hf", target, "--overwrite")[::2])
     assert "reslab did not export" in err and {p.name: p.read_bytes() for p in target.iterdir()} == kept
 
 
 def test_export_refuses_a_run_without_a_hugging_face_equivalent(runs, folders, tmp_path):
-    err = one_line(*reslab("export", runs["post"], "--hf", tmp_path / "hf")[::2])
+    err = one_line(*run_cli("export", runs["post"], "--hf", tmp_path / "hf")[::2])
     assert "residual scheme 'post'" in err and "residual='pre'" in err and not (tmp_path / "hf").exists()
-    err = one_line(*reslab("export", folders["gpt2"], "--hf", tmp_path / "hf")[::2])
+    err = one_line(*run_cli("export", folders["gpt2"], "--hf", tmp_path / "hf")[::2])
     assert "is a Hugging Face folder" in err and "give a run directory" in err
 
 
@@ -200,5 +194,5 @@ def test_a_damaged_hugging_face_folder_is_one_line(tmp_path, files, commands, sa
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     for command in commands:
-        err = one_line(*reslab(command, tmp_path)[::2])
+        err = one_line(*run_cli(command, tmp_path)[::2])
         assert says in err, err

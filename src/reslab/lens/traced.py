@@ -25,12 +25,14 @@ the model's own last stream, as TransformerLens' `apply_ln_to_stack` does with i
 norm linear in the stream: the scale ops of the norm (rsqrt, sqrt, a vector norm) return the values they returned
 on the model's own pass, and a fused `layer_norm` / `rms_norm` divides by the last stream's statistic.
 
-Cost: the trace, one pass that captures the streams, one that checks the tail is per position, one per entry.
+Cost: the trace (on the first 16 positions), one pass that captures the streams, one that checks the tail is per
+position, one that checks the replay, then per entry only what follows the last block (the blocks replay their
+captured outputs; where the replay does not reproduce the model's logits exactly, each entry runs the whole model).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ from reslab.graph import ops
 from reslab.graph.trace import Trace, call_tensors, named_tensors
 
 SCALE_OPS = frozenset({"rsqrt", "sqrt", "norm", "vector_norm", "layer_norm", "rms_norm"})  # a norm's scale
+TRACE_POSITIONS = 16  # the plan is read from a trace on this many positions: its structure, not its numbers
 HEAD_OPS = frozenset({"linear", "matmul", "rmatmul", "mm", "bmm", "addmm", "einsum"})  # an unembedding's op
 
 
@@ -349,15 +352,17 @@ class TracedLens:
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor, plan: TracedPlan | None = None):
         self.model = model
-        self.plan = plan if plan is not None else trace_plan(model, tokens[:1])
+        self.plan = plan if plan is not None else trace_plan(model, tokens[:1, :TRACE_POSITIONS])
         modules = dict(model.named_modules())
         self.blocks = [modules[path] for path in self.plan.blocks]
         self.recorded: dict[int, torch.Tensor] = {}
+        self.outputs: list[Any] | None = None  # each block's output on the captured pass, replayed by decodes
 
     def run(self, tokens: torch.Tensor, replace: torch.Tensor | None = None, capture: bool = False,
             scales: FrozenScales | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One forward: (the streams, if `capture`; the logits), the last block's output overwritten by `replace`."""
         streams: list[torch.Tensor] = []
+        outputs: list[Any] = []
         plan, last = self.plan, len(self.blocks) - 1
 
         def enter(module, args, kwargs):
@@ -370,19 +375,40 @@ class TracedLens:
                     stream.copy_(replace)
                 if capture:
                     streams.append(stream.detach().clone())
+                    outputs.append(output)
                 if k == last and scales is not None:
                     scales.armed = True
             return hook
 
         handles = [self.blocks[0].register_forward_pre_hook(enter, with_kwargs=True)] if capture else []
         handles += [block.register_forward_hook(leave(k)) for k, block in enumerate(self.blocks)]
+        replay = self.replayed() if replace is not None and self.outputs is not None else nullcontext()
         try:
-            with scales if scales is not None else nullcontext():
+            with replay, scales if scales is not None else nullcontext():
                 output = self.model(tokens)
         finally:
             for handle in handles:
                 handle.remove()
+        if capture:
+            self.outputs = outputs
         return streams, _named_output(output, plan.output)
+
+    @contextmanager
+    def replayed(self):
+        """Every block returns its output of the captured pass instead of computing it again: a decode, which
+        overwrites the last block's stream anyway, then runs only what lies outside the blocks (the embedding,
+        the final norm, the head): its cost is the tail's, not a forward's."""
+        saved = [block.__dict__.get("forward") for block in self.blocks]
+        for block, output in zip(self.blocks, self.outputs):
+            block.forward = lambda *args, _output=output, **kwargs: _output
+        try:
+            yield
+        finally:
+            for block, forward in zip(self.blocks, saved):
+                if forward is None:
+                    del block.forward
+                else:
+                    block.forward = forward
 
     def capture(self, tokens: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(the stream at every entry, the model's logits), the final norm's scales recorded, the tail checked."""
@@ -396,8 +422,16 @@ class TracedLens:
         if shape[:2] != tuple(tokens.shape):
             raise ReslabError(f"{self.plan.blocks[-1]}'s stream is {shape}, not (batch, positions, ...) for tokens "
                               f"{tuple(tokens.shape)}; the lens reads a stream by position")
+        self.check_replay(tokens, streams[-1], logits)
         self.check_per_position(tokens, streams[-1], logits)
         return streams, logits
+
+    def check_replay(self, tokens: torch.Tensor, stream: torch.Tensor, logits: torch.Tensor) -> None:
+        """Decoding the model's own last stream with the blocks replayed must give the model's logits; where it
+        does not (a tail that reads what a block left elsewhere), decodes run the whole model again."""
+        _, again = self.run(tokens, replace=stream)
+        if not torch.equal(again, logits):
+            self.outputs = None
 
     def check_per_position(self, tokens: torch.Tensor, stream: torch.Tensor, logits: torch.Tensor) -> None:
         """Overwrite the last stream at the first position: that position's logits must move, no other's."""
