@@ -107,7 +107,9 @@ def test_the_first_block_has_no_re_injection():
     gated = meta_audit("gpt", layers=3, residual="x0", residual_options={"x0_gated": True})
     first = [r.to_dict() for r in gated.residuals if r.owner == "blocks.0.attn_residual"]
     assert first[0] == {"owner": "blocks.0.attn_residual", "skip_from": "blocks.0.attn_residual:in",
-                        "wraps": ["blocks.0.attn_residual"], "kind": "gated"}
+                        "wraps": ["blocks.0.attn_residual"], "kind": "gated",  # the gate w.x0 per token, times x0
+                        "mixing": [{"on": "branch", "role": "gate", "shape": [1, 8, 1]},
+                                   {"on": "branch", "role": "gate", "shape": [1, 8, 128]}]}
 
 
 def test_value_residual_is_no_connection_across_depth():

@@ -101,7 +101,7 @@ def test_longer_than_context_is_refused():
 @pytest.mark.parametrize(
     "name, overrides, message",
     [
-        ("gpu2", {}, "unknown model 'gpu2'; choose one of: deepseek, gpt, llama, mlp, tiny"),
+        ("gpu2", {}, "unknown model 'gpu2'; choose one of: deepseek, deepseek-v4, gpt, llama, mlp, tiny"),
         ("gpt", {"residual": "bogus"}, "unknown residual scheme 'bogus'; choose one of: .*pre"),
         ("gpt", {"width": 100, "heads": 3}, "width 100 is not divisible by heads 3"),
         ("llama", {"heads": 4, "kv_heads": 3}, "heads 4 is not divisible by kv_heads 3; choose kv_heads among 1, 2, 4"),

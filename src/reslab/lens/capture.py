@@ -123,3 +123,37 @@ def inputs_and_targets(tokens, targets) -> tuple[torch.Tensor, torch.Tensor, int
     if targets.shape != tokens.shape:
         raise ReslabError(f"targets must have the shape of tokens {tuple(tokens.shape)}, got {tuple(targets.shape)}")
     return tokens, targets, tokens.shape[1]
+
+
+CONTEXT_FIELDS = ("context", "max_position_embeddings", "n_positions", "n_ctx")  # how configs name the context
+
+
+def model_context(model: nn.Module) -> int | None:
+    """The most positions the model reads, from its config (reslab's `context`, Hugging Face's names); None if
+    it does not say."""
+    config = getattr(model, "config", None)
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def check_ids(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> None:
+    """Ids the model can read and score, and no more positions than its context: one error line, not an
+    IndexError from inside the embedding."""
+    vocab, context = getattr(getattr(model, "config", None), "vocab_size", None), model_context(model)
+    if tokens.device.type == "meta":
+        raise ReslabError("the lens needs real token ids, not meta tensors; pass ids on the CPU or the model's device")
+    for name, ids in (("tokens", tokens), ("targets", targets)):
+        if ids.numel() and vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ReslabError(f"{name} hold ids outside the model's vocabulary [0, {vocab}); "
+                              f"got {int(ids.min())}..{int(ids.max())}")
+    if context is not None and tokens.shape[-1] > context:
+        raise ReslabError(f"{tokens.shape[-1]} tokens are more than the model's context of {context}; "
+                          "split them into windows")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights are (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -91,7 +91,7 @@ def traced_input(args: argparse.Namespace, target, device):
     from reslab.graph.commands import target_overrides
     from reslab.graph.targets import Kind, load_target
     from reslab.lens.inputs import LensInput, random_ids, read_text, windows
-    from reslab.lens.logit_lens import model_context
+    from reslab.lens.capture import model_context
 
     overrides = target_overrides(args, target)
     torch.manual_seed(args.seed)  # the same random weights for the same --seed
@@ -161,7 +161,7 @@ def folder_input(args: argparse.Namespace, path: Path, model_type: str, device):
     from reslab.interop import folder_tokenizer
     from reslab.interop.base import quiet_transformers
     from reslab.lens.inputs import LensInput, random_ids, read_text, windows
-    from reslab.lens.logit_lens import model_context
+    from reslab.lens.capture import model_context
 
     refuse_model_flags(args, TargetSpec(Kind.HF_FOLDER, str(path), path, model_type))
     try:

@@ -47,7 +47,7 @@ from reslab.errors import ReslabError
 from reslab.graph import ops
 from reslab.graph.residuals import ACROSS_KINDS
 from reslab.graph.trace import Recorder, Trace, TraceError, Tracer, describe_modules, named_tensors
-from reslab.lens.decompose import Decomposition
+from reslab.lens.decomposition import Decomposition
 from reslab.lens.traced import TracedLens, TracedPlan, op_label, value_root
 
 STILL = "the logit lens still applies"
@@ -258,7 +258,7 @@ def decompose_traced(model: nn.Module, tokens: Any, targets: Any = None) -> Deco
     """The decomposition of any model's final stream on `tokens` ((seq,) or (batch, seq) ids), read from its traced
     graph; a ReslabError (one line) where the final stream is not a sum of writes."""
     from reslab.lens.capture import inputs_and_targets
-    from reslab.lens.logit_lens import check_ids, model_device
+    from reslab.lens.capture import check_ids, model_device
 
     tokens, targets, positions = inputs_and_targets(tokens, targets)
     check_ids(model, tokens, targets)

@@ -27,7 +27,14 @@ import torch.nn.functional as F
 
 from reslab.contracts import LensModel, missing
 from reslab.errors import ReslabError
-from reslab.lens.capture import capture_forward, decode, inputs_and_targets, site_names
+from reslab.lens.capture import (
+    check_ids,
+    capture_forward,
+    decode,
+    inputs_and_targets,
+    model_device,
+    site_names,
+)
 from reslab.lens.decompose import decomposition_from, refusal
 from reslab.lens.result import FROZEN, METRICS, RECOMPUTED, LensResult
 from reslab.lens.streams import per_stream
@@ -65,40 +72,6 @@ def first_sentence(doc: str, limit: int = 200) -> str:
     text = " ".join(doc.split())
     sentence = text.split(". ", 1)[0].rstrip(".") + "."
     return sentence if len(sentence) <= limit else sentence[:limit].rsplit(" ", 1)[0] + " ..."
-
-
-CONTEXT_FIELDS = ("context", "max_position_embeddings", "n_positions", "n_ctx")  # how configs name the context
-
-
-def model_context(model: nn.Module) -> int | None:
-    """The most positions the model reads, from its config (reslab's `context`, Hugging Face's names); None if
-    it does not say."""
-    config = getattr(model, "config", None)
-    for name in CONTEXT_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def check_ids(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> None:
-    """Ids the model can read and score, and no more positions than its context: one error line, not an
-    IndexError from inside the embedding."""
-    vocab, context = getattr(getattr(model, "config", None), "vocab_size", None), model_context(model)
-    if tokens.device.type == "meta":
-        raise ReslabError("the lens needs real token ids, not meta tensors; pass ids on the CPU or the model's device")
-    for name, ids in (("tokens", tokens), ("targets", targets)):
-        if ids.numel() and vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            raise ReslabError(f"{name} hold ids outside the model's vocabulary [0, {vocab}); "
-                              f"got {int(ids.min())}..{int(ids.max())}")
-    if context is not None and tokens.shape[-1] > context:
-        raise ReslabError(f"{tokens.shape[-1]} tokens are more than the model's context of {context}; "
-                          "split them into windows")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's weights are (the CPU for a model without any)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def summarise(per_entry: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from reslab.display import data_frame, html_block, html_table
-from reslab.lens.decompose import Decomposition
+from reslab.lens.decomposition import Decomposition
 from reslab.lens.streams import StreamLens
 
 METRICS = ("loss", "entropy", "agreement", "kl")  # the keys of per_position, rows() and the JSON
