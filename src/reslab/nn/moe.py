@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reslab.errors import ReslabError
 from reslab.nn.ffn import SwiGLU, swiglu
 
 # router scoring by name: logits (tokens, experts) -> affinities. sqrtsoftplus: DeepSeek-V4's `scoring_func`
@@ -118,7 +119,7 @@ class HashRouter(TopKRouter):
     def forward(self, x: torch.Tensor) -> Routing:
         tokens = self.tokens
         if tokens is None or tokens.numel() != x.shape[0]:
-            raise ValueError("a hash router needs the token ids of its input; the model passes them with "
+            raise ReslabError("a hash router needs the token ids of its input; the model passes them with "
                              "bind_tokens(idx) before running its blocks")
         return self.route(self.scores(x), self.tid2eid[tokens.reshape(-1)].long())
 

@@ -15,6 +15,7 @@ written out by hand. `tests/test_scheme_mhc_v4.py` compares both, forward and ba
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def rsqrt_projection(rows: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,6 +39,7 @@ class RsqrtProjection(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the saved scale is used as a constant: a second derivative would be wrong
     def backward(ctx, grad_out: torch.Tensor):
         rows, weight, scale, out = ctx.saved_tensors
         grad_q = grad_out * scale
@@ -85,6 +87,7 @@ class UnrolledSinkhorn(torch.autograd.Function):
         return current  # a view of the saved steps: an in-place change of it would fail autograd's version check
 
     @staticmethod
+    @once_differentiable  # each step's saved output is used as a constant: no second derivative
     def backward(ctx, grad: torch.Tensor):
         soft, outputs, *denominators = ctx.saved_tensors
         grad = grad.contiguous()  # it arrives transposed (comb^T by token): each step below would keep that layout
