@@ -263,12 +263,12 @@ def _chained(trace: Trace, elements: list[str], calls_of: dict[str, list[int]]) 
         return False
     for before, after in zip(elements, elements[1:], strict=False):
         outputs = set(trace.calls[calls_of[before][-1]].outputs)
-        if not outputs or not _depends(trace, trace.calls[calls_of[after][0]].inputs, outputs):
+        if not outputs or not depends(trace, trace.calls[calls_of[after][0]].inputs, outputs):
             return False
     return True
 
 
-def _depends(trace: Trace, starts, targets: set[int]) -> bool:
+def depends(trace: Trace, starts, targets: set[int]) -> bool:
     """Does any node in `starts` read (directly or not) a node in `targets`?"""
     floor = min(targets)
     stack, seen = list(starts), set()

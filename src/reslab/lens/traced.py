@@ -42,6 +42,7 @@ from torch.overrides import TorchFunctionMode
 
 from reslab.errors import ReslabError
 from reslab.graph import ops
+from reslab.graph.audit import depends
 from reslab.graph.trace import Trace, call_tensors, named_tensors
 
 SCALE_OPS = frozenset({"rsqrt", "sqrt", "norm", "vector_norm", "layer_norm", "rms_norm"})  # a norm's scale
@@ -144,20 +145,6 @@ def _numel(shape: tuple[int, ...] | None) -> int | None:
     return None if shape is None else int(torch.Size(shape).numel())
 
 
-def _reaches(trace: Trace, source: int, target: int) -> bool:
-    """Is `target` computed from `source` (ids are a topological order, so nothing below `source` is looked at)?"""
-    stack, seen = [target], set()
-    while stack:
-        node_id = stack.pop()
-        if node_id == source:
-            return True
-        if node_id in seen or node_id < source:
-            continue
-        seen.add(node_id)
-        stack.extend(trace.nodes[node_id].inputs)
-    return False
-
-
 def _streams(trace: Trace, paths: list[str], calls: list[int], skips: set[int]) -> tuple[int, list[int]]:
     """(the first block's stream among its inputs, each block's stream among its outputs): an input of the block
     (the previous block's output, else a residual's skip, else any computed input) that an output of the same
@@ -174,7 +161,7 @@ def _streams(trace: Trace, paths: list[str], calls: list[int], skips: set[int]) 
         else:
             inputs = [i for i in inputs if value_root(trace, call.inputs[i]) in skips] or inputs
         pair = next(((i, o) for i in inputs for o, out in enumerate(call.outputs)
-                     if nodes[out].shape == nodes[call.inputs[i]].shape and _reaches(trace, call.inputs[i], out)),
+                     if nodes[out].shape == nodes[call.inputs[i]].shape and depends(trace, [out], {call.inputs[i]})),
                     None)
         if pair is None:
             raise ReslabError(f"block {path} returns no value shaped like its input and computed from it: no stream "
@@ -188,7 +175,7 @@ def _streams(trace: Trace, paths: list[str], calls: list[int], skips: set[int]) 
 def _logits(trace: Trace, last: int, block: str) -> tuple[str, int]:
     """(name, node) of the first model output computed from the last block's stream, one row per position."""
     for name, node_id in trace.outputs:
-        if _reaches(trace, last, node_id):
+        if depends(trace, [node_id], {last}):
             shape, stream = trace.nodes[node_id].shape, trace.nodes[last].shape
             if shape is None or stream is None or len(shape) < 3 or shape[:2] != stream[:2]:
                 raise ReslabError(f"the model's output {name!r} {tuple(shape or ())} is not one row of logits per "
