@@ -93,9 +93,10 @@ def traced_per_stream(decode, streams: list[torch.Tensor], width: int | None, fi
                       targets: torch.Tensor, positions: int, score) -> StreamLens | None:
     """The per-stream lens of a traced model whose stream holds n > 1 streams of `width` (`stream_copies`; None
     otherwise): `decode(stream) -> logits` runs everything after the last block on n copies of stream k."""
-    if stream_copies(streams[0], width) is None:
+    first = stream_copies(streams[0], width)
+    if first is None:
         return None
-    count = stream_copies(streams[0], width)[0]
+    count = first[0]
     values: dict[str, list[list[float]]] = {metric: [[] for _ in range(count)] for metric in STREAM_METRICS}
     for stream in streams:
         _, copies = stream_copies(stream, width)
