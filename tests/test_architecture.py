@@ -19,7 +19,7 @@ PRIVATE_TENSOR_MEMBERS = frozenset({"_base", "_version", "_cdata", "_typed_stora
 # Bottom to top: a module may import modules of its own layer and the layers below it, never above
 # (docs/architecture.md, "Packages"). A name is a module or a package (then all of it); the CLI layer is `is_cli`.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("base", frozenset({"reslab", "reslab.errors", "reslab.faults", "reslab.io", "reslab.jsonfile", "reslab.checks",
+    ("base", frozenset({"reslab", "reslab.errors", "reslab.io", "reslab.io", "reslab.io", "reslab.checks",
                         "reslab.registry", "reslab.heap", "reslab.processes", "reslab.contracts", "reslab.metrics",
                         "reslab.stats", "reslab.display", TORCH_COMPAT})),
     ("parts", frozenset({"reslab.residual", "reslab.nn", "reslab.probe"})),

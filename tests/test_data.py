@@ -25,7 +25,7 @@ from reslab.data import (
     load_tokenizer,
     split_tokens,
 )
-from reslab.data import corpus as corpus_module
+from reslab.data import sources as corpus_module
 from reslab.data import tokenizer as tokenizer_module
 from reslab.data.shakespeare import markdown_to_text, play_files, plays_directory
 from reslab.errors import ReslabError

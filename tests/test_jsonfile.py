@@ -7,7 +7,7 @@ import json
 import pytest
 
 from reslab.errors import ReslabError
-from reslab.jsonfile import Field, check_schema, confined_path, nesting_depth, parse_json, read_json_file
+from reslab.io import Field, check_schema, confined_path, nesting_depth, parse_json, read_json_file
 
 
 @pytest.mark.parametrize("value", [1, "x", [], {}, [[1], {"a": [2, {"b": 3}]}], {"s": "[[[{{{"}, ["\\\"[[[", [[]]]])

@@ -16,8 +16,7 @@ from typing import Any
 from reslab.ablationdir import COMPARISONS_CSV, SUMMARY, SUMMARY_CSV, AblationDir
 from reslab.display import data_frame, html_block, html_table
 from reslab.errors import ReslabError
-from reslab.io import atomic_write, write_json
-from reslab.jsonfile import finite_number
+from reslab.io import atomic_write, finite_number, write_json
 from reslab.metrics import SEED_STATS, point_values, seed_stats, seed_summaries
 from reslab.rundir import CONFIG, DIVERGED, TIMING_KEYS, DamagedRunError, RunDir
 from reslab.stats import ALPHA, FEW_SEEDS, LEVEL, adjust, compare

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from reslab.cli_args import add_model_arguments, model_name, model_overrides
-from reslab.errors import check_positive
+from reslab.checks import check_positive
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `reslab bench --help` starts fast
     import torch

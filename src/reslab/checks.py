@@ -204,3 +204,12 @@ def check_applies(given: Iterable[str], settings: Mapping[str, Any], rules: Mapp
         need = spelled(rule.field) + (" " + " or ".join(map(str, rule.values)) if rule.values else "")
         raise ReslabError(f"{spelled(name)} applies only with {need} ({spelled(rule.field)} is "
                           f"{settings.get(rule.field)!r} here); give {need}, or drop {spelled(name)}")
+
+
+def check_positive(**sizes: int | float) -> None:
+    """Raise ReslabError for the first size that is not a finite number > 0 (None: not given, passes)."""
+    for name, value in sizes.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ReslabError(f"{name} must be positive, got {value!r}")

@@ -245,7 +245,7 @@ def read_settings(path: Path, sections: tuple[str, ...] = SECTIONS) -> dict[str,
     run's config.json also records, dropped), `train` of TrainConfig's fields and types, `model_config` of the
     model's. A bad file is one line naming it and the key. A run's recorded `stop_at` (one invocation's) is dropped,
     and `dtype_auto` always (how the dtype was picked: the recorded dtype is trained in)."""
-    from reslab.data.corpus import normalise_data
+    from reslab.data.sources import normalise_data
     from reslab.train.config import TrainConfig
 
     settings = _parse_settings(path)
@@ -269,7 +269,7 @@ def read_settings(path: Path, sections: tuple[str, ...] = SECTIONS) -> dict[str,
 
 
 def _parse_settings(path: Path) -> dict[str, Any]:
-    from reslab.jsonfile import parse_json
+    from reslab.io import parse_json
 
     suffix, fix = path.suffix.lower(), "give a .toml, .yaml or .json settings file, or a run's config.json"
     if suffix not in (".toml", ".yaml", ".yml", ".json"):

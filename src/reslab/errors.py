@@ -10,17 +10,6 @@ class Interrupted(ReslabError):
     shards kept); the CLI prints the one line and exits 130."""
 
 
-def check_positive(**sizes: int | float) -> None:
-    """Raise ReslabError for the first size that is not a finite number > 0 (None: not given, passes)."""
-    import math
-
-    for name, value in sizes.items():
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ReslabError(f"{name} must be positive, got {value!r}")
-
-
 def unknown(kind: str, name: str, choices) -> ReslabError:
     """The error for a name that is not in a registry, listing what is."""
     return ReslabError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(choices))}")

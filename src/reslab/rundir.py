@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from reslab.errors import ReslabError
-from reslab.faults import failpoint
-from reslab.io import TEMP_SUFFIX, atomic_write, command_line, remove_temp_files, temp_prefix, write_json
-from reslab.jsonfile import parse_json, read_json_file
+from reslab.io import (
+    TEMP_SUFFIX, atomic_write, command_line, failpoint, parse_json, read_json_file, remove_temp_files, temp_prefix,
+    write_json,
+)
 from reslab.metrics import METRICS as DECLARED_METRICS
 
 MARKER = ".reslab-run"

@@ -1,5 +1,5 @@
 """kill -9, Ctrl-C and a full disk at every kind of moment of a run, landed deterministically with failpoints
-(`reslab.faults`): inside each file write, inside a step, inside an evaluation, before a checkpoint. After each,
+(`reslab.io`): inside each file write, inside a step, inside an evaluation, before a checkpoint. After each,
 the run is recovered the way a user would (`--resume`, or the same command again when it died before its config
 existed) and must end bit-identical to the uninterrupted run: the same metrics.jsonl (timing aside) and losses."""
 

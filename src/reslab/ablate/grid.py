@@ -104,7 +104,7 @@ def _saved_train_fields(train: dict[str, Any]) -> dict[str, Any]:
 def _check_data(source: str) -> None:
     """A data file that cannot be read fails here, before the ablation directory is touched (a named corpus is
     checked by the first point)."""
-    from reslab.data.corpus import NAMED_SOURCES, load_text
+    from reslab.data.sources import NAMED_SOURCES, load_text
 
     if source not in NAMED_SOURCES:
         load_text(source)

@@ -18,8 +18,8 @@ The names below load on first use (PEP 562): `reslab data prepare` and its worke
 from importlib import import_module
 
 _LAZY = {
-    "BatchSampler": "batches", "check_length": "batches", "encode_corpus": "batches", "split_tokens": "batches",
-    "default_cache_dir": "corpus", "load_text": "corpus",
+    "BatchSampler": "training", "check_length": "training", "encode_corpus": "training", "split_tokens": "training",
+    "default_cache_dir": "sources", "load_text": "sources",
     "PrepareOptions": "prepare", "prepare_data": "prepare",
     "PreparedData": "shards", "TokenSpan": "shards", "open_prepared": "shards",
     "BPETokenizer": "tokenizer", "CharTokenizer": "tokenizer", "Tokenizer": "tokenizer",

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from reslab.data import charprep
-from reslab.data.corpus import default_cache_dir
+from reslab.data.sources import default_cache_dir
 from reslab.data.shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -62,8 +62,9 @@ from reslab.data.tokenizer import (
 )
 from reslab.data.tokenizer import FILENAME as TOKENIZER_FILE
 from reslab.errors import Interrupted, ReslabError
-from reslab.io import atomic_write, remove_temp_files, write_json
-from reslab.jsonfile import Field, check_schema, read_json_file
+from reslab.io import (
+    Field, atomic_write, check_schema, read_json_file, remove_temp_files, write_json,
+)
 
 STATE = PREPARE_STATE
 STATE_SCHEMA = {"job": Field(dict), "shards": Field(list, items=SHARD_SCHEMA),

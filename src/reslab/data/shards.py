@@ -45,7 +45,7 @@ from reslab.data.tokenfiles import (
 )
 from reslab.data.tokenizer import CharTokenizer, IdTokenizer, Tokenizer, load_tokenizer_file
 from reslab.errors import ReslabError
-from reslab.jsonfile import Field, check_schema, confined_path, read_json_file
+from reslab.io import Field, check_schema, confined_path, read_json_file
 
 MANIFEST = "manifest.json"
 PREPARE_STATE = "prepare-state.json"  # present while a prepare is unfinished

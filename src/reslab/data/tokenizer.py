@@ -16,9 +16,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from reslab.checks import OnlyWith, check_applies
-from reslab.errors import ReslabError, check_positive, unknown
-from reslab.io import atomic_write
-from reslab.jsonfile import Field, check_schema, read_json_file
+from reslab.checks import check_positive
+from reslab.errors import ReslabError, unknown
+from reslab.io import Field, atomic_write, check_schema, read_json_file
 from reslab.rundir import OLD_TOKENIZER
 from reslab.rundir import TOKENIZER as FILENAME
 

@@ -30,8 +30,7 @@ from reslab.errors import ReslabError
 from reslab.graph.audit import Audit
 from reslab.graph.paths import inside
 from reslab.graph.residuals import ACROSS_KINDS, KINDS, Residual
-from reslab.io import write_json
-from reslab.jsonfile import read_json_file
+from reslab.io import read_json_file, write_json
 
 RELATIONS = ("around", "inside", "to")  # "to" comes with "from": a connection from a source into a module
 CLAIM_KEYS = ("around", "inside", "from", "to", "kind", "count")

@@ -13,8 +13,7 @@ from typing import Any
 
 from reslab.errors import ReslabError
 from reslab.graph.residuals import KINDS
-from reslab.io import write_json
-from reslab.jsonfile import Field, check_schema, read_json_file
+from reslab.io import Field, check_schema, read_json_file, write_json
 
 STRUCTURE = ("residuals", "dead", "not_run")
 FIX = "write it with reslab audit TARGET --write-expect FILE"

@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from reslab.errors import ReslabError
 from reslab.interop.base import quiet_transformers
-from reslab.jsonfile import parse_json, read_json_file
+from reslab.io import parse_json, read_json_file
 
 TOKENS = 8  # length of the example token sequence
 DEVICES = ("meta", "cpu")

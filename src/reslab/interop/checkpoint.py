@@ -55,7 +55,7 @@ def folder_tokenizer(directory: Path, vocab_size: int):
 
 def _index_shards(index: Path) -> list[str]:
     """The shard file names a model.safetensors.index.json maps weights to; one line when it is not such an index."""
-    from reslab.jsonfile import read_json_file
+    from reslab.io import read_json_file
 
     data = read_json_file(index, "copy the complete checkpoint", what="shard index")
     weights = data.get("weight_map") if isinstance(data, dict) else None

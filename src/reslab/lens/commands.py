@@ -139,7 +139,7 @@ def unconverted_folder(text: str) -> str | None:
     """The model_type of a Hugging Face folder (config.json with a model_type, not a reslab run) of a family reslab
     does not convert: the lens loads it with transformers and reads it traced. None for anything else."""
     from reslab.interop import supported_types
-    from reslab.jsonfile import read_json_file
+    from reslab.io import read_json_file
     from reslab.rundir import CONFIG, MARKER
 
     path = Path(text)

@@ -10,8 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from reslab.checks import BETA, NON_NEGATIVE, POSITIVE, OnlyWith, check_declared, option
-from reslab.errors import ReslabError, check_positive, unknown
+from reslab.checks import BETA, NON_NEGATIVE, POSITIVE, OnlyWith, check_declared, check_positive, option
+from reslab.errors import ReslabError, unknown
 
 
 @dataclass

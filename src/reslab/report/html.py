@@ -18,8 +18,7 @@ from html import escape
 from typing import Any
 
 from reslab.ablation_summary import fewest_seeds
-from reslab.io import command_line
-from reslab.jsonfile import finite_number
+from reslab.io import command_line, finite_number
 from reslab.metrics import seed_summaries
 from reslab.report.load import Ablation
 from reslab.report.plots import Plot, expected_plots, scheme_colours

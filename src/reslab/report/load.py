@@ -14,7 +14,7 @@ from typing import Any
 from reslab.ablation_summary import summarize
 from reslab.ablationdir import RECORD, AblationDir, parse_run_name
 from reslab.errors import ReslabError
-from reslab.jsonfile import finite_number, parse_json, read_json_file
+from reslab.io import finite_number, parse_json, read_json_file
 from reslab.rundir import CONFIG, DIVERGED, METRICS, SUMMARY, DamagedRunError, read_metrics
 
 _DAMAGE_FIX = "repair the file or delete it, then write the report again"

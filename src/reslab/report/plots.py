@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from reslab.ablationdir import PLOTS
-from reslab.jsonfile import finite_number
+from reslab.io import finite_number
 from reslab.metrics import NATS, PER_SUBLAYER, SCALAR, Metric, figures, in_figure
 from reslab.report.load import Ablation, Run
 from reslab.stats import interval

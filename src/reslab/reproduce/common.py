@@ -26,7 +26,7 @@ def run_grid(name: str, args: argparse.Namespace, model: str, residuals: list[st
     from reslab.ablate.executors import local_executor
     from reslab.ablate.grid import run_ablation
     from reslab.ablate.summary import summary_table
-    from reslab.data.corpus import normalise_data
+    from reslab.data.sources import normalise_data
 
     out = args.out or Path("runs") / "reproduce" / (name + ("-quick" if args.quick else ""))
     train = {**train_overrides}

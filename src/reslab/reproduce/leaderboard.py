@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def plan(args: argparse.Namespace) -> dict[str, Any]:
     """The grid this invocation trains: schemes, depths, seeds, models, shape and training settings."""
-    from reslab.data.corpus import normalise_data
+    from reslab.data.sources import normalise_data
     from reslab.registry import names
 
     chosen = QUICK if args.quick else {"schemes": names("residual scheme"), "layers": list(LAYERS),

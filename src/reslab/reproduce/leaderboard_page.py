@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from reslab.ablationdir import AblationDir, parse_run_name
-from reslab.io import atomic_write
-from reslab.jsonfile import finite_number
+from reslab.io import atomic_write, finite_number
 from reslab.rundir import RunDir
 
 RANKINGS = (("final_val_loss", "equal steps: final val loss"),

@@ -68,7 +68,7 @@ def train_and_read_gain(scheme: str, options: dict, model: dict, train: dict, ru
 
 
 def run(args: argparse.Namespace) -> int:
-    from reslab.data.corpus import normalise_data
+    from reslab.data.sources import normalise_data
     from reslab.reproduce.common import print_verdict
 
     model, train = settings(args.quick)

@@ -19,7 +19,7 @@ from reslab.cli_args import (
     model_overrides,
     read_settings,
 )
-from reslab.data.corpus import normalise_data
+from reslab.data.sources import normalise_data
 from reslab.errors import ReslabError
 from reslab.train.config import TrainConfig, check_flags_apply
 

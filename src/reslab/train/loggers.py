@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Protocol
 
 from reslab.ablationdir import RUNS, AblationDir, parse_run_name
 from reslab.errors import ReslabError
-from reslab.jsonfile import finite_number
+from reslab.io import finite_number
 from reslab.metrics import tensorboard_scalars
 from reslab.rundir import TENSORBOARD
 

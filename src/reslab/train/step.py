@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from reslab._torch_compat import cpu_bf16_flags, load_inductor, mkldnn_bf16_supported
 from reslab.errors import ReslabError
-from reslab.faults import failpoint
+from reslab.io import failpoint
 from reslab.probe import GradientNorms, StreamProbe
 from reslab.train.distributed import World, current, unwrap
 

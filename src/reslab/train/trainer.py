@@ -24,7 +24,7 @@ from reslab.data import BatchSampler
 from reslab.data.shards import TokenSpan
 from reslab.data.tokenfiles import DataChanged, lease_breaks, reading
 from reslab.errors import Interrupted, ReslabError
-from reslab.faults import failpoint
+from reslab.io import failpoint
 from reslab.metrics import computed, run_summary
 from reslab.models import build_model
 from reslab.rundir import CHECKPOINT
