@@ -22,7 +22,7 @@ from scheme_cost import measure
 
 import reslab
 from reslab.contracts import attention_sublayers
-from reslab.train.schedule import build_adamw
+from reslab.train.step import build_adamw
 
 # label -> llama overrides besides the shared shape; `H` is replaced by the dense FFN hidden size
 VARIANTS: dict[str, dict] = {

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import reslab
 from reslab.heap import tune_malloc
 from reslab.residual import get_scheme
-from reslab.train.schedule import build_adamw
+from reslab.train.step import build_adamw
 from scheme_cost import measure  # the interleaved (wall, CPU) timer every scheme benchmark shares
 
 STREAMS = 4  # n of the targets

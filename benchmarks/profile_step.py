@@ -16,8 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from reslab.heap import tune_malloc
 from reslab.models import build_model
 from reslab.train.config import TrainConfig
-from reslab.train.schedule import build_optimizer
-from reslab.train.step import TrainStep
+from reslab.train.step import TrainStep, build_optimizer
 
 GROUPS = [  # (label, operator-name fragments), first match wins
     ("matmuls (weights)", ("aten::mm", "aten::addmm")),

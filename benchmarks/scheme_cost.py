@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import reslab
 from reslab.heap import tune_malloc
-from reslab.train.schedule import build_adamw
+from reslab.train.step import build_adamw
 
 # label -> (scheme, residual options)
 SCHEMES: dict[str, tuple[str, dict]] = {

@@ -35,7 +35,7 @@ from reslab.models.gpt import GPT
 from reslab.nn import CausalSelfAttention
 from reslab.nn.ffn import SwiGLU
 from reslab.nn.moe import MoEFeedForward
-from reslab.train.schedule import build_adamw
+from reslab.train.step import build_adamw
 from reslab.train.step import TrainStep
 
 SMALL = {"layers": 2, "width": 32, "heads": 2, "context": 16, "vocab_size": 11}

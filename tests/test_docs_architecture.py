@@ -52,7 +52,7 @@ def paths() -> list[str]:
 
 
 def modules() -> list[str]:
-    """Dotted names whose first part is reslab or one of its top-level modules: `train.loop.prepare`."""
+    """Dotted names whose first part is reslab or one of its top-level modules: `train.trainer.prepare`."""
     dotted = [span.removesuffix("()") for span in SPANS if re.fullmatch(r"[a-z_]\w*(\.\w+)+(\(\))?", span)]
     return [name for name in dotted if name.split(".")[0] in TOP_LEVEL | {"reslab"} and not name.endswith(".py")]
 
@@ -74,7 +74,7 @@ def resolve(name: str) -> object:
 def test_the_doc_is_parsed():
     assert "contracts.py:LensModel" in tables() and "registry.py:SCHEMES" in tables()
     assert {"data/sources.py", "tests/test_architecture.py", "lens/", "*/commands.py"} <= set(paths())
-    assert {"train.loop.prepare", "graph.targets", "nn.Block"} <= set(modules())
+    assert {"train.trainer.prepare", "graph.targets", "nn.Block"} <= set(modules())
     assert is_placeholder("residual/<name>.py") and is_placeholder("FILE.py:CALLABLE")
 
 

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from reslab.ablate.point import GridJob, GridPoint
 from reslab.ablate.progress import GridProgress
-from reslab.train.progress import Reporter
+from reslab.train.loggers import Reporter
 
 TINY = ["--model", "tiny", "--width", "16", "--heads", "2", "--context", "16", "--batch", "4", "--eval-batches", "1",
         "--dtype", "fp32"]
@@ -90,9 +90,9 @@ def test_train_json_on_a_stop(cli, corpus, tmp_path, monkeypatch):
     stopped = json.loads(out)
     assert stopped["stopped_at"] == 2 and stopped["resume_command"] == f"reslab train --resume {run}"
 
-    from reslab import faults
+    from reslab import io as reslab_io
 
-    monkeypatch.setattr(faults, "_hits", Counter())
+    monkeypatch.setattr(reslab_io, "_hits", Counter())
     monkeypatch.setenv("RESLAB_FAILPOINTS", "step@1=sigint")  # Ctrl-C during the first step of the resumed run
     code, out, err = cli("train", "--resume", run, "--json")
     assert code == 130 and json.loads(out)["stopped_at"] == 3 and json.loads(out)["interrupted"] is True

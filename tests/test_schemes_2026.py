@@ -15,7 +15,7 @@ from reslab.graph import audit
 from reslab.nn import make_norm
 from reslab.residual import SiteSpec, get_scheme
 from reslab.residual.laurel import LaurelBlock
-from reslab.train.schedule import build_adamw
+from reslab.train.step import build_adamw
 
 WIDTH = 32
 TOL = 1e-6  # fp32

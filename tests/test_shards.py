@@ -117,7 +117,7 @@ def test_training_on_shards_equals_training_on_the_text(cli, text, tmp_path):
 
 def test_in_memory_tensors_train_like_the_cached_shards(text, tmp_path):
     """The training loop itself: the same run from tensors (today's path) and from memory-mapped spans."""
-    from reslab.train.loop import prepare, train
+    from reslab.train.trainer import prepare, train
 
     config = {"model": "tiny", "data": str(text), "steps": 6, "batch": 4, "eval_batches": 1, "eval_interval": 3,
               "log_interval": 3, "progress": False}

@@ -9,7 +9,7 @@ import torch
 import reslab
 from reslab.train.config import TrainConfig
 from reslab.train.muon import MuonAdamW, orthogonalize, orthogonalize_batch
-from reslab.train.schedule import build_optimizer
+from reslab.train.step import build_optimizer
 from reslab.train.step import TrainStep, bf16_supported
 
 CPU = torch.device("cpu")

@@ -87,6 +87,12 @@ def check_mkldnn_bf16_supported():
     torch.ops.mkldnn._is_mkldnn_bf16_supported()  # present: the wrapper's False is the CPU's answer, not a rename
 
 
+def check_bf16_supported():
+    """The CPU's answer is oneDNN's; a device with no bf16 path (meta) is refused rather than guessed."""
+    assert compat.bf16_supported(torch.device("cpu")) is compat.mkldnn_bf16_supported()
+    assert compat.bf16_supported(torch.device("meta")) is False
+
+
 def check_cpu_bf16_flags():
     assert compat.cpu_bf16_flags() <= {"amx_bf16", "avx512_bf16"}
     for check in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):  # present, as above

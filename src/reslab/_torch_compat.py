@@ -73,6 +73,15 @@ def mkldnn_bf16_supported() -> bool:
         return False
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether `--dtype bf16` may run here: CUDA with bf16, or a CPU oneDNN runs bf16 on (AVX512 cores and up)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return mkldnn_bf16_supported()
+    return False
+
+
 def cpu_bf16_flags() -> set[str]:
     """The bf16 instructions torch's cpuinfo finds on this CPU, by /proc/cpuinfo's names (`amx_bf16`,
     `avx512_bf16`); every CPU with AMX tiles so far has AMX-BF16 (Sapphire Rapids and later)."""
@@ -85,9 +94,9 @@ def load_inductor() -> None:
     import torch._inductor  # noqa: F401
 
 
-__all__ = ["cpu_bf16_flags", "foreach_add_", "foreach_lerp", "foreach_lerp_", "foreach_mul_", "foreach_norm",
-           "functorch_transforms_active", "initialisers_skipped", "is_batched_gradient", "load_inductor",
-           "mkldnn_bf16_supported", "torch_function_mode_enabled", "view_base"]
+__all__ = ["bf16_supported", "cpu_bf16_flags", "foreach_add_", "foreach_lerp", "foreach_lerp_", "foreach_mul_",
+           "foreach_norm", "functorch_transforms_active", "initialisers_skipped", "is_batched_gradient",
+           "load_inductor", "mkldnn_bf16_supported", "torch_function_mode_enabled", "view_base"]
 
 
 # --- building a model on the meta device without running its initialisers --------------------------------------

@@ -66,9 +66,8 @@ def bench(model: str, overrides: dict[str, Any], batch: int = 12, dtype: str = "
 
     from reslab.models import build_model
     from reslab.train.config import TrainConfig
-    from reslab.train.loop import resolve_device
-    from reslab.train.schedule import build_optimizer
-    from reslab.train.step import TrainStep
+    from reslab.train.config import resolve_device
+    from reslab.train.step import TrainStep, build_optimizer
 
     check_positive(batch=batch, iters=iters, windows=windows, log_interval=log_interval)
     torch.manual_seed(seed)

@@ -67,7 +67,7 @@ def run_point(point: GridPoint, job: GridJob, run_dir: Path | None = None, threa
     a finished point's is read back, a stopped one resumed. `threads`: torch threads (None: as configured)."""
     import torch
 
-    from reslab.train.loop import NonFiniteLoss, prepare, train
+    from reslab.train.trainer import NonFiniteLoss, prepare, train
 
     if threads is not None:
         torch.set_num_threads(threads)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from reslab.ablate.point import GridJob, GridPoint
 from reslab.rundir import METRICS, peek_last_metrics
-from reslab.train.progress import StepClock, format_eta, make_console, stats_text, step_bars
+from reslab.train.loggers import StepClock, format_eta, make_console, stats_text, step_bars
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

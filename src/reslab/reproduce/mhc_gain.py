@@ -48,8 +48,8 @@ def settings(quick: bool) -> tuple[dict, dict]:
 
 def train_and_read_gain(scheme: str, options: dict, model: dict, train: dict, run_dir: Path) -> dict:
     """Train one run; return its peak and final Amax gain (from metrics.jsonl) and its final validation loss."""
-    from reslab.train.loop import prepare
-    from reslab.train.loop import train as run_training
+    from reslab.train.trainer import prepare
+    from reslab.train.trainer import train as run_training
 
     setup = prepare({**train, "model": "gpt", "progress": False},
                     {**model, "residual": scheme, "residual_options": options}, run_dir,

@@ -133,7 +133,7 @@ class ResidualSite(nn.Module):
 
     def optimizer_scales(self) -> tuple[float, float]:
         """(learning-rate, Adam-epsilon) multipliers for every parameter of this site's block, for schemes whose
-        parametrisation prescribes them (CompleteP's depth rules); the AdamW builder (`train/schedule.py`) gives a
+        parametrisation prescribes them (CompleteP's depth rules); the AdamW builder (`train/step.py`) gives a
         block's parameters their own groups when they are not (1, 1). The sites of one block must agree."""
         return 1.0, 1.0
 

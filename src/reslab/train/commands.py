@@ -156,7 +156,7 @@ def resumed_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[st
 
 def cmd_train(args: argparse.Namespace) -> int:
     from reslab.errors import Interrupted
-    from reslab.train.loop import prepare, train
+    from reslab.train.trainer import prepare, train
 
     resume = args.resume is not None
     run_dir, config, overrides = resumed_run(args) if resume else new_run(args)
@@ -191,7 +191,7 @@ def start_line_reporter(line: str, enabled: bool):
     --no-progress): after every check has passed, so a refused run still prints only its one-line error. (rich is
     imported here, not at the top: `reslab train --help` stays light.) Disabled, it still counts the steps (the
     step a stop is at)."""
-    from reslab.train.progress import Reporter
+    from reslab.train.loggers import Reporter
 
     class StartLine(Reporter):
         def start(self, total: int, completed: int, title: str) -> None:
@@ -206,7 +206,7 @@ def start_line_reporter(line: str, enabled: bool):
 
 def describe_dtype(config, resume: bool) -> str:
     """The one line `reslab train` prints at start: the dtype it trains in, and why."""
-    from reslab.train.loop import resolve_device
+    from reslab.train.config import resolve_device
     from reslab.train.step import native_bf16
 
     what = "bf16 autocast (fp32 weights)" if config.dtype == "bf16" else config.dtype
@@ -224,7 +224,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from reslab.graph.targets import WEIGHTED, load_trained, resolve_target
-    from reslab.train.loop import resolve_device
+    from reslab.train.config import resolve_device
 
     check_numbers(vars(args), SAMPLE_RANGES)
     try:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.optim.adamw import adamw
 
-from reslab._torch_compat import foreach_add_, foreach_lerp, foreach_lerp_, foreach_mul_
+from reslab._torch_compat import bf16_supported, foreach_add_, foreach_lerp, foreach_lerp_, foreach_mul_
 from reslab.contracts import parameter_groups
 
 # Quintic Newton-Schulz coefficients chosen (by Muon's authors) to push singular values towards 1 fast, not exactly.
@@ -86,8 +86,6 @@ class MuonAdamW(torch.optim.Optimizer):
             return
         ns_dtype = self.ns_dtype
         if ns_dtype is None:
-            from reslab.train.step import bf16_supported
-
             ns_dtype = self.ns_dtype = torch.bfloat16 if bf16_supported(params[0].device) else torch.float32
         grads = [p.grad for p in params]
         for p in params:

@@ -1,13 +1,19 @@
-"""One optimisation step, shared by `reslab train` and `reslab bench` so the benchmark times what training runs.
+"""One optimisation step, and the optimizer and learning-rate schedule it steps with.
 
-Ordinary steps run the (optionally compiled) model with no host synchronisation: the loss stays a tensor. Log steps
-run the eager model with the stream probe attached and compute every gradient norm with one foreach call, then clip
-with the total they already have. Autocast to bf16 keeps fp32 master weights and optimizer state.
+The step is shared by `reslab train` and `reslab bench` so the benchmark times what training runs. Ordinary steps run
+the (optionally compiled) model with no host synchronisation: the loss stays a tensor. Log steps run the eager model
+with the stream probe attached and compute every gradient norm with one foreach call, then clip with the total they
+already have. Autocast to bf16 keeps fp32 master weights and optimizer state.
+
+`build_optimizer` makes AdamW (or Muon with its AdamW companion) over the parameter groups the model declares
+(`contracts.parameter_groups`), scaled per block where a parametrisation asks (`block_scales`); `lr_at` is the
+warmup-then-cosine schedule.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -15,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reslab._torch_compat import cpu_bf16_flags, load_inductor, mkldnn_bf16_supported
+from reslab._torch_compat import bf16_supported, cpu_bf16_flags, load_inductor
+from reslab.contracts import parameter_groups
 from reslab.errors import ReslabError
 from reslab.io import failpoint
 from reslab.probe import GradientNorms, StreamProbe
@@ -23,15 +30,6 @@ from reslab.train.distributed import World, current, unwrap
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo's names for the instructions that run bf16 natively
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether `--dtype bf16` may run here: CUDA with bf16, or a CPU oneDNN runs bf16 on (AVX512 cores and up)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return mkldnn_bf16_supported()
-    return False
 
 
 def native_bf16(device: torch.device) -> str | None:
@@ -184,3 +182,66 @@ def compile_model(model: nn.Module, console=None):
         if console is not None:
             console.print(f"torch.compile is not available here ({type(error).__name__}: {error}); running eager")
         return model, False
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to `min_lr` at `steps` (nanoGPT's schedule)."""
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    if step >= steps:
+        return min_lr
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay where modules declare it (`reslab.contracts.parameter_groups`: linear and embedding
+    weights, not norms, biases or residual coefficients), fused where supported."""
+    split = parameter_groups(model)
+    groups = [{"params": split.decay, "weight_decay": weight_decay}, {"params": split.no_decay, "weight_decay": 0.0}]
+    groups = scaled_groups(groups, block_scales(model), lr)
+    # fused AdamW runs one kernel for all parameters (CUDA and, since torch 2.4, CPU); foreach is the fallback.
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=device.type != "cpu" or None)
+
+
+ADAM_EPS = 1e-8  # torch's AdamW default
+
+
+def block_scales(model: nn.Module) -> dict[int, tuple[float, float]]:
+    """id(parameter) -> the (lr, eps) multipliers its block's residual sites declare
+    (`ResidualSite.optimizer_scales`, CompleteP's depth rules), for the parameters whose block's are not (1, 1)."""
+    scales: dict[int, tuple[float, float]] = {}
+    for layer, _, site in getattr(model, "residual_sites", lambda: ())():
+        scale = site.optimizer_scales()
+        if scale != (1.0, 1.0):
+            scales.update({id(p): scale for p in model.blocks[layer].parameters()})
+    return scales
+
+
+def scaled_groups(groups: list[dict], scales: dict[int, tuple[float, float]], lr: float) -> list[dict]:
+    """Split each group by its parameters' multipliers; a scaled group carries `lr_scale` (the trainer's schedule
+    multiplies by it every step) and its own `eps`. Without scales the groups are returned as they are."""
+    if not scales:
+        return groups
+    split = []
+    for group in groups:
+        by_scale: dict[tuple[float, float], list] = {}
+        for p in group["params"]:
+            by_scale.setdefault(scales.get(id(p), (1.0, 1.0)), []).append(p)
+        split += [{**group, "params": params, "lr": lr * lr_scale, "lr_scale": lr_scale, "eps": ADAM_EPS * eps_scale}
+                  for (lr_scale, eps_scale), params in by_scale.items()]
+    return split
+
+
+def build_optimizer(config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (default) or Muon for hidden matrices + AdamW for the rest (`--optimizer muon`)."""
+    betas = (config.beta1, config.beta2)
+    if config.optimizer == "muon":
+        from reslab.train.muon import MuonAdamW
+
+        return MuonAdamW(model, config.lr, config.muon_lr, config.weight_decay, betas)
+    return build_adamw(model, config.lr, config.weight_decay, betas, device)
