@@ -4,6 +4,7 @@ module pairs, and in all: the step-0 evaluation's loop over batches repeats some
 
     python benchmarks/train_path.py                     # this working tree
     python benchmarks/train_path.py --before d7d2176    # and the source of that commit, side by side
+    python benchmarks/train_path.py --before a8ac529 11df8fe   # several commits
 
 A profiler hook (`sys.setprofile`) records every reslab function entered while `reslab train --model tiny --steps 1`
 runs in this process, from `reslab.cli.main` to the first `TrainStep.__call__`; calls made while a module is being
@@ -77,15 +78,15 @@ def measure(src: Path | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", help="also trace the source of this git commit")
+    parser.add_argument("--before", nargs="+", default=[], help="also trace the source of these git commits")
     args = parser.parse_args()
     rows = {"this tree": measure(None)}
-    if args.before:
+    for commit in args.before:
         with tempfile.TemporaryDirectory() as tmp:
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before, "src"], check=True,
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "src"], check=True,
                                      capture_output=True)
             subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-            rows[args.before] = measure(Path(tmp) / "src")
+            rows[commit] = measure(Path(tmp) / "src")
     print(f"{'':12} {'modules':>8} {'model':>6} {'plumbing':>9} {'module pairs':>13} {'cross-module calls':>19}")
     for label, row in rows.items():
         print(f"{label:12} {row['modules']:>8} {row['model_modules']:>6} {row['plumbing_modules']:>9} "
