@@ -53,7 +53,7 @@ from reslab.residual.base import (
 from reslab.residual.depth.base import ComposedSite
 from reslab.residual.mhc import normalized_projection
 from reslab.residual.multistream import ParallelStreams, connection_sums, stream_metrics
-from reslab.residual.stream_ops import fused_path
+from reslab.residual.stream_ops import backward_in_stream_precision, fused_path
 
 NORM_EPS = 1e-12  # F.normalize's floor on the L2 norm, as the package's RMSNorm (hyper_connections.py:93)
 DYNAMIC_SCALE_INIT = 0.01  # s_a and s_b (hyper_connections.py:235, 247)
@@ -234,6 +234,7 @@ class FracRead(torch.autograd.Function):
         return out[:, :m], out[:, m:], write
 
     @staticmethod
+    @backward_in_stream_precision
     def backward(ctx, grad_h, grad_mixed, grad_write):
         rows, proj, rms, projected, act, weights, scales = ctx.saved_tensors
         (n, m, tanh), reads = ctx.shape, weights.shape[-1]

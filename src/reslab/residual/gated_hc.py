@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from reslab.errors import ReslabError
 from reslab.residual.base import RankReduce, ResidualSite, SiteSpec, StreamAdapter, check_integer_option
 from reslab.residual.multistream import STREAM_AXIS, ParallelStreams, connection_sums, stream_metrics
-from reslab.residual.stream_ops import fused_path
+from reslab.residual.stream_ops import backward_in_stream_precision, fused_path
 
 INIT_STD = 0.02  # Qwen4-Exp's initializer_range: the gate projections start N(0, 0.02^2) (`_init_weights`)
 RMS_EPS = 1e-6  # Qwen4-Exp's rms_norm_eps
@@ -257,6 +257,7 @@ class FusedGatedRead(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @backward_in_stream_precision
     def backward(ctx, grad_h, grad_weights, _grad_gate):
         unit, normed, gate, rsqrt, gain, down, hidden, projection, mix_up, weights = ctx.saved_tensors
         tokens, n, width = unit.shape
@@ -291,6 +292,7 @@ class FusedGatedWrite(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @backward_in_stream_precision
     def backward(ctx, grad):
         weights, fx = ctx.saved_tensors
         n, width = grad.shape[-2:]

@@ -8,7 +8,7 @@ from torch.autograd.function import once_differentiable
 
 from reslab.errors import ReslabError
 from reslab.residual.base import ResidualSite, SiteSpec, check_integer_option
-from reslab.residual.stream_ops import fused_path
+from reslab.residual.stream_ops import backward_in_stream_precision, fused_path
 
 FORMS = ("rw", "lr", "rw+lr", "gemma3n")
 
@@ -145,6 +145,7 @@ class WeightedLowRankSum(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @backward_in_stream_precision
     def backward(ctx, grad):
         flat, fx, left, right, alpha, beta, low, skip = ctx.saved_tensors
         grad = grad.reshape(flat.shape)

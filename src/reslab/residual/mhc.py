@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from reslab.residual.base import SiteSpec, check_integer_option
 from reslab.residual.multistream import MultiStreamSite
-from reslab.residual.stream_ops import fused_path, stream_precision
+from reslab.residual.stream_ops import backward_in_stream_precision, fused_path, stream_precision
 
 PROJ_INIT_STD = 0.02  # the dynamic projections phi start small and random, so the gates get a gradient at once
 
@@ -88,6 +88,7 @@ class ImplicitSinkhornGrad(torch.autograd.Function):
         return matrices
 
     @staticmethod
+    @backward_in_stream_precision
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (matrices,) = ctx.saved_tensors
         p = matrices.permute(2, 0, 1).double()  # (tokens, n, n), solved in float64
@@ -120,6 +121,7 @@ class NormalizedProjection(torch.autograd.Function):
         return out
 
     @staticmethod
+    @backward_in_stream_precision
     def backward(ctx, grad_out: torch.Tensor):
         rows, proj, rms, out = ctx.saved_tensors
         denom = rms + ctx.eps

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from reslab.residual.stream_ops import backward_in_stream_precision
+
 
 def rsqrt_projection(rows: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`(weight @ (x rsqrt(mean(x^2) + eps))^T)` for (tokens, K) rows x and a (C, K) weight: (C, tokens), V4's
@@ -40,6 +42,7 @@ class RsqrtProjection(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # the saved scale is used as a constant: a second derivative would be wrong
+    @backward_in_stream_precision
     def backward(ctx, grad_out: torch.Tensor):
         rows, weight, scale, out = ctx.saved_tensors
         grad_q = grad_out * scale
@@ -88,6 +91,7 @@ class UnrolledSinkhorn(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # each step's saved output is used as a constant: no second derivative
+    @backward_in_stream_precision
     def backward(ctx, grad: torch.Tensor):
         soft, outputs, *denominators = ctx.saved_tensors
         grad = grad.contiguous()  # it arrives transposed (comb^T by token): each step below would keep that layout

@@ -17,6 +17,8 @@ Two implementations of the same formula:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from reslab._torch_compat import (
@@ -40,6 +42,20 @@ def fused_path(streams: torch.Tensor) -> bool:
 def stream_precision(streams: torch.Tensor):
     """Autocast off for the fused stream update (whose inputs are first cast to the stream's dtype)."""
     return torch.autocast(streams.device.type, enabled=False)
+
+
+def backward_in_stream_precision(backward):
+    """A fused Function's `backward` with autocast off, as its forward ran: a training loop that calls
+    `loss.backward()` inside its `torch.autocast` block would otherwise run the hand-written backward's matmuls on
+    fp32 saved tensors and fp32 gradients under autocast, which casts one side to bf16 and fails on the mix."""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        device = next(grad.device.type for grad in grads if isinstance(grad, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return backward(ctx, *grads)
+
+    return run
 
 
 # --- plain ops ------------------------------------------------------------------------------------------------
@@ -109,6 +125,7 @@ class StaticReadMix(torch.autograd.Function):
         return out[0], out[1:]
 
     @staticmethod
+    @backward_in_stream_precision
     def backward(ctx, grad_h: torch.Tensor, grad_mixed: torch.Tensor):
         streams, weights = ctx.saved_tensors
         # create_graph (double backward) and batched gradients (is_grads_batched) need ops autograd and vmap know
@@ -154,6 +171,7 @@ class StaticWrite(torch.autograd.Function):
         return torch.addr(mixed, write, fx)
 
     @staticmethod
+    @backward_in_stream_precision
     def backward(ctx, grad_out: torch.Tensor):
         write, fx = ctx.saved_tensors
         return grad_out, grad_out @ fx, write @ grad_out
@@ -172,6 +190,7 @@ class TokenReadMix(torch.autograd.Function):
         return out[:, 0], out[:, 1:].transpose(0, 1)
 
     @staticmethod
+    @backward_in_stream_precision
     def backward(ctx, grad_h: torch.Tensor, grad_mixed: torch.Tensor):
         streams, weights = ctx.saved_tensors
         by_token = streams.transpose(0, 1)  # (tokens, n, D), a view
@@ -193,6 +212,7 @@ class TokenWrite(torch.autograd.Function):
         return torch.addcmul(mixed, write.t().unsqueeze(-1), fx)
 
     @staticmethod
+    @backward_in_stream_precision
     def backward(ctx, grad_out: torch.Tensor):
         write, fx = ctx.saved_tensors
         by_token = grad_out.transpose(0, 1).contiguous()  # (tokens, n, D): a copy only after the final sum's expand
