@@ -130,14 +130,15 @@ def test_muon_step_by_hand():
     torch.testing.assert_close(weight.detach(), expected, atol=1e-6, rtol=1e-5)
 
 
-def test_muon_orthogonalises_in_fp32_without_native_bf16(monkeypatch):
-    monkeypatch.setattr("reslab.train.step.bf16_supported", lambda device: False)
+@pytest.mark.parametrize("native, expected", [(False, torch.float32), (True, torch.bfloat16)])
+def test_muon_orthogonalises_in_bf16_only_where_native(monkeypatch, native, expected):
+    monkeypatch.setattr("reslab.train.muon.bf16_supported", lambda device: native)
     net = reslab.build_model("gpt", layers=1, width=16, heads=2, context=8, vocab_size=11)
     optimizer = MuonAdamW(net, lr=1e-3, muon_lr=0.05, weight_decay=0.1, betas=(0.9, 0.99))
     for p in net.parameters():
         p.grad = torch.randn_like(p)
     optimizer.step()
-    assert optimizer.ns_dtype == torch.float32
+    assert optimizer.ns_dtype == expected
 
 
 def test_muon_trains_and_splits_parameters():

@@ -51,7 +51,9 @@ def backward_in_stream_precision(backward):
 
     @functools.wraps(backward)
     def run(ctx, *grads):
-        device = next(grad.device.type for grad in grads if isinstance(grad, torch.Tensor))
+        device = next((grad.device.type for grad in grads if isinstance(grad, torch.Tensor)), None)
+        if device is None:  # no gradient at all (possible only with set_materialize_grads(False))
+            return backward(ctx, *grads)
         with torch.autocast(device, enabled=False):
             return backward(ctx, *grads)
 
