@@ -127,10 +127,10 @@ def register(commands) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.threads:
+    if args.threads is not None:
         import torch
 
-        check_positive(threads=args.threads)
+        check_positive(**{"--threads": args.threads})
         torch.set_num_threads(args.threads)
     result = bench(model_name(args), model_overrides(args), batch=args.batch, dtype=args.dtype, compile=args.compile,
                    optimizer=args.optimizer, diagnostics=not args.no_diagnostics, log_interval=args.log_interval,

@@ -101,6 +101,10 @@ BAD_FLAGS = [
     (["audit", "hf:llama", "--set", "num_hiden_layers=2"], "has no field 'num_hiden_layers'"),
     (["report", "FILE"], "is a file"),
     (["report", "RUN_DIR"], "not an ablation directory"),
+    # a 0 given is refused, not replaced by the default (it used to prepare with 512 and run on all cores)
+    (["data", "prepare", "CORPUS", "--tokenizer", "bpe", "--vocab-size", "0", "--out", "NEW"],
+     "--vocab-size must be positive"),
+    (["bench", "--model", "tiny", "--threads", "0"], "--threads must be positive"),
 ]
 
 

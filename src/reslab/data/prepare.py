@@ -152,6 +152,11 @@ def _extent(source) -> tuple[int, int]:
     return size, size
 
 
+def bpe_vocab(options: PrepareOptions) -> int:
+    """The BPE vocabulary asked for: the default only when none was given (a 0 given is refused, not replaced)."""
+    return DEFAULT_BPE_VOCAB if options.vocab_size is None else options.vocab_size
+
+
 def _check_options(options: PrepareOptions) -> None:
     if not 0.0 < options.val_fraction < 1.0:
         raise ReslabError(f"--val-fraction must be between 0 and 1 (exclusive), got {options.val_fraction}")
@@ -159,7 +164,7 @@ def _check_options(options: PrepareOptions) -> None:
         if not isinstance(getattr(options, name), int) or getattr(options, name) < 1:
             raise ReslabError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(options, name)!r}")
     if options.tokenizer == "bpe":
-        check_bpe_vocab(options.vocab_size or DEFAULT_BPE_VOCAB)
+        check_bpe_vocab(bpe_vocab(options))
 
 
 @contextlib.contextmanager
@@ -269,7 +274,7 @@ def _build_tokenizer(files: list, options: PrepareOptions) -> Tokenizer:
         _check_not_blank(chars, files, options)
         return CharTokenizer("".join(sorted(chars)))
     if options.tokenizer == "bpe":
-        return BPETokenizer.train_from_lines(_sample_lines(files, options), options.vocab_size or DEFAULT_BPE_VOCAB)
+        return BPETokenizer.train_from_lines(_sample_lines(files, options), bpe_vocab(options))
     path = gpt2_tokenizer_file() if options.tokenizer == "gpt2" else Path(options.tokenizer).expanduser()
     if not path.is_file():
         raise ReslabError(f"--tokenizer {options.tokenizer}: not char, bpe, gpt2 or a tokenizer.json file")

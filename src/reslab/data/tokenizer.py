@@ -129,7 +129,7 @@ def check_bpe_settings(tokenizer: str, **given) -> None:
 
 
 def check_bpe_vocab(vocab_size: int) -> None:
-    check_positive(vocab_size=vocab_size)
+    check_positive(**{"--vocab-size": vocab_size})
     if vocab_size < BYTE_ALPHABET:
         raise ReslabError(f"--vocab-size {vocab_size} is too small for byte-level BPE; use at least {BYTE_ALPHABET}")
     if vocab_size > MAX_BPE_VOCAB:
