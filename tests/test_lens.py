@@ -260,7 +260,7 @@ def test_cli_lens_on_a_built_in_model(cli):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["nowhere"], "neither a run directory nor a built-in transformer"),
+    (["nowhere"], "neither a run directory nor a transformer model"),
     (["gpt", "--tokens", "0"], "--tokens"),
     (["gpt", "--prompt", "a"], "at least 2"),
     (["gpt", "--prompt", "ab", "--data", "x.txt"], "choose one"),

@@ -252,7 +252,7 @@ def test_cli_lens_on_a_callable_and_on_hf_with_set_and_frozen_norm(cli, tmp_path
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["nowhere"], "neither a run directory nor a built-in transformer"),
+    (["nowhere"], "neither a run directory nor a transformer model"),
     (["hf:gpt2", "--layers", "2"], "--layers applies to built-in models only"),
     (["hf:gpt2", "--set", "n_layers_typo=2"], "has no field 'n_layers_typo'"),
     (["hf:gpt2", "--tuned"], "give a run directory"),

@@ -1,5 +1,6 @@
 """A residual scheme from a separate installed package (entry-point group `reslab.schemes`) is used like a built-in
-one by `reslab list`, `train`, `ablate`, `audit` and `lens`, with no edit to reslab. The package is written into
+one by `reslab list`, `train`, `ablate`, `audit` and `lens`, with no edit to reslab; so is a model (`reslab.models`),
+by name as a TARGET too. The package is written into
 tmp_path with its `.dist-info/entry_points.txt` and put on PYTHONPATH for real `python -m reslab` processes."""
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ class HalfResidual(ResidualSite):
         self.observe(x, fx, out)
         return out
 '''
+MODEL = '''
+from reslab.models.gpt import GPT
+
+
+class ShortGPT(GPT):
+    """reslab's GPT under another name: a plug-in model, held to the same contract at build."""
+'''
 SMALL = ["--model", "gpt", "--layers", "1", "--width", "32", "--heads", "2", "--context", "16"]
 TRAIN = ["--steps", "3", "--batch", "4", "--eval-interval", "3", "--eval-batches", "1", "--log-interval", "1",
          "--device", "cpu", "--dtype", "fp32"]
@@ -46,6 +54,7 @@ def install(site: Path, entry_points: str) -> Path:
     """A package `halfplugin` with its distribution metadata, as pip would leave it in site-packages."""
     (site / "halfplugin").mkdir(parents=True)
     (site / "halfplugin" / "__init__.py").write_text(SCHEME)
+    (site / "halfplugin" / "model.py").write_text(MODEL)
     info = site / "halfplugin-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: halfplugin\nVersion: 0.1\n")
@@ -89,6 +98,30 @@ def test_a_plugin_scheme_is_listed_trained_audited_and_read(site, tmp_path, corp
     assert lens.returncode == 0, lens.stderr
     record = json.loads(lens.stdout)
     assert record["scheme"] == "half" and len(record["layers"]) >= 2
+
+
+def test_a_plugin_model_is_a_target_by_name_and_by_run(tmp_path, corpus):
+    """`audit`, `lens`, `diagram` and `info` take a plug-in model's name as TARGET (random weights, as a built-in's),
+    and its trained run; `lens` still refuses a built-in model that is no transformer (mlp)."""
+    site = install(tmp_path / "site", "[reslab.models]\nshortgpt = halfplugin.model:ShortGPT\n")
+    audited = reslab(site, "audit", "shortgpt", "--set", "layers=2", "--json", cwd=tmp_path)
+    assert audited.returncode == 0, audited.stderr
+    assert [r["kind"] for r in json.loads(audited.stdout)["residuals"]] == ["identity"] * 4
+    lens = reslab(site, "lens", "shortgpt", "--set", "layers=2", "--json", "--tokens", "16", cwd=tmp_path)
+    assert lens.returncode == 0, lens.stderr
+    record = json.loads(lens.stdout)
+    assert record["target"].startswith("shortgpt (pre)") and len(record["layers"]) >= 4
+    drawn = reslab(site, "diagram", "shortgpt", "--set", "layers=1", "-o", tmp_path / "d.svg", cwd=tmp_path)
+    assert drawn.returncode == 0 and (tmp_path / "d.svg").stat().st_size > 0, drawn.stderr
+    run = tmp_path / "run"
+    trained = reslab(site, "train", "--model", "shortgpt", "--layers", "1", "--width", "32", "--heads", "2",
+                     "--context", "16", *TRAIN, "--data", corpus, "--no-progress", "--out", run, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    for command in (["audit", run], ["lens", run, "--tokens", "16"], ["info", run]):
+        done = reslab(site, *command, cwd=tmp_path)
+        assert done.returncode == 0, (command, done.stderr)
+    refused = reslab(site, "lens", "mlp", cwd=tmp_path)
+    assert refused.returncode == 2 and "transformer model" in refused.stderr, refused.stderr
 
 
 def test_a_plugin_scheme_runs_in_an_ablation(site, tmp_path, corpus):

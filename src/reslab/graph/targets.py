@@ -111,7 +111,7 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
 class Kind(Enum):
     """The kinds of TARGET, each valued by how a message names it."""
 
-    BUILTIN = "a model name"
+    BUILTIN = "a model name"  # built in or a plug-in's (entry-point group reslab.models)
     RUN = "a run directory"
     HF_FOLDER = "a Hugging Face folder (save_pretrained)"
     HF_TYPE = "hf:MODEL_TYPE"
@@ -146,14 +146,14 @@ def resolve_target(text: str, accepts: tuple[Kind, ...] = tuple(Kind), unknown: 
 
 
 def _forms(accepts: tuple[Kind, ...]) -> str:
-    from reslab.models import MODELS
+    from reslab.models import list_models
 
-    names = [f"{kind.value} ({', '.join(MODELS)})" if kind is Kind.BUILTIN else kind.value for kind in accepts]
+    names = [f"{kind.value} ({', '.join(list_models())})" if kind is Kind.BUILTIN else kind.value for kind in accepts]
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
 def _resolve(text: str, accepts: tuple[Kind, ...], unknown: str | None) -> TargetSpec:
-    from reslab.models import MODELS
+    from reslab.models import MODELS, list_models
 
     if text.startswith("hf:"):
         return TargetSpec(Kind.HF_TYPE, text, model_type=text[3:])
@@ -161,7 +161,7 @@ def _resolve(text: str, accepts: tuple[Kind, ...], unknown: str | None) -> Targe
         return _directory(Path(text))
     if ":" in text:
         return TargetSpec(Kind.CALLABLE, text)
-    if text in MODELS:
+    if text in MODELS or text in list_models():  # a built-in name never reads the plug-ins
         return TargetSpec(Kind.BUILTIN, text)
     raise ReslabError(unknown or f"unknown target {text!r}; give {_forms(accepts)}")
 

@@ -45,21 +45,22 @@ def register(commands) -> None:
 
 def lens_input(args: argparse.Namespace):
     """The model and tokens TARGET and the flags name: a run directory or a Hugging Face folder (trained weights),
-    a built-in transformer, hf:MODEL_TYPE or FILE.py:CALLABLE (random weights, or the callable's)."""
+    a transformer model by name (built in or a plug-in), hf:MODEL_TYPE or FILE.py:CALLABLE (random weights, or the
+    callable's)."""
     from reslab.graph.commands import refuse_model_flags
     from reslab.graph.targets import Kind, load_trained, resolve_target
     from reslab.lens.inputs import trained_input
-    from reslab.models import TRANSFORMERS
+    from reslab.models import MODELS, TRANSFORMERS
     from reslab.train.config import resolve_device
 
     device = resolve_device(args.device)
     model_type = unconverted_folder(args.target)
     if model_type is not None:
         return folder_input(args, Path(args.target), model_type, device)
-    unknown = (f"{args.target} is neither a run directory nor a built-in transformer ({', '.join(TRANSFORMERS)}), "
-               "nor a Hugging Face folder, hf:MODEL_TYPE or FILE.py:CALLABLE")
+    unknown = (f"{args.target} is neither a run directory nor a transformer model ({', '.join(TRANSFORMERS)}, or a "
+               "plug-in's), nor a Hugging Face folder, hf:MODEL_TYPE or FILE.py:CALLABLE")
     target = resolve_target(args.target, tuple(Kind), unknown)
-    if target.kind is Kind.BUILTIN and args.target not in TRANSFORMERS:
+    if target.kind is Kind.BUILTIN and args.target in MODELS and args.target not in TRANSFORMERS:  # mlp
         raise ReslabError(unknown)
     if args.tuned and target.kind is not Kind.RUN:
         raise ReslabError("--tuned fits on a run's training data; give a run directory as TARGET")
