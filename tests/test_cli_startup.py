@@ -22,7 +22,9 @@ def imported_by(*args: str) -> set[str]:
     return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines}
 
 
-@pytest.mark.parametrize("args", [["--help"], ["list"], ["info", "--help"], ["bench", "--help"], ["report", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["list"], ["info", "--help"], ["bench", "--help"], ["report", "--help"],
+                                  ["train", "--help"], ["ablate", "--help"], ["sample", "--help"],
+                                  ["data", "prepare", "--help"]])
 def test_help_and_list_import_no_torch(args):
     loaded = imported_by(*args)
     assert "reslab" in loaded  # the parse above saw the imports

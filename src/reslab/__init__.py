@@ -1,8 +1,7 @@
 """reslab: small transformer language models whose residual connection is a swappable, measured part."""
 
-from importlib import import_module
-
 from reslab.errors import ReslabError
+from reslab.registry import lazy_names
 
 __version__ = "0.1.0"
 __all__ = ["ReslabError", "__version__", "build_model", "get_scheme", "lens", "list_models", "list_schemes",
@@ -15,13 +14,4 @@ _LAZY = {"build_model": "reslab.models", "list_models": "reslab.models", "make_c
          "load_run": "reslab.runs", "load_ablation": "reslab.ablation_summary"}  # a run, an ablation's summary
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'reslab' has no attribute {name!r}")
-    value = getattr(import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -9,6 +9,8 @@ may not take a built-in name.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from functools import cache
 from importlib import import_module
 from typing import Any
@@ -209,3 +211,22 @@ def _resolve(target: str) -> Any:
     for part in filter(None, attr.split(".")):
         loaded = getattr(loaded, part)
     return loaded
+
+
+def lazy_names(package: str, names: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """(`__getattr__`, `__dir__`) for a package whose public names load on first use (PEP 562): `names` maps each name
+    to the module that defines it (absolute, or relative to `package` with a leading dot), so that importing the
+    package, and `reslab CMD --help` with it, imports no torch. A name must not also be a submodule's: once that
+    submodule is imported, the import system's attribute would hide the lazy name."""
+
+    def attribute(name: str) -> Any:
+        if name not in names:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(import_module(names[name], package), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def listing() -> list[str]:
+        return sorted({*vars(sys.modules[package]), *names})
+
+    return attribute, listing

@@ -15,27 +15,16 @@ The names below load on first use (PEP 562): `reslab data prepare` and its worke
 (a second of start-up each).
 """
 
-from importlib import import_module
+from reslab.registry import lazy_names
 
 _LAZY = {
-    "BatchSampler": "training", "check_length": "training", "encode_corpus": "training", "split_tokens": "training",
-    "default_cache_dir": "sources", "load_text": "sources",
-    "PrepareOptions": "prepare", "prepare_data": "prepare",
-    "PreparedData": "shards", "TokenSpan": "shards", "open_prepared": "shards",
-    "BPETokenizer": "tokenizer", "CharTokenizer": "tokenizer", "Tokenizer": "tokenizer",
-    "build_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
-    "training_data": "training",
+    "BatchSampler": ".training", "check_length": ".training", "encode_corpus": ".training", "split_tokens": ".training",
+    "default_cache_dir": ".sources", "load_text": ".sources",
+    "PrepareOptions": ".prepare", "prepare_data": ".prepare",
+    "PreparedData": ".shards", "TokenSpan": ".shards", "open_prepared": ".shards",
+    "BPETokenizer": ".tokenizer", "CharTokenizer": ".tokenizer", "Tokenizer": ".tokenizer",
+    "build_tokenizer": ".tokenizer", "load_tokenizer": ".tokenizer",
+    "training_data": ".training",
 }
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'reslab.data' has no attribute {name!r}")
-    value = getattr(import_module(f"reslab.data.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -1,7 +1,9 @@
-"""Training: config, loop, checkpoints."""
+"""Training: config, the trainer (prepare, train), checkpoints.
 
-from reslab.train.checkpoint import load_run_model
-from reslab.train.config import TrainConfig
-from reslab.train.trainer import prepare, train
+The names below load on first use (PEP 562), so `reslab train --help` reads the flags without importing torch."""
 
-__all__ = ["TrainConfig", "load_run_model", "prepare", "train"]
+from reslab.registry import lazy_names
+
+_LAZY = {"TrainConfig": ".config", "load_run_model": ".checkpoint", "prepare": ".trainer", "train": ".trainer"}
+__all__ = sorted(_LAZY)
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
