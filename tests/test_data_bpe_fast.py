@@ -153,3 +153,19 @@ def test_pickled_and_copied_tokenizers_encode_the_same(shakespeare):
     expected = tokenizer.encode_array(text).tolist()
     copies += [pickle.loads(pickle.dumps(tokenizer)), copy.deepcopy(tokenizer)]
     assert all(c.encode_array(text).tolist() == expected == hf_ids(tokenizer, text) for c in copies)
+
+
+def test_a_word_level_tokenizer_without_unknown_token_refuses_a_character_in_one_line(tmp_path):
+    """A Hugging Face folder's tokenizer.json may be word level with no unknown token (a char tokenizer exported to
+    HF is): a character outside its vocabulary is one ReslabError naming it and where it is, not the library's
+    bare `Exception: WordLevel error: Missing [UNK] token`."""
+    from reslab.errors import ReslabError
+
+    hf = HFTokenizer(models.WordLevel({char: i for i, char in enumerate("abc xyz\n")}, unk_token=None))
+    hf.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    loaded = load_tokenizer_file(path)
+    assert loaded.encode("abc xyz") == [0, 1, 2, 3, 4, 5, 6]
+    with pytest.raises(ReslabError, match=r"character '€' \(U\+20AC, at offset 3\)"):
+        loaded.encode("abc€€xyz")

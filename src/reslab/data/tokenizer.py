@@ -203,8 +203,22 @@ class BPETokenizer(Tokenizer):
         token) and starts a new one after it, and BPE never merges across pre-tokens.
         """
         encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)  # fast: no offsets computed
-        pieces = encode(_pieces(text))
+        try:
+            pieces = encode(_pieces(text))
+        except Exception as error:  # noqa: BLE001 (the tokenizers library raises a bare Exception)
+            raise self._unencodable(text, error) from None
         return np.concatenate([np.asarray(piece.ids, dtype=np.int64) for piece in pieces])
+
+    def _unencodable(self, text: str, error: Exception) -> ReslabError:
+        """The one-line error for text this tokenizer cannot encode (a word-level vocabulary with no unknown token,
+        as a folder's tokenizer.json may have): the first character it refuses, where it is."""
+        for char in sorted(set(text), key=text.index):
+            try:
+                self._hf.encode(char)
+            except Exception:  # noqa: BLE001
+                return ReslabError(f"character {char!r} (U+{ord(char):04X}, at offset {text.index(char)}) is not in "
+                                   "the tokenizer's vocabulary, which has no unknown token; remove it from the text")
+        return ReslabError(f"the tokenizer cannot encode this text ({' '.join(str(error).split())}); check the text")
 
     def decode(self, ids: list[int]) -> str:
         return self._hf.decode(_checked_ids(ids, self.vocab_size))
