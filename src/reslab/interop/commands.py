@@ -10,7 +10,8 @@ def register(commands) -> None:
     export = commands.add_parser("export", help="write a run as a Hugging Face folder that transformers loads as it "
                                                 "is")
     export.add_argument("run", metavar="RUN", help="a run directory whose model has a Hugging Face equivalent: gpt "
-                        "(GPT-2), llama (Llama, Qwen3, Mixtral, Qwen3-MoE) or deepseek (DeepSeek-V3), residual pre")
+                        "(GPT-2), llama (Llama, Qwen3, Mixtral, Qwen3-MoE) or deepseek (DeepSeek-V3) with residual "
+                        "pre, or deepseek-v4 (DeepSeek-V4) with its residual mhc-v4")
     export.add_argument("--hf", required=True, type=Path, metavar="DIR", help="the folder to write (config.json, "
                         "model.safetensors, tokenizer.json, tokenizer_config.json); written whole or not at all")
     export.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR (a folder "
