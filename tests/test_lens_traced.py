@@ -262,6 +262,49 @@ def test_cli_lens_bad_traced_targets_are_one_line(cli, argv, message):
     assert code == 2 and message in err and err.count("\n") == 1 and out == ""
 
 
+BROKEN = CALLABLE + '''
+
+class Scaled(Model):
+    def __init__(self, by):
+        super().__init__()
+        self.by = by
+    def forward(self, ids):
+        return super().forward(ids) * self.by
+
+class Narrow(Model):
+    def forward(self, ids):
+        return super().forward(ids)[..., :3]
+
+def on_meta():
+    with torch.device("meta"):
+        return Model(), (torch.zeros(1, 12, dtype=torch.long),)
+
+def nan_logits():
+    return Scaled(float("nan")), (torch.zeros(1, 12, dtype=torch.long),)
+
+def inf_logits():
+    return Scaled(float("inf")), (torch.zeros(1, 12, dtype=torch.long),)
+
+def narrow_head():
+    return Narrow(), (torch.zeros(1, 12, dtype=torch.long),)
+'''
+
+
+@pytest.mark.parametrize("name, message", [
+    ("on_meta", "weights are on the meta device"),
+    ("nan_logits", "logits are not finite (NaN or inf)"),
+    ("inf_logits", "logits are not finite (NaN or inf)"),
+    ("narrow_head", "logits score 3 tokens but the input holds token id"),
+])
+def test_cli_lens_on_a_broken_callable_is_one_line(cli, tmp_path, name, message):
+    """Found by a hostile round: each of these ended in a traceback (meta: torch's copy error; NaN: allclose's
+    negative tolerance; a head narrower than the ids: gather out of bounds) or, for inf, in a wrong reason."""
+    path = tmp_path / "broken.py"
+    path.write_text(BROKEN)
+    code, out, err = cli("lens", f"{path}:{name}")
+    assert code == 2 and message in err and err.count("\n") == 1 and out == "", err
+
+
 def test_cli_lens_on_a_hugging_face_folder_reslab_does_not_convert(cli, tmp_path):
     model = hf_model("gemma2")  # not among reslab.interop's families: loaded with transformers, read traced
     model.save_pretrained(tmp_path / "gemma2")

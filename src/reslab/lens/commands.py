@@ -93,10 +93,12 @@ def traced_input(args: argparse.Namespace, target, device):
     from reslab.graph.targets import Kind, load_target
     from reslab.lens.inputs import LensInput, random_ids, read_text, windows
     from reslab.lens.capture import model_context
+    from reslab.lens.traced import refuse_meta
 
     overrides = target_overrides(args, target)
     torch.manual_seed(args.seed)  # the same random weights for the same --seed
     loaded = load_target(target, overrides, device="cpu")
+    refuse_meta(loaded.model)
     model = loaded.model.to(device).eval()
     vocab = vocab_size(model, loaded.label)
     text, description = read_text(args.prompt, args.data)

@@ -338,6 +338,7 @@ class TracedLens:
     streams and the model's logits) and `decode` (one stream through everything after the last block)."""
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor, plan: TracedPlan | None = None):
+        refuse_meta(model)
         self.model = model
         self.plan = plan if plan is not None else trace_plan(model, tokens[:1, :TRACE_POSITIONS])
         modules = dict(model.named_modules())
@@ -409,6 +410,7 @@ class TracedLens:
         if shape[:2] != tuple(tokens.shape):
             raise ReslabError(f"{self.plan.blocks[-1]}'s stream is {shape}, not (batch, positions, ...) for tokens "
                               f"{tuple(tokens.shape)}; the lens reads a stream by position")
+        check_logits(logits, tokens, self.plan.model)
         self.check_replay(tokens, streams[-1], logits)
         self.check_per_position(tokens, streams[-1], logits)
         return streams, logits
@@ -446,6 +448,23 @@ class TracedLens:
                               f"between {self.plan.blocks[-1]} and the head (there: {norm}); drop --frozen-norm")
         scales = FrozenScales(self.plan.scales, self.recorded) if frozen else None
         return self.run(tokens, replace=stream, scales=scales)[1]
+
+
+def refuse_meta(model: nn.Module) -> None:
+    """The lens runs the model: one line for weights on the meta device (shapes, no values)."""
+    if any(tensor.is_meta for tensor in (*model.parameters(), *model.buffers())):
+        raise ReslabError(f"{type(model).__name__}'s weights are on the meta device (shapes, no values) and the lens "
+                          "runs the model; build it on cpu or cuda (or to_empty() it and load weights)")
+
+
+def check_logits(logits: torch.Tensor, tokens: torch.Tensor, model: str) -> None:
+    """The lens scores every input id with finite logits: one line for NaN or inf, or a head narrower than the ids."""
+    if not torch.isfinite(logits).all():
+        raise ReslabError(f"{model}'s logits are not finite (NaN or inf) on this input; the lens compares finite "
+                          "distributions: check the model's weights")
+    if logits.shape[-1] <= int(tokens.max()):
+        raise ReslabError(f"{model}'s logits score {logits.shape[-1]} tokens but the input holds token id "
+                          f"{int(tokens.max())}; the head must score the whole vocabulary the embedding reads")
 
 
 def frozen_decoder(norm: nn.Module, last: torch.Tensor):
