@@ -305,6 +305,18 @@ def test_cli_lens_on_a_broken_callable_is_one_line(cli, tmp_path, name, message)
     assert code == 2 and message in err and err.count("\n") == 1 and out == "", err
 
 
+def test_cli_lens_refuses_a_read_too_large_for_memory_before_allocating_it(cli, tmp_path):
+    """`--eval-tokens 100000000` used to run for half a minute and be killed by the kernel (exit 137, no output):
+    the logits of 10^8 tokens need far more than this machine has. Now one line with the estimate, at once; the
+    same request on a built-in model too. (The estimate depends on the memory free, so the count is far beyond it.)"""
+    path = tmp_path / "toy.py"
+    path.write_text(CALLABLE)
+    for target in (f"{path}:make", "tiny"):
+        code, out, err = cli("lens", target, "--eval-tokens", str(10**12))
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert "GiB for its logits, more than the" in err and "lower --eval-tokens" in err
+
+
 def test_cli_lens_on_a_hugging_face_folder_reslab_does_not_convert(cli, tmp_path):
     model = hf_model("gemma2")  # not among reslab.interop's families: loaded with transformers, read traced
     model.save_pretrained(tmp_path / "gemma2")

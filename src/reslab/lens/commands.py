@@ -244,11 +244,13 @@ def fit_tuned(given, args: argparse.Namespace):
 
 def cmd_lens(args: argparse.Namespace) -> int:
     from reslab.lens import lens
+    from reslab.lens.inputs import check_fits
     from reslab.lens.report import lens_notes, lens_table, plot_lens
     from reslab.lens.result import RECOMPUTED
 
     check_numbers(vars(args), LENS_RANGES)
     given = lens_input(args)
+    check_fits(given.inputs.numel(), vocab_size(given.model, given.target), given.inputs.device)
     tuned = fit_tuned(given, args) if args.tuned else None
     result = lens(given.model, given.inputs, given.targets, tuned=tuned, frozen_norm=args.frozen_norm)
     plots = plot_lens(result, args.plot) if args.plot else []

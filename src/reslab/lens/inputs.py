@@ -91,7 +91,26 @@ def trained_input(trained: Trained, prompt: str | None, data: str | None, limit:
                      train if with_train else None)
 
 
+# (positions x vocabulary) fp32 arrays the lens holds at once for an entry: its logits, their log-softmax and its
+# exp, and the model's own final distribution
+LENS_COPIES = 4
+
+
+def check_fits(tokens: int, vocab: int, device: torch.device) -> None:
+    """Refuse up front, in one line, a read whose logits alone would not fit in the memory free on `device`, instead
+    of being killed by the kernel part-way (`--eval-tokens 100000000`)."""
+    from reslab.memory import available_bytes
+
+    need = LENS_COPIES * tokens * vocab * 4
+    free = available_bytes(device)
+    if free is not None and need > free:
+        raise ReslabError(f"the lens over {tokens:,} tokens and a {vocab:,}-token vocabulary needs about "
+                          f"{need / 2**30:,.1f} GiB for its logits, more than the {free / 2**30:,.1f} GiB free on "
+                          f"{device}; lower --eval-tokens")
+
+
 def random_ids(vocab: int, limit: int, seed: int) -> tuple[torch.Tensor, str]:
+    check_fits(limit, vocab, torch.device("cpu"))  # before the ids themselves are allocated
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (limit + 1,), generator=generator), f"random token ids (seed {seed})"
 
