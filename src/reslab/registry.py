@@ -217,7 +217,8 @@ def lazy_names(package: str, names: dict[str, str]) -> tuple[Callable[[str], Any
     """(`__getattr__`, `__dir__`) for a package whose public names load on first use (PEP 562): `names` maps each name
     to the module that defines it (absolute, or relative to `package` with a leading dot), so that importing the
     package, and `reslab CMD --help` with it, imports no torch. A name must not also be a submodule's: once that
-    submodule is imported, the import system's attribute would hide the lazy name."""
+    submodule is imported, the import system's attribute would hide the lazy name (`reslab.lens` is both on
+    purpose: that package is callable as the function, `lens/__init__.py`)."""
 
     def attribute(name: str) -> Any:
         if name not in names:
