@@ -51,7 +51,7 @@ from reslab.residual.base import (
     on_single_stream,
 )
 from reslab.residual.depth.base import ComposedSite
-from reslab.residual.mhc import normalized_projection
+from reslab.residual.mhc import normalized_projection, normalized_projection_backward
 from reslab.residual.multistream import ParallelStreams, connection_sums, stream_metrics
 from reslab.residual.stream_ops import backward_in_stream_precision, fused_path
 
@@ -250,20 +250,9 @@ class FracRead(torch.autograd.Function):
             flat_act = act.view(projected.shape)
             grad_act.addcmul_(grad_act * flat_act, flat_act, value=-1)
         d = rows.shape[-1]
-        grad_proj = normalized_projection_backward(grad_rows.view(-1, d), rows.view(-1, d), proj, rms, projected,
-                                                   grad_act, ctx.eps)
+        _, grad_proj = normalized_projection_backward(grad_act, rows.view(-1, d), proj, rms, projected, ctx.eps,
+                                                      into=grad_rows.view(-1, d))
         return grad_rows, grad_proj, grad_weights.sum(0), grad_write.sum(0), grad_scales, None
-
-
-def normalized_projection_backward(grad_rows, rows, proj, rms, out, grad_out, eps: float) -> torch.Tensor:
-    """The gradient of `out = rows proj / (rms(rows) + eps)` (`reslab.residual.mhc.NormalizedProjection`'s math):
-    adds the rows' share into `grad_rows` in place and returns proj's."""
-    denom = rms + eps
-    grad_q = grad_out / denom
-    grad_rms = (grad_out * out).sum(-1, keepdim=True).div_(denom).neg_()
-    coef = torch.where(rms > 0, grad_rms / (rows.shape[-1] * rms), torch.zeros_like(rms))
-    grad_rows.addmm_(grad_q, proj.t()).addcmul_(coef, rows)
-    return rows.t() @ grad_q
 
 
 def stream_precision(streams: torch.Tensor):

@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from reslab.errors import ReslabError
 from reslab.residual.base import RankReduce, ResidualSite, SiteSpec, StreamAdapter, check_integer_option
 from reslab.residual.multistream import STREAM_AXIS, ParallelStreams, connection_sums, stream_metrics
-from reslab.residual.stream_ops import backward_in_stream_precision, fused_path
+from reslab.residual.stream_ops import backward_in_stream_precision, fusable_without_autocast
 
 INIT_STD = 0.02  # Qwen4-Exp's initializer_range: the gate projections start N(0, 0.02^2) (`_init_weights`)
 RMS_EPS = 1e-6  # Qwen4-Exp's rms_norm_eps
@@ -83,7 +83,7 @@ class GatedRead(nn.Module):
     def forward(self, by_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(h (..., D), injection weights (..., n) or None, read gate G (..., n, D)) from (..., n, D) streams."""
         n = self.num_streams
-        if fusable(by_token, self.norm.weight, self.mix_down, self.mix_up):
+        if fusable_without_autocast(by_token, self.norm.weight, self.mix_down, self.mix_up):
             shape = by_token.shape
             h, weights, gate = FusedGatedRead.apply(by_token.reshape(-1, n, self.width), self.norm.weight,
                                                     self.mix_down, self.mix_up, self.inject, self.norm.eps)
@@ -166,7 +166,7 @@ class GatedHyperConnections(ResidualSite):
         by_token = streams.movedim(STREAM_AXIS, -2)  # (batch, seq, n, width): contiguous, tokens first
         h, weights, gate = self.read(by_token)
         fx = sublayer(h)
-        if fusable(by_token, weights, fx):
+        if fusable_without_autocast(by_token, weights, fx):
             out = FusedGatedWrite.apply(by_token, weights, fx)
         else:
             out = by_token + weights.to(fx.dtype).unsqueeze(-1) * fx.unsqueeze(-2)  # H_k + b_k F(h), every stream
@@ -209,14 +209,6 @@ def gated_sums(gate: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 # --- fused ----------------------------------------------------------------------------------------------------
-def fusable(streams: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Take the fused Functions below? Where the multi-stream schemes take theirs (`fused_path`: not on meta, under
-    the audit's tracer, torch.compile or torch.func; fp32/fp64 streams), and only with autocast off and one dtype
-    throughout: under autocast the plain ops run the gate projections in low precision, as Qwen4-Exp does."""
-    return (fused_path(streams) and not torch.is_autocast_enabled(streams.device.type)
-            and all(other.dtype == streams.dtype for other in others))
-
-
 def stream_sum(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     """`sum_k weights_k * streams_k` over axis 1 of two (tokens, n, D) tensors: n fused multiply-adds of one stream
     each, which CPU runs in half the time of a product of the whole width and a sum over its middle axis."""

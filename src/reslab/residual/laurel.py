@@ -8,7 +8,7 @@ from torch.autograd.function import once_differentiable
 
 from reslab.errors import ReslabError
 from reslab.residual.base import ResidualSite, SiteSpec, check_integer_option
-from reslab.residual.stream_ops import backward_in_stream_precision, fused_path
+from reslab.residual.stream_ops import backward_in_stream_precision, fusable_without_autocast
 
 FORMS = ("rw", "lr", "rw+lr", "gemma3n")
 
@@ -87,9 +87,10 @@ class Laurel(ResidualSite):
         if self.form == "gemma3n":
             return self._gemma3n(x, sublayer)
         fx = sublayer(self.norm(x))
-        if self.form == "rw+lr" and self.probe is None and fusable(x, fx, self.alpha, self.laurel.linear_left.weight):
-            return WeightedLowRankSum.apply(x, fx, self.laurel.linear_left.weight, self.laurel.linear_right.weight,
-                                            self.alpha, self.beta)
+        if self.form == "rw+lr" and self.probe is None:
+            left, right = self.laurel.linear_left.weight, self.laurel.linear_right.weight
+            if fusable_without_autocast(x, fx, self.alpha, left):
+                return WeightedLowRankSum.apply(x, fx, left, right, self.alpha, self.beta)
         low_rank = None if self.laurel is None else self.laurel.low_rank(x)
         skip = x
         if self.weighted:
@@ -116,14 +117,6 @@ class Laurel(ResidualSite):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, form={self.form}"
-
-
-def fusable(x: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Take `WeightedLowRankSum`? Where the multi-stream schemes take their fused Functions (`fused_path`: not on
-    meta, under the audit's tracer, torch.compile or torch.func; fp32/fp64), and only with autocast off and one dtype
-    throughout (under autocast fx comes back in bf16 and the plain ops keep the stream in fp32)."""
-    return (fused_path(x) and not torch.is_autocast_enabled(x.device.type)
-            and all(other.dtype == x.dtype for other in others))
 
 
 class WeightedLowRankSum(torch.autograd.Function):

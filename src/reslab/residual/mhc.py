@@ -124,13 +124,25 @@ class NormalizedProjection(torch.autograd.Function):
     @backward_in_stream_precision
     def backward(ctx, grad_out: torch.Tensor):
         rows, proj, rms, out = ctx.saved_tensors
-        denom = rms + ctx.eps
-        grad_q = grad_out / denom
+        grad_rows, grad_proj = normalized_projection_backward(grad_out, rows, proj, rms, out, ctx.eps,
+                                                              ctx.needs_input_grad[:2])
+        return grad_rows, grad_proj, None
+
+
+def normalized_projection_backward(grad_out: torch.Tensor, rows: torch.Tensor, proj: torch.Tensor, rms: torch.Tensor,
+                                   out: torch.Tensor, eps: float, needed: tuple[bool, bool] = (True, True),
+                                   into: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(d rows, d proj) of `out = rows proj / (rms(rows) + eps)`, each only where `needed`; d rows is added into
+    `into` in place when given (a Function that sums several gradients of the rows in one buffer, as frac's)."""
+    denom = rms + eps
+    grad_q = grad_out / denom
+    grad_rows = None
+    if needed[0]:
         grad_rms = -(grad_out * out).sum(-1, keepdim=True) / denom
         scale = torch.where(rms > 0, grad_rms / (rows.shape[-1] * rms), torch.zeros_like(rms))
-        grad_rows = torch.addcmul(grad_q @ proj.t(), scale, rows) if ctx.needs_input_grad[0] else None
-        grad_proj = rows.t() @ grad_q if ctx.needs_input_grad[1] else None
-        return grad_rows, grad_proj, None
+        grad_rows = (torch.addcmul(grad_q @ proj.t(), scale, rows) if into is None
+                     else into.addmm_(grad_q, proj.t()).addcmul_(scale, rows))
+    return grad_rows, rows.t() @ grad_q if needed[1] else None
 
 
 class ManifoldHyperConnections(MultiStreamSite):

@@ -39,6 +39,14 @@ def fused_path(streams: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and streams.dtype in (torch.float32, torch.float64))
 
 
+def fusable_without_autocast(streams: torch.Tensor, *others: torch.Tensor) -> bool:
+    """`fused_path`, and only with autocast off and one dtype throughout: for the fused Functions (gated-hc's, laurel's)
+    whose plain ops keep autocast's precisions (gated-hc's gate projections in low precision, as Qwen4-Exp runs them;
+    laurel's fx in bf16 beside an fp32 stream), which a Function in the stream's precision would change."""
+    return (fused_path(streams) and not torch.is_autocast_enabled(streams.device.type)
+            and all(other.dtype == streams.dtype for other in others))
+
+
 def stream_precision(streams: torch.Tensor):
     """Autocast off for the fused stream update (whose inputs are first cast to the stream's dtype)."""
     return torch.autocast(streams.device.type, enabled=False)
