@@ -30,6 +30,18 @@ def run_cli(*args) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def benchmark_json(module, *args: str) -> dict:
+    """A benchmark module's `main([*args, "--json"])` in this process: it must succeed; its JSON report, parsed."""
+    import io
+    import json
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert module.main([*args, "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
 def load_benchmark(name: str):
     """The module benchmarks/NAME.py (which may import its neighbours, e.g. scheme_cost's timer)."""
     import importlib.util

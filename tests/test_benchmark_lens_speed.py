@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark
+from conftest import benchmark_json, load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 # the issue's shape, written out here so that a benchmark measuring something else fails this test
@@ -25,10 +24,7 @@ def bench():
 @pytest.fixture(scope="module")
 def quick(bench):
     """One --quick run, every figure as JSON."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert bench.main(["--quick", "--json"]) == 0
-    return json.loads(out.getvalue())
+    return benchmark_json(bench, "--quick")
 
 
 def test_the_full_mode_times_the_issues_command(bench):

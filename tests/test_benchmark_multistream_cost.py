@@ -4,11 +4,10 @@ the stream count the issue sets, beside the peers that are installed, and states
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark
+from conftest import benchmark_json, load_benchmark
 
 from reslab.residual import get_scheme
 
@@ -26,13 +25,7 @@ def bench():
 @pytest.fixture(scope="module")
 def quick_json(bench):
     """One --quick run, every figure as JSON (the peers that import included)."""
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert bench.main(["--quick", "--json"]) == 0
-    return json.loads(out.getvalue())
+    return benchmark_json(bench, "--quick")
 
 
 def test_quick_times_every_scheme_and_installed_peer(bench, quick_json):
